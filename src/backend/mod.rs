@@ -1,0 +1,86 @@
+//! Backends: the servers whose passwords rotate. One file per kind behind [`Backend`].
+
+pub mod postgres;
+pub mod scram;
+
+use async_trait::async_trait;
+
+use crate::config::{BackendKind, Strategy, Target};
+use crate::secret::{Credential, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot log in to {backend} as {user}: {cause}")]
+    Login {
+        backend: String,
+        user: String,
+        cause: String,
+    },
+    #[error("cannot connect to {backend} as admin user {user}: {cause}")]
+    Admin {
+        backend: String,
+        user: String,
+        cause: String,
+    },
+    #[error("{backend}: {message}")]
+    Setup { backend: String, message: String },
+    #[error("{backend}: changing the password of {user} failed: {cause}")]
+    Change {
+        backend: String,
+        user: String,
+        cause: String,
+    },
+}
+
+impl BackendError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            BackendError::Login { .. } => "login",
+            BackendError::Admin { .. } => "admin",
+            BackendError::Setup { .. } => "setup",
+            BackendError::Change { .. } => "change",
+        }
+    }
+}
+
+/// A server whose login passwords rotate.
+///
+/// `current` is the credential the stores hold now, `next` the one being rolled out; for
+/// `single` both name the same user.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Names the server in reports: `postgres 10.0.0.5:5432/llmtrace`.
+    fn describe(&self) -> String;
+
+    fn strategy(&self) -> Strategy;
+
+    /// Logs in with `credential` on a fresh connection, proving it works.
+    async fn login(&self, credential: &Credential) -> Result<(), BackendError>;
+
+    /// Proves the admin login works and may change `user`'s password.
+    async fn check_admin(&self, user: &str) -> Result<(), BackendError>;
+
+    /// The user the next credential is for (alternating strategies switch users).
+    fn next_user(&self, current: &Credential) -> String {
+        current.user.clone()
+    }
+
+    /// Makes `next` log in.
+    async fn apply(&self, current: &Credential, next: &Credential) -> Result<(), BackendError>;
+
+    /// Undoes [`Backend::apply`]: `current` logs in again and `next` no longer does.
+    async fn undo_apply(&self, current: &Credential, next: &Credential)
+        -> Result<(), BackendError>;
+
+    /// After every consumer moved to `next`: drop what only `current` needed.
+    async fn retire(&self, _current: &Credential, _next: &Credential) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// Builds the backend for a target, given its resolved admin password.
+pub fn for_target(target: &Target, admin_password: Secret) -> Box<dyn Backend> {
+    match target.kind {
+        BackendKind::Postgres => Box::new(postgres::Postgres::new(target, admin_password)),
+    }
+}

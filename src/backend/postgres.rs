@@ -1,0 +1,192 @@
+//! PostgreSQL: `ALTER ROLE ... PASSWORD '<SCRAM verifier>'`, so the plaintext never reaches the server.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
+use sqlx::{ConnectOptions, Connection};
+
+use super::{scram, Backend, BackendError};
+use crate::config::{SslMode, Strategy, Target};
+use crate::secret::{Credential, Secret};
+
+/// A login that has not answered by then is treated as failed rather than hanging the run.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Postgres {
+    host: String,
+    port: u16,
+    database: String,
+    admin_user: String,
+    admin_password: Secret,
+    sslmode: PgSslMode,
+    ca_file: Option<std::path::PathBuf>,
+    strategy: Strategy,
+}
+
+impl Postgres {
+    pub fn new(target: &Target, admin_password: Secret) -> Self {
+        let (host, port) = target
+            .address
+            .rsplit_once(':')
+            .expect("config validated HOST:PORT");
+        Postgres {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: port.parse().expect("config validated the port"),
+            database: target.database.clone().unwrap_or_else(|| "postgres".into()),
+            admin_user: target.admin_user.clone(),
+            admin_password,
+            sslmode: match target.sslmode {
+                SslMode::Disable => PgSslMode::Disable,
+                SslMode::Prefer => PgSslMode::Prefer,
+                SslMode::Require => PgSslMode::Require,
+                SslMode::VerifyCa => PgSslMode::VerifyCa,
+                SslMode::VerifyFull => PgSslMode::VerifyFull,
+            },
+            ca_file: target.ca_file.clone(),
+            strategy: target.strategy,
+        }
+    }
+
+    fn options(&self, user: &str, password: &Secret) -> PgConnectOptions {
+        let mut options = PgConnectOptions::new()
+            .host(&self.host)
+            .port(self.port)
+            .database(&self.database)
+            .username(user)
+            .password(password.expose())
+            .ssl_mode(self.sslmode)
+            .application_name("llmtrace-rotator");
+        if let Some(ca) = &self.ca_file {
+            options = options.ssl_root_cert(ca);
+        }
+        // Statements may carry a verifier: keep them out of our logs whatever the log level.
+        options.disable_statement_logging()
+    }
+
+    async fn connect(&self, user: &str, password: &Secret) -> Result<PgConnection, String> {
+        let options = self.options(user, password);
+        match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
+        }
+    }
+
+    async fn admin(&self) -> Result<PgConnection, BackendError> {
+        self.connect(&self.admin_user, &self.admin_password)
+            .await
+            .map_err(|cause| BackendError::Admin {
+                backend: self.describe(),
+                user: self.admin_user.clone(),
+                cause,
+            })
+    }
+
+    /// Stores a fresh verifier of `credential`'s password for its user.
+    async fn set_password(&self, credential: &Credential) -> Result<(), BackendError> {
+        let mut admin = self.admin().await?;
+        let verifier = scram::verifier(&credential.password);
+        // A verifier is base64 plus `$` and `:`: nothing in it needs escaping inside '...'.
+        let statement = format!(
+            "ALTER ROLE {} PASSWORD '{}'",
+            quote_identifier(&credential.user),
+            verifier.expose()
+        );
+        let result = sqlx::query(&statement)
+            .persistent(false)
+            .execute(&mut admin)
+            .await;
+        let _ = admin.close().await;
+        result.map(|_| ()).map_err(|e| BackendError::Change {
+            backend: self.describe(),
+            user: credential.user.clone(),
+            cause: e.to_string(),
+        })
+    }
+}
+
+/// `"name"` with embedded quotes doubled, as PostgreSQL quotes identifiers.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[async_trait]
+impl Backend for Postgres {
+    fn describe(&self) -> String {
+        format!("postgres {}:{}/{}", self.host, self.port, self.database)
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
+        let conn = self
+            .connect(&credential.user, &credential.password)
+            .await
+            .map_err(|cause| BackendError::Login {
+                backend: self.describe(),
+                user: credential.user.clone(),
+                cause,
+            })?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+        let mut admin = self.admin().await?;
+        let row: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT r.rolcanlogin, (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user) \
+             FROM pg_roles r WHERE r.rolname = $1",
+        )
+        .bind(user)
+        .fetch_optional(&mut admin)
+        .await
+        .map_err(|e| BackendError::Admin {
+            backend: self.describe(),
+            user: self.admin_user.clone(),
+            cause: e.to_string(),
+        })?;
+        let _ = admin.close().await;
+        let setup = |message: String| BackendError::Setup {
+            backend: self.describe(),
+            message,
+        };
+        match row {
+            None => Err(setup(format!("role {user:?} does not exist"))),
+            Some((false, _)) => Err(setup(format!("role {user:?} has no LOGIN"))),
+            Some((true, false)) => Err(setup(format!(
+                "admin user {:?} may not change passwords: it needs SUPERUSER or CREATEROLE",
+                self.admin_user
+            ))),
+            Some((true, true)) => Ok(()),
+        }
+    }
+
+    async fn apply(&self, _current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        self.set_password(next).await
+    }
+
+    async fn undo_apply(
+        &self,
+        current: &Credential,
+        _next: &Credential,
+    ) -> Result<(), BackendError> {
+        self.set_password(current).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(quote_identifier("llmtrace"), "\"llmtrace\"");
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,313 @@
+//! The command line: `rotate`, `check`, `history`, `recover`, `migrate`, and their exit codes.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::plan::Plan;
+use crate::engine::report::history_text;
+use crate::engine::run::{preflight, rotate};
+use crate::engine::{check, recover, Deps, Engine, EngineError, Outcome, RunReport};
+use crate::journal::JournalError;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_ROLLBACK_FAILED: i32 = 3;
+pub const EXIT_CANNOT_START: i32 = 4;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "llmtrace-rotator",
+    version,
+    about = "Rotates database credentials without breaking the workload that uses them"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Rotate the credentials of every target, or of those named with --target.
+    Rotate {
+        #[arg(long)]
+        config: PathBuf,
+        /// Rotate only this target (repeatable).
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+        /// Print the plan and run the read-only preflight checks; change nothing anywhere.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Check that the credential in every store logs in (drift check). Exit 1 on drift.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Show past runs, newest first.
+    History {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Finish or roll back runs that a crash left unfinished.
+    Recover {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Create or upgrade the journal's tables.
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Runs a command and returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match execute(cli.command).await {
+        Ok(code) => code,
+        Err(Failure { code, message }) => {
+            eprintln!("error: {message}");
+            code
+        }
+    }
+}
+
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        let code = match &e {
+            EngineError::UnknownTarget(_) => EXIT_USAGE,
+            EngineError::Journal(JournalError::Busy(_)) => EXIT_CANNOT_START,
+            _ => EXIT_CANNOT_START,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+async fn load(path: &Path) -> Result<std::sync::Arc<Deps>, Failure> {
+    let config = Config::load(path)?;
+    Ok(Deps::new(config).await?)
+}
+
+fn print<T: Serialize>(output: OutputFormat, value: &T, text: impl FnOnce() -> String) {
+    match output {
+        OutputFormat::Text => print!("{}", text()),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("reports serialize")
+        ),
+    }
+}
+
+/// Exit code for recovered runs: only a failed rollback needs attention.
+fn recovery_code(reports: &[RunReport]) -> i32 {
+    if reports.iter().any(|r| r.outcome == Outcome::RollbackFailed) {
+        EXIT_ROLLBACK_FAILED
+    } else {
+        EXIT_OK
+    }
+}
+
+#[derive(Serialize)]
+struct RotateOutput<'a> {
+    #[serde(flatten)]
+    run: &'a RunReport,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    recovered: &'a [RunReport],
+}
+
+async fn execute(command: Command) -> Result<i32, Failure> {
+    match command {
+        Command::Rotate {
+            config,
+            targets,
+            dry_run,
+            output,
+        } => {
+            let deps = load(&config).await?;
+            let plan = Plan::new(&deps.config, &targets)?;
+            if dry_run {
+                return Ok(dry_run_report(&deps, &plan, output).await);
+            }
+            let engine = Engine::new(deps).await?;
+            let recovered = recover::recover_all(&engine).await?;
+            let report = rotate(&engine, &plan, "cli").await?;
+            print(
+                output,
+                &RotateOutput {
+                    run: &report,
+                    recovered: &recovered,
+                },
+                || {
+                    recovered
+                        .iter()
+                        .chain([&report])
+                        .map(RunReport::to_text)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+            Ok(report.outcome.exit_code().max(recovery_code(&recovered)))
+        }
+        Command::Check { config, output } => {
+            let deps = load(&config).await?;
+            let report = check::check(&deps, &[]).await;
+            print(output, &report, || report.to_text());
+            Ok(if report.all_valid() {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            })
+        }
+        Command::History {
+            config,
+            limit,
+            output,
+        } => {
+            let engine = Engine::new(load(&config).await?).await?;
+            let runs = engine
+                .journal
+                .history(i64::from(limit))
+                .await
+                .map_err(EngineError::from)?;
+            print(output, &runs, || history_text(&runs));
+            Ok(EXIT_OK)
+        }
+        Command::Recover { config, output } => {
+            let engine = Engine::new(load(&config).await?).await?;
+            let reports = recover::recover_all(&engine).await?;
+            print(output, &reports, || {
+                if reports.is_empty() {
+                    "nothing to recover\n".to_string()
+                } else {
+                    reports
+                        .iter()
+                        .map(RunReport::to_text)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            });
+            Ok(recovery_code(&reports))
+        }
+        Command::Migrate { config } => {
+            Engine::new(load(&config).await?).await?;
+            println!("journal is up to date");
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DryRun<'a> {
+    dry_run: bool,
+    plan: &'a Plan,
+    preflight: Vec<PreflightResult>,
+}
+
+#[derive(Serialize)]
+struct PreflightResult {
+    target: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// The plan and the read-only preflight, without the journal: nothing is written anywhere.
+async fn dry_run_report(deps: &Deps, plan: &Plan, output: OutputFormat) -> i32 {
+    let mut results = Vec::new();
+    for planned in &plan.targets {
+        let target = deps
+            .config
+            .target(&planned.name)
+            .expect("planned targets exist");
+        let result = preflight(deps, target).await;
+        results.push(PreflightResult {
+            target: planned.name.clone(),
+            ok: result.is_ok(),
+            error: result.err(),
+        });
+    }
+    for name in &plan.consumers {
+        let result = match deps.consumer(name) {
+            Ok(handle) => handle.preflight().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        results.push(PreflightResult {
+            target: format!("consumer/{name}"),
+            ok: result.is_ok(),
+            error: result.err(),
+        });
+    }
+    let all_ok = results.iter().all(|r| r.ok);
+    let report = DryRun {
+        dry_run: true,
+        plan,
+        preflight: results,
+    };
+    print(output, &report, || {
+        let mut out = String::from("dry run: nothing will be changed\n");
+        for t in &plan.targets {
+            out.push_str(&format!(
+                "target {} ({} {}, user {}, strategy {})\n",
+                t.name, t.kind, t.address, t.user, t.strategy
+            ));
+            for s in &t.stores {
+                out.push_str(&format!("  store   {s}\n"));
+            }
+        }
+        for c in &plan.consumers {
+            out.push_str(&format!("consumer {c}: restarted once\n"));
+        }
+        out.push_str(
+            "steps: preflight, generate, apply, verify-backend, publish, restart, verify, retire\n",
+        );
+        for r in &report.preflight {
+            match &r.error {
+                None => out.push_str(&format!("preflight {}: ok\n", r.target)),
+                Some(e) => out.push_str(&format!("preflight {}: FAILED: {e}\n", r.target)),
+            }
+        }
+        out
+    });
+    if all_ok {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}

@@ -1,0 +1,1119 @@
+//! The TOML configuration: schema, validation and credential references.
+//!
+//! Parsing walks the TOML tree by hand so that every bad field is reported at once, by its
+//! path (`target[1].store[0].key`), before anything is touched.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::password::{Alphabet, PasswordPolicy};
+use crate::secret::Secret;
+
+/// A consumer that does not say how long to wait gets the time `kubectl rollout status` users expect.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML itself is malformed; only the position is shown, never the line (it may hold a literal secret).
+    #[error("config file {path} is not valid TOML at line {line}, column {column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("config file {path} has {} error(s):\n{}", .errors.len(), .errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<FieldError>,
+    },
+}
+
+/// One bad field: where it is and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub rotator: RotatorSection,
+    pub password: PasswordPolicy,
+    pub targets: Vec<Target>,
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RotatorSection {
+    pub journal: JournalLocation,
+    pub journal_key: Reference,
+    pub listen: Option<String>,
+    pub api_tokens: Option<Reference>,
+}
+
+/// Where the journal lives: a URL given in the config, or a reference to one (it may carry a password).
+#[derive(Debug, Clone)]
+pub enum JournalLocation {
+    Url(Secret),
+    Reference(Reference),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// One password: replaced in place.
+    Single,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Single => "single",
+        }
+    }
+}
+
+/// PostgreSQL `sslmode`, as libpq spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub kind: BackendKind,
+    pub address: String,
+    pub database: Option<String>,
+    pub user: String,
+    pub admin_user: String,
+    pub admin_password: Reference,
+    pub strategy: Strategy,
+    pub schedule: Option<String>,
+    pub consumers: Vec<String>,
+    pub stores: Vec<StoreConfig>,
+    pub password: PasswordPolicy,
+    pub sslmode: SslMode,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub key: String,
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Kubernetes { namespace: String, secret: String },
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    /// A URL already in the store; only its password changes.
+    Url,
+    /// The bare password.
+    Password,
+    /// A text with `{user}` and `{password}` placeholders.
+    Template(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub name: String,
+    pub kind: ConsumerKind,
+    pub timeout: Duration,
+    pub health: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerKind {
+    Deployment { namespace: String, object: String },
+    StatefulSet { namespace: String, object: String },
+    Command { argv: Vec<String> },
+}
+
+/// Where a credential is read from. `Debug` never shows a literal value.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Reference {
+    Env(String),
+    File(PathBuf),
+    Kubernetes {
+        namespace: String,
+        secret: String,
+        key: String,
+    },
+    Literal(Secret),
+}
+
+impl fmt::Debug for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Env(name) => write!(f, "env:{name}"),
+            Reference::File(path) => write!(f, "file:{}", path.display()),
+            Reference::Kubernetes {
+                namespace,
+                secret,
+                key,
+            } => write!(f, "k8s:{namespace}/{secret}#{key}"),
+            Reference::Literal(_) => f.write_str("literal:***"),
+        }
+    }
+}
+
+impl Reference {
+    /// Parses `env:NAME`, `file:PATH`, `k8s:NS/SECRET#KEY` or `literal:VALUE`; relative paths are
+    /// taken from `base` (the config file's directory).
+    pub fn parse(text: &str, base: &Path) -> Result<Reference, String> {
+        let (scheme, rest) = text.split_once(':').ok_or_else(|| {
+            "expected a reference: env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE"
+                .to_string()
+        })?;
+        match scheme {
+            "env" if !rest.is_empty() => Ok(Reference::Env(rest.to_string())),
+            "file" if !rest.is_empty() => Ok(Reference::File(base.join(rest))),
+            "k8s" => {
+                let parsed = rest.split_once('/').and_then(|(namespace, rest)| {
+                    let (secret, key) = rest.split_once('#')?;
+                    Some((namespace, secret, key))
+                });
+                match parsed {
+                    Some((namespace, secret, key))
+                        if !namespace.is_empty() && !secret.is_empty() && !key.is_empty() =>
+                    {
+                        Ok(Reference::Kubernetes {
+                            namespace: namespace.into(),
+                            secret: secret.into(),
+                            key: key.into(),
+                        })
+                    }
+                    _ => Err(format!(
+                        "k8s reference {:?} must look like k8s:NAMESPACE/SECRET#KEY",
+                        text
+                    )),
+                }
+            }
+            "literal" => Ok(Reference::Literal(Secret::new(rest))),
+            "vault" => Err("vault: references are not supported by this build yet; use env:, file:, k8s: or literal:".into()),
+            _ => Err(format!(
+                "unknown reference scheme {scheme:?}: use env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE"
+            )),
+        }
+    }
+
+    pub fn uses_kubernetes(&self) -> bool {
+        matches!(self, Reference::Kubernetes { .. })
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|e| e.at(path))
+    }
+
+    /// Parses config text; relative paths resolve against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let root: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        let mut errors = Errors::default();
+        let root = Fields::new(String::new(), &root);
+        let config = parse_root(&root, base, &mut errors);
+        root.finish(&mut errors);
+        match config {
+            Some(config) if errors.0.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
+                path: PathBuf::new(),
+                errors: errors.0,
+            }),
+        }
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    pub fn consumer(&self, name: &str) -> Option<&ConsumerConfig> {
+        self.consumers.iter().find(|c| c.name == name)
+    }
+
+    /// Whether anything in the config talks to a Kubernetes API server.
+    pub fn uses_kubernetes(&self) -> bool {
+        let store = self.targets.iter().any(|t| {
+            t.admin_password.uses_kubernetes()
+                || t.stores
+                    .iter()
+                    .any(|s| matches!(s.kind, StoreKind::Kubernetes { .. }))
+        });
+        let consumer = self
+            .consumers
+            .iter()
+            .any(|c| !matches!(c.kind, ConsumerKind::Command { .. }));
+        store || consumer || self.rotator.journal_key.uses_kubernetes()
+    }
+}
+
+impl ConfigError {
+    fn at(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Invalid { errors, .. } => ConfigError::Invalid {
+                path: file.to_path_buf(),
+                errors,
+            },
+            ConfigError::Syntax {
+                line,
+                column,
+                message,
+                ..
+            } => ConfigError::Syntax {
+                path: file.to_path_buf(),
+                line,
+                column,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let offset = error.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    ConfigError::Syntax {
+        path: PathBuf::new(),
+        line,
+        column,
+        message: error.message().to_string(),
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A TOML table being read: remembers which keys were used so unknown ones can be reported.
+struct Fields<'a> {
+    path: String,
+    table: &'a toml::Table,
+    used: std::cell::RefCell<BTreeSet<&'a str>>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(path: String, table: &'a toml::Table) -> Self {
+        Fields {
+            path,
+            table,
+            used: Default::default(),
+        }
+    }
+
+    fn path_of(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a toml::Value> {
+        let (k, v) = self.table.get_key_value(key)?;
+        self.used.borrow_mut().insert(k.as_str());
+        Some(v)
+    }
+
+    fn string(&self, key: &str, errors: &mut Errors) -> Option<String> {
+        match self.get(key)? {
+            toml::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+            toml::Value::String(_) => {
+                errors.push(self.path_of(key), "must not be empty");
+                None
+            }
+            other => {
+                errors.push(
+                    self.path_of(key),
+                    format!("must be a string, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn required_string(&self, key: &str, errors: &mut Errors) -> Option<String> {
+        if self.table.contains_key(key) {
+            self.string(key, errors)
+        } else {
+            errors.push(self.path_of(key), "is required");
+            None
+        }
+    }
+
+    fn integer(&self, key: &str, errors: &mut Errors) -> Option<i64> {
+        match self.get(key)? {
+            toml::Value::Integer(i) => Some(*i),
+            other => {
+                errors.push(
+                    self.path_of(key),
+                    format!("must be an integer, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn strings(&self, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
+        let value = self.get(key)?;
+        let Some(array) = value.as_array() else {
+            errors.push(self.path_of(key), "must be an array of strings");
+            return None;
+        };
+        let mut out = Vec::new();
+        for (i, item) in array.iter().enumerate() {
+            match item.as_str() {
+                Some(s) if !s.is_empty() => out.push(s.to_string()),
+                _ => errors.push(
+                    format!("{}[{i}]", self.path_of(key)),
+                    "must be a non-empty string",
+                ),
+            }
+        }
+        Some(out)
+    }
+
+    fn table(&self, key: &str, errors: &mut Errors) -> Option<Fields<'a>> {
+        match self.get(key)? {
+            toml::Value::Table(t) => Some(Fields::new(self.path_of(key), t)),
+            other => {
+                errors.push(
+                    self.path_of(key),
+                    format!("must be a table, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// `[[name]]` entries; `path_name` is how each is named in errors (`target[0]`).
+    fn tables(&self, key: &str, path_name: &str, errors: &mut Errors) -> Vec<Fields<'a>> {
+        let Some(value) = self.get(key) else {
+            return Vec::new();
+        };
+        let Some(array) = value.as_array() else {
+            errors.push(self.path_of(key), format!("must be [[{key}]] tables"));
+            return Vec::new();
+        };
+        let prefix = if self.path.is_empty() {
+            path_name.to_string()
+        } else {
+            format!("{}.{path_name}", self.path)
+        };
+        array
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| match item.as_table() {
+                Some(t) => Some(Fields::new(format!("{prefix}[{i}]"), t)),
+                None => {
+                    errors.push(format!("{prefix}[{i}]"), "must be a table");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Reports every key that no parser asked for (typos, keys of another kind).
+    fn finish(&self, errors: &mut Errors) {
+        let used = self.used.borrow();
+        for key in self.table.keys() {
+            if !used.contains(key.as_str()) {
+                errors.push(self.path_of(key), "unknown key");
+            }
+        }
+    }
+}
+
+fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config> {
+    let rotator = match root.table("rotator", errors) {
+        Some(section) => {
+            let parsed = parse_rotator(&section, base, errors);
+            section.finish(errors);
+            parsed
+        }
+        None => {
+            if root.table.get("rotator").is_none() {
+                errors.push("rotator", "is required (journal and journal_key)");
+            }
+            None
+        }
+    };
+
+    let defaults = match root.table("password", errors) {
+        Some(section) => {
+            let policy = parse_policy(&section, &PasswordPolicy::default(), errors);
+            section.finish(errors);
+            policy
+        }
+        None => PasswordPolicy::default(),
+    };
+
+    let consumer_fields = root.tables("consumer", "consumer", errors);
+    // Names count even for consumers with other errors, so references to them are not reported twice.
+    let consumer_names: Vec<&str> = consumer_fields
+        .iter()
+        .filter_map(|c| c.table.get("name").and_then(toml::Value::as_str))
+        .collect();
+    let consumers: Vec<ConsumerConfig> = consumer_fields
+        .iter()
+        .filter_map(|fields| {
+            let consumer = parse_consumer(fields, base, errors);
+            fields.finish(errors);
+            consumer
+        })
+        .collect();
+
+    let target_fields = root.tables("target", "target", errors);
+    if target_fields.is_empty() && !root.table.contains_key("target") {
+        errors.push("target", "at least one [[target]] is required");
+    }
+    let parsed: Vec<(Target, &Fields)> = target_fields
+        .iter()
+        .filter_map(|fields| {
+            let target = parse_target(fields, base, &defaults, &consumer_names, errors);
+            fields.finish(errors);
+            Some((target?, fields))
+        })
+        .collect();
+    check_names(&parsed, &consumers, errors);
+    let targets = parsed.into_iter().map(|(target, _)| target).collect();
+    Some(Config {
+        rotator: rotator?,
+        password: defaults,
+        targets,
+        consumers,
+    })
+}
+
+fn check_names(targets: &[(Target, &Fields)], consumers: &[ConsumerConfig], errors: &mut Errors) {
+    // Consumer references are checked per target, where a target with other errors still gets them.
+    let mut seen = HashSet::new();
+    for (target, fields) in targets {
+        if !seen.insert(&target.name) {
+            errors.push(
+                fields.path_of("name"),
+                format!("duplicate target name {:?}", target.name),
+            );
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, consumer) in consumers.iter().enumerate() {
+        if !seen.insert(&consumer.name) {
+            errors.push(
+                format!("consumer[{i}].name"),
+                format!("duplicate consumer name {:?}", consumer.name),
+            );
+        }
+    }
+}
+
+fn parse_reference(
+    fields: &Fields,
+    key: &str,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<Reference> {
+    let text = fields.required_string(key, errors)?;
+    Reference::parse(&text, base)
+        .map_err(|message| errors.push(fields.path_of(key), message))
+        .ok()
+}
+
+fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<RotatorSection> {
+    let journal = section.required_string("journal", errors).and_then(|text| {
+        if text.starts_with("sqlite:") || text.starts_with("postgres:") || text.starts_with("postgresql:") {
+            Some(JournalLocation::Url(Secret::new(resolve_sqlite_path(&text, base))))
+        } else {
+            Reference::parse(&text, base)
+                .map(JournalLocation::Reference)
+                .map_err(|_| {
+                    errors.push(
+                        section.path_of("journal"),
+                        "must be sqlite://PATH, postgres://... or a reference like env:ROTATOR_JOURNAL_URL",
+                    )
+                })
+                .ok()
+        }
+    });
+    let journal_key = parse_reference(section, "journal_key", base, errors);
+    let listen = section.string("listen", errors);
+    if let Some(listen) = &listen {
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(
+                section.path_of("listen"),
+                format!("{listen:?} is not an address like 0.0.0.0:8080"),
+            );
+        }
+    }
+    let api_tokens = if section.table.contains_key("api_tokens") {
+        parse_reference(section, "api_tokens", base, errors)
+    } else {
+        None
+    };
+    Some(RotatorSection {
+        journal: journal?,
+        journal_key: journal_key?,
+        listen,
+        api_tokens,
+    })
+}
+
+/// `sqlite://rotator.db` is relative to the config file, like every other path in it.
+pub fn resolve_sqlite_path(url: &str, base: &Path) -> String {
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return url.to_string();
+    };
+    if rest.starts_with('/') || rest.starts_with(":memory:") || base.as_os_str().is_empty() {
+        return format!("sqlite://{rest}");
+    }
+    format!("sqlite://{}", base.join(rest).display())
+}
+
+fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors) -> PasswordPolicy {
+    let mut policy = defaults.clone();
+    if let Some(length) = fields.integer("length", errors) {
+        match usize::try_from(length) {
+            Ok(length) if PasswordPolicy::LENGTHS.contains(&length) => policy.length = length,
+            _ => errors.push(
+                fields.path_of("length"),
+                format!(
+                    "{length} is out of range {}..={}",
+                    PasswordPolicy::LENGTHS.start(),
+                    PasswordPolicy::LENGTHS.end()
+                ),
+            ),
+        }
+    }
+    if let Some(alphabet) = fields.string("alphabet", errors) {
+        match Alphabet::parse(&alphabet) {
+            Some(a) => policy.alphabet = a,
+            None => errors.push(
+                fields.path_of("alphabet"),
+                format!("{alphabet:?} is not one of alphanumeric, urlsafe, printable"),
+            ),
+        }
+    }
+    policy
+}
+
+const TARGET_KINDS: &str = "postgres";
+
+fn parse_target(
+    fields: &Fields,
+    base: &Path,
+    defaults: &PasswordPolicy,
+    known_consumers: &[&str],
+    errors: &mut Errors,
+) -> Option<Target> {
+    let name = fields.required_string("name", errors);
+    if let Some(name) = &name {
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            errors.push(
+                fields.path_of("name"),
+                format!("{name:?} may hold only letters, digits, '-' and '_'"),
+            );
+        }
+    }
+    let kind = fields
+        .required_string("kind", errors)
+        .and_then(|kind| match kind.as_str() {
+            "postgres" => Some(BackendKind::Postgres),
+            "redis" | "clickhouse" => {
+                errors.push(
+                    fields.path_of("kind"),
+                    format!(
+                        "{kind:?} is not supported by this build yet (supported: {TARGET_KINDS})"
+                    ),
+                );
+                None
+            }
+            _ => {
+                errors.push(
+                    fields.path_of("kind"),
+                    format!("{kind:?} is not one of {TARGET_KINDS}"),
+                );
+                None
+            }
+        });
+    let address = fields.required_string("address", errors);
+    if let Some(address) = &address {
+        if !is_host_port(address) {
+            errors.push(
+                fields.path_of("address"),
+                format!("{address:?} is not HOST:PORT"),
+            );
+        }
+    }
+    let database = fields.string("database", errors);
+    if kind == Some(BackendKind::Postgres)
+        && database.is_none()
+        && !fields.table.contains_key("database")
+    {
+        errors.push(
+            fields.path_of("database"),
+            "is required for a postgres target",
+        );
+    }
+    let user = fields.required_string("user", errors);
+    let admin = match fields.table("admin", errors) {
+        Some(admin) => {
+            let user = admin.required_string("user", errors);
+            let password = parse_reference(&admin, "password", base, errors);
+            admin.finish(errors);
+            user.zip(password)
+        }
+        None => {
+            if !fields.table.contains_key("admin") {
+                errors.push(
+                    fields.path_of("admin"),
+                    "is required: { user = \"...\", password = \"env:...\" }",
+                );
+            }
+            None
+        }
+    };
+    let strategy = match fields.string("strategy", errors).as_deref() {
+        None | Some("single") => Some(Strategy::Single),
+        Some(other @ ("dual" | "alternating")) => {
+            errors.push(
+                fields.path_of("strategy"),
+                format!("{other:?} is not supported by this build yet (supported: single)"),
+            );
+            None
+        }
+        Some(other) => {
+            errors.push(
+                fields.path_of("strategy"),
+                format!("{other:?} is not one of single, dual, alternating"),
+            );
+            None
+        }
+    };
+    let schedule = fields.string("schedule", errors);
+    if let Some(schedule) = &schedule {
+        if schedule.split_whitespace().count() != 5 {
+            errors.push(
+                fields.path_of("schedule"),
+                format!(
+                    "{schedule:?} is not a 5-field cron expression (minute hour day month weekday)"
+                ),
+            );
+        }
+    }
+    let consumers = fields.strings("consumers", errors).unwrap_or_default();
+    for (j, name) in consumers.iter().enumerate() {
+        if !known_consumers.contains(&name.as_str()) {
+            errors.push(
+                format!("{}[{j}]", fields.path_of("consumers")),
+                format!("no [[consumer]] is named {name:?}"),
+            );
+        }
+    }
+    let password = match fields.table("password", errors) {
+        Some(section) => {
+            let policy = parse_policy(&section, defaults, errors);
+            section.finish(errors);
+            policy
+        }
+        None => defaults.clone(),
+    };
+    let sslmode = match fields.string("sslmode", errors).as_deref() {
+        None | Some("prefer") => Some(SslMode::Prefer),
+        Some("disable") => Some(SslMode::Disable),
+        Some("require") => Some(SslMode::Require),
+        Some("verify-ca") => Some(SslMode::VerifyCa),
+        Some("verify-full") => Some(SslMode::VerifyFull),
+        Some(other) => {
+            errors.push(
+                fields.path_of("sslmode"),
+                format!("{other:?} is not one of disable, prefer, require, verify-ca, verify-full"),
+            );
+            None
+        }
+    };
+    let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
+    let store_fields = fields.tables("store", "store", errors);
+    if store_fields.is_empty() && !fields.table.contains_key("store") {
+        errors.push(
+            fields.path_of("store"),
+            "at least one [[target.store]] is required",
+        );
+    }
+    let stores: Vec<StoreConfig> = store_fields
+        .iter()
+        .filter_map(|store| {
+            let parsed = parse_store(store, base, errors);
+            store.finish(errors);
+            parsed
+        })
+        .collect();
+    if stores.len() != store_fields.len() {
+        return None;
+    }
+    let (admin_user, admin_password) = admin?;
+    Some(Target {
+        name: name?,
+        kind: kind?,
+        address: address?,
+        database,
+        user: user?,
+        admin_user,
+        admin_password,
+        strategy: strategy?,
+        schedule,
+        consumers,
+        stores,
+        password,
+        sslmode: sslmode?,
+        ca_file,
+    })
+}
+
+fn is_host_port(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<StoreConfig> {
+    let kind = match fields.required_string("kind", errors).as_deref() {
+        Some("kubernetes") => {
+            let namespace = fields.required_string("namespace", errors);
+            let secret = fields.required_string("secret", errors);
+            namespace
+                .zip(secret)
+                .map(|(namespace, secret)| StoreKind::Kubernetes { namespace, secret })
+        }
+        Some("file") => fields
+            .required_string("path", errors)
+            .map(|path| StoreKind::File {
+                path: base.join(path),
+            }),
+        Some(other @ ("vault" | "aws")) => {
+            errors.push(fields.path_of("kind"), format!("{other:?} stores are not supported by this build yet (supported: kubernetes, file)"));
+            None
+        }
+        Some(other) => {
+            errors.push(
+                fields.path_of("kind"),
+                format!("{other:?} is not one of kubernetes, file"),
+            );
+            None
+        }
+        None => None,
+    };
+    let key = fields.required_string("key", errors);
+    let format = match fields.string("format", errors).as_deref() {
+        None | Some("url") => Some(Format::Url),
+        Some("password") => Some(Format::Password),
+        Some("template") => match fields.required_string("template", errors) {
+            Some(template) if template.contains("{password}") => Some(Format::Template(template)),
+            Some(_) => {
+                errors.push(fields.path_of("template"), "must contain {password}");
+                None
+            }
+            None => None,
+        },
+        Some(other) => {
+            errors.push(
+                fields.path_of("format"),
+                format!("{other:?} is not one of url, password, template"),
+            );
+            None
+        }
+    };
+    if !matches!(format, Some(Format::Template(_))) && fields.table.contains_key("template") {
+        fields.get("template");
+        errors.push(
+            fields.path_of("template"),
+            "is only used with format = \"template\"",
+        );
+    }
+    Some(StoreConfig {
+        kind: kind?,
+        key: key?,
+        format: format?,
+    })
+}
+
+fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<ConsumerConfig> {
+    let name = fields.required_string("name", errors);
+    let workload = |errors: &mut Errors| {
+        let namespace = fields.required_string("namespace", errors);
+        let object = fields.required_string("object", errors);
+        namespace.zip(object)
+    };
+    let kind = match fields.required_string("kind", errors).as_deref() {
+        Some("deployment") => workload(errors)
+            .map(|(namespace, object)| ConsumerKind::Deployment { namespace, object }),
+        Some("statefulset") => workload(errors)
+            .map(|(namespace, object)| ConsumerKind::StatefulSet { namespace, object }),
+        Some("command") => match fields.strings("command", errors) {
+            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command { argv }),
+            Some(_) => {
+                errors.push(
+                    fields.path_of("command"),
+                    "must name a program: [\"program\", \"arg\", ...]",
+                );
+                None
+            }
+            None => {
+                errors.push(
+                    fields.path_of("command"),
+                    "is required for kind = \"command\"",
+                );
+                None
+            }
+        },
+        Some(other) => {
+            errors.push(
+                fields.path_of("kind"),
+                format!("{other:?} is not one of deployment, statefulset, command"),
+            );
+            None
+        }
+        None => None,
+    };
+    let timeout = match fields.string("timeout", errors) {
+        Some(text) => match crate::duration::parse(&text) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                errors.push(fields.path_of("timeout"), "must be more than zero");
+                None
+            }
+            Err(message) => {
+                errors.push(fields.path_of("timeout"), message);
+                None
+            }
+        },
+        None => Some(DEFAULT_CONSUMER_TIMEOUT),
+    };
+    let health = fields.string("health", errors);
+    if let Some(health) = &health {
+        let ok = url::Url::parse(health).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !ok {
+            errors.push(
+                fields.path_of("health"),
+                format!("{health:?} is not an http(s) URL"),
+            );
+        }
+    }
+    Some(ConsumerConfig {
+        name: name?,
+        kind: kind?,
+        timeout: timeout?,
+        health,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[password]
+length = 40
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "127.0.0.1:5432"
+database = "llmtrace"
+user = "llmtrace"
+admin = { user = "postgres", password = "k8s:llmtrace/llmtrace-postgresql#postgres-password" }
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  secret = "llmtrace"
+  key = "LLMTRACE_POSTGRES_URL"
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "PGPASSWORD"
+  format = "password"
+
+[[consumer]]
+name = "proxy"
+kind = "deployment"
+namespace = "llmtrace"
+object = "llmtrace"
+timeout = "2m"
+"#;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match Config::parse(text, Path::new("/etc/rotator")) {
+            Err(ConfigError::Invalid { errors, .. }) => {
+                errors.iter().map(|e| e.to_string()).collect()
+            }
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let config = Config::parse(VALID, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.password.length, 40);
+        assert_eq!(target.stores.len(), 2);
+        assert_eq!(
+            target.stores[1].kind,
+            StoreKind::File {
+                path: "/etc/rotator/.env".into()
+            }
+        );
+        assert_eq!(target.stores[0].format, Format::Url);
+        assert_eq!(config.consumers[0].timeout, Duration::from_secs(120));
+        assert!(config.uses_kubernetes());
+        match &config.rotator.journal {
+            JournalLocation::Url(url) => {
+                assert_eq!(url.expose(), "sqlite:///etc/rotator/rotator.db")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_every_bad_field_by_path() {
+        let text = VALID
+            .replace("format = \"password\"", "format = \"pasword\"")
+            .replace("address = \"127.0.0.1:5432\"", "address = \"localhost\"")
+            .replace("timeout = \"2m\"", "timeout = \"2 minutes\"")
+            .replace(
+                "consumers = [\"proxy\"]",
+                "consumers = [\"proxy\", \"worker\"]\nstratgy = \"single\"",
+            );
+        let errors = errors_of(&text);
+        let paths: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "consumer[0].timeout",
+                "target[0].address",
+                "target[0].consumers[1]",
+                "target[0].store[1].format",
+                "target[0].stratgy",
+            ],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_reference_schemes_naming_the_field() {
+        let text = VALID.replace(
+            "k8s:llmtrace/llmtrace-postgresql#postgres-password",
+            "s3://bucket/key",
+        );
+        let errors = errors_of(&text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("target[0].admin.password: unknown reference scheme"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_show_position_but_not_the_line() {
+        let text = "[rotator]\njournal_key = \"literal:TopSecret1\ntrailing";
+        let err = Config::parse(text, Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains("TopSecret1"), "{err}");
+    }
+
+    #[test]
+    fn literal_references_do_not_print_their_value() {
+        let reference = Reference::parse("literal:hunter2", Path::new(".")).unwrap();
+        assert_eq!(
+            format!("{reference:?} {reference}"),
+            "literal:*** literal:***"
+        );
+    }
+
+    #[test]
+    fn parses_kubernetes_references() {
+        let reference =
+            Reference::parse("k8s:llmtrace/pg#postgres-password", Path::new(".")).unwrap();
+        assert_eq!(
+            reference,
+            Reference::Kubernetes {
+                namespace: "llmtrace".into(),
+                secret: "pg".into(),
+                key: "postgres-password".into()
+            }
+        );
+        assert!(Reference::parse("k8s:llmtrace/pg", Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn password_length_is_bounded() {
+        let errors = errors_of(&VALID.replace("length = 40", "length = 8"));
+        assert_eq!(errors, ["password.length: 8 is out of range 16..=128"]);
+    }
+}

@@ -1,0 +1,147 @@
+//! Consumers: the workloads that read the credential and must restart to pick it up.
+
+pub mod command;
+pub mod kubernetes;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::config::{ConsumerConfig, ConsumerKind};
+
+/// How often rollout status and health URLs are polled.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("{consumer}: {message}")]
+    Refused { consumer: String, message: String },
+    #[error("{consumer}: {cause}")]
+    Api { consumer: String, cause: String },
+    #[error("{consumer}: rollout failed: {message}")]
+    RolloutFailed { consumer: String, message: String },
+    #[error("{consumer}: not done within {}s: {waiting_for}", .timeout.as_secs_f64())]
+    Timeout {
+        consumer: String,
+        timeout: Duration,
+        waiting_for: String,
+    },
+    #[error("{consumer}: {message}")]
+    Command { consumer: String, message: String },
+    #[error("{consumer}: health check {url} did not answer 2xx within {}s (last: {last})", .timeout.as_secs_f64())]
+    Unhealthy {
+        consumer: String,
+        url: String,
+        timeout: Duration,
+        last: String,
+    },
+}
+
+impl ConsumerError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ConsumerError::Refused { .. } => "consumer_refused",
+            ConsumerError::Api { .. } => "consumer_api",
+            ConsumerError::RolloutFailed { .. } => "rollout_failed",
+            ConsumerError::Timeout { .. } => "rollout_timeout",
+            ConsumerError::Command { .. } => "command_failed",
+            ConsumerError::Unhealthy { .. } => "unhealthy",
+        }
+    }
+}
+
+/// A workload that can be restarted and waited for.
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// Names it in reports: `deployment llmtrace/llmtrace`.
+    fn describe(&self) -> String;
+
+    /// Checks, changing nothing, that a restart could roll out (not paused, right update strategy).
+    async fn preflight(&self) -> Result<(), ConsumerError> {
+        Ok(())
+    }
+
+    /// Restarts the workload and waits until it has fully rolled out, for at most `timeout`.
+    async fn restart(&self, timeout: Duration) -> Result<(), ConsumerError>;
+}
+
+/// A configured consumer: the restart, then the optional health URL, all within `timeout`.
+pub struct ConsumerHandle {
+    pub name: String,
+    consumer: Box<dyn Consumer>,
+    timeout: Duration,
+    health: Option<String>,
+}
+
+impl ConsumerHandle {
+    pub fn new(
+        config: &ConsumerConfig,
+        kube: Option<&kube::Client>,
+    ) -> Result<Self, ConsumerError> {
+        let consumer: Box<dyn Consumer> = match &config.kind {
+            ConsumerKind::Command { argv } => Box::new(command::CommandConsumer::new(argv.clone())),
+            kind => {
+                let client = kube.ok_or_else(|| ConsumerError::Api {
+                    consumer: config.name.clone(),
+                    cause: "no Kubernetes client could be configured".into(),
+                })?;
+                Box::new(kubernetes::Workload::new(client.clone(), kind))
+            }
+        };
+        Ok(ConsumerHandle {
+            name: config.name.clone(),
+            consumer,
+            timeout: config.timeout,
+            health: config.health.clone(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.consumer.describe()
+    }
+
+    pub async fn preflight(&self) -> Result<(), ConsumerError> {
+        self.consumer.preflight().await
+    }
+
+    pub async fn restart_and_wait(&self) -> Result<(), ConsumerError> {
+        let deadline = Instant::now() + self.timeout;
+        self.consumer.restart(self.timeout).await?;
+        if let Some(url) = &self.health {
+            wait_healthy(&self.consumer.describe(), url, deadline, self.timeout).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn wait_healthy(
+    consumer: &str,
+    url: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), ConsumerError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| ConsumerError::Command {
+            consumer: consumer.to_string(),
+            message: format!("cannot build an HTTP client: {e}"),
+        })?;
+    loop {
+        let last = match client.get(url).send().await {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => format!("HTTP {}", response.status().as_u16()),
+            Err(e) => e.without_url().to_string(),
+        };
+        if Instant::now() + POLL_INTERVAL > deadline {
+            return Err(ConsumerError::Unhealthy {
+                consumer: consumer.to_string(),
+                url: url.to_string(),
+                timeout,
+                last,
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}

@@ -1,0 +1,118 @@
+//! The drift check: does the credential each store holds log in to its backend?
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::Deps;
+use crate::store::format;
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub targets: Vec<TargetCheck>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetCheck {
+    pub target: String,
+    /// Every store's credential logs in.
+    pub valid: bool,
+    pub stores: Vec<StoreCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoreCheck {
+    pub store: String,
+    pub valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CheckReport {
+    pub fn all_valid(&self) -> bool {
+        self.targets.iter().all(|t| t.valid)
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for target in &self.targets {
+            let _ = writeln!(
+                out,
+                "{}: {}",
+                target.target,
+                if target.valid { "ok" } else { "DRIFT" }
+            );
+            if let Some(error) = &target.error {
+                let _ = writeln!(out, "  {error}");
+            }
+            for store in &target.stores {
+                let _ = write!(
+                    out,
+                    "  {:<6} {}",
+                    if store.valid { "ok" } else { "FAILED" },
+                    store.store
+                );
+                if let Some(error) = &store.error {
+                    let _ = write!(out, ": {error}");
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Checks the named targets (all when `names` is empty). Reads and logs in; writes nothing.
+pub async fn check(deps: &Deps, names: &[String]) -> CheckReport {
+    let mut targets = Vec::new();
+    for target in deps
+        .config
+        .targets
+        .iter()
+        .filter(|t| names.is_empty() || names.contains(&t.name))
+    {
+        let runtime = match deps.target_runtime(target).await {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                targets.push(TargetCheck {
+                    target: target.name.clone(),
+                    valid: false,
+                    stores: Vec::new(),
+                    error: Some(error),
+                });
+                continue;
+            }
+        };
+        let mut stores = Vec::new();
+        for (store, config) in runtime.stores.iter().zip(&target.stores) {
+            let result = async {
+                let value = store
+                    .read()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the key is absent")?;
+                let credential = format::credential_from(&value, &config.format, &target.user)?;
+                runtime
+                    .backend
+                    .login(&credential)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            stores.push(StoreCheck {
+                store: store.describe(),
+                valid: result.is_ok(),
+                error: result.err(),
+            });
+        }
+        targets.push(TargetCheck {
+            target: target.name.clone(),
+            valid: stores.iter().all(|s| s.valid),
+            stores,
+            error: None,
+        });
+    }
+    CheckReport { targets }
+}

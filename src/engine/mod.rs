@@ -1,0 +1,140 @@
+//! The rotation transaction: plan, steps, rollback, recovery and the report.
+//!
+//! # Layout
+//! - [`plan`]: which targets and consumers a run covers.
+//! - [`state`]: the recoverable run state kept (encrypted) in the journal.
+//! - [`recorder`]: journals each step boundary and times it.
+//! - [`run`]: the forward steps and the rollback.
+//! - [`recover`]: finishing or undoing interrupted runs.
+//! - [`check`]: the drift check (does every stored credential log in?).
+//! - [`report`]: the text and JSON reports.
+
+pub mod check;
+pub mod plan;
+pub mod recorder;
+pub mod recover;
+pub mod report;
+pub mod run;
+pub mod state;
+
+use std::sync::Arc;
+
+use crate::backend::{self, Backend};
+use crate::config::{Config, JournalLocation, Target};
+use crate::consumer::ConsumerHandle;
+use crate::journal::{Journal, JournalError};
+use crate::resolve::{resolve, ResolveError};
+use crate::store::{self, Store};
+
+pub use report::{Outcome, RunReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown target {0:?}: it is not in the config")]
+    UnknownTarget(String),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("cannot set up the Kubernetes client: {0}")]
+    Kubernetes(String),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+}
+
+impl EngineError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            EngineError::UnknownTarget(_) => "unknown_target",
+            EngineError::Journal(e) => e.metric_label(),
+            EngineError::Kubernetes(_) => "kubernetes",
+            EngineError::Resolve(_) => "reference",
+        }
+    }
+}
+
+/// What every step needs that does not depend on the journal: the config and the clients.
+pub struct Deps {
+    pub config: Config,
+    pub kube: Option<kube::Client>,
+}
+
+impl Deps {
+    /// Connects a Kubernetes client (KUBECONFIG or in-cluster) only when the config needs one.
+    pub async fn new(config: Config) -> Result<Arc<Deps>, EngineError> {
+        let kube = if config.uses_kubernetes() {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(|e| EngineError::Kubernetes(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        Ok(Arc::new(Deps { config, kube }))
+    }
+
+    /// The backend and stores of one target, with its admin password resolved.
+    pub async fn target_runtime<'a>(
+        &self,
+        target: &'a Target,
+    ) -> Result<TargetRuntime<'a>, String> {
+        let field = format!("target {:?} admin.password", target.name);
+        let admin_password = resolve(&target.admin_password, &field, self.kube.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let stores = target
+            .stores
+            .iter()
+            .map(|s| store::for_config(s, self.kube.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok(TargetRuntime {
+            config: target,
+            backend: backend::for_target(target, admin_password),
+            stores,
+        })
+    }
+
+    pub fn consumer(&self, name: &str) -> Result<ConsumerHandle, String> {
+        let config = self
+            .config
+            .consumer(name)
+            .ok_or_else(|| format!("consumer {name:?} is no longer in the config"))?;
+        ConsumerHandle::new(config, self.kube.as_ref()).map_err(|e| e.to_string())
+    }
+}
+
+/// One target's live parts for the length of a run.
+pub struct TargetRuntime<'a> {
+    pub config: &'a Target,
+    pub backend: Box<dyn Backend>,
+    pub stores: Vec<Box<dyn Store>>,
+}
+
+/// The dependencies plus the journal: what `rotate`, `recover` and `serve` run on.
+pub struct Engine {
+    pub deps: Arc<Deps>,
+    pub journal: Journal,
+}
+
+impl Engine {
+    pub async fn new(deps: Arc<Deps>) -> Result<Engine, EngineError> {
+        let url = match &deps.config.rotator.journal {
+            JournalLocation::Url(url) => url.clone(),
+            JournalLocation::Reference(reference) => {
+                let url = resolve(reference, "rotator.journal", deps.kube.as_ref()).await?;
+                crate::secret::Secret::new(crate::config::resolve_sqlite_path(
+                    url.expose(),
+                    std::path::Path::new(""),
+                ))
+            }
+        };
+        let key = resolve(
+            &deps.config.rotator.journal_key,
+            "rotator.journal_key",
+            deps.kube.as_ref(),
+        )
+        .await?;
+        let journal = Journal::open(&url, &key).await?;
+        Ok(Engine { deps, journal })
+    }
+}

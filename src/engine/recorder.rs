@@ -1,0 +1,95 @@
+//! Journals every step boundary (state and step row in one transaction) and times each step.
+
+use std::time::Instant;
+
+use super::state::RunState;
+use crate::failpoint;
+use crate::journal::{Journal, StepRecord};
+
+pub struct Recorder<'j> {
+    journal: &'j Journal,
+    pub id: String,
+    pub state: RunState,
+    pub steps: Vec<StepRecord>,
+    clocks: Vec<Instant>,
+    /// Set when a checkpoint could not be written: the run must stop going forward.
+    pub journal_failed: bool,
+}
+
+pub type StepId = usize;
+
+impl<'j> Recorder<'j> {
+    pub fn new(journal: &'j Journal, id: String, state: RunState, steps: Vec<StepRecord>) -> Self {
+        let clocks = steps.iter().map(|_| Instant::now()).collect();
+        Recorder {
+            journal,
+            id,
+            state,
+            steps,
+            clocks,
+            journal_failed: false,
+        }
+    }
+
+    pub fn journal(&self) -> &'j Journal {
+        self.journal
+    }
+
+    async fn checkpoint(&mut self, index: StepId) {
+        let bytes = self.state.to_bytes();
+        if let Err(error) = self
+            .journal
+            .checkpoint(&self.id, &bytes, &self.steps[index])
+            .await
+        {
+            tracing::error!(run = %self.id, cause = %error, "journal checkpoint failed");
+            self.journal_failed = true;
+        }
+        let step = &self.steps[index];
+        failpoint::boundary(&step.step, &step.subject, &step.status).await;
+    }
+
+    /// Records that `step` on `subject` starts, with the state as it is now.
+    pub async fn begin(&mut self, step: &str, subject: &str) -> StepId {
+        tracing::info!(run = %self.id, step, subject, "step started");
+        self.steps.push(StepRecord {
+            seq: self.steps.len() as i64 + 1,
+            step: step.to_string(),
+            subject: subject.to_string(),
+            status: "started".into(),
+            started_at: chrono::Utc::now().timestamp_millis(),
+            duration_ms: None,
+            error: None,
+        });
+        self.clocks.push(Instant::now());
+        let index = self.steps.len() - 1;
+        self.checkpoint(index).await;
+        index
+    }
+
+    /// Records how the step ended; `status` is `ok`, `failed` or `skipped`.
+    pub async fn end(&mut self, index: StepId, status: &str, error: Option<String>) {
+        let elapsed = self.clocks[index].elapsed().as_millis() as i64;
+        let step = &mut self.steps[index];
+        step.status = status.to_string();
+        step.duration_ms = Some(elapsed);
+        step.error = error;
+        match &step.error {
+            Some(cause) => {
+                tracing::warn!(run = %self.id, step = %step.step, subject = %step.subject, status, cause = %cause, duration_ms = elapsed, "step ended")
+            }
+            None => {
+                tracing::info!(run = %self.id, step = %step.step, subject = %step.subject, status, duration_ms = elapsed, "step ended")
+            }
+        }
+        self.checkpoint(index).await;
+    }
+
+    /// Ends a step from a result: `ok`, or `failed` with the error's text.
+    pub async fn finish<T, E: std::fmt::Display>(&mut self, index: StepId, result: &Result<T, E>) {
+        match result {
+            Ok(_) => self.end(index, "ok", None).await,
+            Err(e) => self.end(index, "failed", Some(e.to_string())).await,
+        }
+    }
+}

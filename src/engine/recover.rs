@@ -1,0 +1,118 @@
+//! Resumes runs a crash left unfinished: roll forward when every store already holds the new
+//! credential and it logs in, otherwise roll back.
+
+use super::recorder::Recorder;
+use super::report::{Outcome, RunReport};
+use super::run::RunContext;
+use super::state::{Progress, RunState};
+use super::{Engine, EngineError};
+use crate::journal::JournalError;
+use crate::secret::Credential;
+
+/// Recovers every unfinished run whose targets are not locked by a live run elsewhere.
+pub async fn recover_all(engine: &Engine) -> Result<Vec<RunReport>, EngineError> {
+    let mut reports = Vec::new();
+    for run in engine.journal.unfinished().await? {
+        let _lock = match engine.journal.lock(&run.targets).await {
+            Ok(lock) => lock,
+            Err(JournalError::Busy(target)) => {
+                tracing::info!(run = %run.id, target, "run is still in progress elsewhere; not recovering it");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Re-read under the lock: the run may have finished between the listing and the lock.
+        let Some(summary) = engine.journal.run(&run.id).await? else {
+            continue;
+        };
+        if summary.outcome.is_some() {
+            continue;
+        }
+        let state = RunState::from_bytes(&run.state).map_err(|message| JournalError::State {
+            run: run.id.clone(),
+            message,
+        })?;
+        tracing::warn!(run = %run.id, "recovering an interrupted run");
+        reports.push(recover_run(engine, run.id, state, summary.steps).await);
+    }
+    Ok(reports)
+}
+
+async fn recover_run(
+    engine: &Engine,
+    id: String,
+    state: RunState,
+    steps: Vec<crate::journal::StepRecord>,
+) -> RunReport {
+    let deps = &engine.deps;
+    let mut notes = Vec::new();
+    let mut targets = Vec::new();
+    for target in &state.targets {
+        let runtime = match deps.config.target(&target.name) {
+            Some(config) => deps.target_runtime(config).await,
+            None => Err(format!(
+                "target {:?} is not in the config any more",
+                target.name
+            )),
+        };
+        match runtime {
+            Ok(runtime) => targets.push(Some(runtime)),
+            Err(e) => {
+                notes.push(format!("target {}: {e}", target.name));
+                targets.push(None);
+            }
+        }
+    }
+    let consumers = state
+        .consumers
+        .iter()
+        .map(|c| deps.consumer(&c.name).map_err(|e| notes.push(e)).ok())
+        .collect();
+    let rec = Recorder::new(&engine.journal, id, state, steps);
+    let mut run = RunContext::resume(engine, rec, targets, consumers, notes);
+
+    let step = run.rec.begin("recover", "decide").await;
+    let roll_forward = !run.rec.state.rolling_back && new_credential_is_everywhere(&run).await;
+    let decision = if roll_forward {
+        "roll forward: every store holds the new credential and it logs in"
+    } else {
+        "roll back"
+    };
+    run.rec.end(step, "ok", Some(decision.to_string())).await;
+
+    let outcome = if roll_forward {
+        match run.complete().await {
+            Ok(()) => Outcome::Succeeded,
+            Err(()) => run.rollback().await,
+        }
+    } else {
+        run.rollback().await
+    };
+    run.finish(outcome).await
+}
+
+/// Whether every store of every target holds the value this run wrote, and it logs in.
+async fn new_credential_is_everywhere(run: &RunContext<'_>) -> bool {
+    for (i, target) in run.rec.state.targets.iter().enumerate() {
+        let Some(next) = target.next.as_ref() else {
+            return false;
+        };
+        if target.stores.is_empty() || target.apply == Progress::NotStarted {
+            return false;
+        }
+        let Some(runtime) = run.runtime_at(i) else {
+            return false;
+        };
+        for (store, state) in runtime.stores.iter().zip(&target.stores) {
+            match store.read().await {
+                Ok(Some(value)) if Some(&value) == state.written.as_ref() => {}
+                _ => return false,
+            }
+        }
+        let next: Credential = next.into();
+        if runtime.backend.login(&next).await.is_err() {
+            return false;
+        }
+    }
+    true
+}

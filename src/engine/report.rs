@@ -1,0 +1,131 @@
+//! The run report, as text (one line per step) or one JSON document. Never holds a secret:
+//! it is built only from step names, subjects, statuses and error texts.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::journal::{RunSummary, StepRecord};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every store holds the new credential and it logs in.
+    Succeeded,
+    /// Preflight found a problem; nothing was changed.
+    Refused,
+    /// A step failed; every change was undone and the old credential logs in.
+    RolledBack,
+    /// Undoing failed: a human must act. `state` in the report says where things stand.
+    RollbackFailed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Refused => "refused",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::RollbackFailed => "rollback_failed",
+        }
+    }
+
+    /// The process exit code the command line contract gives this outcome.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Succeeded => 0,
+            Outcome::Refused | Outcome::RolledBack => 1,
+            Outcome::RollbackFailed => 3,
+        }
+    }
+
+    fn meaning(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "every store holds the new credential and it logs in",
+            Outcome::Refused => "nothing was changed",
+            Outcome::RolledBack => {
+                "every change was undone; the old credential is in place and logs in"
+            }
+            Outcome::RollbackFailed => "MANUAL ACTION NEEDED: see the state below",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub trigger: String,
+    pub targets: Vec<String>,
+    pub outcome: Outcome,
+    pub duration_ms: u64,
+    pub steps: Vec<StepRecord>,
+    /// Where each backend and store stands when that is not obvious from the outcome.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<String>,
+}
+
+impl RunReport {
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "run {} ({}) targets {}: {} in {:.1}s",
+            self.run_id,
+            self.trigger,
+            self.targets.join(", "),
+            self.outcome.as_str(),
+            self.duration_ms as f64 / 1000.0
+        );
+        write_steps(&mut out, &self.steps);
+        for line in &self.state {
+            let _ = writeln!(out, "  state: {line}");
+        }
+        let _ = writeln!(
+            out,
+            "outcome: {}: {}",
+            self.outcome.as_str(),
+            self.outcome.meaning()
+        );
+        out
+    }
+}
+
+fn write_steps(out: &mut String, steps: &[StepRecord]) {
+    for step in steps {
+        let duration = step
+            .duration_ms
+            .map_or("-".to_string(), |ms| format!("{ms} ms"));
+        let _ = write!(
+            out,
+            "  {:<15} {:<28} {:<8} {:>9}",
+            step.step, step.subject, step.status, duration
+        );
+        if let Some(error) = &step.error {
+            let _ = write!(out, "  {error}");
+        }
+        out.push('\n');
+    }
+}
+
+/// `history` as text: one header line per run, then its steps.
+pub fn history_text(runs: &[RunSummary]) -> String {
+    let mut out = String::new();
+    if runs.is_empty() {
+        out.push_str("no runs yet\n");
+    }
+    for run in runs {
+        let started = chrono::DateTime::from_timestamp_millis(run.started_at)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{started} run {} ({}) targets {}: {}",
+            run.id,
+            run.trigger,
+            run.targets.join(", "),
+            run.outcome.as_deref().unwrap_or("unfinished")
+        );
+        write_steps(&mut out, &run.steps);
+    }
+    out
+}

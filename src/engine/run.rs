@@ -1,0 +1,650 @@
+//! The rotation transaction: forward steps, and the rollback that undoes whatever they did.
+
+use std::time::Instant;
+
+use tracing::instrument;
+
+use super::plan::Plan;
+use super::recorder::Recorder;
+use super::report::{Outcome, RunReport};
+use super::state::{Progress, RunState, SavedCredential, StoreState};
+use super::{Deps, Engine, EngineError, TargetRuntime};
+use crate::config::Target;
+use crate::consumer::ConsumerHandle;
+use crate::password;
+use crate::secret::{Credential, Secret};
+use crate::store::format;
+
+/// What preflight learned about a target: its parts, the credential in use, every store's value.
+pub struct Preflight<'a> {
+    pub runtime: TargetRuntime<'a>,
+    pub current: Credential,
+    pub originals: Vec<Option<Secret>>,
+}
+
+/// Reads every store, checks each can take the new credential, and proves the current one logs
+/// in. Changes nothing; `rotate --dry-run` runs it too.
+pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, String> {
+    let runtime = deps.target_runtime(target).await?;
+    let mut originals = Vec::new();
+    for store in &runtime.stores {
+        originals.push(store.read().await.map_err(|e| e.to_string())?);
+    }
+    let source = &runtime.stores[0];
+    let first = originals[0].as_ref().ok_or_else(|| {
+        format!(
+            "{}: the key is absent; the first store is where the current credential is read",
+            source.describe()
+        )
+    })?;
+    let current = format::credential_from(first, &target.stores[0].format, &target.user)
+        .map_err(|m| format!("{}: {m}", source.describe()))?;
+    if current.user != target.user {
+        return Err(format!(
+            "{}: the stored credential is for user {:?}, but the target rotates {:?}",
+            source.describe(),
+            current.user,
+            target.user
+        ));
+    }
+    for ((store, config), original) in runtime.stores.iter().zip(&target.stores).zip(&originals) {
+        format::render(&config.format, original.as_ref(), &current)
+            .map_err(|m| format!("{}: {m}", store.describe()))?;
+    }
+    runtime
+        .backend
+        .check_admin(&target.user)
+        .await
+        .map_err(|e| e.to_string())?;
+    runtime.backend.login(&current).await.map_err(|e| {
+        format!("the stored credential does not log in, so it is not rotated (fix it first): {e}")
+    })?;
+    Ok(Preflight {
+        runtime,
+        current,
+        originals,
+    })
+}
+
+fn store_subject(target: &str, index: usize) -> String {
+    format!("{target}/store[{index}]")
+}
+
+/// A run in progress: the recorder (journal + state) and the live parts it acts on.
+pub struct RunContext<'a> {
+    deps: &'a Deps,
+    pub rec: Recorder<'a>,
+    trigger: String,
+    /// Aligned with `rec.state.targets`; `None` where the parts could not be built (recovery).
+    targets: Vec<Option<TargetRuntime<'a>>>,
+    consumers: Vec<Option<ConsumerHandle>>,
+    notes: Vec<String>,
+    clock: Instant,
+}
+
+/// Rotates the planned targets: the whole transaction, from lock to report.
+pub async fn rotate(engine: &Engine, plan: &Plan, trigger: &str) -> Result<RunReport, EngineError> {
+    let names = plan.target_names();
+    let _lock = engine.journal.lock(&names).await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let state = RunState::new(&names, &plan.consumers);
+    engine
+        .journal
+        .begin_run(&id, trigger, &names, &state.to_bytes())
+        .await?;
+    tracing::info!(run = %id, trigger, targets = ?names, "rotation started");
+    let mut run = RunContext {
+        deps: &engine.deps,
+        rec: Recorder::new(&engine.journal, id, state, Vec::new()),
+        trigger: trigger.to_string(),
+        targets: Vec::new(),
+        consumers: Vec::new(),
+        notes: Vec::new(),
+        clock: Instant::now(),
+    };
+    let outcome = run.forward().await;
+    Ok(run.finish(outcome).await)
+}
+
+impl<'a> RunContext<'a> {
+    /// A context for resuming a run found in the journal.
+    pub fn resume(
+        engine: &'a Engine,
+        rec: Recorder<'a>,
+        targets: Vec<Option<TargetRuntime<'a>>>,
+        consumers: Vec<Option<ConsumerHandle>>,
+        notes: Vec<String>,
+    ) -> Self {
+        RunContext {
+            deps: &engine.deps,
+            rec,
+            trigger: "recovery".into(),
+            targets,
+            consumers,
+            notes,
+            clock: Instant::now(),
+        }
+    }
+
+    async fn forward(&mut self) -> Outcome {
+        if !self.preflight().await {
+            return Outcome::Refused;
+        }
+        let forward = async {
+            self.generate().await?;
+            self.apply().await?;
+            self.verify_backend().await?;
+            self.publish().await?;
+            self.complete().await
+        };
+        match forward.await {
+            Ok(()) => Outcome::Succeeded,
+            Err(()) => self.rollback().await,
+        }
+    }
+
+    /// Journals the outcome and builds the report.
+    pub async fn finish(mut self, outcome: Outcome) -> RunReport {
+        if outcome == Outcome::RollbackFailed {
+            self.describe_state().await;
+        }
+        if let Err(error) = self.rec_journal_finish(outcome).await {
+            tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
+            self.notes.push(format!(
+                "the outcome could not be written to the journal: {error}"
+            ));
+        }
+        tracing::info!(run = %self.rec.id, outcome = outcome.as_str(), "rotation finished");
+        RunReport {
+            run_id: self.rec.id.clone(),
+            trigger: self.trigger.clone(),
+            targets: self
+                .rec
+                .state
+                .targets
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+            outcome,
+            duration_ms: self.clock.elapsed().as_millis() as u64,
+            steps: self.rec.steps.clone(),
+            state: self.notes.clone(),
+        }
+    }
+
+    async fn rec_journal_finish(
+        &self,
+        outcome: Outcome,
+    ) -> Result<(), crate::journal::JournalError> {
+        self.deps_journal()
+            .finish_run(&self.rec.id, outcome.as_str())
+            .await
+    }
+
+    fn deps_journal(&self) -> &crate::journal::Journal {
+        self.rec.journal()
+    }
+
+    fn check_journal(&self) -> Result<(), ()> {
+        if self.rec.journal_failed {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    #[instrument(skip_all, fields(run = %self.rec.id))]
+    async fn preflight(&mut self) -> bool {
+        let mut ok = true;
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin("preflight", &name).await;
+            let result = match self.deps.config.target(&name) {
+                Some(target) => preflight(self.deps, target).await,
+                None => Err(format!("target {name:?} is not in the config")),
+            };
+            match result {
+                Ok(found) => {
+                    let state = &mut self.rec.state.targets[i];
+                    state.current = Some(SavedCredential::from(&found.current));
+                    state.stores = found
+                        .originals
+                        .into_iter()
+                        .map(|original| StoreState {
+                            original,
+                            ..Default::default()
+                        })
+                        .collect();
+                    self.targets.push(Some(found.runtime));
+                    self.rec.end(step, "ok", None).await;
+                }
+                Err(message) => {
+                    self.targets.push(None);
+                    self.rec.end(step, "failed", Some(message)).await;
+                    ok = false;
+                }
+            }
+        }
+        for k in 0..self.rec.state.consumers.len() {
+            let name = self.rec.state.consumers[k].name.clone();
+            let step = self
+                .rec
+                .begin("preflight", &format!("consumer/{name}"))
+                .await;
+            let result = match self.deps.consumer(&name) {
+                Ok(handle) => {
+                    let checked = handle.preflight().await.map_err(|e| e.to_string());
+                    self.consumers.push(Some(handle));
+                    checked
+                }
+                Err(message) => {
+                    self.consumers.push(None);
+                    Err(message)
+                }
+            };
+            ok &= result.is_ok();
+            self.rec.finish(step, &result).await;
+        }
+        ok && !self.rec.journal_failed
+    }
+
+    pub fn runtime_at(&self, i: usize) -> Option<&TargetRuntime<'a>> {
+        self.targets.get(i).and_then(Option::as_ref)
+    }
+
+    fn runtime(&self, i: usize) -> Result<&TargetRuntime<'a>, String> {
+        self.targets.get(i).and_then(Option::as_ref).ok_or_else(|| {
+            format!(
+                "target {:?} cannot be acted on: it is not in the config any more",
+                self.rec.state.targets[i].name
+            )
+        })
+    }
+
+    fn credentials(&self, i: usize) -> Result<(Credential, Credential), String> {
+        let state = &self.rec.state.targets[i];
+        match (&state.current, &state.next) {
+            (Some(current), Some(next)) => Ok((current.into(), next.into())),
+            _ => Err("the run state has no credentials for this target".into()),
+        }
+    }
+
+    async fn generate(&mut self) -> Result<(), ()> {
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin("generate", &name).await;
+            let runtime = self.runtime(i).map_err(|_| ())?;
+            let current: Credential = self.rec.state.targets[i].current.as_ref().ok_or(())?.into();
+            let next = Credential {
+                user: runtime.backend.next_user(&current),
+                password: password::generate(&runtime.config.password),
+            };
+            self.rec.state.targets[i].next = Some(SavedCredential::from(&next));
+            self.rec.end(step, "ok", None).await;
+        }
+        self.check_journal()
+    }
+
+    async fn apply(&mut self) -> Result<(), ()> {
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            self.rec.state.targets[i].apply = Progress::Started;
+            let step = self.rec.begin("apply", &name).await;
+            let result = match (self.runtime(i), self.credentials(i)) {
+                (Ok(runtime), Ok((current, next))) => runtime
+                    .backend
+                    .apply(&current, &next)
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            if result.is_ok() {
+                self.rec.state.targets[i].apply = Progress::Done;
+            }
+            self.rec.finish(step, &result).await;
+            result.map_err(|_| ())?;
+            self.check_journal()?;
+        }
+        Ok(())
+    }
+
+    async fn verify_backend(&mut self) -> Result<(), ()> {
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin("verify-backend", &name).await;
+            let result = match (self.runtime(i), self.credentials(i)) {
+                (Ok(runtime), Ok((_, next))) => runtime
+                    .backend
+                    .login(&next)
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            self.rec.finish(step, &result).await;
+            result.map_err(|_| ())?;
+        }
+        self.check_journal()
+    }
+
+    async fn publish(&mut self) -> Result<(), ()> {
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            for j in 0..self.rec.state.targets[i].stores.len() {
+                let (runtime, (_, next)) = match (self.runtime(i), self.credentials(i)) {
+                    (Ok(runtime), Ok(creds)) => (runtime, creds),
+                    _ => return Err(()),
+                };
+                let original = self.rec.state.targets[i].stores[j].original.clone();
+                let written =
+                    format::render(&runtime.config.stores[j].format, original.as_ref(), &next);
+                let store_state = &mut self.rec.state.targets[i].stores[j];
+                store_state.written = written.as_ref().ok().cloned();
+                store_state.publish = Progress::Started;
+                let step = self.rec.begin("publish", &store_subject(&name, j)).await;
+                let runtime = self.runtime(i).map_err(|_| ())?;
+                let result = match &written {
+                    Ok(value) => runtime.stores[j]
+                        .compare_and_swap(original.as_ref(), Some(value))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(message) => Err(format!("{}: {message}", runtime.stores[j].describe())),
+                };
+                if result.is_ok() {
+                    self.rec.state.targets[i].stores[j].publish = Progress::Done;
+                }
+                self.rec.finish(step, &result).await;
+                result.map_err(|_| ())?;
+                self.check_journal()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restart, verify, retire: everything after the stores hold the new credential. Recovery
+    /// rolls forward through here too.
+    pub async fn complete(&mut self) -> Result<(), ()> {
+        self.restart().await?;
+        self.verify().await?;
+        self.retire().await;
+        self.check_journal()
+    }
+
+    async fn restart(&mut self) -> Result<(), ()> {
+        for k in 0..self.rec.state.consumers.len() {
+            if self.rec.state.consumers[k].restart == Progress::Done {
+                continue;
+            }
+            let name = self.rec.state.consumers[k].name.clone();
+            self.rec.state.consumers[k].restart = Progress::Started;
+            let step = self.rec.begin("restart", &name).await;
+            let result = match self.consumers.get(k).and_then(Option::as_ref) {
+                Some(handle) => handle.restart_and_wait().await.map_err(|e| e.to_string()),
+                None => Err(format!("consumer {name:?} is not in the config any more")),
+            };
+            if result.is_ok() {
+                self.rec.state.consumers[k].restart = Progress::Done;
+            }
+            self.rec.finish(step, &result).await;
+            result.map_err(|_| ())?;
+            self.check_journal()?;
+        }
+        Ok(())
+    }
+
+    /// Logs in with the credential each store now holds: what a restarted pod sees.
+    async fn verify_stores(&self, i: usize, expected: Option<&Credential>) -> Result<(), String> {
+        let runtime = self.runtime(i)?;
+        for (j, store) in runtime.stores.iter().enumerate() {
+            let Some(value) = store.read().await.map_err(|e| e.to_string())? else {
+                if self.rec.state.targets[i]
+                    .stores
+                    .get(j)
+                    .is_some_and(|s| s.original.is_none())
+                    && expected.is_none()
+                {
+                    continue;
+                }
+                return Err(format!("{}: the key is absent", store.describe()));
+            };
+            let credential = format::credential_from(
+                &value,
+                &runtime.config.stores[j].format,
+                &runtime.config.user,
+            )
+            .map_err(|m| format!("{}: {m}", store.describe()))?;
+            if expected.is_some_and(|e| e != &credential) {
+                return Err(format!(
+                    "{}: holds a different credential than this run wrote",
+                    store.describe()
+                ));
+            }
+            runtime.backend.login(&credential).await.map_err(|e| {
+                format!(
+                    "{}: the credential it holds does not log in: {e}",
+                    store.describe()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn verify(&mut self) -> Result<(), ()> {
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin("verify", &name).await;
+            let result = match self.credentials(i) {
+                Ok((_, next)) => self.verify_stores(i, Some(&next)).await,
+                Err(e) => Err(e),
+            };
+            self.rec.finish(step, &result).await;
+            result.map_err(|_| ())?;
+        }
+        self.check_journal()
+    }
+
+    /// A failed retire leaves the old credential usable beside the new one: reported, not undone.
+    async fn retire(&mut self) {
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            self.rec.state.targets[i].retire = Progress::Started;
+            let step = self.rec.begin("retire", &name).await;
+            let result = match (self.runtime(i), self.credentials(i)) {
+                (Ok(runtime), Ok((current, next))) => runtime
+                    .backend
+                    .retire(&current, &next)
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            match &result {
+                Ok(()) => self.rec.state.targets[i].retire = Progress::Done,
+                Err(e) => self.notes.push(format!(
+                    "target {name}: the old credential still logs in, retire failed: {e}"
+                )),
+            }
+            self.rec.finish(step, &result).await;
+        }
+    }
+
+    /// Undoes every step that may have run, in the order DESIGN.md gives: stores, then (single
+    /// password) the backend, then the consumers, then proof that the old credential works.
+    #[instrument(skip_all, fields(run = %self.rec.id))]
+    pub async fn rollback(&mut self) -> Outcome {
+        tracing::warn!(run = %self.rec.id, "rolling back");
+        self.rec.state.rolling_back = true;
+        let mut ok = self.undo_publish().await;
+        ok &= self.undo_apply().await;
+        self.undo_restart().await;
+        ok &= self.verify_old().await;
+        if ok {
+            Outcome::RolledBack
+        } else {
+            Outcome::RollbackFailed
+        }
+    }
+
+    async fn undo_publish(&mut self) -> bool {
+        let mut ok = true;
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            for j in 0..self.rec.state.targets[i].stores.len() {
+                let store_state = self.rec.state.targets[i].stores[j].clone();
+                if !store_state.publish.touched() {
+                    continue;
+                }
+                let step = self
+                    .rec
+                    .begin("undo-publish", &store_subject(&name, j))
+                    .await;
+                let result = match self.runtime(i) {
+                    Ok(runtime) => restore_store(runtime.stores[j].as_ref(), &store_state).await,
+                    Err(e) => Err(e),
+                };
+                if result.is_ok() {
+                    self.rec.state.targets[i].stores[j].publish = Progress::Undone;
+                }
+                ok &= result.is_ok();
+                self.rec.finish(step, &result).await;
+            }
+        }
+        ok
+    }
+
+    async fn undo_apply(&mut self) -> bool {
+        let mut ok = true;
+        for i in 0..self.rec.state.targets.len() {
+            if !self.rec.state.targets[i].apply.touched() {
+                continue;
+            }
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin("undo-apply", &name).await;
+            let result = match (self.runtime(i), self.credentials(i)) {
+                (Ok(runtime), Ok((current, next))) => runtime
+                    .backend
+                    .undo_apply(&current, &next)
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            if result.is_ok() {
+                self.rec.state.targets[i].apply = Progress::Undone;
+            }
+            ok &= result.is_ok();
+            self.rec.finish(step, &result).await;
+        }
+        ok
+    }
+
+    /// Rolls out again every consumer that may have picked up the new credential. A rollout that
+    /// fails again does not undo the rollback: the credentials are consistent, the workload's own
+    /// trouble is reported.
+    async fn undo_restart(&mut self) {
+        for k in 0..self.rec.state.consumers.len() {
+            if !self.rec.state.consumers[k].restart.touched() {
+                continue;
+            }
+            let name = self.rec.state.consumers[k].name.clone();
+            let step = self.rec.begin("undo-restart", &name).await;
+            let result = match self.consumers.get(k).and_then(Option::as_ref) {
+                Some(handle) => handle.restart_and_wait().await.map_err(|e| e.to_string()),
+                None => Err(format!("consumer {name:?} is not in the config any more")),
+            };
+            match &result {
+                Ok(()) => self.rec.state.consumers[k].restart = Progress::Undone,
+                Err(e) => self.notes.push(format!(
+                    "consumer {name}: rolled out again with the old credential but not ready: {e}"
+                )),
+            }
+            self.rec.finish(step, &result).await;
+        }
+    }
+
+    async fn verify_old(&mut self) -> bool {
+        let mut ok = true;
+        for i in 0..self.rec.state.targets.len() {
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin("verify-old", &name).await;
+            let expected: Option<Credential> =
+                self.rec.state.targets[i].current.as_ref().map(Into::into);
+            let result = self.verify_stores(i, expected.as_ref()).await;
+            ok &= result.is_ok();
+            self.rec.finish(step, &result).await;
+        }
+        ok
+    }
+
+    /// For a failed rollback: which credential each backend accepts and what each store holds.
+    async fn describe_state(&mut self) {
+        let mut notes = Vec::new();
+        for i in 0..self.rec.state.targets.len() {
+            let state = self.rec.state.targets[i].clone();
+            let Ok(runtime) = self.runtime(i) else {
+                notes.push(format!(
+                    "target {}: not in the config any more; its state is unknown",
+                    state.name
+                ));
+                continue;
+            };
+            let logs_in = |credential: Option<&SavedCredential>| {
+                let backend = &runtime.backend;
+                let credential: Option<Credential> = credential.map(Into::into);
+                async move {
+                    match credential {
+                        Some(c) => {
+                            if backend.login(&c).await.is_ok() {
+                                "logs in"
+                            } else {
+                                "does not log in"
+                            }
+                        }
+                        None => "was never generated",
+                    }
+                }
+            };
+            let old = logs_in(state.current.as_ref()).await;
+            let new = logs_in(state.next.as_ref()).await;
+            notes.push(format!(
+                "target {}: on {} the old credential {old}, the new one {new}",
+                state.name,
+                runtime.backend.describe()
+            ));
+            for (j, store) in runtime.stores.iter().enumerate() {
+                let holds = match (store.read().await, state.stores.get(j)) {
+                    (Err(e), _) => format!("cannot be read: {e}"),
+                    (Ok(value), Some(s)) if value == s.original => {
+                        "holds the old value".to_string()
+                    }
+                    (Ok(value), Some(s)) if value.is_some() && value == s.written => {
+                        "holds the NEW value".to_string()
+                    }
+                    (Ok(None), _) => "has no value".to_string(),
+                    (Ok(Some(_)), _) => "holds a value this run did not write".to_string(),
+                };
+                notes.push(format!(
+                    "target {}: {} {holds}",
+                    state.name,
+                    store.describe()
+                ));
+            }
+        }
+        self.notes.extend(notes);
+    }
+}
+
+/// Puts a store's original value back, unless someone else has written it since.
+async fn restore_store(store: &dyn crate::store::Store, state: &StoreState) -> Result<(), String> {
+    let now = store.read().await.map_err(|e| e.to_string())?;
+    if now == state.original {
+        return Ok(());
+    }
+    if now.is_some() && now == state.written {
+        return store
+            .compare_and_swap(state.written.as_ref(), state.original.as_ref())
+            .await
+            .map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "{}: holds a value this run did not write; left as it is",
+        store.describe()
+    ))
+}

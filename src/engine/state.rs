@@ -1,0 +1,139 @@
+//! What a run has done so far, in enough detail to finish or undo it after a crash.
+//!
+//! Serialized into the journal only after AES-256-GCM sealing: it holds passwords.
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::{sealed_serde, Credential, Secret};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Progress {
+    #[default]
+    NotStarted,
+    /// Begun but not known to have finished: the change may or may not have happened.
+    Started,
+    Done,
+    Undone,
+}
+
+impl Progress {
+    /// Whether the step may have changed something that a rollback must put back.
+    pub fn touched(self) -> bool {
+        matches!(self, Progress::Started | Progress::Done)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedCredential {
+    pub user: String,
+    #[serde(with = "sealed_serde")]
+    pub password: Secret,
+}
+
+impl From<&Credential> for SavedCredential {
+    fn from(c: &Credential) -> Self {
+        SavedCredential {
+            user: c.user.clone(),
+            password: c.password.clone(),
+        }
+    }
+}
+
+impl From<&SavedCredential> for Credential {
+    fn from(c: &SavedCredential) -> Self {
+        Credential {
+            user: c.user.clone(),
+            password: c.password.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct StoreState {
+    /// The whole value before the run (`None`: the key was absent).
+    #[serde(with = "sealed_serde::option")]
+    pub original: Option<Secret>,
+    /// The whole value the run writes.
+    #[serde(with = "sealed_serde::option")]
+    pub written: Option<Secret>,
+    pub publish: Progress,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetState {
+    pub name: String,
+    pub current: Option<SavedCredential>,
+    pub next: Option<SavedCredential>,
+    pub apply: Progress,
+    pub stores: Vec<StoreState>,
+    pub retire: Progress,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumerState {
+    pub name: String,
+    pub restart: Progress,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunState {
+    pub targets: Vec<TargetState>,
+    pub consumers: Vec<ConsumerState>,
+    pub rolling_back: bool,
+}
+
+impl RunState {
+    pub fn new(targets: &[String], consumers: &[String]) -> Self {
+        RunState {
+            targets: targets
+                .iter()
+                .map(|name| TargetState {
+                    name: name.clone(),
+                    current: None,
+                    next: None,
+                    apply: Progress::NotStarted,
+                    stores: Vec::new(),
+                    retire: Progress::NotStarted,
+                })
+                .collect(),
+            consumers: consumers
+                .iter()
+                .map(|name| ConsumerState {
+                    name: name.clone(),
+                    restart: Progress::NotStarted,
+                })
+                .collect(),
+            rolling_back: false,
+        }
+    }
+
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        zeroize::Zeroizing::new(serde_json::to_vec(self).expect("run state serializes"))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<RunState, String> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "the stored run state is not readable: {}",
+                e.classify_name()
+            )
+        })
+    }
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    /// The category only: serde messages can quote the offending input, which here holds secrets.
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "I/O error",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "unexpected data",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The journal: runs, their steps, the encrypted recoverable state, and per-target locks.
+//!
+//! `sqlite://` is the embedded default; `postgres://` lets several replicas share one.
+
+pub mod cipher;
+pub mod lock;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+use cipher::Cipher;
+use lock::Locker;
+pub use lock::TargetLock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("the journal cannot be opened: {0}")]
+    Open(String),
+    #[error("the journal failed: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("journal migrations failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("run {run}: {message}")]
+    State { run: String, message: String },
+    #[error(
+        "target {0} is being rotated by another run right now; try again when it has finished"
+    )]
+    Busy(String),
+    #[error("cannot take the target lock: {0}")]
+    Lock(String),
+}
+
+impl JournalError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            JournalError::Open(_) | JournalError::Query(_) | JournalError::Migrate(_) => "journal",
+            JournalError::State { .. } => "journal_state",
+            JournalError::Busy(_) => "busy",
+            JournalError::Lock(_) => "lock",
+        }
+    }
+}
+
+/// One step as history shows it: no secrets, ever.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StepRecord {
+    pub seq: i64,
+    pub step: String,
+    pub subject: String,
+    pub status: String,
+    pub started_at: i64,
+    pub duration_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub id: String,
+    pub trigger: String,
+    pub targets: Vec<String>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    /// `None` while the run has not finished (running, or interrupted and awaiting recovery).
+    pub outcome: Option<String>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// An interrupted run: its decrypted state, for recovery.
+pub struct Unfinished {
+    pub id: String,
+    pub targets: Vec<String>,
+    pub state: Zeroizing<Vec<u8>>,
+}
+
+pub struct Journal {
+    pool: AnyPool,
+    cipher: Cipher,
+    locker: Locker,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Journal {
+    /// Opens (creating a SQLite file if needed) and migrates the journal.
+    pub async fn open(url: &Secret, key: &Secret) -> Result<Journal, JournalError> {
+        let cipher = Cipher::from_base64(key).map_err(JournalError::Open)?;
+        sqlx::any::install_default_drivers();
+        let url_text = url.expose();
+        let is_sqlite = url_text.starts_with("sqlite:");
+        let (connect_url, locker) = if is_sqlite {
+            sqlite_setup(url_text)?
+        } else if url_text.starts_with("postgres:") || url_text.starts_with("postgresql:") {
+            (url.clone(), Locker::Postgres(url.clone()))
+        } else {
+            return Err(JournalError::Open(
+                "the journal URL must start with sqlite: or postgres:".into(),
+            ));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 1 } else { 4 })
+            .connect(connect_url.expose())
+            .await
+            .map_err(|e| JournalError::Open(e.to_string()))?;
+        if is_sqlite {
+            sqlx::query("PRAGMA foreign_keys = ON")
+                .execute(&pool)
+                .await
+                .map_err(JournalError::Query)?;
+        }
+        let migrator = if is_sqlite {
+            sqlx::migrate!("migrations/sqlite")
+        } else {
+            sqlx::migrate!("migrations/postgres")
+        };
+        migrator.run(&pool).await.map_err(JournalError::Migrate)?;
+        Ok(Journal {
+            pool,
+            cipher,
+            locker,
+        })
+    }
+
+    /// Answers whether the journal is reachable.
+    pub async fn ping(&self) -> Result<(), JournalError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        Ok(())
+    }
+
+    pub async fn lock(&self, targets: &[String]) -> Result<TargetLock, JournalError> {
+        self.locker.lock(targets).await
+    }
+
+    pub async fn begin_run(
+        &self,
+        id: &str,
+        trigger: &str,
+        targets: &[String],
+        state: &[u8],
+    ) -> Result<(), JournalError> {
+        let sealed = self.cipher.seal(state, id);
+        let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
+        sqlx::query("INSERT INTO rotator_runs (id, trigger_kind, started_at, state) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(trigger)
+            .bind(now_ms())
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await
+            .map_err(JournalError::Query)?;
+        for target in targets {
+            sqlx::query("INSERT INTO rotator_run_targets (run_id, target) VALUES ($1, $2)")
+                .bind(id)
+                .bind(target)
+                .execute(&mut *tx)
+                .await
+                .map_err(JournalError::Query)?;
+        }
+        tx.commit().await.map_err(JournalError::Query)
+    }
+
+    /// Saves the run state and one step record together, so recovery sees both or neither.
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        state: &[u8],
+        step: &StepRecord,
+    ) -> Result<(), JournalError> {
+        let sealed = self.cipher.seal(state, id);
+        let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
+        sqlx::query("UPDATE rotator_runs SET state = $1 WHERE id = $2")
+            .bind(sealed)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(JournalError::Query)?;
+        sqlx::query(
+            "INSERT INTO rotator_steps (run_id, seq, step, subject, status, started_at, duration_ms, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, \
+             duration_ms = excluded.duration_ms, error = excluded.error",
+        )
+        .bind(id)
+        .bind(step.seq)
+        .bind(&step.step)
+        .bind(&step.subject)
+        .bind(&step.status)
+        .bind(step.started_at)
+        .bind(step.duration_ms)
+        .bind(&step.error)
+        .execute(&mut *tx)
+        .await
+        .map_err(JournalError::Query)?;
+        tx.commit().await.map_err(JournalError::Query)
+    }
+
+    /// Marks the run ended; its state is replaced by an empty one, since nothing needs the passwords any more.
+    pub async fn finish_run(&self, id: &str, outcome: &str) -> Result<(), JournalError> {
+        let sealed = self.cipher.seal(b"{}", id);
+        sqlx::query(
+            "UPDATE rotator_runs SET outcome = $1, finished_at = $2, state = $3 WHERE id = $4",
+        )
+        .bind(outcome)
+        .bind(now_ms())
+        .bind(sealed)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        Ok(())
+    }
+
+    pub async fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
+        let rows = sqlx::query(
+            "SELECT id, state FROM rotator_runs WHERE outcome IS NULL ORDER BY started_at",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        let mut runs = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id").map_err(JournalError::Query)?;
+            let sealed: Vec<u8> = row.try_get("state").map_err(JournalError::Query)?;
+            let state = self
+                .cipher
+                .open(&sealed, &id)
+                .map_err(|message| JournalError::State {
+                    run: id.clone(),
+                    message,
+                })?;
+            let targets = self.run_targets(&id).await?;
+            runs.push(Unfinished { id, targets, state });
+        }
+        Ok(runs)
+    }
+
+    async fn run_targets(&self, id: &str) -> Result<Vec<String>, JournalError> {
+        let rows =
+            sqlx::query("SELECT target FROM rotator_run_targets WHERE run_id = $1 ORDER BY target")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(JournalError::Query)?;
+        rows.iter()
+            .map(|r| r.try_get("target").map_err(JournalError::Query))
+            .collect()
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<RunSummary>, JournalError> {
+        let row = sqlx::query("SELECT id, trigger_kind, started_at, finished_at, outcome FROM rotator_runs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        match row {
+            Some(row) => Ok(Some(self.summary(row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest runs first.
+    pub async fn history(&self, limit: i64) -> Result<Vec<RunSummary>, JournalError> {
+        let rows = sqlx::query(
+            "SELECT id, trigger_kind, started_at, finished_at, outcome FROM rotator_runs ORDER BY started_at DESC, id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        let mut runs = Vec::new();
+        for row in rows {
+            runs.push(self.summary(row).await?);
+        }
+        Ok(runs)
+    }
+
+    async fn summary(&self, row: sqlx::any::AnyRow) -> Result<RunSummary, JournalError> {
+        let id: String = row.try_get("id").map_err(JournalError::Query)?;
+        let steps = sqlx::query(
+            "SELECT seq, step, subject, status, started_at, duration_ms, error FROM rotator_steps WHERE run_id = $1 ORDER BY seq",
+        )
+        .bind(&id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(JournalError::Query)?
+        .iter()
+        .map(|s| {
+            Ok(StepRecord {
+                seq: s.try_get("seq")?,
+                step: s.try_get("step")?,
+                subject: s.try_get("subject")?,
+                status: s.try_get("status")?,
+                started_at: s.try_get("started_at")?,
+                duration_ms: s.try_get("duration_ms")?,
+                error: s.try_get("error")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(JournalError::Query)?;
+        Ok(RunSummary {
+            targets: self.run_targets(&id).await?,
+            trigger: row.try_get("trigger_kind").map_err(JournalError::Query)?,
+            started_at: row.try_get("started_at").map_err(JournalError::Query)?,
+            finished_at: row.try_get("finished_at").map_err(JournalError::Query)?,
+            outcome: row.try_get("outcome").map_err(JournalError::Query)?,
+            steps,
+            id,
+        })
+    }
+}
+
+/// The pool URL (created if missing) and a lock directory beside the database file.
+fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path.starts_with(":memory:") {
+        return Ok((
+            Secret::new("sqlite::memory:"),
+            Locker::Memory(Arc::new(Mutex::new(HashSet::new()))),
+        ));
+    }
+    let query = if query.is_empty() {
+        "mode=rwc".to_string()
+    } else {
+        query.to_string()
+    };
+    let lock_dir = PathBuf::from(format!("{path}.locks"));
+    Ok((
+        Secret::new(format!("sqlite://{path}?{query}")),
+        Locker::Files(lock_dir),
+    ))
+}

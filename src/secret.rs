@@ -1,0 +1,108 @@
+//! A string that holds a credential: never printed, zeroized on drop.
+
+use std::fmt;
+use zeroize::Zeroizing;
+
+/// A password or a value carrying one (a URL, a dotenv value).
+///
+/// `Debug` and `Display` print `***`; the only way to the text is [`Secret::expose`],
+/// so every place that handles the plaintext is easy to find.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(Zeroizing::new(value.into()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret::new(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret::new(value)
+    }
+}
+
+/// A login: the user name is not secret, the password is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    pub password: Secret,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_hide_the_value() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?} {secret}"), "*** ***");
+        let cred = Credential {
+            user: "app".into(),
+            password: secret,
+        };
+        assert!(!format!("{cred:?}").contains("hunter2"));
+    }
+}
+
+/// Serde for the encrypted run state only: the one place a secret is serialized, and only
+/// ever into bytes that are sealed with the journal key before they leave memory.
+pub mod sealed_serde {
+    use super::Secret;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(secret: &Secret, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(secret.expose())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        String::deserialize(deserializer).map(Secret::new)
+    }
+
+    pub mod option {
+        use super::Secret;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(
+            secret: &Option<Secret>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match secret {
+                Some(secret) => serializer.serialize_some(secret.expose()),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Secret>, D::Error> {
+            Option::<String>::deserialize(deserializer).map(|s| s.map(Secret::new))
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Dotenv files (`KEY=VALUE` lines): find one key's value and rewrite only that value.
+
+/// Where one key's value sits in the file text, and how it was quoted.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Byte range of the value as written, quotes included.
+    pub span: std::ops::Range<usize>,
+    pub value: String,
+    pub quote: Quote,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quote {
+    None,
+    Single,
+    Double,
+}
+
+/// The last assignment of `key` wins, as in shells and docker compose.
+pub fn find(text: &str, key: &str) -> Option<Entry> {
+    let mut found = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if let Some(entry) = parse_line(line, key) {
+            found = Some(Entry {
+                span: entry.span.start + offset..entry.span.end + offset,
+                ..entry
+            });
+        }
+        offset += line.len();
+    }
+    found
+}
+
+fn parse_line(line: &str, key: &str) -> Option<Entry> {
+    let body = line.trim_end_matches(['\n', '\r']);
+    let trimmed = body.trim_start();
+    if trimmed.starts_with('#') {
+        return None;
+    }
+    let after_export = trimmed
+        .strip_prefix("export")
+        .filter(|r| r.starts_with([' ', '\t']))
+        .map_or(trimmed, |r| r.trim_start());
+    let (name, _) = after_export.split_once('=')?;
+    if name.trim() != key {
+        return None;
+    }
+    let eq = body.len() - after_export.len() + name.len() + 1;
+    let rest = &body[eq..];
+    let start = eq + (rest.len() - rest.trim_start().len());
+    let value_text = &body[start..];
+    let (len, value, quote) = match value_text.chars().next() {
+        Some('\'') => {
+            let end = value_text[1..].find('\'')? + 2;
+            (end, value_text[1..end - 1].to_string(), Quote::Single)
+        }
+        Some('"') => {
+            let (len, value) = read_double_quoted(value_text)?;
+            (len, value, Quote::Double)
+        }
+        _ => {
+            let end = value_text.find(" #").unwrap_or(value_text.len());
+            let value = value_text[..end].trim_end();
+            (value.len(), value.to_string(), Quote::None)
+        }
+    };
+    Some(Entry {
+        span: start..start + len,
+        value,
+        quote,
+    })
+}
+
+fn read_double_quoted(text: &str) -> Option<(usize, String)> {
+    let mut value = String::new();
+    let mut chars = text.char_indices().skip(1);
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((i + 1, value)),
+            '\\' => match chars.next()?.1 {
+                'n' => value.push('\n'),
+                other => value.push(other),
+            },
+            _ => value.push(c),
+        }
+    }
+    None
+}
+
+fn is_bare_safe(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~:/@%+=,?&".contains(&b))
+}
+
+/// Writes `value` for a dotenv file, keeping the quoting already used when it can hold the value.
+pub fn encode(value: &str, preferred: Quote) -> String {
+    let double = || format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""));
+    match preferred {
+        Quote::Double => double(),
+        Quote::Single if !value.contains('\'') => format!("'{value}'"),
+        Quote::None if is_bare_safe(value) => value.to_string(),
+        _ if !value.contains('\'') => format!("'{value}'"),
+        _ => double(),
+    }
+}
+
+/// The file text with `key` set to `value` (appended when absent) or removed (`None`).
+pub fn replace(text: &str, key: &str, value: Option<&str>) -> String {
+    match (find(text, key), value) {
+        (Some(entry), Some(value)) => {
+            let encoded = encode(value, entry.quote);
+            format!(
+                "{}{}{}",
+                &text[..entry.span.start],
+                encoded,
+                &text[entry.span.end..]
+            )
+        }
+        (Some(entry), None) => {
+            let line_start = text[..entry.span.start].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[entry.span.end..]
+                .find('\n')
+                .map_or(text.len(), |i| entry.span.end + i + 1);
+            format!("{}{}", &text[..line_start], &text[line_end..])
+        }
+        (None, Some(value)) => {
+            let separator = if text.is_empty() || text.ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            };
+            format!("{text}{separator}{key}={}\n", encode(value, Quote::None))
+        }
+        (None, None) => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "# proxy settings\nexport LLMTRACE_LISTEN=0.0.0.0:8080\nLLMTRACE_POSTGRES_URL=postgres://u:old@db/x # primary\n\nPGPASSWORD='old pw'\nQUOTED=\"a\\\"b\"\n";
+
+    #[test]
+    fn finds_values_in_every_quoting_style() {
+        assert_eq!(
+            find(FILE, "LLMTRACE_POSTGRES_URL").unwrap().value,
+            "postgres://u:old@db/x"
+        );
+        assert_eq!(find(FILE, "LLMTRACE_LISTEN").unwrap().value, "0.0.0.0:8080");
+        assert_eq!(find(FILE, "PGPASSWORD").unwrap().value, "old pw");
+        assert_eq!(find(FILE, "QUOTED").unwrap().value, "a\"b");
+        assert_eq!(find(FILE, "proxy"), None);
+    }
+
+    #[test]
+    fn replace_changes_only_that_value() {
+        let out = replace(FILE, "LLMTRACE_POSTGRES_URL", Some("postgres://u:new@db/x"));
+        assert_eq!(out, FILE.replace("u:old@db", "u:new@db"));
+        let out = replace(FILE, "PGPASSWORD", Some("n'ew"));
+        assert_eq!(out, FILE.replace("'old pw'", "\"n'ew\""));
+    }
+
+    #[test]
+    fn values_needing_quotes_round_trip() {
+        for value in ["a b", "x#y", "it's", "q\"uote\\", "$HOME", "plain"] {
+            let out = replace("K=old\n", "K", Some(value));
+            assert_eq!(find(&out, "K").unwrap().value, value, "{out}");
+        }
+    }
+
+    #[test]
+    fn appends_and_removes_keys() {
+        let out = replace("A=1", "B", Some("2"));
+        assert_eq!(out, "A=1\nB=2\n");
+        assert_eq!(replace(&out, "B", None), "A=1\n");
+    }
+}

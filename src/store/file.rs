@@ -1,0 +1,156 @@
+//! A dotenv file on disk: only the key's value changes; lines, comments, mode and owner stay.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use super::{dotenv, Store, StoreError};
+use crate::secret::Secret;
+
+pub struct FileStore {
+    path: PathBuf,
+    key: String,
+}
+
+impl FileStore {
+    pub fn new(path: PathBuf, key: &str) -> Self {
+        FileStore {
+            path,
+            key: key.to_string(),
+        }
+    }
+
+    fn error(&self, cause: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable {
+            store: self.describe(),
+            cause: cause.to_string(),
+        }
+    }
+
+    fn read_text(&self) -> Result<String, StoreError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Missing {
+                store: self.describe(),
+                what: format!("the file {}", self.path.display()),
+            }),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn swap_blocking(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        let text = zeroize::Zeroizing::new(self.read_text()?);
+        let current = dotenv::find(&text, &self.key).map(|e| Secret::new(e.value));
+        if current.as_ref() != expected {
+            return Err(StoreError::Conflict {
+                store: self.describe(),
+            });
+        }
+        let updated =
+            zeroize::Zeroizing::new(dotenv::replace(&text, &self.key, new.map(Secret::expose)));
+        write_atomically(&self.path, updated.as_bytes()).map_err(|e| self.error(e))
+    }
+}
+
+/// Writes a sibling temp file with the original's mode and owner, syncs it, then renames it over.
+fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let metadata = std::fs::metadata(path)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.rotator-{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
+        // Restrict before writing so the new value is never readable more widely than the old one.
+        file.set_permissions(std::fs::Permissions::from_mode(metadata.mode() & 0o7777))?;
+        // Ownership can only be kept when allowed (root, or the same owner); not fatal otherwise.
+        let _ = std::os::unix::fs::fchown(&file, Some(metadata.uid()), Some(metadata.gid()));
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+#[async_trait]
+impl Store for FileStore {
+    fn describe(&self) -> String {
+        format!("file {}#{}", self.path.display(), self.key)
+    }
+
+    async fn read(&self) -> Result<Option<Secret>, StoreError> {
+        let text = zeroize::Zeroizing::new(self.read_text()?);
+        Ok(dotenv::find(&text, &self.key).map(|e| Secret::new(e.value)))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        tokio::task::block_in_place(|| self.swap_blocking(expected, new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn swaps_only_when_expected_and_keeps_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        std::fs::write(&path, "# comment\nA=1\nURL=postgres://u:old@h/d\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let store = FileStore::new(path.clone(), "URL");
+
+        let old = store.read().await.unwrap().unwrap();
+        let new = Secret::new("postgres://u:new@h/d");
+        store
+            .compare_and_swap(Some(&old), Some(&new))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "# comment\nA=1\nURL=postgres://u:new@h/d\n"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+
+        let err = store
+            .compare_and_swap(Some(&old), Some(&old))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        assert_eq!(store.read().await.unwrap(), Some(new));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn missing_file_is_reported_by_name() {
+        let store = FileStore::new("/nonexistent/.env".into(), "K");
+        let err = store.read().await.unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/.env does not exist"), "{err}");
+    }
+}

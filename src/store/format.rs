@@ -1,0 +1,299 @@
+//! How a credential sits inside a stored value: a URL, the bare password, or a template.
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use crate::config::Format;
+use crate::secret::{Credential, Secret};
+
+/// Everything but RFC 3986 unreserved characters is encoded in userinfo: safe in any URL parser.
+const USERINFO: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn encode(text: &str) -> String {
+    utf8_percent_encode(text, USERINFO).to_string()
+}
+
+fn decode(text: &str) -> Result<String, String> {
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| {
+            "the URL's user or password is not valid UTF-8 after percent-decoding".to_string()
+        })
+}
+
+/// Byte ranges of the user and password inside a URL's userinfo.
+struct Userinfo {
+    user: std::ops::Range<usize>,
+    password: Option<std::ops::Range<usize>>,
+}
+
+fn userinfo(url: &str) -> Result<Userinfo, String> {
+    let authority_start = url
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or("the stored value is not a URL (no scheme://)")?;
+    let authority_len = url[authority_start..]
+        .find(['/', '?', '#'])
+        .unwrap_or(url.len() - authority_start);
+    let authority = &url[authority_start..authority_start + authority_len];
+    let at = authority
+        .rfind('@')
+        .ok_or("the stored URL has no user@ part to put a password in")?;
+    let info = &authority[..at];
+    Ok(match info.find(':') {
+        Some(colon) => Userinfo {
+            user: authority_start..authority_start + colon,
+            password: Some(authority_start + colon + 1..authority_start + at),
+        },
+        None => Userinfo {
+            user: authority_start..authority_start + at,
+            password: None,
+        },
+    })
+}
+
+/// Reads the credential out of a stored value. `default_user` is used where the value names none.
+pub fn credential_from(
+    raw: &Secret,
+    format: &Format,
+    default_user: &str,
+) -> Result<Credential, String> {
+    let raw = raw.expose();
+    match format {
+        Format::Password => Ok(Credential {
+            user: default_user.to_string(),
+            password: Secret::new(raw),
+        }),
+        Format::Url => {
+            let info = userinfo(raw)?;
+            let password = info.password.ok_or("the stored URL has no password")?;
+            let user = decode(&raw[info.user])?;
+            Ok(Credential {
+                user: if user.is_empty() {
+                    default_user.to_string()
+                } else {
+                    user
+                },
+                password: Secret::new(decode(&raw[password])?),
+            })
+        }
+        Format::Template(template) => match_template(template, raw, default_user),
+    }
+}
+
+/// Writes `credential` into a value of this format. For URLs only the userinfo changes; every
+/// other byte of `current` stays as it was.
+pub fn render(
+    format: &Format,
+    current: Option<&Secret>,
+    credential: &Credential,
+) -> Result<Secret, String> {
+    match format {
+        Format::Password => Ok(credential.password.clone()),
+        Format::Template(template) => Ok(Secret::new(fill_template(template, credential))),
+        Format::Url => {
+            let current = current.ok_or("the store holds no URL yet to put the password in")?;
+            let url = current.expose();
+            let info = userinfo(url)?;
+            let user =
+                if decode(&url[info.user.clone()])? == credential.user || info.user.is_empty() {
+                    url[info.user.clone()].to_string()
+                } else {
+                    encode(&credential.user)
+                };
+            let rest_start = info.password.as_ref().map_or(info.user.end, |p| p.end);
+            Ok(Secret::new(format!(
+                "{}{}:{}{}",
+                &url[..info.user.start],
+                user,
+                encode(credential.password.expose()),
+                &url[rest_start..]
+            )))
+        }
+    }
+}
+
+/// Placeholders are percent-encoded where the template is a URL, inserted as they are elsewhere.
+fn fill_template(template: &str, credential: &Credential) -> String {
+    let is_url = template.contains("://");
+    let fit = |s: &str| if is_url { encode(s) } else { s.to_string() };
+    template
+        .replace("{user}", &fit(&credential.user))
+        .replace("{password}", &fit(credential.password.expose()))
+}
+
+/// Finds `{user}` and `{password}` in `raw` by matching the template's literal text around them.
+fn match_template(template: &str, raw: &str, default_user: &str) -> Result<Credential, String> {
+    let is_url = template.contains("://");
+    let mismatch = || "the stored value does not match the store's template".to_string();
+    let mut user = None;
+    let mut password = None;
+    let mut rest = raw;
+    let mut pieces = split_placeholders(template).into_iter().peekable();
+    while let Some(piece) = pieces.next() {
+        match piece {
+            Piece::Literal(text) => rest = rest.strip_prefix(text).ok_or_else(mismatch)?,
+            Piece::Placeholder(name) => {
+                let end = match pieces.peek() {
+                    Some(Piece::Literal(next)) => rest.find(next).ok_or_else(mismatch)?,
+                    _ => rest.len(),
+                };
+                let value = if is_url {
+                    decode(&rest[..end])?
+                } else {
+                    rest[..end].to_string()
+                };
+                match name {
+                    "user" => user = Some(value),
+                    _ => password = Some(value),
+                }
+                rest = &rest[end..];
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(mismatch());
+    }
+    Ok(Credential {
+        user: user.unwrap_or_else(|| default_user.to_string()),
+        password: Secret::new(password.ok_or_else(mismatch)?),
+    })
+}
+
+enum Piece<'a> {
+    Literal(&'a str),
+    Placeholder(&'a str),
+}
+
+fn split_placeholders(template: &str) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
+    let mut rest = template;
+    while !rest.is_empty() {
+        let next = ["{user}", "{password}"]
+            .iter()
+            .filter_map(|p| rest.find(p).map(|i| (i, *p)))
+            .min();
+        match next {
+            Some((i, placeholder)) => {
+                if i > 0 {
+                    pieces.push(Piece::Literal(&rest[..i]));
+                }
+                pieces.push(Piece::Placeholder(&placeholder[1..placeholder.len() - 1]));
+                rest = &rest[i + placeholder.len()..];
+            }
+            None => {
+                pieces.push(Piece::Literal(rest));
+                rest = "";
+            }
+        }
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(user: &str, password: &str) -> Credential {
+        Credential {
+            user: user.into(),
+            password: Secret::new(password),
+        }
+    }
+
+    #[test]
+    fn url_reads_user_and_decoded_password() {
+        let raw = Secret::new("postgres://llmtrace:p%40ss%2Fw@db:5432/llmtrace?sslmode=require");
+        let c = credential_from(&raw, &Format::Url, "other").unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.password.expose()),
+            ("llmtrace", "p@ss/w")
+        );
+    }
+
+    #[test]
+    fn url_render_changes_only_the_password_bytes() {
+        let raw = Secret::new(
+            "postgres://llmtrace:old@db.svc:5432/llm%20trace?sslmode=require&x=a:b@c#frag",
+        );
+        let out = render(&Format::Url, Some(&raw), &cred("llmtrace", "n3w:p@ss/?#%")).unwrap();
+        assert_eq!(
+            out.expose(),
+            "postgres://llmtrace:n3w%3Ap%40ss%2F%3F%23%25@db.svc:5432/llm%20trace?sslmode=require&x=a:b@c#frag"
+        );
+        let back = credential_from(&out, &Format::Url, "x").unwrap();
+        assert_eq!(back.password.expose(), "n3w:p@ss/?#%");
+    }
+
+    #[test]
+    fn url_render_keeps_the_existing_user_spelling() {
+        let raw = Secret::new("redis://us%65r:old@h:6379/0");
+        let out = render(&Format::Url, Some(&raw), &cred("user", "new")).unwrap();
+        assert_eq!(out.expose(), "redis://us%65r:new@h:6379/0");
+    }
+
+    #[test]
+    fn url_without_password_gets_one_and_without_userinfo_is_an_error() {
+        let out = render(
+            &Format::Url,
+            Some(&Secret::new("postgres://app@h/db")),
+            &cred("app", "pw"),
+        )
+        .unwrap();
+        assert_eq!(out.expose(), "postgres://app:pw@h/db");
+        assert!(render(
+            &Format::Url,
+            Some(&Secret::new("postgres://h/db")),
+            &cred("app", "pw")
+        )
+        .is_err());
+        assert!(credential_from(&Secret::new("not a url"), &Format::Url, "app").is_err());
+    }
+
+    #[test]
+    fn printable_passwords_survive_a_url_round_trip() {
+        let password: String = (b'!'..=b'~').map(char::from).collect();
+        let out = render(
+            &Format::Url,
+            Some(&Secret::new("postgres://u:x@h/d")),
+            &cred("u", &password),
+        )
+        .unwrap();
+        assert_eq!(
+            credential_from(&out, &Format::Url, "u")
+                .unwrap()
+                .password
+                .expose(),
+            password
+        );
+        assert!(url::Url::parse(out.expose()).unwrap().password().is_some());
+    }
+
+    #[test]
+    fn template_fills_and_matches() {
+        let template = Format::Template("redis://{user}:{password}@cache:6379/0".into());
+        let out = render(&template, None, &cred("default", "a/b")).unwrap();
+        assert_eq!(out.expose(), "redis://default:a%2Fb@cache:6379/0");
+        let back = credential_from(&out, &template, "x").unwrap();
+        assert_eq!(
+            (back.user.as_str(), back.password.expose()),
+            ("default", "a/b")
+        );
+        assert!(credential_from(&Secret::new("redis://other"), &template, "x").is_err());
+
+        let plain = Format::Template("password={password};".into());
+        let out = render(&plain, None, &cred("u", "a/b")).unwrap();
+        assert_eq!(out.expose(), "password=a/b;");
+        assert_eq!(
+            credential_from(&out, &plain, "u")
+                .unwrap()
+                .password
+                .expose(),
+            "a/b"
+        );
+    }
+}

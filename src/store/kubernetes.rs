@@ -1,0 +1,129 @@
+//! A key in a Kubernetes Secret: read-modify-write under the resourceVersion precondition.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, PostParams};
+
+use super::{Store, StoreError};
+use crate::secret::Secret;
+
+/// A Secret that keeps changing under us this many times is contended; give up and roll back.
+const CONFLICT_RETRIES: u32 = 5;
+const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct SecretStore {
+    api: Api<KubeSecret>,
+    namespace: String,
+    name: String,
+    key: String,
+}
+
+impl SecretStore {
+    pub fn new(client: kube::Client, namespace: &str, name: &str, key: &str) -> Self {
+        SecretStore {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    fn api_error(&self, error: kube::Error) -> StoreError {
+        StoreError::Unavailable {
+            store: self.describe(),
+            cause: describe_kube_error(&error),
+        }
+    }
+
+    async fn get(&self) -> Result<KubeSecret, StoreError> {
+        match self.api.get_opt(&self.name).await {
+            Ok(Some(secret)) => Ok(secret),
+            Ok(None) => Err(StoreError::Missing {
+                store: self.describe(),
+                what: format!("the Secret {}/{}", self.namespace, self.name),
+            }),
+            Err(e) => Err(self.api_error(e)),
+        }
+    }
+
+    fn value_of(&self, secret: &KubeSecret) -> Result<Option<Secret>, StoreError> {
+        let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(&self.key)) else {
+            return Ok(None);
+        };
+        let text = String::from_utf8(bytes.0.clone()).map_err(|_| StoreError::Format {
+            store: self.describe(),
+            message: "the value is not UTF-8 text".into(),
+        })?;
+        Ok(Some(Secret::new(text)))
+    }
+}
+
+/// The API server's own message, which names the object and never echoes Secret data.
+pub fn describe_kube_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!(
+            "the API server answered {} {}: {}",
+            status.code, status.reason, status.message
+        ),
+        other => format!("the API server could not be reached: {other}"),
+    }
+}
+
+pub fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+#[async_trait]
+impl Store for SecretStore {
+    fn describe(&self) -> String {
+        format!(
+            "kubernetes secret {}/{}#{}",
+            self.namespace, self.name, self.key
+        )
+    }
+
+    async fn read(&self) -> Result<Option<Secret>, StoreError> {
+        let secret = self.get().await?;
+        self.value_of(&secret)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        for attempt in 1..=CONFLICT_RETRIES {
+            let mut secret = self.get().await?;
+            if self.value_of(&secret)?.as_ref() != expected {
+                return Err(StoreError::Conflict {
+                    store: self.describe(),
+                });
+            }
+            let data = secret.data.get_or_insert_with(Default::default);
+            match new {
+                Some(value) => data.insert(
+                    self.key.clone(),
+                    ByteString(value.expose().as_bytes().to_vec()),
+                ),
+                None => data.remove(&self.key),
+            };
+            // `replace` sends the resourceVersion we read: the server refuses it if anyone wrote since.
+            match self
+                .api
+                .replace(&self.name, &PostParams::default(), &secret)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
+                    tracing::info!(store = %self.describe(), attempt, "Secret changed while writing; reading it again");
+                    tokio::time::sleep(CONFLICT_BACKOFF * attempt).await;
+                }
+                Err(e) => return Err(self.api_error(e)),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+}

@@ -1,0 +1,76 @@
+//! Stores: where the workload reads its credential. One file per kind behind [`Store`].
+
+pub mod dotenv;
+pub mod file;
+pub mod format;
+pub mod kubernetes;
+
+use async_trait::async_trait;
+
+use crate::config::{StoreConfig, StoreKind};
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{store}: {cause}")]
+    Unavailable { store: String, cause: String },
+    #[error("{store}: {what} does not exist")]
+    Missing { store: String, what: String },
+    #[error("{store}: the value was changed by someone else during the rotation; it was left as they wrote it")]
+    Conflict { store: String },
+    #[error("{store}: {message}")]
+    Format { store: String, message: String },
+}
+
+impl StoreError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable { .. } => "store_unavailable",
+            StoreError::Missing { .. } => "store_missing",
+            StoreError::Conflict { .. } => "store_conflict",
+            StoreError::Format { .. } => "store_format",
+        }
+    }
+}
+
+/// A key in some place a workload reads its configuration from.
+///
+/// Values are whole stored values (a URL, a password): [`format`] finds the credential inside.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Names the place in reports: `kubernetes secret llmtrace/llmtrace#LLMTRACE_POSTGRES_URL`.
+    fn describe(&self) -> String;
+
+    /// The value under the key; `None` when the key is absent.
+    async fn read(&self) -> Result<Option<Secret>, StoreError>;
+
+    /// Sets the key to `new` (`None` removes it) only if it still holds `expected`; otherwise
+    /// fails with [`StoreError::Conflict`] and changes nothing.
+    async fn compare_and_swap(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError>;
+}
+
+/// Builds the store for a config entry; Kubernetes stores need a client.
+pub fn for_config(
+    config: &StoreConfig,
+    kube: Option<&kube::Client>,
+) -> Result<Box<dyn Store>, StoreError> {
+    match &config.kind {
+        StoreKind::File { path } => Ok(Box::new(file::FileStore::new(path.clone(), &config.key))),
+        StoreKind::Kubernetes { namespace, secret } => {
+            let client = kube.ok_or_else(|| StoreError::Unavailable {
+                store: format!("kubernetes secret {namespace}/{secret}#{}", config.key),
+                cause: "no Kubernetes client could be configured".into(),
+            })?;
+            Ok(Box::new(kubernetes::SecretStore::new(
+                client.clone(),
+                namespace,
+                secret,
+                &config.key,
+            )))
+        }
+    }
+}

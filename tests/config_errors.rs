@@ -1,0 +1,107 @@
+//! Bad configuration: exit 2, every bad field named, nothing touched.
+
+mod support;
+
+use support::rotator::Rotator;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_config_exits_2_naming_every_field_and_writes_nothing() {
+    let rotator = Rotator::new(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "127.0.0.1:5432"
+database = "llmtrace"
+user = "llmtrace"
+admin = { user = "postgres", password = "literal:Sup3rSecretAdmin" }
+strategy = "sometimes"
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  key = "LLMTRACE_POSTGRES_URL"
+  format = "uri"
+
+[[consumer]]
+name = "proxy"
+kind = "deployment"
+namespace = "llmtrace"
+object = "llmtrace"
+timeout = "soon"
+"#,
+    );
+    for args in [
+        &["rotate"][..],
+        &["check"],
+        &["history"],
+        &["recover"],
+        &["migrate"],
+    ] {
+        let out = rotator.run(args).await;
+        assert_eq!(out.code, 2, "{args:?}: {}", out.all());
+        for path in [
+            "target[0].strategy",
+            "target[0].store[0].secret",
+            "target[0].store[0].format",
+            "consumer[0].timeout",
+        ] {
+            assert!(
+                out.stderr.contains(path),
+                "{args:?} names {path}: {}",
+                out.stderr
+            );
+        }
+        assert!(!out.all().contains("Sup3rSecretAdmin"));
+    }
+    assert!(!rotator.path("journal.db").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_target_and_bad_flags_exit_2() {
+    let rotator = Rotator::new(&support::rotator::file_config(
+        "127.0.0.1:1",
+        &["true".into()],
+    ));
+    let out = rotator.run(&["rotate", "--target", "mysql"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("unknown target \"mysql\""),
+        "{}",
+        out.stderr
+    );
+    let out = rotator.run(&["rotate", "--output", "yaml"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn syntax_error_shows_the_position_not_the_line() {
+    let rotator = Rotator::new("[rotator]\njournal_key = \"literal:Sup3rSecretKey\nx");
+    let out = rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("line 2"), "{}", out.stderr);
+    assert!(!out.all().contains("Sup3rSecretKey"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_journal_key_of_the_wrong_size_cannot_start() {
+    let mut rotator = Rotator::new(&support::rotator::file_config(
+        "127.0.0.1:1",
+        &["true".into()],
+    ));
+    rotator
+        .env
+        .insert("ROTATOR_JOURNAL_KEY".into(), "c2hvcnQ=".into());
+    let out = rotator.run(&["history"]).await;
+    assert_eq!(out.code, 4, "{}", out.all());
+    assert!(
+        out.stderr.contains("journal_key must be 32 bytes"),
+        "{}",
+        out.stderr
+    );
+}

@@ -1,0 +1,361 @@
+//! `rotate` against a real PostgreSQL, with the credential in Kubernetes Secrets (the
+//! LLMTrace Helm chart's shape) and the proxy Deployment as consumer.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::kube_fake::{Fault, Rollout};
+use support::rotator::{assert_no_secret, kubernetes_config, LlmtraceCluster, NS};
+
+fn quick() -> Rollout {
+    Rollout::ReadyAfter(Duration::from_millis(300))
+}
+
+fn writes(cluster: &LlmtraceCluster) -> Vec<String> {
+    cluster
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| !matches!(r.verb.as_str(), "get" | "list" | "watch"))
+        .map(|r| format!("{} {} {}", r.verb, r.resource, r.name))
+        .collect()
+}
+
+fn secrets(cluster: &LlmtraceCluster) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    (
+        cluster.kube.secret(NS, "llmtrace").unwrap(),
+        cluster.kube.secret(NS, "llmtrace-postgresql").unwrap(),
+    )
+}
+
+fn assert_clean(cluster: &LlmtraceCluster, output: &str) {
+    let secrets = cluster.secrets_in_play();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_secret(output, &secrets, "rotator output at trace level");
+    // The server log (log_statement = all) must never see a plaintext password.
+    let plaintexts = [cluster.old_password.as_str(), &cluster.url_password()];
+    assert_no_secret(
+        &cluster.pg.log_contents(),
+        &plaintexts,
+        "the PostgreSQL server log",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotates_the_llmtrace_secrets_and_restarts_the_proxy_once() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    let (proxy_before, chart_before) = secrets(&cluster);
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "succeeded");
+    let new = cluster.url_password();
+    assert_ne!(new, cluster.old_password);
+    assert_eq!(new.len(), 32);
+    let (proxy_after, chart_after) = secrets(&cluster);
+    // Only the password inside the URL changed; every other byte and key is as it was.
+    let mut expected = proxy_before.clone();
+    let url = expected.get_mut("LLMTRACE_POSTGRES_URL").unwrap();
+    *url = url.replace(&format!(":{}@", cluster.old_password), &format!(":{new}@"));
+    assert_eq!(proxy_after, expected);
+    assert_eq!(chart_after["password"], new);
+    assert_eq!(
+        chart_after["postgres-password"],
+        chart_before["postgres-password"]
+    );
+    assert_eq!(chart_after.len(), chart_before.len());
+    assert_eq!(cluster.restarts(), 1);
+
+    cluster
+        .pg
+        .try_login("llmtrace", &new, "llmtrace")
+        .await
+        .expect("new password logs in");
+    assert!(cluster
+        .pg
+        .try_login("llmtrace", &cluster.old_password, "llmtrace")
+        .await
+        .is_err());
+    let verifier = cluster.pg.rolpassword("llmtrace").await.unwrap();
+    assert!(
+        verifier.starts_with("SCRAM-SHA-256$4096:"),
+        "stored as a SCRAM verifier"
+    );
+    assert_clean(&cluster, &out.all());
+    assert!(
+        !out.all().contains(&verifier[20..]),
+        "the verifier is not printed"
+    );
+
+    let history = cluster.rotator.run(&["history", "--output", "json"]).await;
+    assert_eq!(history.code, 0);
+    assert_eq!(history.json()[0]["outcome"], "succeeded");
+    assert_clean(&cluster, &history.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stuck_rollout_rolls_back_secrets_and_password() {
+    let cluster = LlmtraceCluster::start(Rollout::Stuck {
+        deadline: Duration::from_millis(800),
+    })
+    .await;
+    let before = secrets(&cluster);
+    let verifier_before = cluster.pg.rolpassword("llmtrace").await;
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back");
+    let failed: Vec<_> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "failed")
+        .collect();
+    assert_eq!(failed[0]["step"], "restart");
+    assert!(failed[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("ProgressDeadlineExceeded"));
+    assert_eq!(
+        secrets(&cluster),
+        before,
+        "both Secrets hold exactly their old values"
+    );
+    assert_eq!(
+        cluster.restarts(),
+        2,
+        "rolled out again after the stores were restored"
+    );
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_ne!(
+        cluster.pg.rolpassword("llmtrace").await,
+        verifier_before,
+        "restored with a fresh verifier"
+    );
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_verification_rolls_back() {
+    let cluster = LlmtraceCluster::start(Rollout::ReadyAfter(Duration::from_secs(2))).await;
+    let before = secrets(&cluster);
+    let rotation = cluster.rotator.run(&["rotate", "--output", "json"]);
+    let interfere = async {
+        // While the proxy rolls out, someone else changes the role's password.
+        while cluster.restarts() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster
+            .pg
+            .exec("ALTER ROLE llmtrace PASSWORD 'changed-by-someone-else'")
+            .await;
+    };
+    let (out, ()) = tokio::join!(rotation, interfere);
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back");
+    let failed: Vec<_> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{report:#}");
+    assert_eq!(failed[0]["step"], "verify");
+    assert_eq!(secrets(&cluster), before);
+    assert_eq!(cluster.restarts(), 2);
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflict_on_a_secret_is_retried() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster.kube.inject_fault(
+        Fault::new(409)
+            .method("PUT")
+            .resource("secrets")
+            .name("llmtrace")
+            .times(2),
+    );
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let puts = writes(&cluster)
+        .iter()
+        .filter(|w| *w == "update secrets llmtrace")
+        .count();
+    assert_eq!(
+        puts,
+        3,
+        "two conflicts, then success: {:?}",
+        writes(&cluster)
+    );
+    let new = cluster.url_password();
+    assert_eq!(cluster.chart_password(), new);
+    cluster
+        .pg
+        .try_login("llmtrace", &new, "llmtrace")
+        .await
+        .unwrap();
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_stored_credential_is_refused_and_nothing_changes() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    let url = cluster
+        .url()
+        .replace(&cluster.old_password, "not-the-password");
+    let mut proxy = cluster.kube.secret(NS, "llmtrace").unwrap();
+    proxy.insert("LLMTRACE_POSTGRES_URL".into(), url);
+    let pairs: Vec<(&str, &str)> = proxy
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    cluster.kube.put_secret(NS, "llmtrace", &pairs);
+    let before = secrets(&cluster);
+    let verifier = cluster.pg.rolpassword("llmtrace").await;
+    cluster.kube.clear_requests();
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "refused");
+    let error = report["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("does not log in"), "{error}");
+    assert_eq!(secrets(&cluster), before);
+    assert_eq!(cluster.pg.rolpassword("llmtrace").await, verifier);
+    assert_eq!(writes(&cluster), Vec::<String>::new());
+    assert_eq!(cluster.restarts(), 0);
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_changes_nothing_anywhere() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    let before = secrets(&cluster);
+    let verifier = cluster.pg.rolpassword("llmtrace").await;
+
+    let out = cluster.rotator.run(&["rotate", "--dry-run"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("dry run: nothing will be changed"));
+    assert!(out
+        .stdout
+        .contains("kubernetes secret llmtrace/llmtrace#LLMTRACE_POSTGRES_URL"));
+    assert!(
+        out.stdout.contains("preflight postgres: ok"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(secrets(&cluster), before);
+    assert_eq!(cluster.pg.rolpassword("llmtrace").await, verifier);
+    assert_eq!(writes(&cluster), Vec::<String>::new());
+    assert!(
+        !cluster.rotator.path("journal.db").exists(),
+        "not even the journal is written"
+    );
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paused_deployment_is_refused_before_anything_changes() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster.kube.set_paused(NS, "llmtrace", true);
+    let before = secrets(&cluster);
+
+    let out = cluster.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stdout.contains("paused"), "{}", out.stdout);
+    assert_eq!(secrets(&cluster), before);
+    assert_eq!(cluster.restarts(), 0);
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.old_password, "llmtrace")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unhealthy_consumer_rolls_back() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let health = format!("http://{}/health", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+        }
+    });
+    cluster.rotator.write_config(&kubernetes_config(
+        &cluster.pg.address(),
+        "2s",
+        &format!("health = \"{health}\""),
+    ));
+    let before = secrets(&cluster);
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back");
+    assert!(
+        report["steps"].to_string().contains("HTTP 503"),
+        "{report:#}"
+    );
+    assert_eq!(secrets(&cluster), before);
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.old_password, "llmtrace")
+        .await
+        .unwrap();
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_run_on_the_same_target_exits_4() {
+    let cluster = LlmtraceCluster::start(Rollout::ReadyAfter(Duration::from_secs(3))).await;
+    let first = cluster.rotator.run(&["rotate"]);
+    let second = async {
+        while cluster.restarts() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.rotator.run(&["rotate"]).await
+    };
+    let (first, second) = tokio::join!(first, second);
+
+    assert_eq!(first.code, 0, "{}", first.all());
+    assert_eq!(second.code, 4, "{}", second.all());
+    assert!(
+        second
+            .stderr
+            .contains("target postgres is being rotated by another run"),
+        "{}",
+        second.stderr
+    );
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.url_password(), "llmtrace")
+        .await
+        .unwrap();
+}

@@ -1,0 +1,7 @@
+//! Test support: real services started per test, the Kubernetes API fake, and a driver for
+//! the rotator binary.
+#![allow(dead_code)]
+
+pub mod kube_fake;
+pub mod postgres;
+pub mod rotator;

@@ -1,0 +1,456 @@
+//! Drives the `llmtrace-rotator` binary the way an operator or the CronJob does, and checks
+//! its output for leaked secrets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use base64::Engine as _;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+use super::kube_fake::{KubeFake, Rollout, WorkloadKind};
+use super::postgres::Postgres;
+
+pub const NS: &str = "llmtrace";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_llmtrace-rotator")
+}
+
+/// A random alphanumeric password, like an operator's initial one.
+pub fn random_password() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Every way a secret could be spelled in output: raw, percent-encoded, base64.
+pub fn spellings(secret: &str) -> Vec<String> {
+    let mut forms = vec![
+        secret.to_string(),
+        utf8_percent_encode(secret, NON_ALPHANUMERIC).to_string(),
+        base64::engine::general_purpose::STANDARD.encode(secret),
+    ];
+    forms.dedup();
+    forms
+}
+
+pub fn assert_no_secret(haystack: &str, secrets: &[&str], what: &str) {
+    for secret in secrets {
+        for form in spellings(secret) {
+            assert!(
+                !haystack.contains(&form),
+                "{what} contains a secret ({} chars, spelled {:?}...)",
+                form.len(),
+                &form[..4]
+            );
+        }
+    }
+}
+
+/// A temp dir with a config file, a journal and the environment the binary runs with.
+pub struct Rotator {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Rotator {
+    pub fn new(config_text: &str) -> Rotator {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("rotator.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let mut env = BTreeMap::new();
+        env.insert(
+            "ROTATOR_JOURNAL_KEY".into(),
+            base64::engine::general_purpose::STANDARD.encode(rand_bytes()),
+        );
+        env.insert("RUST_LOG".into(), "trace".into());
+        Rotator { dir, config, env }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(bin());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `llmtrace-rotator <args> --config FILE` to completion.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let output = tokio::time::timeout(Duration::from_secs(120), self.command(args).output())
+            .await
+            .expect("rotator finished within 120 s")
+            .expect("rotator started");
+        Output {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Starts `rotate`, waits until it pauses at `boundary`, and kills it (SIGKILL). Returns
+    /// what it printed.
+    pub async fn crash_at(&self, boundary: &str) -> String {
+        let mut command = self.command(&["rotate"]);
+        command.env("LLMTRACE_ROTATOR_PAUSE_AT", boundary);
+        let mut child = command.spawn().expect("rotator started");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        let reached = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = stderr.next_line().await.unwrap() {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.starts_with("failpoint reached: ") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        child.start_kill().unwrap();
+        let status = child.wait().await.unwrap();
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .await
+            .unwrap();
+        assert_eq!(
+            reached,
+            Ok(true),
+            "rotate never reached {boundary}; it printed:\n{stdout}\n{seen}"
+        );
+        assert!(!status.success());
+        format!("{stdout}\n{seen}")
+    }
+}
+
+fn rand_bytes() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    for chunk in bytes.chunks_mut(16) {
+        chunk.copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    }
+    bytes
+}
+
+/// The LLMTrace Helm chart's shape: the proxy's Secret with connection URLs, the PostgreSQL
+/// sub-chart's Secret, the proxy Deployment, and a real PostgreSQL behind them.
+pub struct LlmtraceCluster {
+    pub pg: Postgres,
+    pub kube: KubeFake,
+    pub rotator: Rotator,
+    pub old_password: String,
+    pub redis_url: String,
+}
+
+impl LlmtraceCluster {
+    pub async fn start(rollout: Rollout) -> LlmtraceCluster {
+        let pg = Postgres::start().await;
+        let old_password = random_password();
+        pg.create_login("llmtrace", &old_password, "llmtrace").await;
+        let kube = KubeFake::start().await;
+        let redis_url = "redis://:redis-secret-value@llmtrace-redis-master:6379/0".to_string();
+        kube.put_secret(
+            NS,
+            "llmtrace",
+            &[
+                (
+                    "LLMTRACE_POSTGRES_URL",
+                    &pg.url("llmtrace", &old_password, "llmtrace"),
+                ),
+                ("LLMTRACE_REDIS_URL", &redis_url),
+                (
+                    "LLMTRACE_CLICKHOUSE_URL",
+                    "http://default:ch-secret@llmtrace-clickhouse:8123",
+                ),
+                ("LLMTRACE_CLICKHOUSE_DATABASE", "llmtrace"),
+            ],
+        );
+        kube.put_secret(
+            NS,
+            "llmtrace-postgresql",
+            &[
+                ("password", &old_password),
+                ("postgres-password", pg.admin_password()),
+            ],
+        );
+        kube.add_deployment(NS, "llmtrace", 2, rollout);
+        let rotator = Rotator::new(&kubernetes_config(&pg.address(), "20s", ""));
+        let kubeconfig = kube.write_kubeconfig(rotator.dir.path());
+        let mut cluster = LlmtraceCluster {
+            pg,
+            kube,
+            rotator,
+            old_password,
+            redis_url,
+        };
+        cluster
+            .rotator
+            .env
+            .insert("KUBECONFIG".into(), kubeconfig.display().to_string());
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        self.kube.secret(NS, "llmtrace").unwrap()["LLMTRACE_POSTGRES_URL"].clone()
+    }
+
+    pub fn chart_password(&self) -> String {
+        self.kube.secret(NS, "llmtrace-postgresql").unwrap()["password"].clone()
+    }
+
+    pub fn restarts(&self) -> usize {
+        self.kube
+            .restarts(WorkloadKind::Deployment, NS, "llmtrace")
+            .len()
+    }
+
+    /// The password inside the proxy's URL.
+    pub fn url_password(&self) -> String {
+        let url = url::Url::parse(&self.url()).unwrap();
+        percent_encoding::percent_decode_str(url.password().unwrap())
+            .decode_utf8()
+            .unwrap()
+            .into_owned()
+    }
+
+    pub fn secrets_in_play(&self) -> Vec<String> {
+        vec![
+            self.old_password.clone(),
+            self.url_password(),
+            self.chart_password(),
+            self.pg.admin_password().to_string(),
+        ]
+    }
+}
+
+/// The config for [`LlmtraceCluster`]; `consumer_extra` adds lines to the consumer (e.g. health).
+pub fn kubernetes_config(pg_address: &str, timeout: &str, consumer_extra: &str) -> String {
+    format!(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "{pg_address}"
+database = "llmtrace"
+user = "llmtrace"
+admin = {{ user = "postgres", password = "k8s:llmtrace/llmtrace-postgresql#postgres-password" }}
+sslmode = "disable"
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  secret = "llmtrace"
+  key = "LLMTRACE_POSTGRES_URL"
+  format = "url"
+
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  secret = "llmtrace-postgresql"
+  key = "password"
+  format = "password"
+
+[[consumer]]
+name = "proxy"
+kind = "deployment"
+namespace = "llmtrace"
+object = "llmtrace"
+timeout = "{timeout}"
+{consumer_extra}
+"#
+    )
+}
+
+/// The docker-compose shape: a dotenv file and a restart command, with a real PostgreSQL.
+pub struct ComposeHost {
+    pub pg: Postgres,
+    pub rotator: Rotator,
+    pub old_password: String,
+    pub env_file: PathBuf,
+    pub restart_log: PathBuf,
+}
+
+pub const ENV_FILE_HEAD: &str = "# LLMTrace proxy\nLLMTRACE_LISTEN_ADDR=0.0.0.0:8080\n";
+pub const ENV_FILE_TAIL: &str = "# cache\nLLMTRACE_REDIS_URL=redis://:r3dis@redis:6379/0 # keep\n";
+
+impl ComposeHost {
+    pub async fn start() -> ComposeHost {
+        Self::start_with_command(None).await
+    }
+
+    /// `command`: the consumer's argv; by default it appends a line to `restarts.log`.
+    pub async fn start_with_command(command: Option<Vec<String>>) -> ComposeHost {
+        let pg = Postgres::start().await;
+        let old_password = random_password();
+        pg.create_login("llmtrace", &old_password, "llmtrace").await;
+        let rotator = Rotator::new("");
+        let env_file = rotator.path(".env");
+        let restart_log = rotator.path("restarts.log");
+        std::fs::write(
+            &env_file,
+            format!(
+                "{ENV_FILE_HEAD}LLMTRACE_POSTGRES_URL=postgres://llmtrace:{old_password}@{}/llmtrace?sslmode=disable\nPGPASSWORD='{old_password}'\n{ENV_FILE_TAIL}",
+                pg.address()
+            ),
+        )
+        .unwrap();
+        let command = command.unwrap_or_else(|| {
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!("echo restarted >> {}", restart_log.display()),
+            ]
+        });
+        let mut host = ComposeHost {
+            pg,
+            rotator,
+            old_password,
+            env_file,
+            restart_log,
+        };
+        host.rotator.env.insert(
+            "PG_ADMIN_PASSWORD".into(),
+            host.pg.admin_password().to_string(),
+        );
+        host.rotator
+            .write_config(&file_config(&host.pg.address(), &command));
+        host
+    }
+
+    pub fn env_text(&self) -> String {
+        std::fs::read_to_string(&self.env_file).unwrap()
+    }
+
+    /// (password in the URL, PGPASSWORD)
+    pub fn stored_passwords(&self) -> (String, String) {
+        let text = self.env_text();
+        let url_line = text
+            .lines()
+            .find(|l| l.starts_with("LLMTRACE_POSTGRES_URL="))
+            .unwrap();
+        let url = url::Url::parse(&url_line["LLMTRACE_POSTGRES_URL=".len()..]).unwrap();
+        let url_password = percent_encoding::percent_decode_str(url.password().unwrap())
+            .decode_utf8()
+            .unwrap()
+            .into_owned();
+        let pg_line = text.lines().find(|l| l.starts_with("PGPASSWORD=")).unwrap();
+        let pgpassword = pg_line["PGPASSWORD=".len()..]
+            .trim_matches('\'')
+            .to_string();
+        (url_password, pgpassword)
+    }
+
+    pub fn restarts(&self) -> usize {
+        std::fs::read_to_string(&self.restart_log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// Asserts the invariant: every store's credential logs in.
+    pub async fn assert_stores_log_in(&self) {
+        let (url_password, pgpassword) = self.stored_passwords();
+        assert_eq!(
+            url_password, pgpassword,
+            "both stores hold the same password"
+        );
+        self.pg
+            .try_login("llmtrace", &url_password, "llmtrace")
+            .await
+            .expect("the stored password logs in");
+    }
+}
+
+pub fn file_config(pg_address: &str, command: &[String]) -> String {
+    let argv = command
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "{pg_address}"
+database = "llmtrace"
+user = "llmtrace"
+admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
+sslmode = "disable"
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_POSTGRES_URL"
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "PGPASSWORD"
+  format = "password"
+
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = [{argv}]
+timeout = "20s"
+"#
+    )
+}
+
+pub fn ensure_dir(path: &Path) {
+    std::fs::create_dir_all(path).unwrap();
+}
