@@ -443,7 +443,7 @@ async fn json_patch_and_unsupported_media_type() {
 #[tokio::test]
 async fn deployment_restart_rolls_out_then_converges() {
     let fake = KubeFake::start().await;
-    let delay = Duration::from_millis(300);
+    let delay = Duration::from_millis(1000);
     fake.add_deployment(NS, "web", 3, Rollout::ReadyAfter(delay));
     let api: Api<Deployment> = Api::namespaced(fake.client().await, NS);
 
@@ -551,7 +551,7 @@ async fn stuck_rollout_exceeds_its_progress_deadline() {
         "stuck",
         2,
         Rollout::Stuck {
-            deadline: Duration::from_millis(200),
+            deadline: Duration::from_millis(1000),
         },
     );
     let api: Api<Deployment> = Api::namespaced(fake.client().await, NS);
@@ -599,7 +599,12 @@ async fn stuck_rollout_exceeds_its_progress_deadline() {
 #[tokio::test]
 async fn paused_deployment_does_not_roll_out() {
     let fake = KubeFake::start().await;
-    fake.add_deployment(NS, "web", 2, Rollout::ReadyAfter(Duration::from_millis(50)));
+    fake.add_deployment(
+        NS,
+        "web",
+        2,
+        Rollout::ReadyAfter(Duration::from_millis(1000)),
+    );
     fake.set_paused(NS, "web", true);
     let api: Api<Deployment> = Api::namespaced(fake.client().await, NS);
     api.patch(
@@ -676,7 +681,7 @@ async fn controller_status_writes_bump_resource_version() {
 #[tokio::test]
 async fn controller_lag_shows_the_previous_generation_status() {
     let fake = KubeFake::start().await;
-    fake.set_controller_lag(Duration::from_millis(200));
+    fake.set_controller_lag(Duration::from_millis(1000));
     fake.add_deployment(NS, "web", 2, Rollout::ReadyAfter(Duration::ZERO));
     let api: Api<Deployment> = Api::namespaced(fake.client().await, NS);
     api.patch(
@@ -694,7 +699,7 @@ async fn controller_lag_shows_the_previous_generation_status() {
         Some(1),
         "looks complete, but for the old generation"
     );
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let dep = api.get("web").await.unwrap();
     assert_eq!(dep.status.unwrap().observed_generation, Some(2));
 }
@@ -706,7 +711,12 @@ async fn controller_lag_shows_the_previous_generation_status() {
 #[tokio::test]
 async fn statefulset_revision_converges() {
     let fake = KubeFake::start().await;
-    fake.add_statefulset(NS, "db", 3, Rollout::ReadyAfter(Duration::from_millis(200)));
+    fake.add_statefulset(
+        NS,
+        "db",
+        3,
+        Rollout::ReadyAfter(Duration::from_millis(1000)),
+    );
     let api: Api<StatefulSet> = Api::namespaced(fake.client().await, NS);
 
     let sts = api.get("db").await.unwrap();

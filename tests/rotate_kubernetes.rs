@@ -31,9 +31,16 @@ fn secrets(cluster: &LlmtraceCluster) -> (BTreeMap<String, String>, BTreeMap<Str
 }
 
 fn assert_clean(cluster: &LlmtraceCluster, output: &str) {
+    assert!(output.contains(" TRACE "), "the rotator ran at trace level");
     let secrets = cluster.secrets_in_play();
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
     assert_no_secret(output, &secrets, "rotator output at trace level");
+    // The API token authenticates the rotator: it must not be logged either.
+    assert_no_secret(
+        output,
+        &[support::kube_fake::TOKEN],
+        "rotator output at trace level",
+    );
     // The server log (log_statement = all) must never see a plaintext password.
     let plaintexts = [cluster.old_password.as_str(), &cluster.url_password()];
     assert_no_secret(

@@ -97,7 +97,9 @@ impl Workload {
     }
 
     async fn patch_restarted_at(&self) -> Result<(), ConsumerError> {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        // Sub-second precision: a rollback's second restart may come within the same second,
+        // and an unchanged annotation would be a no-op that replaces no pod.
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let patch = serde_json::json!({
             "spec": { "template": { "metadata": { "annotations": { RESTARTED_AT: now } } } }
         });

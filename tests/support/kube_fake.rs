@@ -53,6 +53,9 @@ use serde_json::{json, Map, Value};
 // Public API
 // ---------------------------------------------------------------------------
 
+/// The bearer token the written kubeconfig carries, so tests can check it is never logged.
+pub const TOKEN: &str = "fake-token-5f1c9a";
+
 /// The annotation `kubectl rollout restart` writes into the pod template.
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 
@@ -181,7 +184,7 @@ impl KubeFake {
         let yaml = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
-             current-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n",
+             current-context: fake\nusers:\n- name: fake\n  user:\n    token: {TOKEN}\n",
             url = self.url()
         );
         std::fs::write(&path, yaml).expect("write kubeconfig");
@@ -2216,8 +2219,8 @@ impl Workload {
     fn accept_write(&mut self, obj: Value, now: Instant) {
         let old_restart = restart_annotation(&self.obj);
         let new_restart = restart_annotation(&obj);
-        if new_restart.is_some() && new_restart != old_restart {
-            self.restarts.push(new_restart.unwrap());
+        if let Some(value) = new_restart.filter(|v| Some(v) != old_restart.as_ref()) {
+            self.restarts.push(value);
         }
         let old_generation = self.generation();
         self.obj = obj;

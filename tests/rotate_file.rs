@@ -1,0 +1,275 @@
+//! `rotate` with the credential in a dotenv file and a restart command (the docker compose
+//! shape), against a real PostgreSQL.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+
+use support::rotator::{assert_no_secret, ComposeHost, ENV_FILE_HEAD, ENV_FILE_TAIL};
+
+fn assert_clean(host: &ComposeHost, output: &str) {
+    let (url_password, pgpassword) = host.stored_passwords();
+    let secrets = [
+        host.old_password.as_str(),
+        &url_password,
+        &pgpassword,
+        host.pg.admin_password(),
+    ];
+    assert_no_secret(output, &secrets, "rotator output at trace level");
+    assert_no_secret(
+        &host.pg.log_contents(),
+        &secrets[..3],
+        "the PostgreSQL server log",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotates_the_env_file_and_runs_the_restart_command_once() {
+    let host = ComposeHost::start().await;
+    std::fs::set_permissions(&host.env_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("outcome: succeeded"), "{}", out.stdout);
+    let (new, pgpassword) = host.stored_passwords();
+    assert_eq!(new, pgpassword);
+    assert_ne!(new, host.old_password);
+    // Every other line, comment and byte is as it was; the mode too.
+    assert_eq!(host.env_text(), before.replace(&host.old_password, &new));
+    assert!(host.env_text().starts_with(ENV_FILE_HEAD) && host.env_text().ends_with(ENV_FILE_TAIL));
+    assert_eq!(
+        std::fs::metadata(&host.env_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(host.restarts(), 1);
+    host.pg
+        .try_login("llmtrace", &new, "llmtrace")
+        .await
+        .expect("new password logs in");
+    assert!(host
+        .pg
+        .try_login("llmtrace", &host.old_password, "llmtrace")
+        .await
+        .is_err());
+    assert!(host
+        .pg
+        .rolpassword("llmtrace")
+        .await
+        .unwrap()
+        .starts_with("SCRAM-SHA-256$"));
+    assert_clean(&host, &out.all());
+
+    // A second rotation starts from the first one's credential.
+    let again = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_ne!(host.stored_passwords().0, new);
+    host.assert_stores_log_in().await;
+    assert_eq!(host.restarts(), 2);
+    assert_clean(&host, &again.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_restart_command_rolls_back_the_file_and_password() {
+    let host = ComposeHost::start_with_command(Some(vec!["false".into()])).await;
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back");
+    let steps: Vec<String> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s["step"].as_str().unwrap(),
+                s["status"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(steps.contains(&"restart failed".to_string()), "{steps:?}");
+    for undo in ["undo-publish ok", "undo-apply ok", "verify-old ok"] {
+        assert!(steps.contains(&undo.to_string()), "{undo} in {steps:?}");
+    }
+    assert_eq!(
+        host.env_text(),
+        before,
+        "the file is byte for byte what it was"
+    );
+    host.pg
+        .try_login("llmtrace", &host.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_clean(&host, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_verification_rolls_back_the_file_and_password() {
+    // The first "restart" changes the role's password behind the rotator's back.
+    let mut host = ComposeHost::start().await;
+    let tamper_once = format!(
+        "[ -e tampered ] || {{ touch tampered; psql -h 127.0.0.1 -p {} -U postgres -d postgres -qc \"ALTER ROLE llmtrace PASSWORD 'someone-else'\"; }}",
+        host.pg.port()
+    );
+    host.rotator
+        .env
+        .insert("PGPASSWORD".into(), host.pg.admin_password().into());
+    let config =
+        support::rotator::file_config(&host.pg.address(), &["sh".into(), "-c".into(), tamper_once]);
+    host.rotator.write_config(&config);
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back");
+    let failed: Vec<_> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{report:#}");
+    assert_eq!(failed[0]["step"], "verify");
+    assert_eq!(host.env_text(), before);
+    host.pg
+        .try_login("llmtrace", &host.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_clean(&host, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_changed_by_someone_else_fails_the_rollback_and_says_where_things_stand() {
+    // The restart command rewrites PGPASSWORD itself: the rotator must not overwrite that.
+    let host = ComposeHost::start().await;
+    let tamper = format!(
+        "sed -i 's/^PGPASSWORD=.*/PGPASSWORD=tampered/' {}",
+        host.env_file.display()
+    );
+    host.rotator.write_config(&support::rotator::file_config(
+        &host.pg.address(),
+        &["sh".into(), "-c".into(), tamper],
+    ));
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 3, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("outcome: rollback_failed: MANUAL ACTION NEEDED"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("the old credential logs in, the new one does not log in"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("#PGPASSWORD holds a value this run did not write"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("#LLMTRACE_POSTGRES_URL holds the old value"),
+        "{}",
+        out.stdout
+    );
+    assert!(host.env_text().contains("PGPASSWORD=tampered\n"));
+    let (url_password, _) = host.stored_passwords();
+    assert_eq!(url_password, host.old_password);
+    let secrets = [host.old_password.as_str(), host.pg.admin_password()];
+    assert_no_secret(&out.all(), &secrets, "rotator output");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_drift_per_store() {
+    let host = ComposeHost::start().await;
+    let out = host.rotator.run(&["check"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.starts_with("postgres: ok"), "{}", out.stdout);
+
+    let drifted = host.env_text().replace(
+        &format!("PGPASSWORD='{}'", host.old_password),
+        "PGPASSWORD='stale'",
+    );
+    std::fs::write(&host.env_file, drifted).unwrap();
+    let out = host.rotator.run(&["check", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["targets"][0]["valid"], false);
+    assert_eq!(report["targets"][0]["stores"][0]["valid"], true);
+    assert_eq!(report["targets"][0]["stores"][1]["valid"], false);
+    assert!(report["targets"][0]["stores"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("password authentication failed"));
+    assert_no_secret(
+        &out.all(),
+        &[
+            host.old_password.as_str(),
+            "stale",
+            host.pg.admin_password(),
+        ],
+        "check output",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_credential_in_the_file_is_refused_and_nothing_changes() {
+    let host = ComposeHost::start().await;
+    let broken = host
+        .env_text()
+        .replace(&format!(":{}@", host.old_password), ":wrong@");
+    std::fs::write(&host.env_file, &broken).unwrap();
+    let verifier = host.pg.rolpassword("llmtrace").await;
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert_eq!(host.env_text(), broken);
+    assert_eq!(host.pg.rolpassword("llmtrace").await, verifier);
+    assert_eq!(host.restarts(), 0);
+    assert_no_secret(
+        &out.all(),
+        &[host.old_password.as_str(), host.pg.admin_password()],
+        "rotator output",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_on_the_file_store_changes_nothing() {
+    let host = ComposeHost::start().await;
+    let before = host.env_text();
+    let verifier = host.pg.rolpassword("llmtrace").await;
+
+    let out = host
+        .rotator
+        .run(&["rotate", "--dry-run", "--output", "json"])
+        .await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["preflight"][0]["ok"], true);
+    assert_eq!(host.env_text(), before);
+    assert_eq!(host.pg.rolpassword("llmtrace").await, verifier);
+    assert_eq!(host.restarts(), 0);
+    assert!(!host.rotator.path("journal.db").exists());
+    assert_clean(&host, &out.all());
+}
