@@ -91,6 +91,14 @@ impl Strategy {
             Strategy::Single => "single",
         }
     }
+
+    /// Whether the backend accepts the old credential beside the new one until retire. Such
+    /// targets are rolled back after their consumers, so no pod loses its login.
+    pub fn keeps_old_until_retire(self) -> bool {
+        match self {
+            Strategy::Single => false,
+        }
+    }
 }
 
 /// PostgreSQL `sslmode`, as libpq spells it.

@@ -473,8 +473,9 @@ impl<'a> RunContext<'a> {
         tracing::warn!(run = %self.rec.id, "rolling back");
         self.rec.state.rolling_back = true;
         let mut ok = self.undo_publish().await;
-        ok &= self.undo_apply().await;
+        ok &= self.undo_apply(false).await;
         self.undo_restart().await;
+        ok &= self.undo_apply(true).await;
         ok &= self.verify_old().await;
         if ok {
             Outcome::RolledBack
@@ -510,10 +511,19 @@ impl<'a> RunContext<'a> {
         ok
     }
 
-    async fn undo_apply(&mut self) -> bool {
+    /// Undoes `apply` on the targets whose strategy does (`dual_password`) or does not keep the
+    /// old password beside the new one: single-password targets before the consumers roll out
+    /// again, dual ones after, so pods never lose their login.
+    async fn undo_apply(&mut self, dual_password: bool) -> bool {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
             if !self.rec.state.targets[i].apply.touched() {
+                continue;
+            }
+            let keeps_old = self
+                .runtime_at(i)
+                .is_some_and(|r| r.backend.strategy().keeps_old_until_retire());
+            if keeps_old != dual_password {
                 continue;
             }
             let name = self.rec.state.targets[i].name.clone();
