@@ -1,4 +1,4 @@
-//! The command line: `rotate`, `check`, `history`, `recover`, `migrate`, and their exit codes.
+//! The command line: `rotate`, `check`, `serve`, `history`, `recover`, `migrate`, and their exit codes.
 
 use std::path::{Path, PathBuf};
 
@@ -6,9 +6,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::engine::plan::Plan;
+use crate::engine::plan::{dry_run, Plan};
 use crate::engine::report::history_text;
-use crate::engine::run::{preflight, rotate};
+use crate::engine::run::rotate;
 use crate::engine::{check, recover, Deps, Engine, EngineError, Outcome, RunReport};
 use crate::journal::JournalError;
 
@@ -57,6 +57,11 @@ pub enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
+    },
+    /// Run the daemon: scheduled rotations, the HTTP API, /metrics, periodic drift checks.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Show past runs, newest first.
     History {
@@ -144,6 +149,16 @@ fn recovery_code(reports: &[RunReport]) -> i32 {
     }
 }
 
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
 #[derive(Serialize)]
 struct RotateOutput<'a> {
     #[serde(flatten)]
@@ -225,6 +240,17 @@ async fn execute(command: Command) -> Result<i32, Failure> {
             });
             Ok(recovery_code(&reports))
         }
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            match crate::server::serve(config, shutdown_signal()).await {
+                Ok(()) => Ok(EXIT_OK),
+                Err(crate::server::ServeError::Engine(e)) => Err(e.into()),
+                Err(e) => Err(Failure {
+                    code: EXIT_CANNOT_START,
+                    message: e.to_string(),
+                }),
+            }
+        }
         Command::Migrate { config } => {
             Engine::new(load(&config).await?).await?;
             println!("journal is up to date");
@@ -233,79 +259,11 @@ async fn execute(command: Command) -> Result<i32, Failure> {
     }
 }
 
-#[derive(Serialize)]
-struct DryRun<'a> {
-    dry_run: bool,
-    plan: &'a Plan,
-    preflight: Vec<PreflightResult>,
-}
-
-#[derive(Serialize)]
-struct PreflightResult {
-    target: String,
-    ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
 /// The plan and the read-only preflight, without the journal: nothing is written anywhere.
 async fn dry_run_report(deps: &Deps, plan: &Plan, output: OutputFormat) -> i32 {
-    let mut results = Vec::new();
-    for planned in &plan.targets {
-        let target = deps
-            .config
-            .target(&planned.name)
-            .expect("planned targets exist");
-        let result = preflight(deps, target).await;
-        results.push(PreflightResult {
-            target: planned.name.clone(),
-            ok: result.is_ok(),
-            error: result.err(),
-        });
-    }
-    for name in &plan.consumers {
-        let result = match deps.consumer(name) {
-            Ok(handle) => handle.preflight().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        results.push(PreflightResult {
-            target: format!("consumer/{name}"),
-            ok: result.is_ok(),
-            error: result.err(),
-        });
-    }
-    let all_ok = results.iter().all(|r| r.ok);
-    let report = DryRun {
-        dry_run: true,
-        plan,
-        preflight: results,
-    };
-    print(output, &report, || {
-        let mut out = String::from("dry run: nothing will be changed\n");
-        for t in &plan.targets {
-            out.push_str(&format!(
-                "target {} ({} {}, user {}, strategy {})\n",
-                t.name, t.kind, t.address, t.user, t.strategy
-            ));
-            for s in &t.stores {
-                out.push_str(&format!("  store   {s}\n"));
-            }
-        }
-        for c in &plan.consumers {
-            out.push_str(&format!("consumer {c}: restarted once\n"));
-        }
-        out.push_str(
-            "steps: preflight, generate, apply, verify-backend, publish, restart, verify, retire\n",
-        );
-        for r in &report.preflight {
-            match &r.error {
-                None => out.push_str(&format!("preflight {}: ok\n", r.target)),
-                Some(e) => out.push_str(&format!("preflight {}: FAILED: {e}\n", r.target)),
-            }
-        }
-        out
-    });
-    if all_ok {
+    let report = dry_run(deps, plan).await;
+    print(output, &report, || report.to_text());
+    if report.all_ok() {
         EXIT_OK
     } else {
         EXIT_FAILED

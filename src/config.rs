@@ -62,9 +62,22 @@ pub struct Config {
 pub struct RotatorSection {
     pub journal: JournalLocation,
     pub journal_key: Reference,
-    pub listen: Option<String>,
+    pub listen: std::net::SocketAddr,
     pub api_tokens: Option<Reference>,
+    /// How often `serve` runs the drift check; `None` when set to 0.
+    pub check_interval: Option<Duration>,
+    /// How long `serve` lets a run in flight finish after SIGTERM.
+    pub shutdown_grace: Duration,
 }
+
+/// `serve` listens on every interface, port 8080, as the Service and probes expect.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Often enough that a broken credential pages within minutes, cheap enough to be harmless.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+/// Long enough for a typical rollout and rollback; shorter than Kubernetes' default 30 s would cut runs.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+/// A scheduled rotation more than an hour late is skipped: it would surprise whoever planned the time.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Where the journal lives: a URL given in the config, or a reference to one (it may carry a password).
 #[derive(Debug, Clone)]
@@ -121,7 +134,11 @@ pub struct Target {
     pub admin_user: String,
     pub admin_password: Reference,
     pub strategy: Strategy,
-    pub schedule: Option<String>,
+    pub schedule: Option<crate::schedule::Schedule>,
+    /// A fire missed by more than this is skipped and counted, not run late.
+    pub window: Duration,
+    /// Each fire is delayed by a random amount up to this, to spread load.
+    pub jitter: Duration,
     pub consumers: Vec<String>,
     pub stores: Vec<StoreConfig>,
     pub password: PasswordPolicy,
@@ -413,6 +430,16 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A duration like `30s`; `default` when absent (and on error, which is reported).
+    fn duration(&self, key: &str, default: Duration, errors: &mut Errors) -> Duration {
+        match self.string(key, errors) {
+            Some(text) => crate::duration::parse(&text)
+                .map_err(|message| errors.push(self.path_of(key), message))
+                .unwrap_or(default),
+            None => default,
+        }
+    }
+
     fn strings(&self, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
         let value = self.get(key)?;
         let Some(array) = value.as_array() else {
@@ -595,15 +622,19 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
         }
     });
     let journal_key = parse_reference(section, "journal_key", base, errors);
-    let listen = section.string("listen", errors);
-    if let Some(listen) = &listen {
-        if listen.parse::<std::net::SocketAddr>().is_err() {
+    let listen = section
+        .string("listen", errors)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| {
             errors.push(
                 section.path_of("listen"),
-                format!("{listen:?} is not an address like 0.0.0.0:8080"),
-            );
-        }
-    }
+                "is not an address like 0.0.0.0:8080",
+            )
+        })
+        .ok();
+    let check_interval = section.duration("check_interval", DEFAULT_CHECK_INTERVAL, errors);
+    let shutdown_grace = section.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, errors);
     let api_tokens = if section.table.contains_key("api_tokens") {
         parse_reference(section, "api_tokens", base, errors)
     } else {
@@ -612,8 +643,10 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
     Some(RotatorSection {
         journal: journal?,
         journal_key: journal_key?,
-        listen,
+        listen: listen?,
         api_tokens,
+        check_interval: Some(check_interval).filter(|d| !d.is_zero()),
+        shutdown_grace,
     })
 }
 
@@ -754,17 +787,13 @@ fn parse_target(
             None
         }
     };
-    let schedule = fields.string("schedule", errors);
-    if let Some(schedule) = &schedule {
-        if schedule.split_whitespace().count() != 5 {
-            errors.push(
-                fields.path_of("schedule"),
-                format!(
-                    "{schedule:?} is not a 5-field cron expression (minute hour day month weekday)"
-                ),
-            );
-        }
-    }
+    let schedule = fields.string("schedule", errors).and_then(|text| {
+        crate::schedule::Schedule::parse(&text)
+            .map_err(|message| errors.push(fields.path_of("schedule"), message))
+            .ok()
+    });
+    let window = fields.duration("window", DEFAULT_WINDOW, errors);
+    let jitter = fields.duration("jitter", Duration::ZERO, errors);
     let consumers = fields.strings("consumers", errors).unwrap_or_default();
     for (j, name) in consumers.iter().enumerate() {
         if !known_consumers.contains(&name.as_str()) {
@@ -826,6 +855,8 @@ fn parse_target(
         admin_password,
         strategy: strategy?,
         schedule,
+        window,
+        jitter,
         consumers,
         stores,
         password,

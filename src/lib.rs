@@ -27,5 +27,7 @@ pub mod failpoint;
 pub mod journal;
 pub mod password;
 pub mod resolve;
+pub mod schedule;
 pub mod secret;
+pub mod server;
 pub mod store;

@@ -267,6 +267,7 @@ async fn dry_run_on_the_file_store_changes_nothing() {
     let report = out.json();
     assert_eq!(report["dry_run"], true);
     assert_eq!(report["preflight"][0]["ok"], true);
+    assert_eq!(report["preflight"][0]["subject"], "postgres");
     assert_eq!(host.env_text(), before);
     assert_eq!(host.pg.rolpassword("llmtrace").await, verifier);
     assert_eq!(host.restarts(), 0);

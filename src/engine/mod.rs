@@ -38,6 +38,8 @@ pub enum EngineError {
     Kubernetes(String),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl EngineError {
@@ -47,9 +49,48 @@ impl EngineError {
             EngineError::Journal(e) => e.metric_label(),
             EngineError::Kubernetes(_) => "kubernetes",
             EngineError::Resolve(_) => "reference",
+            EngineError::Internal(_) => "internal",
         }
     }
 }
+
+/// Why a step failed: a message for people and a stable label for the failure counters.
+#[derive(Debug, Clone)]
+pub struct StepError {
+    pub label: &'static str,
+    pub message: String,
+}
+
+impl StepError {
+    pub fn new(label: &'static str, message: impl Into<String>) -> Self {
+        StepError {
+            label,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+macro_rules! step_error_from {
+    ($($error:ty),*) => {$(
+        impl From<$error> for StepError {
+            fn from(error: $error) -> Self {
+                StepError::new(error.metric_label(), error.to_string())
+            }
+        }
+    )*};
+}
+step_error_from!(
+    crate::backend::BackendError,
+    crate::store::StoreError,
+    crate::consumer::ConsumerError,
+    EngineError
+);
 
 /// What every step needs that does not depend on the journal: the config and the clients.
 pub struct Deps {

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::EngineError;
+use super::{Deps, EngineError};
 use crate::config::{Config, Target};
 
 #[derive(Debug, Serialize)]
@@ -82,4 +82,88 @@ fn describe_store(store: &crate::config::StoreConfig) -> String {
         Format::Template(_) => "template",
     };
     format!("{place} ({format})")
+}
+
+/// A dry run: the plan and the read-only preflight of every target and consumer.
+#[derive(Debug, Serialize)]
+pub struct DryRun<'a> {
+    pub dry_run: bool,
+    pub plan: &'a Plan,
+    pub preflight: Vec<PreflightResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PreflightResult {
+    /// A target name, or `consumer/NAME`.
+    pub subject: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Runs preflight on every planned target and consumer; writes nothing anywhere.
+pub async fn dry_run<'a>(deps: &Deps, plan: &'a Plan) -> DryRun<'a> {
+    let mut results = Vec::new();
+    for planned in &plan.targets {
+        let result = match deps.config.target(&planned.name) {
+            Some(target) => super::run::preflight(deps, target)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => Err(format!("target {:?} is not in the config", planned.name)),
+        };
+        results.push(PreflightResult {
+            subject: planned.name.clone(),
+            ok: result.is_ok(),
+            error: result.err(),
+        });
+    }
+    for name in &plan.consumers {
+        let result = match deps.consumer(name) {
+            Ok(handle) => handle.preflight().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        results.push(PreflightResult {
+            subject: format!("consumer/{name}"),
+            ok: result.is_ok(),
+            error: result.err(),
+        });
+    }
+    DryRun {
+        dry_run: true,
+        plan,
+        preflight: results,
+    }
+}
+
+impl DryRun<'_> {
+    pub fn all_ok(&self) -> bool {
+        self.preflight.iter().all(|r| r.ok)
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::from("dry run: nothing will be changed\n");
+        for t in &self.plan.targets {
+            out.push_str(&format!(
+                "target {} ({} {}, user {}, strategy {})\n",
+                t.name, t.kind, t.address, t.user, t.strategy
+            ));
+            for s in &t.stores {
+                out.push_str(&format!("  store   {s}\n"));
+            }
+        }
+        for c in &self.plan.consumers {
+            out.push_str(&format!("consumer {c}: restarted once\n"));
+        }
+        out.push_str(
+            "steps: preflight, generate, apply, verify-backend, publish, restart, verify, retire\n",
+        );
+        for r in &self.preflight {
+            match &r.error {
+                None => out.push_str(&format!("preflight {}: ok\n", r.subject)),
+                Some(e) => out.push_str(&format!("preflight {}: FAILED: {e}\n", r.subject)),
+            }
+        }
+        out
+    }
 }

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use super::state::RunState;
+use super::StepError;
 use crate::failpoint;
 use crate::journal::{Journal, StepRecord};
 
@@ -14,6 +15,15 @@ pub struct Recorder<'j> {
     clocks: Vec<Instant>,
     /// Set when a checkpoint could not be written: the run must stop going forward.
     pub journal_failed: bool,
+    /// Every failed step with its error label, for the failure counters.
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub step: String,
+    pub subject: String,
+    pub label: &'static str,
 }
 
 pub type StepId = usize;
@@ -28,6 +38,7 @@ impl<'j> Recorder<'j> {
             steps,
             clocks,
             journal_failed: false,
+            failures: Vec::new(),
         }
     }
 
@@ -86,10 +97,19 @@ impl<'j> Recorder<'j> {
     }
 
     /// Ends a step from a result: `ok`, or `failed` with the error's text.
-    pub async fn finish<T, E: std::fmt::Display>(&mut self, index: StepId, result: &Result<T, E>) {
+    pub async fn finish<T>(&mut self, index: StepId, result: &Result<T, StepError>) {
         match result {
             Ok(_) => self.end(index, "ok", None).await,
-            Err(e) => self.end(index, "failed", Some(e.to_string())).await,
+            Err(error) => self.fail(index, error).await,
         }
+    }
+
+    pub async fn fail(&mut self, index: StepId, error: &StepError) {
+        self.failures.push(Failure {
+            step: self.steps[index].step.clone(),
+            subject: self.steps[index].subject.clone(),
+            label: error.label,
+        });
+        self.end(index, "failed", Some(error.message.clone())).await;
     }
 }

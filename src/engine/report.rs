@@ -62,6 +62,9 @@ pub struct RunReport {
     /// Where each backend and store stands when that is not obvious from the outcome.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub state: Vec<String>,
+    /// Failed steps with their error labels, for metrics.
+    #[serde(skip)]
+    pub failures: Vec<super::recorder::Failure>,
 }
 
 impl RunReport {

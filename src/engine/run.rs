@@ -8,9 +8,10 @@ use super::plan::Plan;
 use super::recorder::Recorder;
 use super::report::{Outcome, RunReport};
 use super::state::{Progress, RunState, SavedCredential, StoreState};
-use super::{Deps, Engine, EngineError, TargetRuntime};
+use super::{Deps, Engine, EngineError, StepError, TargetRuntime};
 use crate::config::Target;
 use crate::consumer::ConsumerHandle;
+use crate::journal::TargetLock;
 use crate::password;
 use crate::secret::{Credential, Secret};
 use crate::store::format;
@@ -24,40 +25,54 @@ pub struct Preflight<'a> {
 
 /// Reads every store, checks each can take the new credential, and proves the current one logs
 /// in. Changes nothing; `rotate --dry-run` runs it too.
-pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, String> {
-    let runtime = deps.target_runtime(target).await?;
+pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, StepError> {
+    let runtime = deps
+        .target_runtime(target)
+        .await
+        .map_err(|e| StepError::new("reference", e))?;
     let mut originals = Vec::new();
     for store in &runtime.stores {
-        originals.push(store.read().await.map_err(|e| e.to_string())?);
+        originals.push(store.read().await.map_err(StepError::from)?);
     }
     let source = &runtime.stores[0];
     let first = originals[0].as_ref().ok_or_else(|| {
-        format!(
-            "{}: the key is absent; the first store is where the current credential is read",
-            source.describe()
+        StepError::new(
+            "store_format",
+            format!(
+                "{}: the key is absent; the first store is where the current credential is read",
+                source.describe()
+            ),
         )
     })?;
     let current = format::credential_from(first, &target.stores[0].format, &target.user)
-        .map_err(|m| format!("{}: {m}", source.describe()))?;
+        .map_err(|m| StepError::new("store_format", format!("{}: {m}", source.describe())))?;
     if current.user != target.user {
-        return Err(format!(
-            "{}: the stored credential is for user {:?}, but the target rotates {:?}",
-            source.describe(),
-            current.user,
-            target.user
+        return Err(StepError::new(
+            "store_format",
+            format!(
+                "{}: the stored credential is for user {:?}, but the target rotates {:?}",
+                source.describe(),
+                current.user,
+                target.user
+            ),
         ));
     }
     for ((store, config), original) in runtime.stores.iter().zip(&target.stores).zip(&originals) {
         format::render(&config.format, original.as_ref(), &current)
-            .map_err(|m| format!("{}: {m}", store.describe()))?;
+            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
     }
     runtime
         .backend
         .check_admin(&target.user)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(StepError::from)?;
     runtime.backend.login(&current).await.map_err(|e| {
-        format!("the stored credential does not log in, so it is not rotated (fix it first): {e}")
+        StepError::new(
+            "stored_credential_invalid",
+            format!(
+                "the stored credential does not log in, so it is not rotated (fix it first): {e}"
+            ),
+        )
     })?;
     Ok(Preflight {
         runtime,
@@ -80,12 +95,24 @@ pub struct RunContext<'a> {
     consumers: Vec<Option<ConsumerHandle>>,
     notes: Vec<String>,
     clock: Instant,
+    /// Held until the run ends (recovery holds its own).
+    _lock: Option<TargetLock>,
 }
 
 /// Rotates the planned targets: the whole transaction, from lock to report.
 pub async fn rotate(engine: &Engine, plan: &Plan, trigger: &str) -> Result<RunReport, EngineError> {
+    Ok(start(engine, plan, trigger).await?.execute().await)
+}
+
+/// Takes the targets' locks and journals the new run; [`RunContext::execute`] does the rest.
+/// Fails with `Busy` when another run holds a target.
+pub async fn start<'e>(
+    engine: &'e Engine,
+    plan: &Plan,
+    trigger: &str,
+) -> Result<RunContext<'e>, EngineError> {
     let names = plan.target_names();
-    let _lock = engine.journal.lock(&names).await?;
+    let lock = engine.journal.lock(&names).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let state = RunState::new(&names, &plan.consumers);
     engine
@@ -93,7 +120,7 @@ pub async fn rotate(engine: &Engine, plan: &Plan, trigger: &str) -> Result<RunRe
         .begin_run(&id, trigger, &names, &state.to_bytes())
         .await?;
     tracing::info!(run = %id, trigger, targets = ?names, "rotation started");
-    let mut run = RunContext {
+    Ok(RunContext {
         deps: &engine.deps,
         rec: Recorder::new(&engine.journal, id, state, Vec::new()),
         trigger: trigger.to_string(),
@@ -101,9 +128,8 @@ pub async fn rotate(engine: &Engine, plan: &Plan, trigger: &str) -> Result<RunRe
         consumers: Vec::new(),
         notes: Vec::new(),
         clock: Instant::now(),
-    };
-    let outcome = run.forward().await;
-    Ok(run.finish(outcome).await)
+        _lock: Some(lock),
+    })
 }
 
 impl<'a> RunContext<'a> {
@@ -123,7 +149,18 @@ impl<'a> RunContext<'a> {
             consumers,
             notes,
             clock: Instant::now(),
+            _lock: None,
         }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.rec.id
+    }
+
+    /// Runs the transaction to its end and reports.
+    pub async fn execute(mut self) -> RunReport {
+        let outcome = self.forward().await;
+        self.finish(outcome).await
     }
 
     async fn forward(&mut self) -> Outcome {
@@ -169,6 +206,7 @@ impl<'a> RunContext<'a> {
             duration_ms: self.clock.elapsed().as_millis() as u64,
             steps: self.rec.steps.clone(),
             state: self.notes.clone(),
+            failures: self.rec.failures.clone(),
         }
     }
 
@@ -201,7 +239,10 @@ impl<'a> RunContext<'a> {
             let step = self.rec.begin("preflight", &name).await;
             let result = match self.deps.config.target(&name) {
                 Some(target) => preflight(self.deps, target).await,
-                None => Err(format!("target {name:?} is not in the config")),
+                None => Err(StepError::new(
+                    "config",
+                    format!("target {name:?} is not in the config"),
+                )),
             };
             match result {
                 Ok(found) => {
@@ -220,7 +261,7 @@ impl<'a> RunContext<'a> {
                 }
                 Err(message) => {
                     self.targets.push(None);
-                    self.rec.end(step, "failed", Some(message)).await;
+                    self.rec.fail(step, &message).await;
                     ok = false;
                 }
             }
@@ -233,13 +274,13 @@ impl<'a> RunContext<'a> {
                 .await;
             let result = match self.deps.consumer(&name) {
                 Ok(handle) => {
-                    let checked = handle.preflight().await.map_err(|e| e.to_string());
+                    let checked = handle.preflight().await.map_err(StepError::from);
                     self.consumers.push(Some(handle));
                     checked
                 }
                 Err(message) => {
                     self.consumers.push(None);
-                    Err(message)
+                    Err(StepError::new("config", message))
                 }
             };
             ok &= result.is_ok();
@@ -252,20 +293,26 @@ impl<'a> RunContext<'a> {
         self.targets.get(i).and_then(Option::as_ref)
     }
 
-    fn runtime(&self, i: usize) -> Result<&TargetRuntime<'a>, String> {
+    fn runtime(&self, i: usize) -> Result<&TargetRuntime<'a>, StepError> {
         self.targets.get(i).and_then(Option::as_ref).ok_or_else(|| {
-            format!(
-                "target {:?} cannot be acted on: it is not in the config any more",
-                self.rec.state.targets[i].name
+            StepError::new(
+                "config",
+                format!(
+                    "target {:?} cannot be acted on: it is not in the config any more",
+                    self.rec.state.targets[i].name
+                ),
             )
         })
     }
 
-    fn credentials(&self, i: usize) -> Result<(Credential, Credential), String> {
+    fn credentials(&self, i: usize) -> Result<(Credential, Credential), StepError> {
         let state = &self.rec.state.targets[i];
         match (&state.current, &state.next) {
             (Some(current), Some(next)) => Ok((current.into(), next.into())),
-            _ => Err("the run state has no credentials for this target".into()),
+            _ => Err(StepError::new(
+                "journal_state",
+                "the run state has no credentials for this target",
+            )),
         }
     }
 
@@ -295,7 +342,7 @@ impl<'a> RunContext<'a> {
                     .backend
                     .apply(&current, &next)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(StepError::from),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             if result.is_ok() {
@@ -313,11 +360,9 @@ impl<'a> RunContext<'a> {
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin("verify-backend", &name).await;
             let result = match (self.runtime(i), self.credentials(i)) {
-                (Ok(runtime), Ok((_, next))) => runtime
-                    .backend
-                    .login(&next)
-                    .await
-                    .map_err(|e| e.to_string()),
+                (Ok(runtime), Ok((_, next))) => {
+                    runtime.backend.login(&next).await.map_err(StepError::from)
+                }
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             self.rec.finish(step, &result).await;
@@ -346,8 +391,11 @@ impl<'a> RunContext<'a> {
                     Ok(value) => runtime.stores[j]
                         .compare_and_swap(original.as_ref(), Some(value))
                         .await
-                        .map_err(|e| e.to_string()),
-                    Err(message) => Err(format!("{}: {message}", runtime.stores[j].describe())),
+                        .map_err(StepError::from),
+                    Err(message) => Err(StepError::new(
+                        "store_format",
+                        format!("{}: {message}", runtime.stores[j].describe()),
+                    )),
                 };
                 if result.is_ok() {
                     self.rec.state.targets[i].stores[j].publish = Progress::Done;
@@ -378,8 +426,11 @@ impl<'a> RunContext<'a> {
             self.rec.state.consumers[k].restart = Progress::Started;
             let step = self.rec.begin("restart", &name).await;
             let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                Some(handle) => handle.restart_and_wait().await.map_err(|e| e.to_string()),
-                None => Err(format!("consumer {name:?} is not in the config any more")),
+                Some(handle) => handle.restart_and_wait().await.map_err(StepError::from),
+                None => Err(StepError::new(
+                    "config",
+                    format!("consumer {name:?} is not in the config any more"),
+                )),
             };
             if result.is_ok() {
                 self.rec.state.consumers[k].restart = Progress::Done;
@@ -392,10 +443,14 @@ impl<'a> RunContext<'a> {
     }
 
     /// Logs in with the credential each store now holds: what a restarted pod sees.
-    async fn verify_stores(&self, i: usize, expected: Option<&Credential>) -> Result<(), String> {
+    async fn verify_stores(
+        &self,
+        i: usize,
+        expected: Option<&Credential>,
+    ) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
         for (j, store) in runtime.stores.iter().enumerate() {
-            let Some(value) = store.read().await.map_err(|e| e.to_string())? else {
+            let Some(value) = store.read().await.map_err(StepError::from)? else {
                 if self.rec.state.targets[i]
                     .stores
                     .get(j)
@@ -404,24 +459,33 @@ impl<'a> RunContext<'a> {
                 {
                     continue;
                 }
-                return Err(format!("{}: the key is absent", store.describe()));
+                return Err(StepError::new(
+                    "store_missing",
+                    format!("{}: the key is absent", store.describe()),
+                ));
             };
             let credential = format::credential_from(
                 &value,
                 &runtime.config.stores[j].format,
                 &runtime.config.user,
             )
-            .map_err(|m| format!("{}: {m}", store.describe()))?;
+            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
             if expected.is_some_and(|e| e != &credential) {
-                return Err(format!(
-                    "{}: holds a different credential than this run wrote",
-                    store.describe()
+                return Err(StepError::new(
+                    "store_changed",
+                    format!(
+                        "{}: holds a different credential than this run wrote",
+                        store.describe()
+                    ),
                 ));
             }
             runtime.backend.login(&credential).await.map_err(|e| {
-                format!(
-                    "{}: the credential it holds does not log in: {e}",
-                    store.describe()
+                StepError::new(
+                    e.metric_label(),
+                    format!(
+                        "{}: the credential it holds does not log in: {e}",
+                        store.describe()
+                    ),
                 )
             })?;
         }
@@ -453,7 +517,7 @@ impl<'a> RunContext<'a> {
                     .backend
                     .retire(&current, &next)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(StepError::from),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             match &result {
@@ -533,7 +597,7 @@ impl<'a> RunContext<'a> {
                     .backend
                     .undo_apply(&current, &next)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(StepError::from),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             if result.is_ok() {
@@ -556,8 +620,11 @@ impl<'a> RunContext<'a> {
             let name = self.rec.state.consumers[k].name.clone();
             let step = self.rec.begin("undo-restart", &name).await;
             let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                Some(handle) => handle.restart_and_wait().await.map_err(|e| e.to_string()),
-                None => Err(format!("consumer {name:?} is not in the config any more")),
+                Some(handle) => handle.restart_and_wait().await.map_err(StepError::from),
+                None => Err(StepError::new(
+                    "config",
+                    format!("consumer {name:?} is not in the config any more"),
+                )),
             };
             match &result {
                 Ok(()) => self.rec.state.consumers[k].restart = Progress::Undone,
@@ -642,8 +709,11 @@ impl<'a> RunContext<'a> {
 }
 
 /// Puts a store's original value back, unless someone else has written it since.
-async fn restore_store(store: &dyn crate::store::Store, state: &StoreState) -> Result<(), String> {
-    let now = store.read().await.map_err(|e| e.to_string())?;
+async fn restore_store(
+    store: &dyn crate::store::Store,
+    state: &StoreState,
+) -> Result<(), StepError> {
+    let now = store.read().await.map_err(StepError::from)?;
     if now == state.original {
         return Ok(());
     }
@@ -651,10 +721,13 @@ async fn restore_store(store: &dyn crate::store::Store, state: &StoreState) -> R
         return store
             .compare_and_swap(state.written.as_ref(), state.original.as_ref())
             .await
-            .map_err(|e| e.to_string());
+            .map_err(StepError::from);
     }
-    Err(format!(
-        "{}: holds a value this run did not write; left as it is",
-        store.describe()
+    Err(StepError::new(
+        "store_conflict",
+        format!(
+            "{}: holds a value this run did not write; left as it is",
+            store.describe()
+        ),
     ))
 }

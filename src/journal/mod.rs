@@ -73,6 +73,17 @@ pub struct RunSummary {
     pub steps: Vec<StepRecord>,
 }
 
+/// What the journal knows of one target, for metrics and `GET /v1/targets` (also after a restart).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetHistory {
+    /// Unix milliseconds when the newest run on the target started.
+    pub last_attempt: Option<i64>,
+    /// That run's outcome; `None` while it is running or interrupted.
+    pub last_outcome: Option<String>,
+    /// Unix milliseconds when the newest successful run finished.
+    pub last_success: Option<i64>,
+}
+
 /// An interrupted run: its decrypted state, for recovery.
 pub struct Unfinished {
     pub id: String,
@@ -268,6 +279,34 @@ impl Journal {
             Some(row) => Ok(Some(self.summary(row).await?)),
             None => Ok(None),
         }
+    }
+
+    pub async fn target_history(&self, target: &str) -> Result<TargetHistory, JournalError> {
+        let last = sqlx::query(
+            "SELECT r.started_at, r.outcome FROM rotator_runs r JOIN rotator_run_targets t ON t.run_id = r.id \
+             WHERE t.target = $1 ORDER BY r.started_at DESC LIMIT 1",
+        )
+        .bind(target)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        let success = sqlx::query(
+            "SELECT r.finished_at FROM rotator_runs r JOIN rotator_run_targets t ON t.run_id = r.id \
+             WHERE t.target = $1 AND r.outcome = 'succeeded' ORDER BY r.finished_at DESC LIMIT 1",
+        )
+        .bind(target)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        let mut history = TargetHistory::default();
+        if let Some(row) = last {
+            history.last_attempt = Some(row.try_get("started_at").map_err(JournalError::Query)?);
+            history.last_outcome = row.try_get("outcome").map_err(JournalError::Query)?;
+        }
+        if let Some(row) = success {
+            history.last_success = row.try_get("finished_at").map_err(JournalError::Query)?;
+        }
+        Ok(history)
     }
 
     /// The newest runs first.

@@ -410,6 +410,16 @@ impl ComposeHost {
 }
 
 pub fn file_config(pg_address: &str, command: &[String]) -> String {
+    file_config_with(pg_address, command, "", "")
+}
+
+/// [`file_config`] with extra lines in `[rotator]` and in the target.
+pub fn file_config_with(
+    pg_address: &str,
+    command: &[String],
+    rotator_extra: &str,
+    target_extra: &str,
+) -> String {
     let argv = command
         .iter()
         .map(|a| format!("{a:?}"))
@@ -420,6 +430,7 @@ pub fn file_config(pg_address: &str, command: &[String]) -> String {
 [rotator]
 journal = "sqlite://journal.db"
 journal_key = "env:ROTATOR_JOURNAL_KEY"
+{rotator_extra}
 
 [[target]]
 name = "postgres"
@@ -430,6 +441,7 @@ user = "llmtrace"
 admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
 sslmode = "disable"
 consumers = ["proxy"]
+{target_extra}
 
   [[target.store]]
   kind = "file"
@@ -453,4 +465,180 @@ timeout = "20s"
 
 pub fn ensure_dir(path: &Path) {
     std::fs::create_dir_all(path).unwrap();
+}
+
+/// A running `serve` process: its address, the token it accepts, and everything it logged.
+pub struct Server {
+    pub child: tokio::process::Child,
+    pub base: String,
+    pub token: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    pub http: reqwest::Client,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Rotator {
+    /// Starts `serve` (the config must listen on `port` and read tokens from ROTATOR_API_TOKENS)
+    /// and waits until /healthz answers.
+    pub async fn serve(&self, port: u16) -> Server {
+        let token = random_password();
+        let mut command = self.command(&["serve"]);
+        command.env(
+            "ROTATOR_API_TOKENS",
+            format!("# operators\n{token}\nsecond-token-{token}\n"),
+        );
+        let mut child = command.spawn().expect("serve started");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            token,
+            log,
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..200 {
+            if let Ok(response) = server
+                .http
+                .get(format!("{}/healthz", server.base))
+                .send()
+                .await
+            {
+                if response.status().is_success() {
+                    return server;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "serve did not come up; it logged:\n{}",
+            server.log.lock().unwrap()
+        );
+    }
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Polls a run until it has an outcome.
+    pub async fn wait_for_run(&self, id: &str) -> serde_json::Value {
+        for _ in 0..600 {
+            let (status, run) = self.get(&format!("/v1/rotations/{id}")).await;
+            assert_eq!(status, 200, "{run}");
+            if !run["outcome"].is_null() {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("run {id} did not finish");
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-s", name, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub async fn wait(&mut self, limit: Duration) -> i32 {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("serve exited in time")
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition, by metric name and labels.
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let label_text = rest.trim_end_matches('}');
+            let all = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
+            all.then(|| value.parse().ok()).flatten()
+        })
 }

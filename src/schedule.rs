@@ -1,0 +1,176 @@
+//! Five-field cron schedules (minute hour day-of-month month day-of-week, UTC), as crontab
+//! and Kubernetes CronJobs write them; a sixth, leading seconds field is accepted too.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+
+/// A parsed schedule; keeps the text it came from for reports.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub expression: String,
+    cron: cron::Schedule,
+}
+
+impl Schedule {
+    pub fn parse(expression: &str) -> Result<Schedule, String> {
+        let mut fields: Vec<&str> = expression.split_whitespace().collect();
+        let seconds = match fields.len() {
+            5 => "0",
+            6 => fields.remove(0),
+            _ => {
+                return Err(format!(
+                    "{expression:?} is not a 5-field cron expression (minute hour day-of-month month day-of-week)"
+                ))
+            }
+        };
+        let weekday = crontab_weekdays(fields[4]).map_err(|m| format!("{expression:?}: {m}"))?;
+        // The cron crate wants seconds first and numbers weekdays 1 (Sunday) to 7.
+        let text = format!(
+            "{seconds} {} {} {} {} {weekday}",
+            fields[0], fields[1], fields[2], fields[3]
+        );
+        let cron = cron::Schedule::from_str(&text)
+            .map_err(|e| format!("{expression:?} is not a valid cron expression: {e}"))?;
+        Ok(Schedule {
+            expression: expression.to_string(),
+            cron,
+        })
+    }
+
+    /// The first fire strictly after `time`.
+    pub fn next_after(&self, time: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron.after(&time).next()
+    }
+
+    /// The newest fire in `(after, until]`, if any.
+    pub fn latest_between(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.cron.after(&after).take_while(|t| *t <= until).last()
+    }
+}
+
+/// Crontab numbers weekdays 0-7 with 0 and 7 both Sunday; names pass through.
+fn crontab_weekdays(field: &str) -> Result<String, String> {
+    let translate = |n: &str| -> Result<u32, String> {
+        match n.parse::<u32>() {
+            Ok(d @ 0..=7) => Ok(d % 7 + 1),
+            Ok(_) => Err(format!("day-of-week {n} is not 0-7")),
+            Err(_) => Err(format!("day-of-week {n:?} is not a number or a name")),
+        }
+    };
+    let is_number = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    let mut parts = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (range, Some(step)),
+            None => (item, None),
+        };
+        let translated = match range.split_once('-') {
+            Some((a, b)) if is_number(a) && is_number(b) => {
+                let (a, b) = (translate(a)?, translate(b)?);
+                // "5-7" (Friday to Sunday) becomes 6-7 plus Sunday, which is 1 in the crate.
+                if b == 1 && a != 1 {
+                    parts.push("1".to_string());
+                    format!("{a}-7")
+                } else {
+                    format!("{a}-{b}")
+                }
+            }
+            None if is_number(range) => translate(range)?.to_string(),
+            _ => range.to_string(),
+        };
+        parts.push(match step {
+            Some(step) => format!("{translated}/{step}"),
+            None => translated,
+        });
+    }
+    Ok(parts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, TimeZone, Weekday};
+
+    fn at(y: i32, m: u32, d: u32, h: u32, min: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap()
+    }
+
+    #[test]
+    fn sunday_is_0_7_or_sun() {
+        // 2026-11-28 is a Saturday.
+        let from = at(2026, 11, 28, 12, 0);
+        for expr in ["0 3 * * SUN", "0 3 * * 0", "0 3 * * 7", "0 3 * * Sun"] {
+            let next = Schedule::parse(expr).unwrap().next_after(from).unwrap();
+            assert_eq!(next, at(2026, 11, 29, 3, 0), "{expr}");
+        }
+    }
+
+    #[test]
+    fn weekday_ranges_mean_what_crontab_means() {
+        let weekdays = Schedule::parse("30 2 * * 1-5").unwrap();
+        let mut t = at(2026, 11, 28, 0, 0);
+        let mut days = Vec::new();
+        for _ in 0..5 {
+            t = weekdays.next_after(t).unwrap();
+            days.push(t.weekday());
+        }
+        assert_eq!(
+            days,
+            [
+                Weekday::Mon,
+                Weekday::Tue,
+                Weekday::Wed,
+                Weekday::Thu,
+                Weekday::Fri
+            ]
+        );
+        let weekend = Schedule::parse("0 0 * * 5-7").unwrap();
+        let mut t = at(2026, 11, 23, 0, 0);
+        let mut days = Vec::new();
+        for _ in 0..3 {
+            t = weekend.next_after(t).unwrap();
+            days.push(t.weekday());
+        }
+        assert_eq!(days, [Weekday::Fri, Weekday::Sat, Weekday::Sun]);
+    }
+
+    #[test]
+    fn steps_and_latest_fire() {
+        let every5 = Schedule::parse("*/5 * * * *").unwrap();
+        assert_eq!(
+            every5.next_after(at(2026, 1, 1, 0, 1)).unwrap(),
+            at(2026, 1, 1, 0, 5)
+        );
+        assert_eq!(
+            every5.latest_between(at(2026, 1, 1, 0, 1), at(2026, 1, 1, 0, 17)),
+            Some(at(2026, 1, 1, 0, 15))
+        );
+        assert_eq!(
+            every5.latest_between(at(2026, 1, 1, 0, 1), at(2026, 1, 1, 0, 4)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_leading_seconds_field_is_accepted() {
+        let every10s = Schedule::parse("*/10 * * * * *").unwrap();
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 1).unwrap();
+        assert_eq!(
+            every10s.next_after(t).unwrap(),
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 10).unwrap()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_expressions() {
+        assert!(Schedule::parse("0 3 * *").is_err());
+        assert!(Schedule::parse("0 3 * * 8").is_err());
+        assert!(Schedule::parse("61 3 * * *").is_err());
+        assert!(Schedule::parse("0 3 * * MON-FUNDAY").is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! Prometheus metrics. The names are a contract for the dashboards and alert rules.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::{Outcome, RunReport};
+use crate::journal::TargetHistory;
+
+const OUTCOMES: [Outcome; 4] = [
+    Outcome::Succeeded,
+    Outcome::Refused,
+    Outcome::RolledBack,
+    Outcome::RollbackFailed,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    rotations: IntCounterVec,
+    duration: HistogramVec,
+    step_failures: IntCounterVec,
+    rollbacks: IntCounterVec,
+    last_success: GaugeVec,
+    last_attempt: GaugeVec,
+    next_rotation: GaugeVec,
+    credential_valid: IntGaugeVec,
+    credential_age: GaugeVec,
+    in_progress: IntGaugeVec,
+    skipped: IntCounterVec,
+    /// Unix seconds of each target's last success, to compute the credential's age at scrape time.
+    successes: Mutex<HashMap<String, f64>>,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn unix_seconds(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+fn now_seconds() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry; counters start at 0 for each target so
+    /// that `increase()` sees the first failure.
+    pub fn new(targets: &[String]) -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let metrics = Metrics {
+            rotations: counter(
+                r,
+                "rotator_rotations_total",
+                "Rotation runs by target and outcome.",
+                &["target", "outcome"],
+            ),
+            duration: {
+                let opts = HistogramOpts::new(
+                    "rotator_rotation_duration_seconds",
+                    "Wall time of rotation runs.",
+                )
+                .buckets(vec![
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]);
+                let metric = HistogramVec::new(opts, &["target"]).expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                metric
+            },
+            step_failures: counter(
+                r,
+                "rotator_step_failures_total",
+                "Failed steps by target, step and error kind.",
+                &["target", "step", "error"],
+            ),
+            rollbacks: counter(
+                r,
+                "rotator_rollbacks_total",
+                "Rollbacks by target and how they ended (rolled_back, rollback_failed).",
+                &["target", "outcome"],
+            ),
+            last_success: gauge(
+                r,
+                "rotator_last_success_timestamp_seconds",
+                "When the target last rotated successfully.",
+                &["target"],
+            ),
+            last_attempt: gauge(
+                r,
+                "rotator_last_attempt_timestamp_seconds",
+                "When a rotation of the target last started.",
+                &["target"],
+            ),
+            next_rotation: gauge(
+                r,
+                "rotator_next_rotation_timestamp_seconds",
+                "When the target is next scheduled to rotate.",
+                &["target"],
+            ),
+            credential_valid: int_gauge(
+                r,
+                "rotator_credential_valid",
+                "1 when every store's credential logs in (drift check).",
+                &["target"],
+            ),
+            credential_age: gauge(
+                r,
+                "rotator_credential_age_seconds",
+                "Seconds since the target's credential was last rotated.",
+                &["target"],
+            ),
+            in_progress: int_gauge(
+                r,
+                "rotator_rotation_in_progress",
+                "1 while a rotation of the target runs.",
+                &["target"],
+            ),
+            skipped: counter(
+                r,
+                "rotator_skipped_schedules_total",
+                "Scheduled rotations not run, by reason (missed_window, busy).",
+                &["target", "reason"],
+            ),
+            successes: Mutex::new(HashMap::new()),
+            registry,
+        };
+        let build = int_gauge(
+            &metrics.registry,
+            "rotator_build_info",
+            "The running version.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for target in targets {
+            for outcome in OUTCOMES {
+                metrics
+                    .rotations
+                    .with_label_values(&[target, outcome.as_str()]);
+            }
+            for outcome in [Outcome::RolledBack, Outcome::RollbackFailed] {
+                metrics
+                    .rollbacks
+                    .with_label_values(&[target, outcome.as_str()]);
+            }
+            for reason in ["missed_window", "busy"] {
+                metrics.skipped.with_label_values(&[target, reason]);
+            }
+            metrics.in_progress.with_label_values(&[target]).set(0);
+        }
+        metrics
+    }
+
+    /// Sets what the journal knows, so the values are right right after a restart.
+    pub fn set_history(&self, target: &str, history: &TargetHistory) {
+        if let Some(ms) = history.last_attempt {
+            self.last_attempt
+                .with_label_values(&[target])
+                .set(unix_seconds(ms));
+        }
+        if let Some(ms) = history.last_success {
+            self.last_success
+                .with_label_values(&[target])
+                .set(unix_seconds(ms));
+            self.successes
+                .lock()
+                .expect("metrics lock")
+                .insert(target.to_string(), unix_seconds(ms));
+        }
+    }
+
+    pub fn set_in_progress(&self, targets: &[String], running: bool) {
+        for target in targets {
+            self.in_progress
+                .with_label_values(&[target])
+                .set(i64::from(running));
+            if running {
+                self.last_attempt
+                    .with_label_values(&[target])
+                    .set(now_seconds());
+            }
+        }
+    }
+
+    pub fn is_in_progress(&self, target: &str) -> bool {
+        self.in_progress.with_label_values(&[target]).get() > 0
+    }
+
+    pub fn set_next(&self, target: &str, at: chrono::DateTime<chrono::Utc>) {
+        self.next_rotation
+            .with_label_values(&[target])
+            .set(at.timestamp_millis() as f64 / 1000.0);
+    }
+
+    pub fn set_valid(&self, target: &str, valid: bool) {
+        self.credential_valid
+            .with_label_values(&[target])
+            .set(i64::from(valid));
+    }
+
+    pub fn skipped(&self, target: &str, reason: &str) {
+        self.skipped.with_label_values(&[target, reason]).inc();
+    }
+
+    /// Counts a finished run; `consumers_of` names the targets a consumer serves, to attribute
+    /// a consumer's failure to them.
+    pub fn observe_run(&self, report: &RunReport, consumers_of: impl Fn(&str) -> Vec<String>) {
+        let outcome = report.outcome.as_str();
+        for target in &report.targets {
+            self.rotations.with_label_values(&[target, outcome]).inc();
+            self.duration
+                .with_label_values(&[target])
+                .observe(report.duration_ms as f64 / 1000.0);
+            if matches!(
+                report.outcome,
+                Outcome::RolledBack | Outcome::RollbackFailed
+            ) {
+                self.rollbacks.with_label_values(&[target, outcome]).inc();
+            }
+            if report.outcome == Outcome::Succeeded {
+                let now = now_seconds();
+                self.last_success.with_label_values(&[target]).set(now);
+                self.successes
+                    .lock()
+                    .expect("metrics lock")
+                    .insert(target.clone(), now);
+            }
+        }
+        for failure in &report.failures {
+            let owner = failure.subject.split('/').next().unwrap_or_default();
+            let targets = if report.targets.iter().any(|t| t == owner) {
+                vec![owner.to_string()]
+            } else {
+                consumers_of(failure.subject.trim_start_matches("consumer/"))
+            };
+            for target in targets {
+                self.step_failures
+                    .with_label_values(&[&target, &failure.step, failure.label])
+                    .inc();
+            }
+        }
+    }
+
+    /// The text exposition, with credential ages computed now.
+    pub fn encode(&self) -> String {
+        let now = now_seconds();
+        for (target, at) in self.successes.lock().expect("metrics lock").iter() {
+            self.credential_age
+                .with_label_values(&[target])
+                .set((now - at).max(0.0));
+        }
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding");
+        String::from_utf8(buffer).expect("the exposition is UTF-8")
+    }
+}

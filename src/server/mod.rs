@@ -1,0 +1,205 @@
+//! `serve`: the scheduler, the HTTP API and `/metrics` in one process, on the same engine and
+//! journal as `rotate`.
+//!
+//! # Layout
+//! - [`scheduler`]: cron fires, windows, jitter, the periodic drift check.
+//! - [`api`]: the HTTP API (axum) and its errors.
+//! - [`auth`]: bearer tokens.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`openapi`]: the API's OpenAPI document.
+
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod openapi;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::plan::Plan;
+use crate::engine::{check, recover, run, Deps, Engine, EngineError, RunReport};
+use crate::resolve::resolve;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the scheduler and the API share.
+pub struct Daemon {
+    pub engine: Arc<Engine>,
+    pub metrics: metrics::Metrics,
+    pub tokens: auth::Tokens,
+    /// Runs in flight; shutdown waits for them.
+    pub tracker: TaskTracker,
+    /// Each scheduled target's next fire.
+    pub next_fires: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// Each target's last drift check result.
+    pub valid: Mutex<HashMap<String, bool>>,
+}
+
+impl Daemon {
+    fn config(&self) -> &Config {
+        &self.engine.deps.config
+    }
+
+    /// The targets that restart `consumer`.
+    pub fn targets_of(&self, consumer: &str) -> Vec<String> {
+        self.config()
+            .targets
+            .iter()
+            .filter(|t| t.consumers.iter().any(|c| c == consumer))
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    /// Locks the plan's targets and journals a run, then runs it in the background. Answers
+    /// with the run id, or `Busy` when a target is rotating already.
+    pub async fn launch(
+        self: &Arc<Self>,
+        plan: Plan,
+        trigger: &'static str,
+    ) -> Result<String, EngineError> {
+        let (started, answer) = tokio::sync::oneshot::channel();
+        let daemon = self.clone();
+        self.tracker.spawn(async move {
+            let engine = daemon.engine.clone();
+            let context = match run::start(&engine, &plan, trigger).await {
+                Ok(context) => context,
+                Err(error) => {
+                    let _ = started.send(Err(error));
+                    return;
+                }
+            };
+            let _ = started.send(Ok(context.id().to_string()));
+            let targets = plan.target_names();
+            daemon.metrics.set_in_progress(&targets, true);
+            let report = context.execute().await;
+            daemon.metrics.set_in_progress(&targets, false);
+            daemon.observe(&report);
+            daemon.check(&targets).await;
+        });
+        answer.await.unwrap_or_else(|_| {
+            Err(EngineError::Internal(
+                "the run task ended before starting".into(),
+            ))
+        })
+    }
+
+    fn observe(&self, report: &RunReport) {
+        self.metrics
+            .observe_run(report, |consumer| self.targets_of(consumer));
+    }
+
+    /// Runs the drift check on `targets` and records the result.
+    pub async fn check(&self, targets: &[String]) {
+        let report = check::check(&self.engine.deps, targets).await;
+        let mut valid = self.valid.lock().expect("valid lock");
+        for target in &report.targets {
+            if !target.valid {
+                tracing::warn!(target = %target.target, "drift: a stored credential does not log in");
+            }
+            self.metrics.set_valid(&target.target, target.valid);
+            valid.insert(target.target.clone(), target.valid);
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops taking requests and gives runs in
+/// flight `shutdown_grace` to finish or roll back; what is left then is for recovery.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listen = config.rotator.listen;
+    let grace = config.rotator.shutdown_grace;
+    let deps = Deps::new(config).await?;
+    let tokens = match &deps.config.rotator.api_tokens {
+        Some(reference) => auth::Tokens::parse(
+            &resolve(reference, "rotator.api_tokens", deps.kube.as_ref())
+                .await
+                .map_err(EngineError::from)?,
+        ),
+        None => {
+            tracing::warn!("no api_tokens configured: every /v1 request is refused");
+            auth::Tokens::none()
+        }
+    };
+    let engine = Arc::new(Engine::new(deps).await?);
+    let names: Vec<String> = engine
+        .deps
+        .config
+        .targets
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let daemon = Arc::new(Daemon {
+        metrics: metrics::Metrics::new(&names),
+        engine: engine.clone(),
+        tokens,
+        tracker: TaskTracker::new(),
+        next_fires: Mutex::new(HashMap::new()),
+        valid: Mutex::new(HashMap::new()),
+    });
+    for report in recover::recover_all(&engine).await? {
+        tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered an interrupted run");
+        daemon.observe(&report);
+    }
+    for name in &names {
+        let history = engine
+            .journal
+            .target_history(name)
+            .await
+            .map_err(EngineError::from)?;
+        daemon.metrics.set_history(name, &history);
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            address: listen,
+            source,
+        })?;
+    tracing::info!(address = %listen, "serving");
+
+    let stop = CancellationToken::new();
+    let background = tokio::spawn(scheduler::run(daemon.clone(), stop.clone()));
+    let app = api::router(daemon.clone());
+    let stopping = stop.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new requests or scheduled runs");
+            stopping.cancel();
+        })
+        .await;
+    if let Err(error) = served {
+        tracing::error!(cause = %error, "the HTTP server failed");
+    }
+    stop.cancel();
+    let _ = background.await;
+    daemon.tracker.close();
+    if tokio::time::timeout(grace, daemon.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_seconds = grace.as_secs(),
+            "runs still in flight are left to recovery at the next start"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Fires scheduled rotations and the periodic drift check.
+//!
+//! A fire missed by more than the target's `window` (daemon down, target busy) is skipped
+//! and counted, never run late. Targets due together that share a consumer rotate in one run,
+//! so the consumer restarts once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use super::Daemon;
+use crate::config::Target;
+use crate::engine::plan::Plan;
+use crate::engine::EngineError;
+use crate::journal::JournalError;
+
+/// Upper bound on one sleep, so a clock jump is noticed within a minute.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// One pending fire: when it was scheduled, and when it runs (with jitter).
+#[derive(Debug, Clone, Copy)]
+struct Fire {
+    scheduled: DateTime<Utc>,
+    at: DateTime<Utc>,
+}
+
+fn jittered(target: &Target, scheduled: DateTime<Utc>) -> Fire {
+    let jitter_ms = target.jitter.as_millis() as i64;
+    let delay = if jitter_ms > 0 {
+        rand::rng().random_range(0..=jitter_ms)
+    } else {
+        0
+    };
+    Fire {
+        scheduled,
+        at: scheduled + chrono::Duration::milliseconds(delay),
+    }
+}
+
+pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
+    let checker = tokio::spawn(drift_checks(daemon.clone(), stop.clone()));
+    let mut fires = first_fires(&daemon).await;
+    loop {
+        publish_next(&daemon, &fires);
+        let now = Utc::now();
+        let Some(earliest) = fires.values().map(|f| f.at).min() else {
+            stop.cancelled().await;
+            break;
+        };
+        let wait = (earliest - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_SLEEP);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let now = Utc::now();
+        let due: Vec<(String, Fire)> = fires
+            .iter()
+            .filter(|(_, f)| f.at <= now)
+            .map(|(t, f)| (t.clone(), *f))
+            .collect();
+        let mut runnable = Vec::new();
+        for (name, fire) in due {
+            let Some(target) = daemon.engine.deps.config.target(&name) else {
+                continue;
+            };
+            let late = (now - fire.at).to_std().unwrap_or_default();
+            if late > target.window {
+                tracing::warn!(target = %name, late_seconds = late.as_secs(), "scheduled rotation missed its window; skipped");
+                daemon.metrics.skipped(&name, "missed_window");
+            } else {
+                runnable.push(name.clone());
+            }
+            let schedule = target
+                .schedule
+                .as_ref()
+                .expect("only scheduled targets have fires");
+            if let Some(next) = schedule.next_after(fire.scheduled.max(now)) {
+                fires.insert(name, jittered(target, next));
+            }
+        }
+        for group in group_by_consumer(&daemon, &runnable) {
+            launch(&daemon, group).await;
+        }
+    }
+    let _ = checker.await;
+}
+
+/// The next fire of every scheduled target. A fire missed while the daemon was down runs now
+/// if it is still within the window, and is counted as skipped otherwise.
+async fn first_fires(daemon: &Daemon) -> BTreeMap<String, Fire> {
+    let now = Utc::now();
+    let mut fires = BTreeMap::new();
+    for target in &daemon.engine.deps.config.targets {
+        let Some(schedule) = &target.schedule else {
+            continue;
+        };
+        let last_attempt = match daemon.engine.journal.target_history(&target.name).await {
+            Ok(history) => history
+                .last_attempt
+                .and_then(DateTime::from_timestamp_millis),
+            Err(error) => {
+                tracing::error!(target = %target.name, cause = %error, "cannot read the target's history");
+                None
+            }
+        };
+        let missed = last_attempt.and_then(|last| schedule.latest_between(last, now));
+        match missed {
+            Some(missed) if (now - missed).to_std().unwrap_or_default() <= target.window => {
+                fires.insert(
+                    target.name.clone(),
+                    Fire {
+                        scheduled: missed,
+                        at: now,
+                    },
+                );
+                continue;
+            }
+            Some(_) => {
+                tracing::warn!(target = %target.name, "a scheduled rotation was missed while the daemon was down; skipped");
+                daemon.metrics.skipped(&target.name, "missed_window");
+            }
+            None => {}
+        }
+        if let Some(next) = schedule.next_after(now) {
+            fires.insert(target.name.clone(), jittered(target, next));
+        }
+    }
+    fires
+}
+
+fn publish_next(daemon: &Daemon, fires: &BTreeMap<String, Fire>) {
+    let mut next = daemon.next_fires.lock().expect("next fires lock");
+    for (target, fire) in fires {
+        daemon.metrics.set_next(target, fire.at);
+        next.insert(target.clone(), fire.at);
+    }
+}
+
+/// Splits due targets into groups that share no consumer (each group is one run).
+fn group_by_consumer(daemon: &Daemon, due: &[String]) -> Vec<Vec<String>> {
+    let config = &daemon.engine.deps.config;
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    for name in due {
+        let consumers = &config.target(name).expect("due targets exist").consumers;
+        let shares = |group: &Vec<String>| {
+            group.iter().any(|other| {
+                let theirs = &config.target(other).expect("due targets exist").consumers;
+                consumers.iter().any(|c| theirs.contains(c))
+            })
+        };
+        let mut merged: Vec<String> = vec![name.clone()];
+        groups.retain(|group| {
+            if shares(group) {
+                merged.extend(group.iter().cloned());
+                false
+            } else {
+                true
+            }
+        });
+        groups.push(merged);
+    }
+    groups
+}
+
+async fn launch(daemon: &Arc<Daemon>, targets: Vec<String>) {
+    let plan = match Plan::new(&daemon.engine.deps.config, &targets) {
+        Ok(plan) => plan,
+        Err(error) => {
+            tracing::error!(cause = %error, "cannot plan a scheduled rotation");
+            return;
+        }
+    };
+    match daemon.launch(plan, "schedule").await {
+        Ok(id) => tracing::info!(run = %id, targets = ?targets, "scheduled rotation started"),
+        Err(EngineError::Journal(JournalError::Busy(busy))) => {
+            tracing::warn!(target = %busy, "scheduled rotation skipped: the target is rotating already");
+            for target in &targets {
+                daemon.metrics.skipped(target, "busy");
+            }
+        }
+        Err(error) => tracing::error!(cause = %error, "scheduled rotation could not start"),
+    }
+}
+
+async fn drift_checks(daemon: Arc<Daemon>, stop: CancellationToken) {
+    let Some(interval) = daemon.engine.deps.config.rotator.check_interval else {
+        return;
+    };
+    let all: Vec<String> = daemon
+        .engine
+        .deps
+        .config
+        .targets
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    loop {
+        daemon.check(&all).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
