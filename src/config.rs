@@ -76,6 +76,18 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 /// Long enough for a typical rollout and rollback; shorter than Kubernetes' default 30 s would cut runs.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+/// Without a schedule to go by, a credential is overdue after 90 days (a common audit period).
+pub const DEFAULT_MAX_AGE_UNSCHEDULED: Duration = Duration::from_secs(90 * 86400);
+
+/// Two schedule periods plus a day: one failed or skipped rotation is tolerated, two are not.
+fn default_max_age(schedule: Option<&crate::schedule::Schedule>) -> Duration {
+    schedule
+        .and_then(|s| s.period())
+        .map_or(DEFAULT_MAX_AGE_UNSCHEDULED, |period| {
+            period * 2 + Duration::from_secs(86400)
+        })
+}
+
 /// A scheduled rotation more than an hour late is skipped: it would surprise whoever planned the time.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -139,6 +151,8 @@ pub struct Target {
     pub window: Duration,
     /// Each fire is delayed by a random amount up to this, to spread load.
     pub jitter: Duration,
+    /// A credential older than this is overdue (the alert threshold).
+    pub max_age: Duration,
     pub consumers: Vec<String>,
     pub stores: Vec<StoreConfig>,
     pub password: PasswordPolicy,
@@ -794,6 +808,7 @@ fn parse_target(
     });
     let window = fields.duration("window", DEFAULT_WINDOW, errors);
     let jitter = fields.duration("jitter", Duration::ZERO, errors);
+    let max_age = fields.duration("max_age", default_max_age(schedule.as_ref()), errors);
     let consumers = fields.strings("consumers", errors).unwrap_or_default();
     for (j, name) in consumers.iter().enumerate() {
         if !known_consumers.contains(&name.as_str()) {
@@ -857,6 +872,7 @@ fn parse_target(
         schedule,
         window,
         jitter,
+        max_age,
         consumers,
         stores,
         password,
@@ -1067,6 +1083,16 @@ timeout = "2m"
         );
         assert_eq!(target.stores[0].format, Format::Url);
         assert_eq!(config.consumers[0].timeout, Duration::from_secs(120));
+        assert_eq!(target.max_age, DEFAULT_MAX_AGE_UNSCHEDULED);
+        let weekly = Config::parse(
+            &VALID.replace(
+                "consumers = [\"proxy\"]",
+                "consumers = [\"proxy\"]\nschedule = \"0 3 * * SUN\"",
+            ),
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(weekly.targets[0].max_age, Duration::from_secs(15 * 86400));
         assert!(config.uses_kubernetes());
         match &config.rotator.journal {
             JournalLocation::Url(url) => {

@@ -43,6 +43,15 @@ impl Schedule {
         self.cron.after(&time).next()
     }
 
+    /// The longest gap between the next 60 consecutive fires (weekly → 7 days).
+    pub fn period(&self) -> Option<std::time::Duration> {
+        let fires: Vec<DateTime<Utc>> = self.cron.upcoming(Utc).take(60).collect();
+        fires
+            .windows(2)
+            .filter_map(|w| (w[1] - w[0]).to_std().ok())
+            .max()
+    }
+
     /// The newest fire in `(after, until]`, if any.
     pub fn latest_between(
         &self,
@@ -163,6 +172,20 @@ mod tests {
         assert_eq!(
             every10s.next_after(t).unwrap(),
             Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 10).unwrap()
+        );
+    }
+
+    #[test]
+    fn period_is_the_longest_gap() {
+        let weekly = Schedule::parse("0 3 * * SUN").unwrap();
+        assert_eq!(
+            weekly.period(),
+            Some(std::time::Duration::from_secs(7 * 86400))
+        );
+        let weekdays = Schedule::parse("0 3 * * 1-5").unwrap();
+        assert_eq!(
+            weekdays.period(),
+            Some(std::time::Duration::from_secs(3 * 86400))
         );
     }
 

@@ -29,6 +29,7 @@ pub struct Metrics {
     next_rotation: GaugeVec,
     credential_valid: IntGaugeVec,
     credential_age: GaugeVec,
+    credential_max_age: GaugeVec,
     in_progress: IntGaugeVec,
     skipped: IntCounterVec,
     /// Unix seconds of each target's last success, to compute the credential's age at scrape time.
@@ -70,7 +71,7 @@ fn now_seconds() -> f64 {
 impl Metrics {
     /// Registers every metric in a fresh registry; counters start at 0 for each target so
     /// that `increase()` sees the first failure.
-    pub fn new(targets: &[String]) -> Metrics {
+    pub fn new(targets: &[(String, std::time::Duration)]) -> Metrics {
         let registry = Registry::new();
         let r = &registry;
         let metrics = Metrics {
@@ -136,6 +137,12 @@ impl Metrics {
                 "Seconds since the target's credential was last rotated.",
                 &["target"],
             ),
+            credential_max_age: gauge(
+                r,
+                "rotator_credential_max_age_seconds",
+                "Age at which the target's credential is overdue (max_age).",
+                &["target"],
+            ),
             in_progress: int_gauge(
                 r,
                 "rotator_rotation_in_progress",
@@ -158,7 +165,11 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for target in targets {
+        for (target, max_age) in targets {
+            metrics
+                .credential_max_age
+                .with_label_values(&[target])
+                .set(max_age.as_secs_f64());
             for outcome in OUTCOMES {
                 metrics
                     .rotations

@@ -148,7 +148,15 @@ pub async fn serve(
         .map(|t| t.name.clone())
         .collect();
     let daemon = Arc::new(Daemon {
-        metrics: metrics::Metrics::new(&names),
+        metrics: metrics::Metrics::new(
+            &engine
+                .deps
+                .config
+                .targets
+                .iter()
+                .map(|t| (t.name.clone(), t.max_age))
+                .collect::<Vec<_>>(),
+        ),
         engine: engine.clone(),
         tokens,
         tracker: TaskTracker::new(),

@@ -85,7 +85,7 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
                 fires.insert(name, jittered(target, next));
             }
         }
-        for group in group_by_consumer(&daemon, &runnable) {
+        for group in group_by_consumer(&daemon.engine.deps.config, &runnable) {
             launch(&daemon, group).await;
         }
     }
@@ -144,8 +144,7 @@ fn publish_next(daemon: &Daemon, fires: &BTreeMap<String, Fire>) {
 }
 
 /// Splits due targets into groups that share no consumer (each group is one run).
-fn group_by_consumer(daemon: &Daemon, due: &[String]) -> Vec<Vec<String>> {
-    let config = &daemon.engine.deps.config;
+fn group_by_consumer(config: &crate::config::Config, due: &[String]) -> Vec<Vec<String>> {
     let mut groups: Vec<Vec<String>> = Vec::new();
     for name in due {
         let consumers = &config.target(name).expect("due targets exist").consumers;
@@ -207,5 +206,44 @@ async fn drift_checks(daemon: Arc<Daemon>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_sharing_a_consumer_run_together() {
+        let mut text =
+            String::from("[rotator]\njournal = \"sqlite::memory:\"\njournal_key = \"literal:k\"\n");
+        for c in ["proxy", "worker", "batch"] {
+            text.push_str(&format!(
+                "[[consumer]]\nname = \"{c}\"\nkind = \"command\"\ncommand = [\"true\"]\n"
+            ));
+        }
+        for (name, consumers) in [
+            ("a", "\"proxy\""),
+            ("b", "\"worker\""),
+            ("c", "\"proxy\", \"worker\""),
+            ("d", "\"batch\""),
+        ] {
+            text.push_str(&format!(
+                "[[target]]\nname = \"{name}\"\nkind = \"postgres\"\naddress = \"h:5432\"\ndatabase = \"d\"\nuser = \"u\"\n\
+                 admin = {{ user = \"p\", password = \"literal:x\" }}\nconsumers = [{consumers}]\n\
+                 [[target.store]]\nkind = \"file\"\npath = \".env\"\nkey = \"K{name}\"\n"
+            ));
+        }
+        let config = crate::config::Config::parse(&text, std::path::Path::new("/")).unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut groups = group_by_consumer(&config, &names(&["a", "b", "d"]));
+        groups.sort();
+        assert_eq!(groups, [names(&["a"]), names(&["b"]), names(&["d"])]);
+        let mut groups = group_by_consumer(&config, &names(&["a", "b", "c", "d"]));
+        for g in &mut groups {
+            g.sort();
+        }
+        groups.sort();
+        assert_eq!(groups, [names(&["a", "b", "c"]), names(&["d"])]);
     }
 }
