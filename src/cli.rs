@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError};
 use crate::engine::plan::{dry_run, Plan};
 use crate::engine::report::history_text;
-use crate::engine::run::rotate;
+use crate::engine::run;
 use crate::engine::{check, recover, Deps, Engine, EngineError, Outcome, RunReport};
 use crate::journal::JournalError;
 
@@ -182,7 +182,20 @@ async fn execute(command: Command) -> Result<i32, Failure> {
             }
             let engine = Engine::new(deps).await?;
             let recovered = recover::recover_all(&engine).await?;
-            let report = rotate(&engine, &plan, "cli").await?;
+            // SIGTERM (a CronJob's deadline, a node drain) stops the run at the next step and
+            // rolls it back, rather than leaving pods on a half-rotated credential until next week.
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let on_signal = cancel.clone();
+            let listener = tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.cancel();
+            });
+            let report = run::start(&engine, &plan, "cli")
+                .await?
+                .with_cancel(cancel)
+                .execute()
+                .await;
+            listener.abort();
             print(
                 output,
                 &RotateOutput {

@@ -274,3 +274,53 @@ async fn dry_run_on_the_file_store_changes_nothing() {
     assert!(!host.rotator.path("journal.db").exists());
     assert_clean(&host, &out.all());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_the_restart_rolls_back_before_exiting() {
+    // The first restart hangs (as a stuck rollout would); the one during rollback is quick.
+    let mut host = ComposeHost::start().await;
+    let slow_once = format!(
+        "echo restarted >> {}; [ -e slow-done ] || {{ touch slow-done; sleep 30; }}",
+        host.restart_log.display()
+    );
+    host.rotator.write_config(&support::rotator::file_config(
+        &host.pg.address(),
+        &["sh".into(), "-c".into(), slow_once],
+    ));
+    host.rotator.env.insert("RUST_LOG".into(), "info".into());
+    let before = host.env_text();
+
+    let child = host.rotator.spawn(&["rotate", "--output", "json"]);
+    while host.restarts() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("rotate stopped well before the 30 s restart would have ended")
+        .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["outcome"], "rolled_back");
+    assert!(
+        report.to_string().contains("stopped by a shutdown signal"),
+        "{report:#}"
+    );
+    assert_eq!(host.env_text(), before);
+    assert_eq!(
+        host.restarts(),
+        2,
+        "rolled out again with the old credential"
+    );
+    host.pg
+        .try_login("llmtrace", &host.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+}

@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use super::plan::Plan;
@@ -97,6 +98,7 @@ pub struct RunContext<'a> {
     clock: Instant,
     /// Held until the run ends (recovery holds its own).
     _lock: Option<TargetLock>,
+    cancel: CancellationToken,
 }
 
 /// Rotates the planned targets: the whole transaction, from lock to report.
@@ -129,6 +131,7 @@ pub async fn start<'e>(
         notes: Vec::new(),
         clock: Instant::now(),
         _lock: Some(lock),
+        cancel: CancellationToken::new(),
     })
 }
 
@@ -150,6 +153,7 @@ impl<'a> RunContext<'a> {
             notes,
             clock: Instant::now(),
             _lock: None,
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -160,6 +164,10 @@ impl<'a> RunContext<'a> {
     /// Runs the transaction to its end and reports.
     pub async fn execute(mut self) -> RunReport {
         let outcome = self.forward().await;
+        if self.cancel.is_cancelled() && outcome != Outcome::Succeeded {
+            self.notes
+                .push("stopped by a shutdown signal before it could finish".into());
+        }
         self.finish(outcome).await
     }
 
@@ -223,12 +231,20 @@ impl<'a> RunContext<'a> {
         self.rec.journal()
     }
 
-    fn check_journal(&self) -> Result<(), ()> {
-        if self.rec.journal_failed {
+    /// Whether the run may take its next forward step: not if the journal stopped recording
+    /// (no crash safety) or a shutdown was requested (roll back while there is time).
+    fn may_continue(&self) -> Result<(), ()> {
+        if self.rec.journal_failed || self.cancel.is_cancelled() {
             Err(())
         } else {
             Ok(())
         }
+    }
+
+    /// Stops the forward path at the next step boundary (or a consumer wait) and rolls back.
+    pub fn with_cancel(mut self, cancel: CancellationToken) -> Self {
+        self.cancel = cancel;
+        self
     }
 
     #[instrument(skip_all, fields(run = %self.rec.id))]
@@ -329,7 +345,7 @@ impl<'a> RunContext<'a> {
             self.rec.state.targets[i].next = Some(SavedCredential::from(&next));
             self.rec.end(step, "ok", None).await;
         }
-        self.check_journal()
+        self.may_continue()
     }
 
     async fn apply(&mut self) -> Result<(), ()> {
@@ -350,7 +366,7 @@ impl<'a> RunContext<'a> {
             }
             self.rec.finish(step, &result).await;
             result.map_err(|_| ())?;
-            self.check_journal()?;
+            self.may_continue()?;
         }
         Ok(())
     }
@@ -368,7 +384,7 @@ impl<'a> RunContext<'a> {
             self.rec.finish(step, &result).await;
             result.map_err(|_| ())?;
         }
-        self.check_journal()
+        self.may_continue()
     }
 
     async fn publish(&mut self) -> Result<(), ()> {
@@ -402,7 +418,7 @@ impl<'a> RunContext<'a> {
                 }
                 self.rec.finish(step, &result).await;
                 result.map_err(|_| ())?;
-                self.check_journal()?;
+                self.may_continue()?;
             }
         }
         Ok(())
@@ -414,7 +430,7 @@ impl<'a> RunContext<'a> {
         self.restart().await?;
         self.verify().await?;
         self.retire().await;
-        self.check_journal()
+        self.may_continue()
     }
 
     async fn restart(&mut self) -> Result<(), ()> {
@@ -426,7 +442,10 @@ impl<'a> RunContext<'a> {
             self.rec.state.consumers[k].restart = Progress::Started;
             let step = self.rec.begin("restart", &name).await;
             let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                Some(handle) => handle.restart_and_wait().await.map_err(StepError::from),
+                Some(handle) => tokio::select! {
+                    result = handle.restart_and_wait() => result.map_err(StepError::from),
+                    _ = self.cancel.cancelled() => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
+                },
                 None => Err(StepError::new(
                     "config",
                     format!("consumer {name:?} is not in the config any more"),
@@ -437,7 +456,7 @@ impl<'a> RunContext<'a> {
             }
             self.rec.finish(step, &result).await;
             result.map_err(|_| ())?;
-            self.check_journal()?;
+            self.may_continue()?;
         }
         Ok(())
     }
@@ -503,7 +522,7 @@ impl<'a> RunContext<'a> {
             self.rec.finish(step, &result).await;
             result.map_err(|_| ())?;
         }
-        self.check_journal()
+        self.may_continue()
     }
 
     /// A failed retire leaves the old credential usable beside the new one: reported, not undone.

@@ -116,6 +116,11 @@ impl Rotator {
         command
     }
 
+    /// Starts `llmtrace-rotator <args> --config FILE` with piped output.
+    pub fn spawn(&self, args: &[&str]) -> tokio::process::Child {
+        self.command(args).spawn().expect("rotator started")
+    }
+
     /// Runs `llmtrace-rotator <args> --config FILE` to completion.
     pub async fn run(&self, args: &[&str]) -> Output {
         let output = tokio::time::timeout(Duration::from_secs(120), self.command(args).output())
