@@ -96,6 +96,7 @@ install_apt_packages() {
     command -v promtool >/dev/null 2>&1 || required+=(prometheus)
     [[ -e /etc/ssl/certs/ca-certificates.crt ]] || required+=(ca-certificates)
     command -v pkg-config >/dev/null 2>&1 || required+=(pkg-config)
+    command -v curl >/dev/null 2>&1 || required+=(curl)
 
     if ! command -v clickhouse-server >/dev/null 2>&1 && ! command -v clickhouse >/dev/null 2>&1; then
         if [[ -n "$(find "$CH_MISS_STAMP" -mmin -1440 2>/dev/null)" ]]; then

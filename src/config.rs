@@ -169,9 +169,43 @@ pub struct StoreConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
-    Kubernetes { namespace: String, secret: String },
-    File { path: PathBuf },
+    Kubernetes {
+        namespace: String,
+        secret: String,
+    },
+    File {
+        path: PathBuf,
+    },
+    /// A property of a Vault/OpenBao KV v2 secret; the store's `key` is the property.
+    Vault(VaultStore),
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultStore {
+    /// `https://vault.example:8200`
+    pub address: String,
+    /// The KV v2 mount, `secret` by default.
+    pub mount: String,
+    pub path: String,
+    /// Sent as `X-Vault-Namespace` (Vault Enterprise, OpenBao namespaces).
+    pub namespace: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub auth: VaultAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    Token(Reference),
+    /// Kubernetes auth: the pod's service account token is exchanged for a Vault token.
+    Kubernetes {
+        role: String,
+        mount: String,
+        token_file: PathBuf,
+    },
+}
+
+/// Where Kubernetes mounts the pod's service account token.
+pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
@@ -315,9 +349,13 @@ impl Config {
     pub fn uses_kubernetes(&self) -> bool {
         let store = self.targets.iter().any(|t| {
             t.admin_password.uses_kubernetes()
-                || t.stores
-                    .iter()
-                    .any(|s| matches!(s.kind, StoreKind::Kubernetes { .. }))
+                || t.stores.iter().any(|s| match &s.kind {
+                    StoreKind::Kubernetes { .. } => true,
+                    StoreKind::Vault(vault) => {
+                        matches!(&vault.auth, VaultAuth::Token(r) if r.uses_kubernetes())
+                    }
+                    StoreKind::File { .. } => false,
+                })
         });
         let consumer = self
             .consumers
@@ -902,20 +940,27 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
             .map(|path| StoreKind::File {
                 path: base.join(path),
             }),
-        Some(other @ ("vault" | "aws")) => {
-            errors.push(fields.path_of("kind"), format!("{other:?} stores are not supported by this build yet (supported: kubernetes, file)"));
+        Some("vault") => parse_vault(fields, base, errors).map(StoreKind::Vault),
+        Some(other @ "aws") => {
+            errors.push(fields.path_of("kind"), format!("{other:?} stores are not supported by this build yet (supported: kubernetes, file, vault)"));
             None
         }
         Some(other) => {
             errors.push(
                 fields.path_of("kind"),
-                format!("{other:?} is not one of kubernetes, file"),
+                format!("{other:?} is not one of kubernetes, file, vault"),
             );
             None
         }
         None => None,
     };
-    let key = fields.required_string("key", errors);
+    // A Vault secret holds properties; the rotated one plays the part of the key.
+    let key_name = if fields.table.get("kind").and_then(toml::Value::as_str) == Some("vault") {
+        "property"
+    } else {
+        "key"
+    };
+    let key = fields.required_string(key_name, errors);
     let format = match fields.string("format", errors).as_deref() {
         None | Some("url") => Some(Format::Url),
         Some("password") => Some(Format::Password),
@@ -946,6 +991,87 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
         kind: kind?,
         key: key?,
         format: format?,
+    })
+}
+
+fn parse_vault(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<VaultStore> {
+    let address = fields
+        .required_string("address", errors)
+        .and_then(|address| {
+            let ok =
+                url::Url::parse(&address).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                errors.push(
+                    fields.path_of("address"),
+                    format!("{address:?} is not an http(s) URL like https://vault:8200"),
+                );
+            }
+            ok.then(|| address.trim_end_matches('/').to_string())
+        });
+    let mount = fields
+        .string("mount", errors)
+        .unwrap_or_else(|| "secret".into());
+    let path = fields
+        .required_string("path", errors)
+        .map(|p| p.trim_matches('/').to_string());
+    let namespace = fields.string("namespace", errors);
+    let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
+    let token = fields
+        .table
+        .contains_key("token")
+        .then(|| parse_reference(fields, "token", base, errors));
+    let kubernetes = fields.table("auth", errors).and_then(|auth| {
+        let kubernetes = auth.table("kubernetes", errors).map(|k| {
+            let role = k.required_string("role", errors);
+            let mount = k
+                .string("mount", errors)
+                .unwrap_or_else(|| "kubernetes".into());
+            let token_file = k
+                .string("token_file", errors)
+                .map_or_else(|| PathBuf::from(SERVICE_ACCOUNT_TOKEN), |p| base.join(p));
+            k.finish(errors);
+            role.map(|role| VaultAuth::Kubernetes {
+                role,
+                mount,
+                token_file,
+            })
+        });
+        if kubernetes.is_none() && !auth.table.contains_key("kubernetes") {
+            errors.push(
+                auth.path_of("kubernetes"),
+                "is required: auth = { kubernetes = { role = \"...\" } }",
+            );
+        }
+        auth.finish(errors);
+        kubernetes.flatten()
+    });
+    let auth = match (token, kubernetes) {
+        (Some(token), None) => token.map(VaultAuth::Token),
+        (None, Some(kubernetes)) => Some(kubernetes),
+        (Some(_), Some(_)) => {
+            errors.push(
+                fields.path_of("auth"),
+                "give either token or auth.kubernetes, not both",
+            );
+            None
+        }
+        (None, None) => {
+            if !fields.table.contains_key("auth") {
+                errors.push(
+                    fields.path_of("token"),
+                    "is required (or auth = { kubernetes = { role = \"...\" } })",
+                );
+            }
+            None
+        }
+    };
+    Some(VaultStore {
+        address: address?,
+        mount,
+        path: path?,
+        namespace,
+        ca_file,
+        auth: auth?,
     })
 }
 

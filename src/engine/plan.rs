@@ -75,6 +75,10 @@ fn describe_store(store: &crate::config::StoreConfig) -> String {
             format!("kubernetes secret {namespace}/{secret}#{}", store.key)
         }
         StoreKind::File { path } => format!("file {}#{}", path.display(), store.key),
+        StoreKind::Vault(vault) => format!(
+            "vault {} {}/{}#{}",
+            vault.address, vault.mount, vault.path, store.key
+        ),
     };
     let format = match store.format {
         Format::Url => "url",

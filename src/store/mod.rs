@@ -4,6 +4,7 @@ pub mod dotenv;
 pub mod file;
 pub mod format;
 pub mod kubernetes;
+pub mod vault;
 
 use async_trait::async_trait;
 
@@ -60,6 +61,11 @@ pub fn for_config(
 ) -> Result<Box<dyn Store>, StoreError> {
     match &config.kind {
         StoreKind::File { path } => Ok(Box::new(file::FileStore::new(path.clone(), &config.key))),
+        StoreKind::Vault(vault) => Ok(Box::new(vault::VaultKv::new(
+            vault,
+            &config.key,
+            kube.cloned(),
+        ))),
         StoreKind::Kubernetes { namespace, secret } => {
             let client = kube.ok_or_else(|| StoreError::Unavailable {
                 store: format!("kubernetes secret {namespace}/{secret}#{}", config.key),

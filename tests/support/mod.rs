@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod kube_fake;
+pub mod openbao;
 pub mod postgres;
 pub mod rotator;

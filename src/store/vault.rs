@@ -1,0 +1,267 @@
+//! A property of a Vault / OpenBao KV v2 secret: written with check-and-set on the version
+//! read, every other property kept.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Map, Value};
+use tokio::sync::OnceCell;
+
+use super::{Store, StoreError};
+use crate::config::{VaultAuth, VaultStore};
+use crate::resolve::resolve;
+use crate::secret::Secret;
+
+/// A secret rewritten under us this many times is contended; give up and roll back.
+const CAS_RETRIES: u32 = 5;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct VaultKv {
+    config: VaultStore,
+    property: String,
+    kube: Option<kube::Client>,
+    http: Result<reqwest::Client, String>,
+    token: OnceCell<Secret>,
+}
+
+/// The secret's properties and the version they were read at.
+struct Versioned {
+    data: Map<String, Value>,
+    version: u64,
+}
+
+impl VaultKv {
+    pub fn new(config: &VaultStore, property: &str, kube: Option<kube::Client>) -> Self {
+        VaultKv {
+            http: http_client(config),
+            config: config.clone(),
+            property: property.to_string(),
+            kube,
+            token: OnceCell::new(),
+        }
+    }
+
+    fn error(&self, cause: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            store: self.describe(),
+            cause: cause.into(),
+        }
+    }
+
+    fn http(&self) -> Result<&reqwest::Client, StoreError> {
+        self.http.as_ref().map_err(|e| self.error(e.clone()))
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, StoreError> {
+        let mut request = self
+            .http()?
+            .request(method, format!("{}/v1/{path}", self.config.address));
+        if let Some(namespace) = &self.config.namespace {
+            request = request.header("X-Vault-Namespace", namespace);
+        }
+        Ok(request)
+    }
+
+    /// A Vault token: resolved from its reference, or from a Kubernetes login; kept for the run.
+    async fn token(&self) -> Result<&Secret, StoreError> {
+        self.token
+            .get_or_try_init(|| async {
+                match &self.config.auth {
+                    VaultAuth::Token(reference) => {
+                        resolve(reference, "vault token", self.kube.as_ref())
+                            .await
+                            .map_err(|e| self.error(e.to_string()))
+                    }
+                    VaultAuth::Kubernetes {
+                        role,
+                        mount,
+                        token_file,
+                    } => {
+                        let jwt = std::fs::read_to_string(token_file).map_err(|e| {
+                            self.error(format!(
+                                "cannot read the service account token {}: {e}",
+                                token_file.display()
+                            ))
+                        })?;
+                        let body = json!({ "role": role, "jwt": jwt.trim() });
+                        let answer = self
+                            .send(
+                                self.request(
+                                    reqwest::Method::POST,
+                                    &format!("auth/{mount}/login"),
+                                )?
+                                .json(&body),
+                            )
+                            .await?;
+                        let (status, value) = answer;
+                        if !status.is_success() {
+                            return Err(self.error(format!(
+                                "Kubernetes login to Vault as role {role:?} failed: {}",
+                                vault_errors(status, &value)
+                            )));
+                        }
+                        value["auth"]["client_token"]
+                            .as_str()
+                            .map(Secret::new)
+                            .ok_or_else(|| {
+                                self.error("the Kubernetes login answered no client_token")
+                            })
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, Value), StoreError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.error(format!("Vault could not be reached: {}", e.without_url())))?;
+        let status = response.status();
+        let value = response.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    async fn read_versioned(&self) -> Result<Versioned, StoreError> {
+        let token = self.token().await?;
+        let request = self
+            .request(
+                reqwest::Method::GET,
+                &format!("{}/data/{}", self.config.mount, self.config.path),
+            )?
+            .header("X-Vault-Token", token.expose());
+        let (status, value) = self.send(request).await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(StoreError::Missing {
+                store: self.describe(),
+                what: format!("the secret {}/{}", self.config.mount, self.config.path),
+            });
+        }
+        if !status.is_success() {
+            return Err(self.error(vault_errors(status, &value)));
+        }
+        let data = match &value["data"]["data"] {
+            Value::Object(map) => map.clone(),
+            // A deleted latest version reads as null data: treat it as empty.
+            Value::Null => Map::new(),
+            _ => return Err(self.format_error("the secret's data is not an object")),
+        };
+        let version = value["data"]["metadata"]["version"]
+            .as_u64()
+            .ok_or_else(|| {
+                self.format_error("the answer has no metadata.version (is the mount KV version 2?)")
+            })?;
+        Ok(Versioned { data, version })
+    }
+
+    fn format_error(&self, message: &str) -> StoreError {
+        StoreError::Format {
+            store: self.describe(),
+            message: message.into(),
+        }
+    }
+
+    fn value_of(&self, secret: &Versioned) -> Result<Option<Secret>, StoreError> {
+        match secret.data.get(&self.property) {
+            None => Ok(None),
+            Some(Value::String(text)) => Ok(Some(Secret::new(text.as_str()))),
+            Some(_) => Err(self.format_error("the property is not a string")),
+        }
+    }
+}
+
+fn http_client(config: &VaultStore) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+    if let Some(ca) = &config.ca_file {
+        let pem =
+            std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
+        let certificate = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| format!("ca_file {} is not a PEM certificate: {e}", ca.display()))?;
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
+/// Vault's own error list; it names paths and policies, never secret data.
+fn vault_errors(status: reqwest::StatusCode, value: &Value) -> String {
+    let errors: Vec<&str> = value["errors"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if errors.is_empty() {
+        format!("Vault answered {status}")
+    } else {
+        format!("Vault answered {status}: {}", errors.join("; "))
+    }
+}
+
+fn is_cas_mismatch(status: reqwest::StatusCode, value: &Value) -> bool {
+    status == reqwest::StatusCode::BAD_REQUEST
+        && value["errors"].to_string().contains("check-and-set")
+}
+
+#[async_trait]
+impl Store for VaultKv {
+    fn describe(&self) -> String {
+        format!(
+            "vault {} {}/{}#{}",
+            self.config.address, self.config.mount, self.config.path, self.property
+        )
+    }
+
+    async fn read(&self) -> Result<Option<Secret>, StoreError> {
+        let secret = self.read_versioned().await?;
+        self.value_of(&secret)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        for attempt in 1..=CAS_RETRIES {
+            let mut secret = self.read_versioned().await?;
+            if self.value_of(&secret)?.as_ref() != expected {
+                return Err(StoreError::Conflict {
+                    store: self.describe(),
+                });
+            }
+            match new {
+                Some(value) => secret.data.insert(
+                    self.property.clone(),
+                    Value::String(value.expose().to_string()),
+                ),
+                None => secret.data.remove(&self.property),
+            };
+            let body = json!({ "options": { "cas": secret.version }, "data": secret.data });
+            let token = self.token().await?;
+            let request = self
+                .request(
+                    reqwest::Method::POST,
+                    &format!("{}/data/{}", self.config.mount, self.config.path),
+                )?
+                .header("X-Vault-Token", token.expose())
+                .json(&body);
+            let (status, answer) = self.send(request).await?;
+            if status.is_success() {
+                return Ok(());
+            }
+            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
+                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                continue;
+            }
+            return Err(self.error(vault_errors(status, &answer)));
+        }
+        unreachable!("the last attempt returns")
+    }
+}

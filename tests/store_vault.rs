@@ -1,0 +1,216 @@
+//! The `vault` store against a real OpenBao dev server and a real PostgreSQL.
+
+mod support;
+
+use serde_json::json;
+use support::openbao::OpenBao;
+use support::postgres::Postgres;
+use support::rotator::{assert_no_secret, random_password, Rotator};
+
+struct Setup {
+    pg: Postgres,
+    bao: OpenBao,
+    rotator: Rotator,
+    old_password: String,
+}
+
+fn config(pg: &Postgres, bao: &OpenBao, command: &str, auth: &str) -> String {
+    format!(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "{pg}"
+database = "llmtrace"
+user = "llmtrace"
+admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
+sslmode = "disable"
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "vault"
+  address = "{bao}"
+  path = "llmtrace/proxy"
+  property = "postgres_url"
+  format = "url"
+  {auth}
+
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = ["sh", "-c", "{command}"]
+"#,
+        pg = pg.address(),
+        bao = bao.address,
+    )
+}
+
+async fn setup(command: &str) -> Setup {
+    let pg = Postgres::start().await;
+    let old_password = random_password();
+    pg.create_login("llmtrace", &old_password, "llmtrace").await;
+    let bao = OpenBao::start().await;
+    bao.put_kv(
+        "llmtrace/proxy",
+        json!({
+            "postgres_url": pg.url("llmtrace", &old_password, "llmtrace"),
+            "redis_url": "redis://:redis-secret@redis:6379/0",
+        }),
+    )
+    .await;
+    let mut rotator = Rotator::new(&config(&pg, &bao, command, "token = \"env:VAULT_TOKEN\""));
+    rotator
+        .env
+        .insert("PG_ADMIN_PASSWORD".into(), pg.admin_password().into());
+    rotator
+        .env
+        .insert("VAULT_TOKEN".into(), bao.root_token.clone());
+    Setup {
+        pg,
+        bao,
+        rotator,
+        old_password,
+    }
+}
+
+fn password_in(url: &str) -> String {
+    let url = url::Url::parse(url).unwrap();
+    percent_encoding::percent_decode_str(url.password().unwrap())
+        .decode_utf8()
+        .unwrap()
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotates_a_property_and_keeps_the_others() {
+    let s = setup("true").await;
+    let (before, version) = s.bao.get_kv("llmtrace/proxy").await;
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let (after, new_version) = s.bao.get_kv("llmtrace/proxy").await;
+    assert_eq!(new_version, version + 1, "one check-and-set write");
+    assert_eq!(after["redis_url"], before["redis_url"]);
+    let new = password_in(after["postgres_url"].as_str().unwrap());
+    assert_eq!(
+        after["postgres_url"].as_str().unwrap(),
+        before["postgres_url"]
+            .as_str()
+            .unwrap()
+            .replace(&s.old_password, &new)
+    );
+    s.pg.try_login("llmtrace", &new, "llmtrace")
+        .await
+        .expect("new password logs in");
+    assert!(s
+        .pg
+        .try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .is_err());
+    let secrets = [
+        s.old_password.as_str(),
+        &new,
+        s.pg.admin_password(),
+        &s.bao.root_token,
+        "redis-secret",
+    ];
+    assert_no_secret(&out.all(), &secrets, "rotator output at trace level");
+
+    let check = s.rotator.run(&["check"]).await;
+    assert_eq!(check.code, 0, "{}", check.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_writes_the_previous_value_back() {
+    let s = setup("exit 1").await;
+    let (before, version) = s.bao.get_kv("llmtrace/proxy").await;
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back");
+    let (after, new_version) = s.bao.get_kv("llmtrace/proxy").await;
+    assert_eq!(after, before, "every property as it was");
+    assert_eq!(new_version, version + 2, "written, then written back");
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_no_secret(
+        &out.all(),
+        &[
+            s.old_password.as_str(),
+            s.pg.admin_password(),
+            &s.bao.root_token,
+        ],
+        "rotator output",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_concurrent_writer_is_not_overwritten() {
+    // During the restart someone else changes the rotated property: the rollback must not clobber it.
+    let s = setup("").await;
+    let url = format!("{}/v1/secret/data/llmtrace/proxy", s.bao.address);
+    let command = format!(
+        "curl -sf -o /dev/null -H 'X-Vault-Token: {}' -d '{{\\\"data\\\":{{\\\"postgres_url\\\":\\\"postgres://llmtrace:someone-else@db/x\\\"}}}}' {url}",
+        s.bao.root_token
+    );
+    s.rotator.write_config(&config(
+        &s.pg,
+        &s.bao,
+        &command,
+        "token = \"env:VAULT_TOKEN\"",
+    ));
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 3, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rollback_failed");
+    assert!(
+        report["state"]
+            .to_string()
+            .contains("holds a value this run did not write"),
+        "{report:#}"
+    );
+    let (after, _) = s.bao.get_kv("llmtrace/proxy").await;
+    assert_eq!(
+        after["postgres_url"],
+        "postgres://llmtrace:someone-else@db/x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_token_and_missing_secret_are_refused_before_any_change() {
+    let mut s = setup("true").await;
+    s.rotator
+        .env
+        .insert("VAULT_TOKEN".into(), "not-a-token".into());
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(out.stdout.contains("403"), "{}", out.stdout);
+
+    s.rotator
+        .env
+        .insert("VAULT_TOKEN".into(), s.bao.root_token.clone());
+    s.rotator.write_config(
+        &config(&s.pg, &s.bao, "true", "token = \"env:VAULT_TOKEN\"")
+            .replace("llmtrace/proxy", "llmtrace/nothing-here"),
+    );
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("llmtrace/nothing-here does not exist"),
+        "{}",
+        out.stdout
+    );
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .unwrap();
+}
