@@ -214,3 +214,84 @@ async fn bad_token_and_missing_secret_are_refused_before_any_change() {
         .await
         .unwrap();
 }
+
+/// OpenBao insists on a CA even for a plain-HTTP API server; this one is never used.
+const UNUSED_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBjzCCATWgAwIBAgIUYiBMIZzgo4d4GZMY5B12Poy+QjowCgYIKoZIzj0EAwIw\nHDEaMBgGA1UEAwwRZmFrZS1hcGlzZXJ2ZXItY2EwIBcNMjYxMTI4MjA0NjA1WhgP\nMjEyNjExMDQyMDQ2MDVaMBwxGjAYBgNVBAMMEWZha2UtYXBpc2VydmVyLWNhMFkw\nEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEcsbc+khGIQheM6a2XotpHE6yOUqih2Cx\nKhXlHzJY1hud7m5gzAeMcozunB40Xg/lVAwJRM5TSGvJcGDAnoX426NTMFEwHQYD\nVR0OBBYEFKs93qWilfktKr3sXjWjuxFsurkhMB8GA1UdIwQYMBaAFKs93qWilfkt\nKr3sXjWjuxFsurkhMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIh\nAONxHYfrvemYRj7KxguS4fBkgq6vyNKNhciiWNs36HE6AiAsePc3B5rH35SW+tfe\nTc4nlDz1P51YCw1/dAWolmT0xA==\n-----END CERTIFICATE-----";
+
+/// OpenBao's Kubernetes auth, reviewing tokens against the Kubernetes API fake, with a policy
+/// that allows only the rotated secret.
+async fn enable_kubernetes_auth(bao: &OpenBao, kube: &support::kube_fake::KubeFake) {
+    let reviewer = kube.issue_service_account_token("kube-system", "openbao-reviewer");
+    for (method, path, body) in [
+        ("POST", "sys/auth/kubernetes", json!({"type": "kubernetes"})),
+        (
+            "POST",
+            "auth/kubernetes/config",
+            json!({"kubernetes_host": kube.url(), "token_reviewer_jwt": reviewer, "disable_local_ca_jwt": true, "kubernetes_ca_cert": UNUSED_CA}),
+        ),
+        (
+            "PUT",
+            "sys/policies/acl/rotator",
+            json!({"policy": "path \"secret/data/llmtrace/proxy\" { capabilities = [\"read\", \"create\", \"update\"] }"}),
+        ),
+        (
+            "POST",
+            "auth/kubernetes/role/rotator",
+            json!({
+                "bound_service_account_names": ["llmtrace-rotator"],
+                "bound_service_account_namespaces": ["llmtrace"],
+                "token_policies": ["rotator"],
+                "token_ttl": "10m",
+            }),
+        ),
+    ] {
+        let (status, answer) = bao.call(method, path, Some(body)).await;
+        assert!(status < 300, "{method} {path}: {status} {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_auth_logs_in_with_the_service_account_token() {
+    let s = setup("true").await;
+    let kube = support::kube_fake::KubeFake::start().await;
+    enable_kubernetes_auth(&s.bao, &kube).await;
+    let token = kube.issue_service_account_token("llmtrace", "llmtrace-rotator");
+    std::fs::write(s.rotator.path("sa-token"), &token).unwrap();
+    let auth = "auth = { kubernetes = { role = \"rotator\", token_file = \"sa-token\" } }";
+    s.rotator.write_config(&config(&s.pg, &s.bao, "true", auth));
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let (after, _) = s.bao.get_kv("llmtrace/proxy").await;
+    let new = password_in(after["postgres_url"].as_str().unwrap());
+    s.pg.try_login("llmtrace", &new, "llmtrace")
+        .await
+        .expect("new password logs in");
+    assert!(
+        kube.requests()
+            .iter()
+            .any(|r| r.resource == "tokenreviews" && r.status == 201),
+        "OpenBao reviewed the token"
+    );
+    assert_no_secret(
+        &out.all(),
+        &[s.old_password.as_str(), &new, &token, &s.bao.root_token],
+        "rotator output",
+    );
+
+    // A service account the role is not bound to is refused before anything changes.
+    let stranger = kube.issue_service_account_token("default", "someone");
+    std::fs::write(s.rotator.path("sa-token"), &stranger).unwrap();
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout
+            .contains("Kubernetes login to Vault as role \\\"rotator\\\" failed"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(s.bao.get_kv("llmtrace/proxy").await.0, after);
+    assert_no_secret(&out.all(), &[&stranger], "rotator output");
+}

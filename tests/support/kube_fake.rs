@@ -53,6 +53,9 @@ use serde_json::{json, Map, Value};
 // Public API
 // ---------------------------------------------------------------------------
 
+/// Where the TokenReview API lives (what Vault's Kubernetes auth calls).
+pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
 /// The bearer token the written kubeconfig carries, so tests can check it is never logged.
 pub const TOKEN: &str = "fake-token-5f1c9a";
 
@@ -343,6 +346,36 @@ impl KubeFake {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// Issues a service account token shaped like a bound projected token (a JWT whose
+    /// signature only this fake's TokenReview accepts).
+    pub fn issue_service_account_token(&self, ns: &str, service_account: &str) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = Utc::now().timestamp();
+        let uid = uuid::Uuid::new_v4().to_string();
+        let header = json!({"alg": "RS256", "kid": "fake-apiserver", "typ": "JWT"});
+        let claims = json!({
+            "aud": ["https://kubernetes.default.svc"],
+            "exp": now + 3600, "iat": now, "nbf": now,
+            "iss": "https://kubernetes.default.svc",
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": service_account, "uid": uid}},
+            "sub": format!("system:serviceaccount:{ns}:{service_account}"),
+        });
+        let signature: Vec<u8> = (0..4)
+            .flat_map(|_| *uuid::Uuid::new_v4().as_bytes())
+            .collect();
+        let token = format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            URL_SAFE_NO_PAD.encode(signature)
+        );
+        self.lock().service_account_tokens.insert(
+            token.clone(),
+            (ns.to_string(), service_account.to_string(), uid),
+        );
+        token
     }
 }
 
@@ -753,6 +786,9 @@ async fn handle(
         body,
     };
     let mut st = lock(&state);
+    if incoming.method == Method::POST && uri.path() == TOKEN_REVIEWS {
+        return st.token_review(record, &incoming.body);
+    }
     st.serve(record, incoming)
 }
 
@@ -928,6 +964,8 @@ struct State {
     faults_before: Vec<Fault>,
     faults_after: Vec<Fault>,
     controller_lag: Duration,
+    /// Service account tokens this fake issued: token -> (namespace, service account, uid).
+    service_account_tokens: BTreeMap<String, (String, String, String)>,
 }
 
 impl State {
@@ -944,6 +982,7 @@ impl State {
             workloads: BTreeMap::new(),
             requests: Vec::new(),
             faults_before: Vec::new(),
+            service_account_tokens: BTreeMap::new(),
             faults_after: Vec::new(),
             controller_lag: Duration::ZERO,
         }
@@ -978,6 +1017,49 @@ impl State {
         record.status = code;
         self.requests[index] = record;
         json_response(code, &body, &warnings)
+    }
+
+    /// `POST /apis/authentication.k8s.io/v1/tokenreviews`: authenticated only for tokens this
+    /// fake issued, answered in the real server's shape.
+    fn token_review(&mut self, mut record: RequestRecord, body: &Bytes) -> Response {
+        record.verb = "create".into();
+        record.resource = "tokenreviews".into();
+        let token = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["spec"]["token"].as_str().map(str::to_string));
+        let Some(token) = token else {
+            record.status = 400;
+            self.requests.push(record);
+            return json_response(
+                400,
+                &ApiError::new(400, "BadRequest", "spec.token is required", None).to_status(),
+                &[],
+            );
+        };
+        let status = match self.service_account_tokens.get(&token) {
+            Some((ns, sa, uid)) => json!({
+                "authenticated": true,
+                "user": {
+                    "username": format!("system:serviceaccount:{ns}:{sa}"),
+                    "uid": uid,
+                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                },
+                "audiences": ["https://kubernetes.default.svc"],
+            }),
+            None => json!({"user": {}, "error": "invalid bearer token, token lookup failed"}),
+        };
+        record.status = 201;
+        // The token is a credential: keep it out of the request log.
+        record.body = None;
+        self.requests.push(record);
+        let answer = json!({
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "spec": {"token": token},
+            "status": status,
+        });
+        json_response(201, &answer, &[])
     }
 
     fn dispatch(&mut self, req: &Incoming) -> ApiResult {
