@@ -76,6 +76,16 @@ pub enum JournalLocation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Postgres,
+    Redis,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Postgres => "postgres",
+            BackendKind::Redis => "redis",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -83,12 +93,15 @@ pub enum BackendKind {
 pub enum Strategy {
     /// One password: replaced in place.
     Single,
+    /// Two passwords while consumers move: the new one is added beside the old, which retire drops.
+    Dual,
 }
 
 impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Single => "single",
+            Strategy::Dual => "dual",
         }
     }
 
@@ -97,6 +110,7 @@ impl Strategy {
     pub fn keeps_old_until_retire(self) -> bool {
         match self {
             Strategy::Single => false,
+            Strategy::Dual => true,
         }
     }
 }
@@ -127,6 +141,10 @@ pub struct Target {
     pub password: PasswordPolicy,
     pub sslmode: SslMode,
     pub ca_file: Option<PathBuf>,
+    /// Redis: replicas whose `masterauth` follows the rotated password.
+    pub replicas: Vec<String>,
+    /// Redis: connect with TLS (`rediss://`).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +431,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    fn boolean(&self, key: &str, errors: &mut Errors) -> Option<bool> {
+        match self.get(key)? {
+            toml::Value::Boolean(b) => Some(*b),
+            other => {
+                errors.push(
+                    self.path_of(key),
+                    format!("must be true or false, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
     fn strings(&self, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
         let value = self.get(key)?;
         let Some(array) = value.as_array() else {
@@ -658,7 +689,10 @@ fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors)
     policy
 }
 
-const TARGET_KINDS: &str = "postgres";
+const TARGET_KINDS: &str = "postgres, redis";
+
+/// Redis clients that name no user authenticate as this one.
+const REDIS_DEFAULT_USER: &str = "default";
 
 fn parse_target(
     fields: &Fields,
@@ -683,7 +717,8 @@ fn parse_target(
         .required_string("kind", errors)
         .and_then(|kind| match kind.as_str() {
             "postgres" => Some(BackendKind::Postgres),
-            "redis" | "clickhouse" => {
+            "redis" => Some(BackendKind::Redis),
+            "clickhouse" => {
                 errors.push(
                     fields.path_of("kind"),
                     format!(
@@ -719,7 +754,15 @@ fn parse_target(
             "is required for a postgres target",
         );
     }
-    let user = fields.required_string("user", errors);
+    let user = if kind == Some(BackendKind::Redis) {
+        Some(
+            fields
+                .string("user", errors)
+                .unwrap_or_else(|| REDIS_DEFAULT_USER.to_string()),
+        )
+    } else {
+        fields.required_string("user", errors)
+    };
     let admin = match fields.table("admin", errors) {
         Some(admin) => {
             let user = admin.required_string("user", errors);
@@ -739,10 +782,13 @@ fn parse_target(
     };
     let strategy = match fields.string("strategy", errors).as_deref() {
         None | Some("single") => Some(Strategy::Single),
+        Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
         Some(other @ ("dual" | "alternating")) => {
             errors.push(
                 fields.path_of("strategy"),
-                format!("{other:?} is not supported by this build yet (supported: single)"),
+                format!(
+                    "{other:?} is not supported for this kind by this build yet (postgres: single; redis: single, dual)"
+                ),
             );
             None
         }
@@ -797,6 +843,29 @@ fn parse_target(
         }
     };
     let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
+    let redis_only = |key: &str, errors: &mut Errors| {
+        if kind.is_some_and(|k| k != BackendKind::Redis) && fields.table.contains_key(key) {
+            errors.push(
+                fields.path_of(key),
+                format!(
+                    "is only used by redis targets, not {}",
+                    kind.map_or("", |k| k.as_str())
+                ),
+            );
+        }
+    };
+    redis_only("replicas", errors);
+    redis_only("tls", errors);
+    let replicas = fields.strings("replicas", errors).unwrap_or_default();
+    for (j, replica) in replicas.iter().enumerate() {
+        if !is_host_port(replica) {
+            errors.push(
+                format!("{}[{j}]", fields.path_of("replicas")),
+                format!("{replica:?} is not HOST:PORT"),
+            );
+        }
+    }
+    let tls = fields.boolean("tls", errors).unwrap_or(false);
     let store_fields = fields.tables("store", "store", errors);
     if store_fields.is_empty() && !fields.table.contains_key("store") {
         errors.push(
@@ -831,6 +900,8 @@ fn parse_target(
         password,
         sslmode: sslmode?,
         ca_file,
+        replicas,
+        tls,
     })
 }
 

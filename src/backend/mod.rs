@@ -1,6 +1,7 @@
 //! Backends: the servers whose passwords rotate. One file per kind behind [`Backend`].
 
 pub mod postgres;
+pub mod redis;
 pub mod scram;
 
 use async_trait::async_trait;
@@ -76,11 +77,18 @@ pub trait Backend: Send + Sync {
     async fn retire(&self, _current: &Credential, _next: &Credential) -> Result<(), BackendError> {
         Ok(())
     }
+
+    /// Warnings gathered while changing the server that do not fail the step (a change that
+    /// cannot be persisted); the engine moves them into the report.
+    fn take_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Builds the backend for a target, given its resolved admin password.
 pub fn for_target(target: &Target, admin_password: Secret) -> Box<dyn Backend> {
     match target.kind {
         BackendKind::Postgres => Box::new(postgres::Postgres::new(target, admin_password)),
+        BackendKind::Redis => Box::new(redis::Redis::new(target, admin_password)),
     }
 }

@@ -145,6 +145,18 @@ impl<'a> RunContext<'a> {
 
     /// Journals the outcome and builds the report.
     pub async fn finish(mut self, outcome: Outcome) -> RunReport {
+        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
+            if let Some(runtime) = runtime {
+                let name = &state.name;
+                self.notes.extend(
+                    runtime
+                        .backend
+                        .take_notes()
+                        .into_iter()
+                        .map(|note| format!("target {name}: {note}")),
+                );
+            }
+        }
         if outcome == Outcome::RollbackFailed {
             self.describe_state().await;
         }

@@ -4,4 +4,5 @@
 
 pub mod kube_fake;
 pub mod postgres;
+pub mod redis;
 pub mod rotator;
