@@ -1190,6 +1190,60 @@ timeout = "2m"
         assert!(Reference::parse("k8s:llmtrace/pg", Path::new(".")).is_err());
     }
 
+    const REDIS: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "redis"
+kind = "redis"
+address = "llmtrace-redis-master:6379"
+admin = { user = "admin", password = "env:REDIS_ADMIN_PASSWORD" }
+strategy = "dual"
+replicas = ["llmtrace-redis-replicas-0:6379"]
+tls = true
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_REDIS_URL"
+"#;
+
+    #[test]
+    fn parses_a_redis_target_with_the_default_user() {
+        let config = Config::parse(REDIS, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.kind, BackendKind::Redis);
+        assert_eq!(target.user, "default");
+        assert_eq!(target.strategy, Strategy::Dual);
+        assert!(target.strategy.keeps_old_until_retire());
+        assert_eq!(target.replicas, ["llmtrace-redis-replicas-0:6379"]);
+        assert!(target.tls);
+    }
+
+    #[test]
+    fn dual_and_redis_keys_are_refused_for_postgres() {
+        let text = VALID.replace(
+            "consumers = [\"proxy\"]",
+            "consumers = [\"proxy\"]\nstrategy = \"dual\"\nreplicas = [\"a:1\"]",
+        );
+        let mut errors = errors_of(&text);
+        errors.sort();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("target[0].replicas: is only used by redis"));
+        assert!(errors[1].starts_with("target[0].strategy: \"dual\" is not supported"));
+    }
+
+    #[test]
+    fn bad_replica_addresses_are_reported_by_index() {
+        let errors = errors_of(&REDIS.replace("replicas-0:6379", "replicas-0"));
+        assert_eq!(
+            errors,
+            ["target[0].replicas[0]: \"llmtrace-redis-replicas-0\" is not HOST:PORT"]
+        );
+    }
+
     #[test]
     fn password_length_is_bounded() {
         let errors = errors_of(&VALID.replace("length = 40", "length = 8"));
