@@ -77,6 +77,7 @@ pub enum JournalLocation {
 pub enum BackendKind {
     Postgres,
     Redis,
+    ClickHouse,
 }
 
 impl BackendKind {
@@ -84,6 +85,7 @@ impl BackendKind {
         match self {
             BackendKind::Postgres => "postgres",
             BackendKind::Redis => "redis",
+            BackendKind::ClickHouse => "clickhouse",
         }
     }
 }
@@ -143,8 +145,19 @@ pub struct Target {
     pub ca_file: Option<PathBuf>,
     /// Redis: replicas whose `masterauth` follows the rotated password.
     pub replicas: Vec<String>,
-    /// Redis: connect with TLS (`rediss://`).
+    /// Redis: connect with TLS (`rediss://`); ClickHouse: HTTPS.
     pub tls: bool,
+    /// ClickHouse: how the user's password is changed.
+    pub clickhouse: ClickHouseMode,
+}
+
+/// How a ClickHouse user's password is changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClickHouseMode {
+    /// `ALTER USER` (SQL-managed users, 20.5+), optionally `ON CLUSTER`.
+    Sql { on_cluster: Option<String> },
+    /// A users.d file the rotator owns, for users defined in XML and servers before 20.5.
+    UsersXml { path: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -689,7 +702,7 @@ fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors)
     policy
 }
 
-const TARGET_KINDS: &str = "postgres, redis";
+const TARGET_KINDS: &str = "postgres, redis, clickhouse";
 
 /// Redis clients that name no user authenticate as this one.
 const REDIS_DEFAULT_USER: &str = "default";
@@ -718,15 +731,7 @@ fn parse_target(
         .and_then(|kind| match kind.as_str() {
             "postgres" => Some(BackendKind::Postgres),
             "redis" => Some(BackendKind::Redis),
-            "clickhouse" => {
-                errors.push(
-                    fields.path_of("kind"),
-                    format!(
-                        "{kind:?} is not supported by this build yet (supported: {TARGET_KINDS})"
-                    ),
-                );
-                None
-            }
+            "clickhouse" => Some(BackendKind::ClickHouse),
             _ => {
                 errors.push(
                     fields.path_of("kind"),
@@ -770,6 +775,12 @@ fn parse_target(
             admin.finish(errors);
             user.zip(password)
         }
+        // users_xml mode writes a file and logs in as the user itself: no admin to speak of.
+        None if kind == Some(BackendKind::ClickHouse)
+            && fields.table.get("mode").and_then(toml::Value::as_str) == Some("users_xml") =>
+        {
+            Some((String::new(), Reference::Literal(Secret::new(""))))
+        }
         None => {
             if !fields.table.contains_key("admin") {
                 errors.push(
@@ -787,7 +798,7 @@ fn parse_target(
             errors.push(
                 fields.path_of("strategy"),
                 format!(
-                    "{other:?} is not supported for this kind by this build yet (postgres: single; redis: single, dual)"
+                    "{other:?} is not supported for this kind by this build yet (postgres: single; redis, clickhouse: single, dual)"
                 ),
             );
             None
@@ -855,7 +866,19 @@ fn parse_target(
         }
     };
     redis_only("replicas", errors);
-    redis_only("tls", errors);
+    if kind == Some(BackendKind::Postgres) && fields.table.contains_key("tls") {
+        errors.push(
+            fields.path_of("tls"),
+            "is not used by postgres targets: use sslmode",
+        );
+    }
+    let clickhouse = parse_clickhouse_mode(fields, kind, base, errors);
+    if let (Some(Strategy::Dual), Some(ClickHouseMode::UsersXml { .. })) = (strategy, &clickhouse) {
+        errors.push(
+            fields.path_of("strategy"),
+            "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
+        );
+    }
     let replicas = fields.strings("replicas", errors).unwrap_or_default();
     for (j, replica) in replicas.iter().enumerate() {
         if !is_host_port(replica) {
@@ -902,7 +925,68 @@ fn parse_target(
         ca_file,
         replicas,
         tls,
+        clickhouse: clickhouse?,
     })
+}
+
+fn parse_clickhouse_mode(
+    fields: &Fields,
+    kind: Option<BackendKind>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<ClickHouseMode> {
+    let keys = ["mode", "users_xml", "on_cluster"];
+    if kind != Some(BackendKind::ClickHouse) {
+        for key in keys.into_iter().filter(|k| fields.table.contains_key(*k)) {
+            fields.get(key);
+            errors.push(fields.path_of(key), "is only used by clickhouse targets");
+        }
+        return Some(ClickHouseMode::Sql { on_cluster: None });
+    }
+    let on_cluster = fields.string("on_cluster", errors);
+    let users_xml = fields.table("users_xml", errors).and_then(|section| {
+        let path = section.required_string("path", errors);
+        section.finish(errors);
+        path.map(|p| base.join(p))
+    });
+    match fields.string("mode", errors).as_deref() {
+        None | Some("sql") => {
+            if users_xml.is_some() {
+                errors.push(
+                    fields.path_of("users_xml"),
+                    "is only used with mode = \"users_xml\"",
+                );
+            }
+            Some(ClickHouseMode::Sql { on_cluster })
+        }
+        Some("users_xml") => {
+            if on_cluster.is_some() {
+                errors.push(
+                    fields.path_of("on_cluster"),
+                    "is only used with mode = \"sql\"",
+                );
+            }
+            match users_xml {
+                Some(path) => Some(ClickHouseMode::UsersXml { path }),
+                None => {
+                    if !fields.table.contains_key("users_xml") {
+                        errors.push(
+                            fields.path_of("users_xml"),
+                            "is required with mode = \"users_xml\": { path = \"/etc/clickhouse-server/users.d/llmtrace.xml\" }",
+                        );
+                    }
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            errors.push(
+                fields.path_of("mode"),
+                format!("{other:?} is not one of sql, users_xml"),
+            );
+            None
+        }
+    }
 }
 
 fn is_host_port(address: &str) -> bool {

@@ -16,7 +16,7 @@ use ::redis::{
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{Backend, BackendError};
+use super::{redact, Backend, BackendError};
 use crate::config::{Strategy, Target};
 use crate::secret::{Credential, Secret};
 
@@ -105,30 +105,6 @@ fn setuser_rules(
         }
     }
     Ok(rules)
-}
-
-/// Replaces every 64-hex-digit run (a password hash Redis may echo in an error) and every
-/// given secret in a server message.
-fn redact(message: &str, secrets: &[&Secret]) -> String {
-    let mut out = message.to_string();
-    for secret in secrets {
-        if !secret.is_empty() {
-            out = out.replace(secret.expose(), "***");
-        }
-    }
-    let mut result = String::with_capacity(out.len());
-    let mut run = String::new();
-    for c in out.chars() {
-        if c.is_ascii_hexdigit() {
-            run.push(c);
-            continue;
-        }
-        result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
-        run.clear();
-        result.push(c);
-    }
-    result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
-    result
 }
 
 /// Reads a field map that RESP2 sends as a flat array and RESP3 as a map.
