@@ -135,7 +135,8 @@ pub struct Target {
     pub database: Option<String>,
     pub user: String,
     pub admin_user: String,
-    pub admin_password: Reference,
+    /// `None` only where no admin is needed (ClickHouse users_xml mode).
+    pub admin_password: Option<Reference>,
     pub strategy: Strategy,
     pub schedule: Option<String>,
     pub consumers: Vec<String>,
@@ -314,7 +315,7 @@ impl Config {
     /// Whether anything in the config talks to a Kubernetes API server.
     pub fn uses_kubernetes(&self) -> bool {
         let store = self.targets.iter().any(|t| {
-            t.admin_password.uses_kubernetes()
+            t.admin_password.as_ref().is_some_and(Reference::uses_kubernetes)
                 || t.stores
                     .iter()
                     .any(|s| matches!(s.kind, StoreKind::Kubernetes { .. }))
@@ -773,13 +774,13 @@ fn parse_target(
             let user = admin.required_string("user", errors);
             let password = parse_reference(&admin, "password", base, errors);
             admin.finish(errors);
-            user.zip(password)
+            user.zip(password.map(Some))
         }
         // users_xml mode writes a file and logs in as the user itself: no admin to speak of.
         None if kind == Some(BackendKind::ClickHouse)
             && fields.table.get("mode").and_then(toml::Value::as_str) == Some("users_xml") =>
         {
-            Some((String::new(), Reference::Literal(Secret::new(""))))
+            Some((String::new(), None))
         }
         None => {
             if !fields.table.contains_key("admin") {

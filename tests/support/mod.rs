@@ -2,6 +2,7 @@
 //! the rotator binary.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 pub mod kube_fake;
 pub mod postgres;
 pub mod redis;
