@@ -315,7 +315,9 @@ impl Config {
     /// Whether anything in the config talks to a Kubernetes API server.
     pub fn uses_kubernetes(&self) -> bool {
         let store = self.targets.iter().any(|t| {
-            t.admin_password.as_ref().is_some_and(Reference::uses_kubernetes)
+            t.admin_password
+                .as_ref()
+                .is_some_and(Reference::uses_kubernetes)
                 || t.stores
                     .iter()
                     .any(|s| matches!(s.kind, StoreKind::Kubernetes { .. }))
@@ -1326,6 +1328,73 @@ tls = true
         assert_eq!(
             errors,
             ["target[0].replicas[0]: \"llmtrace-redis-replicas-0\" is not HOST:PORT"]
+        );
+    }
+
+    const CLICKHOUSE: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "clickhouse"
+kind = "clickhouse"
+address = "127.0.0.1:8123"
+user = "llmtrace"
+mode = "users_xml"
+users_xml = { path = "users.d/llmtrace.xml" }
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_CLICKHOUSE_URL"
+"#;
+
+    #[test]
+    fn parses_a_clickhouse_users_xml_target_without_admin() {
+        let config = Config::parse(CLICKHOUSE, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.kind, BackendKind::ClickHouse);
+        assert!(target.admin_password.is_none());
+        assert_eq!(
+            target.clickhouse,
+            ClickHouseMode::UsersXml {
+                path: "/etc/rotator/users.d/llmtrace.xml".into()
+            }
+        );
+    }
+
+    #[test]
+    fn clickhouse_sql_mode_needs_an_admin_and_takes_on_cluster() {
+        let sql = CLICKHOUSE
+            .replace(
+                "mode = \"users_xml\"\n",
+                "on_cluster = \"main\"\nstrategy = \"dual\"\n",
+            )
+            .replace("users_xml = { path = \"users.d/llmtrace.xml\" }\n", "");
+        let mut errors = errors_of(&sql);
+        assert_eq!(
+            errors,
+            ["target[0].admin: is required: { user = \"...\", password = \"env:...\" }"]
+        );
+        let sql = sql.replace(
+            "on_cluster",
+            "admin = { user = \"admin\", password = \"env:CH\" }\non_cluster",
+        );
+        let config = Config::parse(&sql, Path::new(".")).unwrap();
+        assert_eq!(
+            config.targets[0].clickhouse,
+            ClickHouseMode::Sql {
+                on_cluster: Some("main".into())
+            }
+        );
+        errors = errors_of(&CLICKHOUSE.replace(
+            "user = \"llmtrace\"",
+            "user = \"llmtrace\"\nstrategy = \"dual\"",
+        ));
+        assert_eq!(
+            errors,
+            ["target[0].strategy: \"dual\" needs mode = \"sql\": users.xml holds one password per user"]
         );
     }
 

@@ -491,3 +491,37 @@ async fn single_rotation_failed_logins_are_counted() {
 fn user_line_is_a_full_access_rule() {
     assert_eq!(user_line("u", "p"), "user u on >p ~* &* +@all");
 }
+
+/// The Bitnami shape: `default` is both the rotated user and the admin, so once the password
+/// changed the admin password the rotator was given is stale; undo must still get in.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_that_is_the_rotated_user_can_still_roll_back() {
+    for (strategy, command) in [("single", "false"), ("single", "true"), ("dual", "false")] {
+        let mut host = Host::start(Users::ConfigFile, "default", strategy, &[command]).await;
+        let text = std::fs::read_to_string(&host.rotator.config)
+            .unwrap()
+            .replace(
+                "user = \"admin\", password = \"env:REDIS_ADMIN_PASSWORD\"",
+                "user = \"default\", password = \"env:OLD_PASSWORD\"",
+            );
+        host.rotator.write_config(&text);
+        host.rotator
+            .env
+            .insert("OLD_PASSWORD".into(), host.old.clone());
+
+        let out = host.rotator.run(&["rotate"]).await;
+
+        let expected = if command == "true" { 0 } else { 1 };
+        assert_eq!(out.code, expected, "{strategy} {command}: {}", out.all());
+        let stored = host.stored();
+        host.redis
+            .try_login("default", &stored)
+            .await
+            .expect("the stored password logs in");
+        assert_eq!(
+            host.redis.password_hashes("default").await,
+            [sha256_hex(&stored)]
+        );
+        host.assert_clean(&out.all());
+    }
+}
