@@ -525,3 +525,58 @@ async fn admin_that_is_the_rotated_user_can_still_roll_back() {
         host.assert_clean(&out.all());
     }
 }
+
+/// Killed at every step boundary of a dual rotation, then `recover`: the stored credential
+/// logs in, and the user is left with exactly that one password (the other one removed,
+/// whichever way the run ended).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_killed_at_every_boundary_then_recovered_keeps_one_password() {
+    let host = Host::start(Users::AclFile, "llmtrace", "dual", &["true"]).await;
+    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(first.code, 0, "{}", first.all());
+    let all: Vec<String> = first.json()["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| {
+            let name = format!(
+                "{}:{}",
+                s["step"].as_str().unwrap(),
+                s["subject"].as_str().unwrap()
+            );
+            [format!("{name}:started"), format!("{name}:ok")]
+        })
+        .collect();
+    assert!(all.len() >= 18, "{all:?}");
+
+    for boundary in &all {
+        let before = host.stored();
+        let crashed = host.rotator.crash_at(boundary).await;
+        let out = host.rotator.run(&["recover", "--output", "json"]).await;
+        assert_eq!(out.code, 0, "{boundary}: {}", out.all());
+        let now = host.stored();
+        host.redis
+            .try_login("llmtrace", &now)
+            .await
+            .unwrap_or_else(|e| panic!("{boundary}: {e}"));
+        assert_eq!(
+            host.redis.password_hashes("llmtrace").await,
+            [sha256_hex(&now)],
+            "{boundary}: one password left"
+        );
+        assert!(
+            host.redis.file("users.acl").contains(&sha256_hex(&now)),
+            "{boundary}: saved"
+        );
+        assert_no_secret(
+            &format!("{crashed}{}", out.all()),
+            &[
+                before.as_str(),
+                now.as_str(),
+                host.redis.admin_password.as_str(),
+            ],
+            boundary,
+        );
+    }
+}
