@@ -580,3 +580,55 @@ async fn dual_killed_at_every_boundary_then_recovered_keeps_one_password() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_rotation_trusts_the_configured_ca() {
+    let old = random_password();
+    let (redis, tls_port, ca) = Redis::start_tls(Users::AclFile, &[("llmtrace", &old)]).await;
+    let tls_extra = format!("tls = true\nca_file = \"{}\"", ca.display());
+    let mut rotator = Rotator::new(&config(
+        &format!("127.0.0.1:{tls_port}"),
+        "llmtrace",
+        "dual",
+        &["true"],
+        &tls_extra,
+    ));
+    rotator
+        .env
+        .insert("REDIS_ADMIN_PASSWORD".into(), redis.admin_password.clone());
+    let env_file = rotator.path(".env");
+    std::fs::write(
+        &env_file,
+        format!("LLMTRACE_REDIS_URL=rediss://llmtrace:{old}@127.0.0.1:{tls_port}/0\nREDIS_PASSWORD={old}\n"),
+    )
+    .unwrap();
+    let host = Host {
+        redis,
+        rotator,
+        user: "llmtrace".into(),
+        old,
+        env_file,
+    };
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = host.stored();
+    assert_eq!(
+        host.redis.password_hashes("llmtrace").await,
+        [sha256_hex(&new)]
+    );
+    host.assert_clean(&out.all());
+
+    // Without the CA the server's certificate is not trusted: refused at preflight.
+    host.rotator.write_config(&config(
+        &format!("127.0.0.1:{tls_port}"),
+        "llmtrace",
+        "dual",
+        &["true"],
+        "tls = true",
+    ));
+    let refused = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(refused.code, 1, "{}", refused.all());
+    assert_eq!(refused.json()["outcome"], "refused");
+}
