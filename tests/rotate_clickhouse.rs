@@ -249,3 +249,42 @@ async fn single_rotation_failed_logins_are_counted() {
     assert!(attempts > 100, "the client kept trying: {attempts}");
     host.assert_clean(&out.all());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_mode_on_a_server_without_sql_users_is_refused_pointing_at_users_xml() {
+    let Some(host) = Host::start("single", &["true"]).await else {
+        return;
+    };
+    let text = std::fs::read_to_string(&host.rotator.config).unwrap();
+    let start = text.find("mode = \"users_xml\"").unwrap();
+    let end = start + text[start..].find("strategy").unwrap();
+    let sql = format!(
+        "{}admin = {{ user = \"default\", password = \"env:CH_ADMIN\" }}\n{}",
+        &text[..start],
+        &text[end..]
+    );
+    host.rotator.write_config(&sql);
+    let mut host = host;
+    host.rotator
+        .env
+        .insert("CH_ADMIN".into(), host.ch.admin_password.clone());
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout.contains("use mode = \\\"users_xml\\\""),
+        "{}",
+        out.stdout
+    );
+    host.ch
+        .try_login("llmtrace", &host.old)
+        .await
+        .expect("nothing changed");
+    assert_no_secret(
+        &out.all(),
+        &[host.old.as_str(), host.ch.admin_password.as_str()],
+        "rotator output",
+    );
+}

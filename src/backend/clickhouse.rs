@@ -7,7 +7,7 @@
 //! server reloads it by itself, so the step waits until the new password logs in.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,6 +33,8 @@ pub struct ClickHouse {
     admin_user: String,
     admin_password: Secret,
     strategy: Strategy,
+    /// The strategy the server can do (`dual` falls back to `single` before 24.9), once known.
+    effective: OnceLock<Strategy>,
     mode: ClickHouseMode,
     notes: Mutex<Vec<String>>,
 }
@@ -115,6 +117,14 @@ fn alter_statement(
     Some(Secret::new(statement))
 }
 
+/// Where the user is defined: `local_directory`, `replicated`, or `users_xml` (read-only to SQL).
+fn storage_query(user: &str) -> Secret {
+    Secret::new(format!(
+        "SELECT storage FROM system.users WHERE name = {} FORMAT TabSeparated",
+        quote_literal(user)
+    ))
+}
+
 /// `24.9.1.1` → (24, 9).
 fn parse_version(text: &str) -> Option<(u32, u32)> {
     let mut parts = text.trim().split('.');
@@ -194,6 +204,7 @@ impl ClickHouse {
             admin_user: target.admin_user.clone(),
             admin_password,
             strategy: target.strategy,
+            effective: OnceLock::new(),
             mode: target.clickhouse.clone(),
             notes: Mutex::new(Vec::new()),
         }
@@ -285,14 +296,19 @@ impl ClickHouse {
     }
 
     /// `dual` needs several auth methods per user (24.9+); older servers get `single`, said so.
+    /// Remembered, because the engine orders a rollback by [`Backend::strategy`].
     async fn effective_strategy(&self) -> Result<Strategy, BackendError> {
+        if let Some(strategy) = self.effective.get() {
+            return Ok(*strategy);
+        }
         if self.strategy != Strategy::Dual {
-            return Ok(self.strategy);
+            return Ok(*self.effective.get_or_init(|| self.strategy));
         }
         let version = self.server_version().await?;
         if version >= MULTI_AUTH_VERSION {
-            return Ok(Strategy::Dual);
+            return Ok(*self.effective.get_or_init(|| Strategy::Dual));
         }
+        self.effective.get_or_init(|| Strategy::Single);
         self.note(format!(
             "{}: server {}.{} predates several passwords per user ({}.{}); rotated as single",
             self.describe(),
@@ -378,7 +394,7 @@ impl Backend for ClickHouse {
     }
 
     fn strategy(&self) -> Strategy {
-        self.strategy
+        self.effective.get().copied().unwrap_or(self.strategy)
     }
 
     async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
@@ -424,17 +440,25 @@ impl Backend for ClickHouse {
                 check_owned_file(path).await.map_err(setup)
             }
             ClickHouseMode::Sql { .. } => {
-                self.server_version().await?;
-                let grants = Secret::new(format!("SHOW CREATE USER {}", quote_identifier(user)));
-                self.query(&self.admin_user, &self.admin_password, &grants)
+                self.effective_strategy().await?;
+                let storage = self
+                    .query(&self.admin_user, &self.admin_password, &storage_query(user))
                     .await
-                    .map(|_| ())
                     .map_err(|e| {
                         setup(format!(
-                            "admin user {:?} cannot see user {user:?} (it needs access_management): {}",
+                            "admin user {:?} cannot read system.users (it needs access_management; \
+                             servers before 20.5 have no SQL users: use mode = \"users_xml\"): {}",
                             self.admin_user, e.message
                         ))
-                    })
+                    })?;
+                match storage.trim() {
+                    "" => Err(setup(format!("user {user:?} does not exist"))),
+                    s if s.contains("xml") => Err(setup(format!(
+                        "user {user:?} is defined in users.xml ({s}), which SQL cannot change: \
+                         rotate a SQL-managed user, or use mode = \"users_xml\""
+                    ))),
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -584,6 +608,14 @@ mod tests {
         assert!(
             undo.starts_with("ALTER USER `llm\\`trace` IDENTIFIED WITH"),
             "{undo}"
+        );
+    }
+
+    #[test]
+    fn asks_where_the_user_is_stored() {
+        assert_eq!(
+            storage_query("o'neil").expose(),
+            "SELECT storage FROM system.users WHERE name = 'o\\'neil' FORMAT TabSeparated"
         );
     }
 

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct ClickHouse {
     pub dir: tempfile::TempDir,
     pub http_port: u16,
+    /// The `default` user's password (an admin, as far as 18.16 has one).
+    pub admin_password: String,
     child: Child,
 }
 
@@ -29,13 +31,14 @@ pub fn program() -> Option<&'static str> {
 
 impl ClickHouse {
     /// Starts a server with `user` defined in users.xml by a plaintext `<password>` (the
-    /// users.d file must drop it), and a password-less `default` user.
+    /// users.d file must drop it), and a `default` user with [`ClickHouse::admin_password`].
     pub async fn start(user: &str, password: &str) -> Option<ClickHouse> {
         let program = program()?;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let http_port = free_port();
         let tcp_port = free_port();
+        let admin_password = super::rotator::random_password();
         std::fs::create_dir_all(root.join("users.d")).unwrap();
         std::fs::write(
             root.join("config.xml"),
@@ -69,7 +72,7 @@ impl ClickHouse {
     <profiles><default></default></profiles>
     <quotas><default></default></quotas>
     <users>
-        <default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
+        <default><password>{admin_password}</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
         <{user}><password>{password}</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></{user}>
     </users>
 </yandex>
@@ -91,10 +94,15 @@ impl ClickHouse {
         let server = ClickHouse {
             dir,
             http_port,
+            admin_password,
             child,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while server.try_login("default", "").await.is_err() {
+        while server
+            .try_login("default", &server.admin_password)
+            .await
+            .is_err()
+        {
             assert!(
                 Instant::now() < deadline,
                 "clickhouse-server did not start:\n{}",
