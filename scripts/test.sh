@@ -80,8 +80,8 @@ pg_bin_dir() {
     return 1
 }
 
-# Packages that stop being optional once later features land; a missing
-# candidate for them is reported but is not fatal (nothing needs them yet).
+# Packages apt may not have everywhere; a missing candidate is reported but is
+# not fatal: the tests that need them (ClickHouse) skip, saying so.
 OPTIONAL_APT=(clickhouse-server)
 # Where ClickHouse isn't packaged, don't `apt-get update` on every run just to
 # find that out again: remember the miss for a day.
@@ -122,7 +122,7 @@ install_apt_packages() {
         if apt_available "$p"; then
             to_install+=("$p")
         else
-            warn "$p is not available from apt here; skipping (only needed by later features)"
+            warn "$p is not available from apt here; skipping (the ClickHouse tests skip without it)"
             mkdir -p "$STATE_DIR" && touch "$CH_MISS_STAMP"
         fi
     done

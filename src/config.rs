@@ -101,6 +101,18 @@ pub enum JournalLocation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Postgres,
+    Redis,
+    ClickHouse,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Postgres => "postgres",
+            BackendKind::Redis => "redis",
+            BackendKind::ClickHouse => "clickhouse",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -108,12 +120,15 @@ pub enum BackendKind {
 pub enum Strategy {
     /// One password: replaced in place.
     Single,
+    /// Two passwords while consumers move: the new one is added beside the old, which retire drops.
+    Dual,
 }
 
 impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Single => "single",
+            Strategy::Dual => "dual",
         }
     }
 
@@ -122,6 +137,7 @@ impl Strategy {
     pub fn keeps_old_until_retire(self) -> bool {
         match self {
             Strategy::Single => false,
+            Strategy::Dual => true,
         }
     }
 }
@@ -144,7 +160,8 @@ pub struct Target {
     pub database: Option<String>,
     pub user: String,
     pub admin_user: String,
-    pub admin_password: Reference,
+    /// `None` only where no admin is needed (ClickHouse users_xml mode).
+    pub admin_password: Option<Reference>,
     pub strategy: Strategy,
     pub schedule: Option<crate::schedule::Schedule>,
     /// A fire missed by more than this is skipped and counted, not run late.
@@ -158,6 +175,21 @@ pub struct Target {
     pub password: PasswordPolicy,
     pub sslmode: SslMode,
     pub ca_file: Option<PathBuf>,
+    /// Redis: replicas whose `masterauth` follows the rotated password.
+    pub replicas: Vec<String>,
+    /// Redis: connect with TLS (`rediss://`); ClickHouse: HTTPS.
+    pub tls: bool,
+    /// ClickHouse: how the user's password is changed.
+    pub clickhouse: ClickHouseMode,
+}
+
+/// How a ClickHouse user's password is changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClickHouseMode {
+    /// `ALTER USER` (SQL-managed users, 20.5+), optionally `ON CLUSTER`.
+    Sql { on_cluster: Option<String> },
+    /// A users.d file the rotator owns, for users defined in XML and servers before 20.5.
+    UsersXml { path: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +210,16 @@ pub enum StoreKind {
     },
     /// A property of a Vault/OpenBao KV v2 secret; the store's `key` is the property.
     Vault(VaultStore),
+    /// AWS Secrets Manager; the store's `key` is the JSON property, empty for the whole string.
+    Aws(AwsStore),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsStore {
+    pub secret_id: String,
+    pub region: String,
+    /// Another Secrets Manager endpoint (a VPC endpoint, an emulator).
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,13 +390,15 @@ impl Config {
     /// Whether anything in the config talks to a Kubernetes API server.
     pub fn uses_kubernetes(&self) -> bool {
         let store = self.targets.iter().any(|t| {
-            t.admin_password.uses_kubernetes()
+            t.admin_password
+                .as_ref()
+                .is_some_and(Reference::uses_kubernetes)
                 || t.stores.iter().any(|s| match &s.kind {
                     StoreKind::Kubernetes { .. } => true,
                     StoreKind::Vault(vault) => {
                         matches!(&vault.auth, VaultAuth::Token(r) if r.uses_kubernetes())
                     }
-                    StoreKind::File { .. } => false,
+                    StoreKind::File { .. } | StoreKind::Aws(_) => false,
                 })
         });
         let consumer = self
@@ -489,6 +533,19 @@ impl<'a> Fields<'a> {
                 .map_err(|message| errors.push(self.path_of(key), message))
                 .unwrap_or(default),
             None => default,
+        }
+    }
+
+    fn boolean(&self, key: &str, errors: &mut Errors) -> Option<bool> {
+        match self.get(key)? {
+            toml::Value::Boolean(b) => Some(*b),
+            other => {
+                errors.push(
+                    self.path_of(key),
+                    format!("must be true or false, not {}", other.type_str()),
+                );
+                None
+            }
         }
     }
 
@@ -743,7 +800,10 @@ fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors)
     policy
 }
 
-const TARGET_KINDS: &str = "postgres";
+const TARGET_KINDS: &str = "postgres, redis, clickhouse";
+
+/// Redis clients that name no user authenticate as this one.
+const REDIS_DEFAULT_USER: &str = "default";
 
 fn parse_target(
     fields: &Fields,
@@ -768,15 +828,8 @@ fn parse_target(
         .required_string("kind", errors)
         .and_then(|kind| match kind.as_str() {
             "postgres" => Some(BackendKind::Postgres),
-            "redis" | "clickhouse" => {
-                errors.push(
-                    fields.path_of("kind"),
-                    format!(
-                        "{kind:?} is not supported by this build yet (supported: {TARGET_KINDS})"
-                    ),
-                );
-                None
-            }
+            "redis" => Some(BackendKind::Redis),
+            "clickhouse" => Some(BackendKind::ClickHouse),
             _ => {
                 errors.push(
                     fields.path_of("kind"),
@@ -804,13 +857,27 @@ fn parse_target(
             "is required for a postgres target",
         );
     }
-    let user = fields.required_string("user", errors);
+    let user = if kind == Some(BackendKind::Redis) {
+        Some(
+            fields
+                .string("user", errors)
+                .unwrap_or_else(|| REDIS_DEFAULT_USER.to_string()),
+        )
+    } else {
+        fields.required_string("user", errors)
+    };
     let admin = match fields.table("admin", errors) {
         Some(admin) => {
             let user = admin.required_string("user", errors);
             let password = parse_reference(&admin, "password", base, errors);
             admin.finish(errors);
-            user.zip(password)
+            user.zip(password.map(Some))
+        }
+        // users_xml mode writes a file and logs in as the user itself: no admin to speak of.
+        None if kind == Some(BackendKind::ClickHouse)
+            && fields.table.get("mode").and_then(toml::Value::as_str) == Some("users_xml") =>
+        {
+            Some((String::new(), None))
         }
         None => {
             if !fields.table.contains_key("admin") {
@@ -824,10 +891,13 @@ fn parse_target(
     };
     let strategy = match fields.string("strategy", errors).as_deref() {
         None | Some("single") => Some(Strategy::Single),
+        Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
         Some(other @ ("dual" | "alternating")) => {
             errors.push(
                 fields.path_of("strategy"),
-                format!("{other:?} is not supported by this build yet (supported: single)"),
+                format!(
+                    "{other:?} is not supported for this kind by this build yet (postgres: single; redis, clickhouse: single, dual)"
+                ),
             );
             None
         }
@@ -879,6 +949,41 @@ fn parse_target(
         }
     };
     let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
+    let redis_only = |key: &str, errors: &mut Errors| {
+        if kind.is_some_and(|k| k != BackendKind::Redis) && fields.table.contains_key(key) {
+            errors.push(
+                fields.path_of(key),
+                format!(
+                    "is only used by redis targets, not {}",
+                    kind.map_or("", |k| k.as_str())
+                ),
+            );
+        }
+    };
+    redis_only("replicas", errors);
+    if kind == Some(BackendKind::Postgres) && fields.table.contains_key("tls") {
+        errors.push(
+            fields.path_of("tls"),
+            "is not used by postgres targets: use sslmode",
+        );
+    }
+    let clickhouse = parse_clickhouse_mode(fields, kind, base, errors);
+    if let (Some(Strategy::Dual), Some(ClickHouseMode::UsersXml { .. })) = (strategy, &clickhouse) {
+        errors.push(
+            fields.path_of("strategy"),
+            "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
+        );
+    }
+    let replicas = fields.strings("replicas", errors).unwrap_or_default();
+    for (j, replica) in replicas.iter().enumerate() {
+        if !is_host_port(replica) {
+            errors.push(
+                format!("{}[{j}]", fields.path_of("replicas")),
+                format!("{replica:?} is not HOST:PORT"),
+            );
+        }
+    }
+    let tls = fields.boolean("tls", errors).unwrap_or(false);
     let store_fields = fields.tables("store", "store", errors);
     if store_fields.is_empty() && !fields.table.contains_key("store") {
         errors.push(
@@ -916,7 +1021,70 @@ fn parse_target(
         password,
         sslmode: sslmode?,
         ca_file,
+        replicas,
+        tls,
+        clickhouse: clickhouse?,
     })
+}
+
+fn parse_clickhouse_mode(
+    fields: &Fields,
+    kind: Option<BackendKind>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<ClickHouseMode> {
+    let keys = ["mode", "users_xml", "on_cluster"];
+    if kind != Some(BackendKind::ClickHouse) {
+        for key in keys.into_iter().filter(|k| fields.table.contains_key(*k)) {
+            fields.get(key);
+            errors.push(fields.path_of(key), "is only used by clickhouse targets");
+        }
+        return Some(ClickHouseMode::Sql { on_cluster: None });
+    }
+    let on_cluster = fields.string("on_cluster", errors);
+    let users_xml = fields.table("users_xml", errors).and_then(|section| {
+        let path = section.required_string("path", errors);
+        section.finish(errors);
+        path.map(|p| base.join(p))
+    });
+    match fields.string("mode", errors).as_deref() {
+        None | Some("sql") => {
+            if users_xml.is_some() {
+                errors.push(
+                    fields.path_of("users_xml"),
+                    "is only used with mode = \"users_xml\"",
+                );
+            }
+            Some(ClickHouseMode::Sql { on_cluster })
+        }
+        Some("users_xml") => {
+            if on_cluster.is_some() {
+                errors.push(
+                    fields.path_of("on_cluster"),
+                    "is only used with mode = \"sql\"",
+                );
+            }
+            match users_xml {
+                Some(path) => Some(ClickHouseMode::UsersXml { path }),
+                None => {
+                    if !fields.table.contains_key("users_xml") {
+                        errors.push(
+                            fields.path_of("users_xml"),
+                            "is required with mode = \"users_xml\": { path = \"/etc/clickhouse-server/users.d/llmtrace.xml\" }",
+                        );
+                    }
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            errors.push(
+                fields.path_of("mode"),
+                format!("{other:?} is not one of sql, users_xml"),
+            );
+            None
+        }
+    }
 }
 
 fn is_host_port(address: &str) -> bool {
@@ -941,26 +1109,23 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
                 path: base.join(path),
             }),
         Some("vault") => parse_vault(fields, base, errors).map(StoreKind::Vault),
-        Some(other @ "aws") => {
-            errors.push(fields.path_of("kind"), format!("{other:?} stores are not supported by this build yet (supported: kubernetes, file, vault)"));
-            None
-        }
+        Some("aws") => parse_aws(fields, errors).map(StoreKind::Aws),
         Some(other) => {
             errors.push(
                 fields.path_of("kind"),
-                format!("{other:?} is not one of kubernetes, file, vault"),
+                format!("{other:?} is not one of kubernetes, file, vault, aws"),
             );
             None
         }
         None => None,
     };
-    // A Vault secret holds properties; the rotated one plays the part of the key.
-    let key_name = if fields.table.get("kind").and_then(toml::Value::as_str) == Some("vault") {
-        "property"
-    } else {
-        "key"
+    // Vault and AWS secrets hold properties; the rotated one plays the part of the key. An AWS
+    // secret without a property is rotated as a whole string (the empty key).
+    let key = match fields.table.get("kind").and_then(toml::Value::as_str) {
+        Some("vault") => fields.required_string("property", errors),
+        Some("aws") => Some(fields.string("property", errors).unwrap_or_default()),
+        _ => fields.required_string("key", errors),
     };
-    let key = fields.required_string(key_name, errors);
     let format = match fields.string("format", errors).as_deref() {
         None | Some("url") => Some(Format::Url),
         Some("password") => Some(Format::Password),
@@ -991,6 +1156,26 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
         kind: kind?,
         key: key?,
         format: format?,
+    })
+}
+
+fn parse_aws(fields: &Fields, errors: &mut Errors) -> Option<AwsStore> {
+    let secret_id = fields.required_string("secret_id", errors);
+    let region = fields.required_string("region", errors);
+    let endpoint = fields.string("endpoint", errors).and_then(|endpoint| {
+        let ok = url::Url::parse(&endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !ok {
+            errors.push(
+                fields.path_of("endpoint"),
+                format!("{endpoint:?} is not an http(s) URL"),
+            );
+        }
+        ok.then(|| endpoint.trim_end_matches('/').to_string())
+    });
+    Some(AwsStore {
+        secret_id: secret_id?,
+        region: region?,
+        endpoint,
     })
 }
 
@@ -1300,6 +1485,127 @@ timeout = "2m"
             }
         );
         assert!(Reference::parse("k8s:llmtrace/pg", Path::new(".")).is_err());
+    }
+
+    const REDIS: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "redis"
+kind = "redis"
+address = "llmtrace-redis-master:6379"
+admin = { user = "admin", password = "env:REDIS_ADMIN_PASSWORD" }
+strategy = "dual"
+replicas = ["llmtrace-redis-replicas-0:6379"]
+tls = true
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_REDIS_URL"
+"#;
+
+    #[test]
+    fn parses_a_redis_target_with_the_default_user() {
+        let config = Config::parse(REDIS, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.kind, BackendKind::Redis);
+        assert_eq!(target.user, "default");
+        assert_eq!(target.strategy, Strategy::Dual);
+        assert!(target.strategy.keeps_old_until_retire());
+        assert_eq!(target.replicas, ["llmtrace-redis-replicas-0:6379"]);
+        assert!(target.tls);
+    }
+
+    #[test]
+    fn dual_and_redis_keys_are_refused_for_postgres() {
+        let text = VALID.replace(
+            "consumers = [\"proxy\"]",
+            "consumers = [\"proxy\"]\nstrategy = \"dual\"\nreplicas = [\"a:1\"]",
+        );
+        let mut errors = errors_of(&text);
+        errors.sort();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("target[0].replicas: is only used by redis"));
+        assert!(errors[1].starts_with("target[0].strategy: \"dual\" is not supported"));
+    }
+
+    #[test]
+    fn bad_replica_addresses_are_reported_by_index() {
+        let errors = errors_of(&REDIS.replace("replicas-0:6379", "replicas-0"));
+        assert_eq!(
+            errors,
+            ["target[0].replicas[0]: \"llmtrace-redis-replicas-0\" is not HOST:PORT"]
+        );
+    }
+
+    const CLICKHOUSE: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "clickhouse"
+kind = "clickhouse"
+address = "127.0.0.1:8123"
+user = "llmtrace"
+mode = "users_xml"
+users_xml = { path = "users.d/llmtrace.xml" }
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_CLICKHOUSE_URL"
+"#;
+
+    #[test]
+    fn parses_a_clickhouse_users_xml_target_without_admin() {
+        let config = Config::parse(CLICKHOUSE, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.kind, BackendKind::ClickHouse);
+        assert!(target.admin_password.is_none());
+        assert_eq!(
+            target.clickhouse,
+            ClickHouseMode::UsersXml {
+                path: "/etc/rotator/users.d/llmtrace.xml".into()
+            }
+        );
+    }
+
+    #[test]
+    fn clickhouse_sql_mode_needs_an_admin_and_takes_on_cluster() {
+        let sql = CLICKHOUSE
+            .replace(
+                "mode = \"users_xml\"\n",
+                "on_cluster = \"main\"\nstrategy = \"dual\"\n",
+            )
+            .replace("users_xml = { path = \"users.d/llmtrace.xml\" }\n", "");
+        let mut errors = errors_of(&sql);
+        assert_eq!(
+            errors,
+            ["target[0].admin: is required: { user = \"...\", password = \"env:...\" }"]
+        );
+        let sql = sql.replace(
+            "on_cluster",
+            "admin = { user = \"admin\", password = \"env:CH\" }\non_cluster",
+        );
+        let config = Config::parse(&sql, Path::new(".")).unwrap();
+        assert_eq!(
+            config.targets[0].clickhouse,
+            ClickHouseMode::Sql {
+                on_cluster: Some("main".into())
+            }
+        );
+        errors = errors_of(&CLICKHOUSE.replace(
+            "user = \"llmtrace\"",
+            "user = \"llmtrace\"\nstrategy = \"dual\"",
+        ));
+        assert_eq!(
+            errors,
+            ["target[0].strategy: \"dual\" needs mode = \"sql\": users.xml holds one password per user"]
+        );
     }
 
     #[test]

@@ -695,7 +695,9 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
         reference(r, &mut grants);
     }
     for target in &config.targets {
-        reference(&target.admin_password, &mut grants);
+        if let Some(r) = &target.admin_password {
+            reference(r, &mut grants);
+        }
     }
     for target in &config.targets {
         for store in &target.stores {

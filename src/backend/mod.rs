@@ -1,6 +1,8 @@
 //! Backends: the servers whose passwords rotate. One file per kind behind [`Backend`].
 
+pub mod clickhouse;
 pub mod postgres;
+pub mod redis;
 pub mod scram;
 
 use async_trait::async_trait;
@@ -76,11 +78,43 @@ pub trait Backend: Send + Sync {
     async fn retire(&self, _current: &Credential, _next: &Credential) -> Result<(), BackendError> {
         Ok(())
     }
+
+    /// Warnings gathered while changing the server that do not fail the step (a change that
+    /// cannot be persisted); the engine moves them into the report.
+    fn take_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Builds the backend for a target, given its resolved admin password.
 pub fn for_target(target: &Target, admin_password: Secret) -> Box<dyn Backend> {
     match target.kind {
         BackendKind::Postgres => Box::new(postgres::Postgres::new(target, admin_password)),
+        BackendKind::Redis => Box::new(redis::Redis::new(target, admin_password)),
+        BackendKind::ClickHouse => Box::new(clickhouse::ClickHouse::new(target, admin_password)),
     }
+}
+
+/// Replaces every 64-hex-digit run (a password hash Redis may echo in an error) and every
+/// given secret in a server message.
+pub(crate) fn redact(message: &str, secrets: &[&Secret]) -> String {
+    let mut out = message.to_string();
+    for secret in secrets {
+        if !secret.is_empty() {
+            out = out.replace(secret.expose(), "***");
+        }
+    }
+    let mut result = String::with_capacity(out.len());
+    let mut run = String::new();
+    for c in out.chars() {
+        if c.is_ascii_hexdigit() {
+            run.push(c);
+            continue;
+        }
+        result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
+        run.clear();
+        result.push(c);
+    }
+    result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
+    result
 }

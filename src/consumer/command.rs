@@ -17,6 +17,34 @@ impl CommandConsumer {
     }
 }
 
+/// Kills the command's whole process group when dropped before the command exited (timed out,
+/// or the run was cancelled), so nothing it started keeps running on a step that is over.
+/// A command that exited is left alone: what it started in the background may be the workload.
+struct GroupKiller(Option<rustix::process::Pid>);
+
+impl GroupKiller {
+    fn new(pid: u32) -> Self {
+        GroupKiller(
+            i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw),
+        )
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            // ESRCH (the group is gone already) is the usual, harmless answer.
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 #[async_trait]
 impl Consumer for CommandConsumer {
     fn describe(&self) -> String {
@@ -29,15 +57,22 @@ impl Consumer for CommandConsumer {
             message,
         };
         // The command's output goes to our stderr so it never mixes into a JSON report on stdout.
+        // Its own process group lets a timeout or a cancelled run stop it and all it started.
         let mut child = tokio::process::Command::new(&self.argv[0])
             .args(&self.argv[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::from(std::io::stderr()))
             .stderr(Stdio::from(std::io::stderr()))
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| error(format!("cannot start {:?}: {e}", self.argv[0])))?;
-        match tokio::time::timeout(timeout, child.wait()).await {
+        let mut group = child.id().map(GroupKiller::new);
+        let waited = tokio::time::timeout(timeout, child.wait()).await;
+        if waited.is_ok() {
+            group.as_mut().map(GroupKiller::disarm);
+        }
+        match waited {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => Err(error(format!("exited with {status}"))),
             Ok(Err(e)) => Err(error(format!("cannot wait for it: {e}"))),

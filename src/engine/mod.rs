@@ -119,9 +119,12 @@ impl Deps {
         target: &'a Target,
     ) -> Result<TargetRuntime<'a>, String> {
         let field = format!("target {:?} admin.password", target.name);
-        let admin_password = resolve(&target.admin_password, &field, self.kube.as_ref())
-            .await
-            .map_err(|e| e.to_string())?;
+        let admin_password = match &target.admin_password {
+            Some(reference) => resolve(reference, &field, self.kube.as_ref())
+                .await
+                .map_err(|e| e.to_string())?,
+            None => crate::secret::Secret::new(""),
+        };
         let stores = target
             .stores
             .iter()

@@ -75,6 +75,7 @@ fn describe_store(store: &crate::config::StoreConfig) -> String {
             format!("kubernetes secret {namespace}/{secret}#{}", store.key)
         }
         StoreKind::File { path } => format!("file {}#{}", path.display(), store.key),
+        StoreKind::Aws(aws) => format!("aws secret {}#{}", aws.secret_id, store.key),
         StoreKind::Vault(vault) => format!(
             "vault {} {}/{}#{}",
             vault.address, vault.mount, vault.path, store.key

@@ -88,6 +88,7 @@ async fn recover_run(
     } else {
         run.rollback().await
     };
+    run.tidy_stores().await;
     run.finish(outcome).await
 }
 

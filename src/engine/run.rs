@@ -190,6 +190,18 @@ impl<'a> RunContext<'a> {
 
     /// Journals the outcome and builds the report.
     pub async fn finish(mut self, outcome: Outcome) -> RunReport {
+        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
+            if let Some(runtime) = runtime {
+                let name = &state.name;
+                self.notes.extend(
+                    runtime
+                        .backend
+                        .take_notes()
+                        .into_iter()
+                        .map(|note| format!("target {name}: {note}")),
+                );
+            }
+        }
         if outcome == Outcome::RollbackFailed {
             self.describe_state().await;
         }
@@ -303,6 +315,19 @@ impl<'a> RunContext<'a> {
             self.rec.finish(step, &result).await;
         }
         ok && !self.rec.journal_failed
+    }
+
+    /// Lets every store clean up what the interrupted write may have left (best effort).
+    pub async fn tidy_stores(&mut self) {
+        let mut notes = Vec::new();
+        for runtime in self.targets.iter().flatten() {
+            for store in &runtime.stores {
+                if let Err(error) = store.tidy().await {
+                    notes.push(format!("{} could not be tidied: {error}", store.describe()));
+                }
+            }
+        }
+        self.notes.extend(notes);
     }
 
     pub fn runtime_at(&self, i: usize) -> Option<&TargetRuntime<'a>> {

@@ -1,9 +1,11 @@
 //! Stores: where the workload reads its credential. One file per kind behind [`Store`].
 
+pub mod aws;
 pub mod dotenv;
 pub mod file;
 pub mod format;
 pub mod kubernetes;
+pub mod sigv4;
 pub mod vault;
 
 use async_trait::async_trait;
@@ -52,6 +54,12 @@ pub trait Store: Send + Sync {
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError>;
+
+    /// Cleans up what an interrupted write may have left (a stale staging label); recovery
+    /// calls it. Nothing to do for most stores.
+    async fn tidy(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Builds the store for a config entry; Kubernetes stores need a client.
@@ -61,6 +69,7 @@ pub fn for_config(
 ) -> Result<Box<dyn Store>, StoreError> {
     match &config.kind {
         StoreKind::File { path } => Ok(Box::new(file::FileStore::new(path.clone(), &config.key))),
+        StoreKind::Aws(aws) => Ok(Box::new(aws::AwsSecret::new(aws, &config.key))),
         StoreKind::Vault(vault) => Ok(Box::new(vault::VaultKv::new(
             vault,
             &config.key,

@@ -2,7 +2,10 @@
 //! the rotator binary.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 pub mod kube_fake;
+pub mod moto;
 pub mod openbao;
 pub mod postgres;
+pub mod redis;
 pub mod rotator;

@@ -1,0 +1,656 @@
+//! ClickHouse over plain HTTP (reqwest, no client crate): the password never travels in a URL,
+//! only in `X-ClickHouse-Key` on logins, and the server only ever gets SHA-256 hashes.
+//!
+//! `mode = "sql"`: `ALTER USER ... IDENTIFIED WITH sha256_hash BY '<hex>' SALT '<salt>'`, with
+//! `ADD IDENTIFIED` / `RESET AUTHENTICATION METHODS TO NEW` for `dual` (24.9+).
+//! `mode = "users_xml"`: a users.d file the rotator owns holds `<password_sha256_hex>`; the
+//! server reloads it by itself, so the step waits until the new password logs in.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use super::{redact, Backend, BackendError};
+use crate::config::{ClickHouseMode, Strategy, Target};
+use crate::secret::{Credential, Secret};
+
+/// A query that has not answered by then is treated as failed rather than hanging the run.
+const TIMEOUT: Duration = Duration::from_secs(15);
+/// ClickHouse checks its users config every few seconds; a minute means it is not reloading.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// `ADD IDENTIFIED WITH` and `RESET AUTHENTICATION METHODS` exist since this version.
+const MULTI_AUTH_VERSION: (u32, u32) = (24, 9);
+/// "storage is readonly": the user is defined in users.xml.
+const READONLY_STORAGE: u32 = 495;
+
+pub struct ClickHouse {
+    base_url: String,
+    http: Result<reqwest::Client, String>,
+    admin_user: String,
+    admin_password: Secret,
+    strategy: Strategy,
+    /// The strategy the server can do (`dual` falls back to `single` before 24.9), once known.
+    effective: OnceLock<Strategy>,
+    mode: ClickHouseMode,
+    notes: Mutex<Vec<String>>,
+}
+
+/// A failed HTTP query: ClickHouse's error code when it gave one, and its message.
+struct QueryError {
+    code: Option<u32>,
+    message: String,
+}
+
+/// Which change an `ALTER USER` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Apply,
+    Undo,
+    Retire,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `sha256_hash` as ClickHouse checks it: SHA-256 of the password followed by the salt.
+fn salted_hash(password: &Secret, salt: &str) -> Secret {
+    let mut hasher = Sha256::new();
+    hasher.update(password.expose().as_bytes());
+    hasher.update(salt.as_bytes());
+    Secret::new(hex(&hasher.finalize()))
+}
+
+fn new_salt() -> String {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    hex(&salt)
+}
+
+/// A backquoted identifier, escaped as ClickHouse's lexer reads it.
+fn quote_identifier(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The `ALTER USER` for a change, or `None` when there is nothing to do. `single` replaces the
+/// user's methods; `dual` adds one and resets to it at retire. Undo sets the old password as
+/// the only method: it runs after the consumers are back on it.
+fn alter_statement(
+    strategy: Strategy,
+    change: Change,
+    user: &str,
+    on_cluster: Option<&str>,
+    password: &Secret,
+    salt: &str,
+) -> Option<Secret> {
+    let target = match on_cluster {
+        Some(cluster) => format!(
+            "{} ON CLUSTER {}",
+            quote_identifier(user),
+            quote_identifier(cluster)
+        ),
+        None => quote_identifier(user),
+    };
+    let method = || {
+        format!(
+            "IDENTIFIED WITH sha256_hash BY {} SALT {}",
+            quote_literal(salted_hash(password, salt).expose()),
+            quote_literal(salt)
+        )
+    };
+    let statement = match (strategy, change) {
+        (Strategy::Dual, Change::Apply) => format!("ALTER USER {target} ADD {}", method()),
+        (Strategy::Dual, Change::Retire) => {
+            format!("ALTER USER {target} RESET AUTHENTICATION METHODS TO NEW")
+        }
+        (Strategy::Single, Change::Retire) => return None,
+        (_, Change::Apply | Change::Undo) => format!("ALTER USER {target} {}", method()),
+    };
+    Some(Secret::new(statement))
+}
+
+/// Where the user is defined: `local_directory`, `replicated`, or `users_xml` (read-only to SQL).
+fn storage_query(user: &str) -> Secret {
+    Secret::new(format!(
+        "SELECT storage FROM system.users WHERE name = {} FORMAT TabSeparated",
+        quote_literal(user)
+    ))
+}
+
+/// `24.9.1.1` → (24, 9).
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// `Code: 495, e.displayText() = ...` (old) or `Code: 495. DB::Exception: ...` (new).
+fn error_code(body: &str) -> Option<u32> {
+    let rest = body.split("Code: ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The users.d file: merged over the main definition, dropping any other password field.
+fn users_xml(user: &str, password: &Secret) -> Secret {
+    let digest = Sha256::digest(password.expose().as_bytes());
+    Secret::new(format!(
+        r#"<?xml version="1.0"?>
+<!-- Written by llmtrace-rotator: the password of user {user}. Replaced at each rotation; do not edit. -->
+<yandex>
+    <users>
+        <{user}>
+            <password remove="1"/>
+            <password_double_sha1_hex remove="1"/>
+            <password_sha256_hex>{}</password_sha256_hex>
+        </{user}>
+    </users>
+</yandex>
+"#,
+        hex(&digest)
+    ))
+}
+
+/// A user name that can be an XML element name as users.xml spells users.
+fn is_xml_name(user: &str) -> bool {
+    let mut chars = user.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Replaces `path` atomically: a temp file beside it (not `*.xml`, which the server would
+/// read), synced, renamed over it. Keeps the mode of the file it replaces.
+async fn write_atomically(path: &Path, contents: &Secret) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("users");
+    let temp = dir.join(format!(".{name}.rotator-tmp"));
+    let mode = match tokio::fs::metadata(path).await {
+        Ok(meta) => meta.permissions().mode() & 0o7777,
+        // Holds a hash, not a password; the server's user must be able to read it.
+        Err(_) => 0o644,
+    };
+    let write = async {
+        let mut file = tokio::fs::File::create(&temp).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, contents.expose().as_bytes()).await?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await?;
+        file.sync_all().await?;
+        tokio::fs::rename(&temp, path).await?;
+        tokio::fs::File::open(dir).await?.sync_all().await
+    };
+    let result = write.await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    result
+}
+
+impl ClickHouse {
+    pub fn new(target: &Target, admin_password: Secret) -> Self {
+        let scheme = if target.tls { "https" } else { "http" };
+        ClickHouse {
+            base_url: format!("{scheme}://{}/", target.address),
+            http: http_client(target.ca_file.as_deref()),
+            admin_user: target.admin_user.clone(),
+            admin_password,
+            strategy: target.strategy,
+            effective: OnceLock::new(),
+            mode: target.clickhouse.clone(),
+            notes: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn http(&self) -> Result<&reqwest::Client, QueryError> {
+        self.http.as_ref().map_err(|message| QueryError {
+            code: None,
+            message: message.clone(),
+        })
+    }
+
+    /// Runs `sql` as `user`; the password goes in a header, never in the URL.
+    async fn query(
+        &self,
+        user: &str,
+        password: &Secret,
+        sql: &Secret,
+    ) -> Result<String, QueryError> {
+        let request = self
+            .http()?
+            .post(&self.base_url)
+            .header("X-ClickHouse-User", user)
+            .header("X-ClickHouse-Key", password.expose())
+            .body(sql.expose().to_string());
+        let response = request.send().await.map_err(|e| QueryError {
+            code: None,
+            message: e.without_url().to_string(),
+        })?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            return Ok(body);
+        }
+        // The server may echo the statement (hash and all) or the user's input: keep neither.
+        let message = redact(body.lines().next().unwrap_or(""), &[password]);
+        let message: String = message.chars().take(300).collect();
+        Err(QueryError {
+            code: error_code(&body),
+            message: format!("HTTP {status}: {message}"),
+        })
+    }
+
+    fn admin_error(&self, e: QueryError) -> BackendError {
+        BackendError::Admin {
+            backend: self.describe(),
+            user: self.admin_user.clone(),
+            cause: e.message,
+        }
+    }
+
+    fn change_error(&self, user: &str, e: QueryError) -> BackendError {
+        let cause = if e.code == Some(READONLY_STORAGE) {
+            format!(
+                "{} (error {READONLY_STORAGE}: the user is defined in users.xml, which SQL cannot change; \
+                 rotate a SQL-managed user, or use mode = \"users_xml\")",
+                e.message
+            )
+        } else {
+            e.message
+        };
+        BackendError::Change {
+            backend: self.describe(),
+            user: user.to_string(),
+            cause,
+        }
+    }
+
+    fn note(&self, note: String) {
+        let mut notes = self.notes.lock().expect("notes lock");
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+    }
+
+    async fn server_version(&self) -> Result<(u32, u32), BackendError> {
+        let text = self
+            .query(
+                &self.admin_user,
+                &self.admin_password,
+                &Secret::new("SELECT version()"),
+            )
+            .await
+            .map_err(|e| self.admin_error(e))?;
+        parse_version(&text).ok_or_else(|| BackendError::Setup {
+            backend: self.describe(),
+            message: format!("cannot read the server version from {:?}", text.trim()),
+        })
+    }
+
+    /// `dual` needs several auth methods per user (24.9+); older servers get `single`, said so.
+    /// Remembered, because the engine orders a rollback by [`Backend::strategy`].
+    async fn effective_strategy(&self) -> Result<Strategy, BackendError> {
+        if let Some(strategy) = self.effective.get() {
+            return Ok(*strategy);
+        }
+        if self.strategy != Strategy::Dual {
+            return Ok(*self.effective.get_or_init(|| self.strategy));
+        }
+        let version = self.server_version().await?;
+        if version >= MULTI_AUTH_VERSION {
+            return Ok(*self.effective.get_or_init(|| Strategy::Dual));
+        }
+        self.effective.get_or_init(|| Strategy::Single);
+        self.note(format!(
+            "{}: server {}.{} predates several passwords per user ({}.{}); rotated as single",
+            self.describe(),
+            version.0,
+            version.1,
+            MULTI_AUTH_VERSION.0,
+            MULTI_AUTH_VERSION.1
+        ));
+        Ok(Strategy::Single)
+    }
+
+    async fn alter(
+        &self,
+        change: Change,
+        user: &str,
+        on_cluster: Option<&str>,
+        password: &Secret,
+    ) -> Result<(), BackendError> {
+        let strategy = self.effective_strategy().await?;
+        let Some(statement) =
+            alter_statement(strategy, change, user, on_cluster, password, &new_salt())
+        else {
+            return Ok(());
+        };
+        self.query(&self.admin_user, &self.admin_password, &statement)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.change_error(user, e))
+    }
+
+    /// Writes the users.d file for `credential`, then waits until the server accepts it.
+    async fn write_users_xml(
+        &self,
+        path: &Path,
+        credential: &Credential,
+    ) -> Result<(), BackendError> {
+        let change = |cause: String| BackendError::Change {
+            backend: self.describe(),
+            user: credential.user.clone(),
+            cause,
+        };
+        write_atomically(path, &users_xml(&credential.user, &credential.password))
+            .await
+            .map_err(|e| change(format!("cannot write {}: {e}", path.display())))?;
+        let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
+        loop {
+            match self.login(credential).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(change(format!(
+                        "{} was written but the server did not accept the password within {}s \
+                         (is the file in the users.d directory of its users_config?): {e}",
+                        path.display(),
+                        RELOAD_TIMEOUT.as_secs()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+}
+
+fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        // A fresh connection per login, so a login proves what a new pod would see.
+        .pool_max_idle_per_host(0);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+#[async_trait]
+impl Backend for ClickHouse {
+    fn describe(&self) -> String {
+        format!("clickhouse {}", self.base_url.trim_end_matches('/'))
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.effective.get().copied().unwrap_or(self.strategy)
+    }
+
+    async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
+        let fail = |cause: String| BackendError::Login {
+            backend: self.describe(),
+            user: credential.user.clone(),
+            cause,
+        };
+        let request = self
+            .http()
+            .map_err(|e| fail(e.message))?
+            .get(format!("{}?query=SELECT%201", self.base_url))
+            .header("X-ClickHouse-User", &credential.user)
+            .header("X-ClickHouse-Key", credential.password.expose());
+        let response = request
+            .send()
+            .await
+            .map_err(|e| fail(e.without_url().to_string()))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if status.is_success() && body.trim() == "1" {
+            return Ok(());
+        }
+        let first = redact(body.lines().next().unwrap_or(""), &[&credential.password]);
+        Err(fail(format!(
+            "HTTP {status}: {}",
+            first.chars().take(300).collect::<String>()
+        )))
+    }
+
+    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+        let setup = |message: String| BackendError::Setup {
+            backend: self.describe(),
+            message,
+        };
+        match &self.mode {
+            ClickHouseMode::UsersXml { path } => {
+                if !is_xml_name(user) {
+                    return Err(setup(format!(
+                        "user {user:?} cannot be written as a users.xml element; use mode = \"sql\""
+                    )));
+                }
+                check_owned_file(path).await.map_err(setup)
+            }
+            ClickHouseMode::Sql { .. } => {
+                self.effective_strategy().await?;
+                let storage = self
+                    .query(&self.admin_user, &self.admin_password, &storage_query(user))
+                    .await
+                    .map_err(|e| {
+                        setup(format!(
+                            "admin user {:?} cannot read system.users (it needs access_management; \
+                             servers before 20.5 have no SQL users: use mode = \"users_xml\"): {}",
+                            self.admin_user, e.message
+                        ))
+                    })?;
+                match storage.trim() {
+                    "" => Err(setup(format!("user {user:?} does not exist"))),
+                    s if s.contains("xml") => Err(setup(format!(
+                        "user {user:?} is defined in users.xml ({s}), which SQL cannot change: \
+                         rotate a SQL-managed user, or use mode = \"users_xml\""
+                    ))),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, _current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        match &self.mode {
+            ClickHouseMode::UsersXml { path } => self.write_users_xml(path, next).await,
+            ClickHouseMode::Sql { on_cluster } => {
+                self.alter(
+                    Change::Apply,
+                    &next.user,
+                    on_cluster.as_deref(),
+                    &next.password,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn undo_apply(
+        &self,
+        current: &Credential,
+        _next: &Credential,
+    ) -> Result<(), BackendError> {
+        match &self.mode {
+            ClickHouseMode::UsersXml { path } => self.write_users_xml(path, current).await,
+            ClickHouseMode::Sql { on_cluster } => {
+                self.alter(
+                    Change::Undo,
+                    &current.user,
+                    on_cluster.as_deref(),
+                    &current.password,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn retire(&self, _current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        match &self.mode {
+            ClickHouseMode::UsersXml { .. } => Ok(()),
+            ClickHouseMode::Sql { on_cluster } => {
+                self.alter(
+                    Change::Retire,
+                    &next.user,
+                    on_cluster.as_deref(),
+                    &next.password,
+                )
+                .await
+            }
+        }
+    }
+
+    fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().expect("notes lock"))
+    }
+}
+
+/// The users.d file must be ours to replace: its directory writable, and any file already
+/// there written by the rotator.
+async fn check_owned_file(path: &Path) -> Result<(), String> {
+    let dir: PathBuf = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let meta = tokio::fs::metadata(&dir).await.map_err(|e| {
+        format!(
+            "users_xml.path: directory {} is not usable: {e}",
+            dir.display()
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "users_xml.path: {} is not a directory",
+            dir.display()
+        ));
+    }
+    match tokio::fs::read_to_string(path).await {
+        Ok(text) if !text.contains("Written by llmtrace-rotator") => Err(format!(
+            "users_xml.path: {} exists and was not written by the rotator; point it at a file of its own in users.d",
+            path.display()
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let probe = dir.join(".llmtrace-rotator-probe");
+            tokio::fs::write(&probe, b"")
+                .await
+                .map_err(|e| format!("users_xml.path: cannot write in {}: {e}", dir.display()))?;
+            let _ = tokio::fs::remove_file(&probe).await;
+            Ok(())
+        }
+        Err(e) => Err(format!("users_xml.path: cannot read {}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statement(strategy: Strategy, change: Change, cluster: Option<&str>) -> Option<String> {
+        alter_statement(
+            strategy,
+            change,
+            "llm`trace",
+            cluster,
+            &Secret::new("pw"),
+            "00112233445566778899aabbccddeeff",
+        )
+        .map(|s| s.expose().to_string())
+    }
+
+    #[test]
+    fn salted_hash_is_sha256_of_password_then_salt() {
+        // echo -n 'pwsalt' | sha256sum
+        assert_eq!(
+            salted_hash(&Secret::new("pw"), "salt").expose(),
+            hex(&Sha256::digest(b"pwsalt"))
+        );
+        assert_ne!(new_salt(), new_salt());
+        assert_eq!(new_salt().len(), 32);
+    }
+
+    #[test]
+    fn single_replaces_the_authentication() {
+        let hash = salted_hash(&Secret::new("pw"), "00112233445566778899aabbccddeeff");
+        assert_eq!(
+            statement(Strategy::Single, Change::Apply, None).unwrap(),
+            format!(
+                "ALTER USER `llm\\`trace` IDENTIFIED WITH sha256_hash BY '{}' SALT '00112233445566778899aabbccddeeff'",
+                hash.expose()
+            )
+        );
+        assert_eq!(statement(Strategy::Single, Change::Retire, None), None);
+    }
+
+    #[test]
+    fn dual_adds_then_resets_to_the_new_method() {
+        let apply = statement(Strategy::Dual, Change::Apply, Some("main")).unwrap();
+        assert!(
+            apply.starts_with(
+                "ALTER USER `llm\\`trace` ON CLUSTER `main` ADD IDENTIFIED WITH sha256_hash BY '"
+            ),
+            "{apply}"
+        );
+        assert_eq!(
+            statement(Strategy::Dual, Change::Retire, None).unwrap(),
+            "ALTER USER `llm\\`trace` RESET AUTHENTICATION METHODS TO NEW"
+        );
+        let undo = statement(Strategy::Dual, Change::Undo, None).unwrap();
+        assert!(
+            undo.starts_with("ALTER USER `llm\\`trace` IDENTIFIED WITH"),
+            "{undo}"
+        );
+    }
+
+    #[test]
+    fn asks_where_the_user_is_stored() {
+        assert_eq!(
+            storage_query("o'neil").expose(),
+            "SELECT storage FROM system.users WHERE name = 'o\\'neil' FORMAT TabSeparated"
+        );
+    }
+
+    #[test]
+    fn quotes_literals_and_identifiers() {
+        assert_eq!(quote_literal("a'b\\c"), "'a\\'b\\\\c'");
+        assert_eq!(quote_identifier("a`b"), "`a\\`b`");
+    }
+
+    #[test]
+    fn reads_versions_and_error_codes() {
+        assert_eq!(parse_version("24.9.1.3278\n"), Some((24, 9)));
+        assert_eq!(parse_version("18.16.1"), Some((18, 16)));
+        assert!(parse_version("18.16.1").unwrap() < MULTI_AUTH_VERSION);
+        assert!(parse_version("25.1").unwrap() >= MULTI_AUTH_VERSION);
+        assert_eq!(
+            error_code("Code: 495, e.displayText() = DB::Exception: storage is readonly"),
+            Some(495)
+        );
+        assert_eq!(
+            error_code("Code: 516. DB::Exception: default: Authentication failed"),
+            Some(516)
+        );
+        assert_eq!(error_code("nothing"), None);
+    }
+
+    #[test]
+    fn users_xml_holds_only_the_hash() {
+        let xml = users_xml("llmtrace", &Secret::new("hunter2"));
+        assert!(!xml.expose().contains("hunter2"));
+        assert!(xml.expose().contains(&format!(
+            "<password_sha256_hex>{}</password_sha256_hex>",
+            hex(&Sha256::digest(b"hunter2"))
+        )));
+        assert!(is_xml_name("llmtrace") && is_xml_name("_a-b.c"));
+        assert!(!is_xml_name("1a") && !is_xml_name("a b") && !is_xml_name("a<b"));
+    }
+}

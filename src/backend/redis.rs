@@ -1,0 +1,666 @@
+//! Redis (6.0+ ACL): passwords reach the server as SHA-256 hashes (`#<hex>` adds, `!<hex>`
+//! removes), so the plaintext never crosses the wire, `MONITOR` or the slow log.
+//!
+//! Every change is persisted (`ACL SAVE` with an aclfile, else `CONFIG REWRITE`), because a
+//! Redis restart would otherwise bring the old password back. Listed replicas that
+//! authenticate to the master as the rotated user follow it through `masterauth`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
+    TlsCertificates, Value,
+};
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use super::{redact, Backend, BackendError};
+use crate::config::{Strategy, Target};
+use crate::secret::{Credential, Secret};
+
+/// A login or command that has not answered by then is treated as failed rather than hanging the run.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// A replica reconnects and resyncs within seconds; longer means its link is really broken.
+const REPLICA_LINK_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Redis {
+    host: String,
+    port: u16,
+    replicas: Vec<(String, u16)>,
+    tls: bool,
+    ca_file: Option<std::path::PathBuf>,
+    admin_user: String,
+    admin_password: Secret,
+    strategy: Strategy,
+    /// Warnings for the report (a change that cannot be persisted); drained by the engine.
+    notes: Mutex<Vec<String>>,
+}
+
+/// What `ACL GETUSER` says about a user, as far as rotation cares.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct AclUser {
+    flags: Vec<String>,
+    /// SHA-256 hex of each password the user accepts.
+    passwords: Vec<String>,
+}
+
+/// Which change an `ACL SETUSER` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Apply,
+    Undo,
+    Retire,
+}
+
+/// SHA-256 of the password, lower-case hex: how `ACL GETUSER` lists it and `#`/`!` take it.
+fn password_hash(password: &Secret) -> Secret {
+    let digest = Sha256::digest(password.expose().as_bytes());
+    Secret::new(
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+    )
+}
+
+/// The `ACL SETUSER user ...` rules for a change, given the hashes the user holds now. Rules
+/// are computed from the current state so that a repeated undo (recovery) is harmless.
+fn setuser_rules(
+    strategy: Strategy,
+    change: Change,
+    held: &[String],
+    old: &Secret,
+    new: &Secret,
+) -> Result<Vec<Secret>, &'static str> {
+    let holds = |hash: &Secret| held.iter().any(|h| h == hash.expose());
+    let add = |hash: &Secret| Secret::new(format!("#{}", hash.expose()));
+    let remove = |hash: &Secret| Secret::new(format!("!{}", hash.expose()));
+    let mut rules = Vec::new();
+    match (strategy, change) {
+        (Strategy::Single, Change::Apply) => rules.extend([Secret::new("resetpass"), add(new)]),
+        (Strategy::Single, Change::Undo) => rules.extend([Secret::new("resetpass"), add(old)]),
+        (Strategy::Single, Change::Retire) => {}
+        (Strategy::Dual, Change::Apply) => {
+            if !holds(new) {
+                rules.push(add(new));
+            }
+        }
+        (Strategy::Dual, Change::Undo) => {
+            if !holds(old) {
+                rules.push(add(old));
+            }
+            if holds(new) {
+                rules.push(remove(new));
+            }
+        }
+        (Strategy::Dual, Change::Retire) => {
+            if !holds(new) {
+                return Err("the new password is not among the user's passwords any more; the old one is kept");
+            }
+            if holds(old) {
+                rules.push(remove(old));
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// Reads a field map that RESP2 sends as a flat array and RESP3 as a map.
+fn fields(value: Value) -> Vec<(String, Value)> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    };
+    match value {
+        Value::Map(pairs) => pairs.into_iter().map(|(k, v)| (text(&k), v)).collect(),
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            let mut items = items.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                out.push((text(&k), v));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    match value {
+        Value::Array(items) | Value::Set(items) => items
+            .iter()
+            .filter_map(|v| match v {
+                Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                Value::SimpleString(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn acl_user(value: Value) -> Option<AclUser> {
+    if value == Value::Nil {
+        return None;
+    }
+    let mut user = AclUser::default();
+    for (key, value) in fields(value) {
+        match key.as_str() {
+            "flags" => user.flags = strings(&value),
+            "passwords" => user.passwords = strings(&value),
+            _ => {}
+        }
+    }
+    Some(user)
+}
+
+/// One `field:value` line of an `INFO` section.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+fn split_host_port(address: &str) -> (String, u16) {
+    let (host, port) = address
+        .rsplit_once(':')
+        .expect("config validated HOST:PORT");
+    (
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port.parse().expect("config validated the port"),
+    )
+}
+
+impl Redis {
+    pub fn new(target: &Target, admin_password: Secret) -> Self {
+        let (host, port) = split_host_port(&target.address);
+        Redis {
+            host,
+            port,
+            replicas: target.replicas.iter().map(|r| split_host_port(r)).collect(),
+            tls: target.tls,
+            ca_file: target.ca_file.clone(),
+            admin_user: target.admin_user.clone(),
+            admin_password,
+            strategy: target.strategy,
+            notes: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn note(&self, note: String) {
+        let mut notes = self.notes.lock().expect("notes lock");
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+    }
+
+    async fn connect(
+        &self,
+        (host, port): (&str, u16),
+        user: &str,
+        password: &Secret,
+    ) -> Result<MultiplexedConnection, String> {
+        let addr = if self.tls {
+            ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host.to_string(), port)
+        };
+        let info = addr
+            .into_connection_info()
+            .map_err(|e| e.to_string())?
+            .set_redis_settings(
+                RedisConnectionInfo::default()
+                    .set_username(user)
+                    .set_password(password.expose())
+                    .set_skip_set_lib_name(),
+            );
+        let client = if self.tls {
+            let root_cert = match &self.ca_file {
+                Some(path) => Some(
+                    tokio::fs::read(path)
+                        .await
+                        .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert,
+                },
+            )
+        } else {
+            Client::open(info)
+        }
+        .map_err(|e| redact(&e.to_string(), &[password]))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT));
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| redact(&e.to_string(), &[password]))
+    }
+
+    fn master(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    /// The admin connection to `node`. When the admin is the rotated user itself, its stored
+    /// admin password may be either credential of this run, so those are tried too.
+    async fn admin(
+        &self,
+        node: (&str, u16),
+        also: &[&Credential],
+    ) -> Result<MultiplexedConnection, BackendError> {
+        let mut cause = match self
+            .connect(node, &self.admin_user, &self.admin_password)
+            .await
+        {
+            Ok(conn) => return Ok(conn),
+            Err(cause) => cause,
+        };
+        for credential in also.iter().filter(|c| c.user == self.admin_user) {
+            match self
+                .connect(node, &credential.user, &credential.password)
+                .await
+            {
+                Ok(conn) => return Ok(conn),
+                Err(e) => cause = e,
+            }
+        }
+        Err(BackendError::Admin {
+            backend: format!("redis {}:{}", node.0, node.1),
+            user: self.admin_user.clone(),
+            cause,
+        })
+    }
+
+    fn change_error(&self, user: &str, cause: String) -> BackendError {
+        BackendError::Change {
+            backend: self.describe(),
+            user: user.to_string(),
+            cause,
+        }
+    }
+
+    async fn get_user(
+        &self,
+        conn: &mut MultiplexedConnection,
+        user: &str,
+    ) -> Result<Option<AclUser>, String> {
+        let value: Value = ::redis::cmd("ACL")
+            .arg("GETUSER")
+            .arg(user)
+            .query_async(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(acl_user(value))
+    }
+
+    /// Runs one `ACL SETUSER` for `change` on the master and persists it.
+    async fn set_user(
+        &self,
+        change: Change,
+        current: &Credential,
+        next: &Credential,
+    ) -> Result<(), BackendError> {
+        let user = &next.user;
+        let mut conn = self.admin(self.master(), &[current, next]).await?;
+        let held = self
+            .get_user(&mut conn, user)
+            .await
+            .map_err(|cause| self.change_error(user, cause))?
+            .ok_or_else(|| self.change_error(user, "the user does not exist".into()))?
+            .passwords;
+        let old = password_hash(&current.password);
+        let new = password_hash(&next.password);
+        let rules = setuser_rules(self.strategy, change, &held, &old, &new)
+            .map_err(|cause| self.change_error(user, cause.into()))?;
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let mut command = ::redis::cmd("ACL");
+        command.arg("SETUSER").arg(user);
+        for rule in &rules {
+            command.arg(rule.expose());
+        }
+        command
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.change_error(user, redact(&e.to_string(), &[&old, &new])))?;
+        self.persist_acl(&mut conn, user)
+            .await
+            .map_err(|cause| self.change_error(user, cause))
+    }
+
+    /// `ACL SAVE` with an aclfile, else `CONFIG REWRITE`, else a warning for the report.
+    async fn persist_acl(
+        &self,
+        conn: &mut MultiplexedConnection,
+        user: &str,
+    ) -> Result<(), String> {
+        let node = self.describe();
+        let aclfile = self.config_get(conn, "aclfile").await?;
+        if !aclfile.is_empty() {
+            let aclfile = aclfile.expose();
+            return ::redis::cmd("ACL")
+                .arg("SAVE")
+                .query_async::<()>(conn)
+                .await
+                .map_err(|e| format!("ACL SAVE to {aclfile} failed (the change is live but would be lost at restart): {e}"));
+        }
+        // `requirepass` is a config value that ACL SETUSER leaves stale: a rewrite would write the
+        // old password back, and only `CONFIG SET requirepass` (plaintext) changes it.
+        if user == "default" && !self.config_get(conn, "requirepass").await?.is_empty() {
+            self.note(format!(
+                "{node}: NOT PERSISTED: the default user's password comes from requirepass; a restart brings back whatever the server is started with. \
+                 Start it with the password from a rotated store (Bitnami: --requirepass from <release>-redis#redis-password), \
+                 or replace requirepass by `user default on #<sha256> ~* &* +@all` in the config file"
+            ));
+            return Ok(());
+        }
+        self.persist_config(conn, &node).await
+    }
+
+    /// `CONFIG REWRITE` when the server was started from a config file, else a warning.
+    async fn persist_config(
+        &self,
+        conn: &mut MultiplexedConnection,
+        node: &str,
+    ) -> Result<(), String> {
+        let info: String = ::redis::cmd("INFO")
+            .arg("server")
+            .query_async(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if info_field(&info, "config_file").is_some_and(|f| !f.is_empty()) {
+            return ::redis::cmd("CONFIG")
+                .arg("REWRITE")
+                .query_async::<()>(conn)
+                .await
+                .map_err(|e| format!("CONFIG REWRITE failed (the change is live but would be lost at restart): {e}"));
+        }
+        tracing::warn!(backend = %node, "no aclfile and no config file: the change is not persisted");
+        self.note(format!(
+            "{node}: NOT PERSISTED: the server has neither an aclfile nor a config file, so a restart brings the old password back"
+        ));
+        Ok(())
+    }
+
+    /// One config value. The result may be a password (`requirepass`): callers only test it.
+    async fn config_get(
+        &self,
+        conn: &mut MultiplexedConnection,
+        name: &str,
+    ) -> Result<Secret, String> {
+        let value: Value = ::redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(fields(value)
+            .into_iter()
+            .find(|(key, _)| key == name)
+            .and_then(|(_, v)| match v {
+                Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                Value::SimpleString(s) => Some(s),
+                _ => None,
+            })
+            .map(Secret::new)
+            .unwrap_or_else(|| Secret::new("")))
+    }
+
+    /// Points every listed replica that authenticates as `to.user` at `to`'s password, persists
+    /// it, and waits until its link to the master is up.
+    async fn follow(&self, from: &Credential, to: &Credential) -> Result<(), BackendError> {
+        for (host, port) in &self.replicas {
+            let node = format!("redis replica {host}:{port}");
+            let fail = |cause: String| BackendError::Change {
+                backend: node.clone(),
+                user: to.user.clone(),
+                cause,
+            };
+            let mut conn = self.admin((host, *port), &[from, to]).await?;
+            let masteruser = self
+                .config_get(&mut conn, "masteruser")
+                .await
+                .map_err(fail)?;
+            let authenticates_as = if masteruser.is_empty() {
+                "default"
+            } else {
+                masteruser.expose()
+            };
+            if authenticates_as != to.user {
+                continue;
+            }
+            ::redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("masterauth")
+                .arg(to.password.expose())
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| fail(redact(&e.to_string(), &[&from.password, &to.password])))?;
+            self.persist_config(&mut conn, &node).await.map_err(fail)?;
+            self.wait_link_up(&mut conn).await.map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    async fn wait_link_up(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + REPLICA_LINK_TIMEOUT;
+        loop {
+            let info: String = ::redis::cmd("INFO")
+                .arg("replication")
+                .query_async(conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if info_field(&info, "master_link_status") == Some("up") {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "master_link_status is not up after {}s (role {})",
+                    REPLICA_LINK_TIMEOUT.as_secs(),
+                    info_field(&info, "role").unwrap_or("?")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Redis {
+    fn describe(&self) -> String {
+        format!("redis {}:{}", self.host, self.port)
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
+        let login = async {
+            let mut conn = self
+                .connect(self.master(), &credential.user, &credential.password)
+                .await?;
+            ::redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        login.await.map_err(|cause| BackendError::Login {
+            backend: self.describe(),
+            user: credential.user.clone(),
+            cause,
+        })
+    }
+
+    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+        let mut conn = self.admin(self.master(), &[]).await?;
+        let setup = |message: String| BackendError::Setup {
+            backend: self.describe(),
+            message,
+        };
+        let found = self.get_user(&mut conn, user).await.map_err(|cause| {
+            setup(format!(
+                "admin user {:?} cannot read the ACL of {user:?} (it needs +acl): {cause}",
+                self.admin_user
+            ))
+        })?;
+        let Some(found) = found else {
+            return Err(setup(format!("ACL user {user:?} does not exist")));
+        };
+        if found.flags.iter().any(|f| f == "nopass") {
+            return Err(setup(format!(
+                "ACL user {user:?} has nopass: any password logs in, so there is nothing to rotate; give it a password first"
+            )));
+        }
+        if found.flags.iter().any(|f| f == "off") {
+            return Err(setup(format!("ACL user {user:?} is disabled (off)")));
+        }
+        for (host, port) in &self.replicas {
+            self.admin((host, *port), &[]).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        self.set_user(Change::Apply, current, next).await?;
+        self.follow(current, next).await
+    }
+
+    async fn undo_apply(
+        &self,
+        current: &Credential,
+        next: &Credential,
+    ) -> Result<(), BackendError> {
+        self.set_user(Change::Undo, current, next).await?;
+        self.follow(next, current).await
+    }
+
+    async fn retire(&self, current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        if self.strategy == Strategy::Dual {
+            self.set_user(Change::Retire, current, next).await?;
+        }
+        Ok(())
+    }
+
+    fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().expect("notes lock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(strategy: Strategy, change: Change, held: &[&Secret]) -> Vec<String> {
+        let held: Vec<String> = held.iter().map(|h| h.expose().to_string()).collect();
+        setuser_rules(strategy, change, &held, &hash("old"), &hash("new"))
+            .unwrap()
+            .iter()
+            .map(|r| r.expose().to_string())
+            .collect()
+    }
+
+    fn hash(password: &str) -> Secret {
+        password_hash(&Secret::new(password))
+    }
+
+    #[test]
+    fn hashes_like_acl_getuser_lists_them() {
+        // sha256("foobar"), as `ACL SETUSER u >foobar` then `ACL GETUSER u` shows it.
+        assert_eq!(
+            hash("foobar").expose(),
+            "c3ab8ff13720e8ad9047dd39466b3c8974e592c2fa383d4a3960714caef0c4f2"
+        );
+    }
+
+    #[test]
+    fn single_replaces_every_password() {
+        let (old, new) = (hash("old"), hash("new"));
+        assert_eq!(
+            rules(Strategy::Single, Change::Apply, &[&old]),
+            ["resetpass".to_string(), format!("#{}", new.expose())]
+        );
+        assert_eq!(
+            rules(Strategy::Single, Change::Undo, &[&new]),
+            ["resetpass".to_string(), format!("#{}", old.expose())]
+        );
+        assert!(rules(Strategy::Single, Change::Retire, &[&new]).is_empty());
+    }
+
+    #[test]
+    fn dual_adds_then_removes_and_undo_is_idempotent() {
+        let (old, new) = (hash("old"), hash("new"));
+        assert_eq!(
+            rules(Strategy::Dual, Change::Apply, &[&old]),
+            [format!("#{}", new.expose())]
+        );
+        assert_eq!(
+            rules(Strategy::Dual, Change::Retire, &[&old, &new]),
+            [format!("!{}", old.expose())]
+        );
+        assert_eq!(
+            rules(Strategy::Dual, Change::Undo, &[&old, &new]),
+            [format!("!{}", new.expose())]
+        );
+        assert!(rules(Strategy::Dual, Change::Undo, &[&old]).is_empty());
+        let held = vec![old.expose().to_string()];
+        assert!(setuser_rules(Strategy::Dual, Change::Retire, &held, &old, &new).is_err());
+    }
+
+    #[test]
+    fn redacts_hashes_and_secrets_from_server_messages() {
+        let message = format!(
+            "ERR Error in ACL SETUSER modifier '#{}': hunter2 nope",
+            hash("x").expose()
+        );
+        assert_eq!(
+            redact(&message, &[&Secret::new("hunter2")]),
+            "ERR Error in ACL SETUSER modifier '#<hash>': *** nope"
+        );
+    }
+
+    #[test]
+    fn reads_acl_getuser_in_resp2() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let value = Value::Array(vec![
+            bulk("flags"),
+            Value::Array(vec![bulk("on")]),
+            bulk("passwords"),
+            Value::Array(vec![bulk("abc")]),
+            bulk("commands"),
+            bulk("+@all"),
+        ]);
+        assert_eq!(
+            acl_user(value),
+            Some(AclUser {
+                flags: vec!["on".into()],
+                passwords: vec!["abc".into()]
+            })
+        );
+        assert_eq!(acl_user(Value::Nil), None);
+    }
+
+    #[test]
+    fn reads_info_fields() {
+        let info = "# Replication\r\nrole:slave\r\nmaster_link_status:up\r\n";
+        assert_eq!(info_field(info, "master_link_status"), Some("up"));
+        assert_eq!(info_field(info, "config_file"), None);
+    }
+}

@@ -1,0 +1,290 @@
+//! `rotate` of a ClickHouse user defined in users.xml, against Debian's clickhouse-server
+//! (18.16, no SQL user management): the rotator owns a users.d file and waits for the reload.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::clickhouse::ClickHouse;
+use support::rotator::{assert_no_secret, random_password, Rotator};
+
+struct Host {
+    ch: ClickHouse,
+    rotator: Rotator,
+    old: String,
+    env_file: PathBuf,
+}
+
+fn config(address: &str, users_xml: &str, strategy: &str, command: &[&str]) -> String {
+    let argv = command
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "clickhouse"
+kind = "clickhouse"
+address = "{address}"
+user = "llmtrace"
+mode = "users_xml"
+users_xml = {{ path = "{users_xml}" }}
+strategy = "{strategy}"
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_CLICKHOUSE_URL"
+  format = "url"
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "CLICKHOUSE_ADMIN_PASSWORD"
+  format = "password"
+
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = [{argv}]
+timeout = "20s"
+"#
+    )
+}
+
+impl Host {
+    /// `None` (the test skips) where clickhouse-server is not installed.
+    async fn start(strategy: &str, command: &[&str]) -> Option<Host> {
+        let old = random_password();
+        let ch = ClickHouse::start("llmtrace", &old).await?;
+        let users_xml = ch.users_d().join("llmtrace-rotator.xml");
+        let rotator = Rotator::new(&config(
+            &ch.address(),
+            &users_xml.display().to_string(),
+            strategy,
+            command,
+        ));
+        let env_file = rotator.path(".env");
+        std::fs::write(
+            &env_file,
+            format!(
+                "LLMTRACE_CLICKHOUSE_URL=http://llmtrace:{old}@{}\nLLMTRACE_CLICKHOUSE_DATABASE=default\nCLICKHOUSE_ADMIN_PASSWORD={old}\n",
+                ch.address()
+            ),
+        )
+        .unwrap();
+        Some(Host {
+            ch,
+            rotator,
+            old,
+            env_file,
+        })
+    }
+
+    fn env_text(&self) -> String {
+        std::fs::read_to_string(&self.env_file).unwrap()
+    }
+
+    fn stored(&self) -> String {
+        let text = self.env_text();
+        let (_, password) = parse_env(&text);
+        let bare = text
+            .lines()
+            .find_map(|l| l.strip_prefix("CLICKHOUSE_ADMIN_PASSWORD="))
+            .unwrap();
+        assert_eq!(password, bare, "both stores hold the same password");
+        password
+    }
+
+    /// No password in the rotator's output; the new one nowhere in the server's files or logs.
+    fn assert_clean(&self, output: &str) {
+        let new = self.stored();
+        assert_no_secret(
+            output,
+            &[self.old.as_str(), new.as_str()],
+            "rotator output at trace level",
+        );
+        assert_no_secret(
+            &self.ch.files_text(),
+            &[new.as_str()],
+            "ClickHouse's files and logs",
+        );
+    }
+}
+
+fn parse_env(text: &str) -> (String, String) {
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("LLMTRACE_CLICKHOUSE_URL="))
+        .unwrap();
+    let url = url::Url::parse(line).unwrap();
+    let password = percent_encoding::percent_decode_str(url.password().unwrap())
+        .decode_utf8()
+        .unwrap()
+        .into_owned();
+    (url.username().to_string(), password)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_xml_rotation_writes_the_users_d_file_and_waits_for_the_reload() {
+    let Some(host) = Host::start("single", &["true"]).await else {
+        return;
+    };
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = host.stored();
+    assert_ne!(new, host.old);
+    host.ch
+        .try_login("llmtrace", &new)
+        .await
+        .expect("new password logs in");
+    assert!(host.ch.try_login("llmtrace", &host.old).await.is_err());
+    let file = std::fs::read_to_string(host.ch.users_d().join("llmtrace-rotator.xml")).unwrap();
+    assert!(file.contains("<password_sha256_hex>"), "{file}");
+    // A second rotation replaces the rotator's own file.
+    let again = host.rotator.run(&["rotate"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    host.ch
+        .try_login("llmtrace", &host.stored())
+        .await
+        .expect("logs in");
+    host.assert_clean(&format!("{}{}", out.all(), again.all()));
+    assert_no_secret(
+        &host.ch.files_text(),
+        &[new.as_str()],
+        "ClickHouse's files and logs",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_restart_rolls_back_the_users_d_file() {
+    let Some(host) = Host::start("single", &["false"]).await else {
+        return;
+    };
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back", "{report:#}");
+    assert_eq!(host.env_text(), before);
+    host.ch
+        .try_login("llmtrace", &host.old)
+        .await
+        .expect("old password logs in");
+    host.assert_clean(&out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_is_refused_in_users_xml_mode() {
+    let Some(host) = Host::start("dual", &["true"]).await else {
+        return;
+    };
+    let out = host.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.all().contains("users.xml holds one password per user"),
+        "{}",
+        out.all()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn single_rotation_failed_logins_are_counted() {
+    let Some(host) = Host::start("single", &["sleep", "2"]).await else {
+        return;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        let env_file = host.env_file.clone();
+        let address = host.ch.address();
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            let (mut attempts, mut failures) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                let (user, password) = parse_env(&std::fs::read_to_string(&env_file).unwrap());
+                attempts += 1;
+                let ok = match http
+                    .get(format!("http://{address}/?query=SELECT%201"))
+                    .header("X-ClickHouse-User", user)
+                    .header("X-ClickHouse-Key", password)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().is_success(),
+                    Err(_) => false,
+                };
+                failures += usize::from(!ok);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (attempts, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (attempts, failures) = client.await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    let wall = out.json()["duration_ms"].as_u64().unwrap();
+    println!("clickhouse users_xml single: rotation wall time {wall} ms, {attempts} logins, {failures} failed");
+    assert!(attempts > 100, "the client kept trying: {attempts}");
+    host.assert_clean(&out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_mode_on_a_server_without_sql_users_is_refused_pointing_at_users_xml() {
+    let Some(host) = Host::start("single", &["true"]).await else {
+        return;
+    };
+    let text = std::fs::read_to_string(&host.rotator.config).unwrap();
+    let start = text.find("mode = \"users_xml\"").unwrap();
+    let end = start + text[start..].find("strategy").unwrap();
+    let sql = format!(
+        "{}admin = {{ user = \"default\", password = \"env:CH_ADMIN\" }}\n{}",
+        &text[..start],
+        &text[end..]
+    );
+    host.rotator.write_config(&sql);
+    let mut host = host;
+    host.rotator
+        .env
+        .insert("CH_ADMIN".into(), host.ch.admin_password.clone());
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout.contains("use mode = \\\"users_xml\\\""),
+        "{}",
+        out.stdout
+    );
+    host.ch
+        .try_login("llmtrace", &host.old)
+        .await
+        .expect("nothing changed");
+    assert_no_secret(
+        &out.all(),
+        &[host.old.as_str(), host.ch.admin_password.as_str()],
+        "rotator output",
+    );
+}
