@@ -36,7 +36,7 @@ pub struct ClickHouse {
     /// The strategy the server can do (`dual` falls back to `single` before 24.9), once known.
     effective: OnceLock<Strategy>,
     mode: ClickHouseMode,
-    notes: Mutex<Vec<String>>,
+    notes: Mutex<Vec<super::Note>>,
 }
 
 /// A failed HTTP query: ClickHouse's error code when it gave one, and its message.
@@ -273,7 +273,8 @@ impl ClickHouse {
         }
     }
 
-    fn note(&self, note: String) {
+    fn note(&self, kind: &'static str, message: String) {
+        let note = super::Note { kind, message };
         let mut notes = self.notes.lock().expect("notes lock");
         if !notes.contains(&note) {
             notes.push(note);
@@ -309,14 +310,17 @@ impl ClickHouse {
             return Ok(*self.effective.get_or_init(|| Strategy::Dual));
         }
         self.effective.get_or_init(|| Strategy::Single);
-        self.note(format!(
-            "{}: server {}.{} predates several passwords per user ({}.{}); rotated as single",
-            self.describe(),
-            version.0,
-            version.1,
-            MULTI_AUTH_VERSION.0,
-            MULTI_AUTH_VERSION.1
-        ));
+        self.note(
+            "dual_unsupported",
+            format!(
+                "{}: server {}.{} predates several passwords per user ({}.{}); rotated as single",
+                self.describe(),
+                version.0,
+                version.1,
+                MULTI_AUTH_VERSION.0,
+                MULTI_AUTH_VERSION.1
+            ),
+        );
         Ok(Strategy::Single)
     }
 
@@ -512,7 +516,7 @@ impl Backend for ClickHouse {
         }
     }
 
-    fn take_notes(&self) -> Vec<String> {
+    fn take_notes(&self) -> Vec<super::Note> {
         std::mem::take(&mut *self.notes.lock().expect("notes lock"))
     }
 }

@@ -80,10 +80,17 @@ pub trait Backend: Send + Sync {
     }
 
     /// Warnings gathered while changing the server that do not fail the step (a change that
-    /// cannot be persisted); the engine moves them into the report.
-    fn take_notes(&self) -> Vec<String> {
+    /// cannot be persisted); the engine moves them into the report and the warning counter.
+    fn take_notes(&self) -> Vec<Note> {
         Vec::new()
     }
+}
+
+/// A warning from a backend: a stable `kind` for `rotator_warnings_total`, and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub kind: &'static str,
+    pub message: String,
 }
 
 /// Builds the backend for a target, given its resolved admin password.

@@ -35,7 +35,7 @@ pub struct Redis {
     admin_password: Secret,
     strategy: Strategy,
     /// Warnings for the report (a change that cannot be persisted); drained by the engine.
-    notes: Mutex<Vec<String>>,
+    notes: Mutex<Vec<super::Note>>,
 }
 
 /// What `ACL GETUSER` says about a user, as far as rotation cares.
@@ -192,7 +192,8 @@ impl Redis {
         }
     }
 
-    fn note(&self, note: String) {
+    fn note(&self, kind: &'static str, message: String) {
+        let note = super::Note { kind, message };
         let mut notes = self.notes.lock().expect("notes lock");
         if !notes.contains(&note) {
             notes.push(note);
@@ -364,7 +365,7 @@ impl Redis {
         // `requirepass` is a config value that ACL SETUSER leaves stale: a rewrite would write the
         // old password back, and only `CONFIG SET requirepass` (plaintext) changes it.
         if user == "default" && !self.config_get(conn, "requirepass").await?.is_empty() {
-            self.note(format!(
+            self.note("not_persisted", format!(
                 "{node}: NOT PERSISTED: the default user's password comes from requirepass; a restart brings back whatever the server is started with. \
                  Start it with the password from a rotated store (Bitnami: --requirepass from <release>-redis#redis-password), \
                  or replace requirepass by `user default on #<sha256> ~* &* +@all` in the config file"
@@ -393,7 +394,7 @@ impl Redis {
                 .map_err(|e| format!("CONFIG REWRITE failed (the change is live but would be lost at restart): {e}"));
         }
         tracing::warn!(backend = %node, "no aclfile and no config file: the change is not persisted");
-        self.note(format!(
+        self.note("not_persisted", format!(
             "{node}: NOT PERSISTED: the server has neither an aclfile nor a config file, so a restart brings the old password back"
         ));
         Ok(())
@@ -559,7 +560,7 @@ impl Backend for Redis {
         Ok(())
     }
 
-    fn take_notes(&self) -> Vec<String> {
+    fn take_notes(&self) -> Vec<super::Note> {
         std::mem::take(&mut *self.notes.lock().expect("notes lock"))
     }
 }

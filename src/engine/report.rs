@@ -65,6 +65,9 @@ pub struct RunReport {
     /// Failed steps with their error labels, for metrics.
     #[serde(skip)]
     pub failures: Vec<super::recorder::Failure>,
+    /// (target, kind) of each backend warning (a change that could not be persisted), for metrics.
+    #[serde(skip)]
+    pub warnings: Vec<(String, &'static str)>,
 }
 
 impl RunReport {

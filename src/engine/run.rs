@@ -95,6 +95,8 @@ pub struct RunContext<'a> {
     targets: Vec<Option<TargetRuntime<'a>>>,
     consumers: Vec<Option<ConsumerHandle>>,
     notes: Vec<String>,
+    /// (target, kind) of each backend warning, for the warning counter.
+    warnings: Vec<(String, &'static str)>,
     clock: Instant,
     /// Held until the run ends (recovery holds its own).
     _lock: Option<TargetLock>,
@@ -129,6 +131,7 @@ pub async fn start<'e>(
         targets: Vec::new(),
         consumers: Vec::new(),
         notes: Vec::new(),
+        warnings: Vec::new(),
         clock: Instant::now(),
         _lock: Some(lock),
         cancel: CancellationToken::new(),
@@ -151,6 +154,7 @@ impl<'a> RunContext<'a> {
             targets,
             consumers,
             notes,
+            warnings: Vec::new(),
             clock: Instant::now(),
             _lock: None,
             cancel: CancellationToken::new(),
@@ -192,14 +196,11 @@ impl<'a> RunContext<'a> {
     pub async fn finish(mut self, outcome: Outcome) -> RunReport {
         for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
             if let Some(runtime) = runtime {
-                let name = &state.name;
-                self.notes.extend(
-                    runtime
-                        .backend
-                        .take_notes()
-                        .into_iter()
-                        .map(|note| format!("target {name}: {note}")),
-                );
+                for note in runtime.backend.take_notes() {
+                    self.notes
+                        .push(format!("target {}: {}", state.name, note.message));
+                    self.warnings.push((state.name.clone(), note.kind));
+                }
             }
         }
         if outcome == Outcome::RollbackFailed {
@@ -227,6 +228,7 @@ impl<'a> RunContext<'a> {
             steps: self.rec.steps.clone(),
             state: self.notes.clone(),
             failures: self.rec.failures.clone(),
+            warnings: std::mem::take(&mut self.warnings),
         }
     }
 

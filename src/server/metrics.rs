@@ -32,6 +32,7 @@ pub struct Metrics {
     credential_max_age: GaugeVec,
     in_progress: IntGaugeVec,
     skipped: IntCounterVec,
+    warnings: IntCounterVec,
     /// Unix seconds of each target's last success, to compute the credential's age at scrape time.
     successes: Mutex<HashMap<String, f64>>,
 }
@@ -155,6 +156,7 @@ impl Metrics {
                 "Scheduled rotations not run, by reason (missed_window, busy).",
                 &["target", "reason"],
             ),
+            warnings: counter(r, "rotator_warnings_total", "Changes that worked but need attention, by kind (not_persisted, dual_unsupported).", &["target", "kind"]),
             successes: Mutex::new(HashMap::new()),
             registry,
         };
@@ -263,6 +265,11 @@ impl Metrics {
                     .insert(target.clone(), now);
             }
         }
+        for (target, kind) in &report.warnings {
+            self.warnings
+                .with_label_values(&[target.as_str(), kind])
+                .inc();
+        }
         for failure in &report.failures {
             let owner = failure.subject.split('/').next().unwrap_or_default();
             let targets = if report.targets.iter().any(|t| t == owner) {
@@ -291,5 +298,56 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buffer)
             .expect("text encoding");
         String::from_utf8(buffer).expect("the exposition is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::recorder::Failure;
+
+    fn report(outcome: Outcome) -> RunReport {
+        RunReport {
+            run_id: "r".into(),
+            trigger: "api".into(),
+            targets: vec!["cache".into()],
+            outcome,
+            duration_ms: 1500,
+            steps: Vec::new(),
+            state: Vec::new(),
+            failures: vec![Failure {
+                step: "restart".into(),
+                subject: "proxy".into(),
+                label: "rollout_timeout",
+            }],
+            warnings: vec![("cache".into(), "not_persisted")],
+        }
+    }
+
+    #[test]
+    fn a_run_is_counted_under_its_target_outcome_failures_and_warnings() {
+        let metrics = Metrics::new(&[("cache".into(), std::time::Duration::from_secs(86400))]);
+        assert!(metrics
+            .encode()
+            .contains("rotator_rotations_total{outcome=\"rolled_back\",target=\"cache\"} 0"));
+        metrics.observe_run(&report(Outcome::RolledBack), |consumer| {
+            assert_eq!(consumer, "proxy");
+            vec!["cache".into()]
+        });
+        let text = metrics.encode();
+        for line in [
+            "rotator_rotations_total{outcome=\"rolled_back\",target=\"cache\"} 1",
+            "rotator_rollbacks_total{outcome=\"rolled_back\",target=\"cache\"} 1",
+            "rotator_step_failures_total{error=\"rollout_timeout\",step=\"restart\",target=\"cache\"} 1",
+            "rotator_warnings_total{kind=\"not_persisted\",target=\"cache\"} 1",
+            "rotator_rotation_duration_seconds_sum{target=\"cache\"} 1.5",
+            "rotator_credential_max_age_seconds{target=\"cache\"} 86400",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(
+            !text.contains("rotator_last_success_timestamp_seconds{"),
+            "no success yet"
+        );
     }
 }
