@@ -122,6 +122,9 @@ pub enum Strategy {
     Single,
     /// Two passwords while consumers move: the new one is added beside the old, which retire drops.
     Dual,
+    /// Two logins used in turn (PostgreSQL): the idle one gets the new password and the stores
+    /// move to it; the other keeps working until the next rotation.
+    Alternating,
 }
 
 impl Strategy {
@@ -129,6 +132,7 @@ impl Strategy {
         match self {
             Strategy::Single => "single",
             Strategy::Dual => "dual",
+            Strategy::Alternating => "alternating",
         }
     }
 
@@ -137,7 +141,7 @@ impl Strategy {
     pub fn keeps_old_until_retire(self) -> bool {
         match self {
             Strategy::Single => false,
-            Strategy::Dual => true,
+            Strategy::Dual | Strategy::Alternating => true,
         }
     }
 }
@@ -159,6 +163,8 @@ pub struct Target {
     pub address: String,
     pub database: Option<String>,
     pub user: String,
+    /// The two logins of `strategy = "alternating"`; empty otherwise.
+    pub users: Vec<String>,
     pub admin_user: String,
     /// `None` only where no admin is needed (ClickHouse users_xml mode).
     pub admin_password: Option<Reference>,
@@ -190,6 +196,17 @@ pub enum ClickHouseMode {
     Sql { on_cluster: Option<String> },
     /// A users.d file the rotator owns, for users defined in XML and servers before 20.5.
     UsersXml { path: PathBuf },
+}
+
+impl Target {
+    /// The logins a store may name: both of an alternating pair, else `user`.
+    pub fn logins(&self) -> Vec<&str> {
+        if self.users.is_empty() {
+            vec![self.user.as_str()]
+        } else {
+            self.users.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -857,7 +874,23 @@ fn parse_target(
             "is required for a postgres target",
         );
     }
-    let user = if kind == Some(BackendKind::Redis) {
+    let users = fields.strings("users", errors).unwrap_or_default();
+    let alternating =
+        fields.table.get("strategy").and_then(toml::Value::as_str) == Some("alternating");
+    if alternating && (users.len() != 2 || users[0] == users[1]) {
+        errors.push(
+            fields.path_of("users"),
+            "strategy \"alternating\" needs two different logins: users = [\"app_a\", \"app_b\"]",
+        );
+    } else if !alternating && !users.is_empty() {
+        errors.push(
+            fields.path_of("users"),
+            "is only used with strategy = \"alternating\"",
+        );
+    }
+    let user = if alternating && !fields.table.contains_key("user") {
+        users.first().cloned()
+    } else if kind == Some(BackendKind::Redis) {
         Some(
             fields
                 .string("user", errors)
@@ -892,11 +925,12 @@ fn parse_target(
     let strategy = match fields.string("strategy", errors).as_deref() {
         None | Some("single") => Some(Strategy::Single),
         Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
+        Some("alternating") if kind == Some(BackendKind::Postgres) => Some(Strategy::Alternating),
         Some(other @ ("dual" | "alternating")) => {
             errors.push(
                 fields.path_of("strategy"),
                 format!(
-                    "{other:?} is not supported for this kind by this build yet (postgres: single; redis, clickhouse: single, dual)"
+                    "{other:?} is not available for this kind (postgres: single, alternating; redis, clickhouse: single, dual)"
                 ),
             );
             None
@@ -1002,6 +1036,22 @@ fn parse_target(
     if stores.len() != store_fields.len() {
         return None;
     }
+    if alternating {
+        // The consumer must learn which login to use: the stored value has to name the user.
+        for (store, fields) in stores.iter().zip(&store_fields) {
+            let names_user = match &store.format {
+                Format::Url => true,
+                Format::Template(template) => template.contains("{user}"),
+                Format::Password => false,
+            };
+            if !names_user {
+                errors.push(
+                    fields.path_of("format"),
+                    "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
+                );
+            }
+        }
+    }
     let (admin_user, admin_password) = admin?;
     Some(Target {
         name: name?,
@@ -1009,6 +1059,7 @@ fn parse_target(
         address: address?,
         database,
         user: user?,
+        users,
         admin_user,
         admin_password,
         strategy: strategy?,
@@ -1606,6 +1657,42 @@ users_xml = { path = "users.d/llmtrace.xml" }
             errors,
             ["target[0].strategy: \"dual\" needs mode = \"sql\": users.xml holds one password per user"]
         );
+    }
+
+    #[test]
+    fn alternating_needs_two_logins_and_stores_that_name_the_user() {
+        let text = VALID.replace(
+            "user = \"llmtrace\"\n",
+            "strategy = \"alternating\"\nusers = [\"app_a\"]\n",
+        );
+        let errors = errors_of(&text);
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "target[0].users: strategy \"alternating\" needs two different logins"
+            )),
+            "{errors:?}"
+        );
+        assert!(errors.iter().any(|e| e.starts_with("target[0].store[1].format: with strategy = \"alternating\" every store must name the user")), "{errors:?}");
+        let ok = VALID
+            .replace(
+                "user = \"llmtrace\"\n",
+                "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]\n",
+            )
+            .replace(
+                "format = \"password\"",
+                "format = \"template\"\n  template = \"{user}:{password}\"",
+            );
+        let config = Config::parse(&ok, Path::new("/")).unwrap();
+        assert_eq!(config.targets[0].logins(), ["app_a", "app_b"]);
+        let redis = VALID
+            .replace("kind = \"postgres\"", "kind = \"redis\"")
+            .replace(
+                "consumers = [\"proxy\"]",
+                "consumers = [\"proxy\"]\nstrategy = \"alternating\"",
+            );
+        assert!(errors_of(&redis)
+            .iter()
+            .any(|e| e.contains("\"alternating\" is not available for this kind")));
     }
 
     #[test]

@@ -111,7 +111,8 @@ fn alter_statement(
         (Strategy::Dual, Change::Retire) => {
             format!("ALTER USER {target} RESET AUTHENTICATION METHODS TO NEW")
         }
-        (Strategy::Single, Change::Retire) => return None,
+        // Config allows alternating only for PostgreSQL; here it would mean one password.
+        (Strategy::Single | Strategy::Alternating, Change::Retire) => return None,
         (_, Change::Apply | Change::Undo) => format!("ALTER USER {target} {}", method()),
     };
     Some(Secret::new(statement))

@@ -22,6 +22,8 @@ pub struct Postgres {
     sslmode: PgSslMode,
     ca_file: Option<std::path::PathBuf>,
     strategy: Strategy,
+    /// The two logins of `alternating`; empty otherwise.
+    users: Vec<String>,
 }
 
 impl Postgres {
@@ -48,6 +50,7 @@ impl Postgres {
             },
             ca_file: target.ca_file.clone(),
             strategy: target.strategy,
+            users: target.users.clone(),
         }
     }
 
@@ -109,6 +112,69 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Both logins exist with LOGIN and share a NOLOGIN role (the one that owns the objects),
+    /// so either can serve the workload. Says what to run when something is missing.
+    async fn check_alternating(&self) -> Result<(), BackendError> {
+        let mut admin = self.admin().await?;
+        let admin_error = |e: sqlx::Error| BackendError::Admin {
+            backend: self.describe(),
+            user: self.admin_user.clone(),
+            cause: e.to_string(),
+        };
+        let setup = |message: String| BackendError::Setup {
+            backend: self.describe(),
+            message,
+        };
+        let (a, b) = (&self.users[0], &self.users[1]);
+        for login in [a, b] {
+            let row: Option<(bool,)> =
+                sqlx::query_as("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+                    .bind(login)
+                    .fetch_optional(&mut admin)
+                    .await
+                    .map_err(admin_error)?;
+            match row {
+                None => {
+                    return Err(setup(format!(
+                        "login {login:?} does not exist: CREATE ROLE {} LOGIN IN ROLE <owner role>",
+                        quote_identifier(login)
+                    )))
+                }
+                Some((false,)) => {
+                    return Err(setup(format!(
+                        "role {login:?} has no LOGIN: ALTER ROLE {} LOGIN",
+                        quote_identifier(login)
+                    )))
+                }
+                Some((true,)) => {}
+            }
+        }
+        let shared: Option<(String,)> = sqlx::query_as(
+            "SELECT g.rolname FROM pg_auth_members m1 \
+             JOIN pg_auth_members m2 ON m1.roleid = m2.roleid \
+             JOIN pg_roles g ON g.oid = m1.roleid \
+             WHERE m1.member = (SELECT oid FROM pg_roles WHERE rolname = $1) \
+               AND m2.member = (SELECT oid FROM pg_roles WHERE rolname = $2) \
+               AND NOT g.rolcanlogin LIMIT 1",
+        )
+        .bind(a)
+        .bind(b)
+        .fetch_optional(&mut admin)
+        .await
+        .map_err(admin_error)?;
+        let _ = admin.close().await;
+        if shared.is_none() {
+            return Err(setup(format!(
+                "logins {a:?} and {b:?} share no NOLOGIN role to own the objects: GRANT <owner role> TO {}, {}",
+                quote_identifier(a),
+                quote_identifier(b)
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// `"name"` with embedded quotes doubled, as PostgreSQL quotes identifiers.
 pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -137,7 +203,23 @@ impl Backend for Postgres {
         Ok(())
     }
 
+    fn next_user(&self, current: &Credential) -> String {
+        match self.strategy {
+            // The idle login of the pair: the one the stores do not name now.
+            Strategy::Alternating => self
+                .users
+                .iter()
+                .find(|u| **u != current.user)
+                .cloned()
+                .unwrap_or_else(|| current.user.clone()),
+            _ => current.user.clone(),
+        }
+    }
+
     async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+        if self.strategy == Strategy::Alternating {
+            return self.check_alternating().await;
+        }
         let mut admin = self.admin().await?;
         let row: Option<(bool, bool)> = sqlx::query_as(
             "SELECT r.rolcanlogin, (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user) \
@@ -174,9 +256,19 @@ impl Backend for Postgres {
     async fn undo_apply(
         &self,
         current: &Credential,
-        _next: &Credential,
+        next: &Credential,
     ) -> Result<(), BackendError> {
-        self.set_password(current).await
+        match self.strategy {
+            // `current` was never touched; make the unused new credential worthless.
+            Strategy::Alternating => {
+                let discarded = Credential {
+                    user: next.user.clone(),
+                    password: crate::password::generate(&Default::default()),
+                };
+                self.set_password(&discarded).await
+            }
+            _ => self.set_password(current).await,
+        }
     }
 }
 

@@ -79,9 +79,14 @@ fn setuser_rules(
     let remove = |hash: &Secret| Secret::new(format!("!{}", hash.expose()));
     let mut rules = Vec::new();
     match (strategy, change) {
-        (Strategy::Single, Change::Apply) => rules.extend([Secret::new("resetpass"), add(new)]),
-        (Strategy::Single, Change::Undo) => rules.extend([Secret::new("resetpass"), add(old)]),
-        (Strategy::Single, Change::Retire) => {}
+        // Config allows alternating only for PostgreSQL; here it would mean one password.
+        (Strategy::Single | Strategy::Alternating, Change::Apply) => {
+            rules.extend([Secret::new("resetpass"), add(new)])
+        }
+        (Strategy::Single | Strategy::Alternating, Change::Undo) => {
+            rules.extend([Secret::new("resetpass"), add(old)])
+        }
+        (Strategy::Single | Strategy::Alternating, Change::Retire) => {}
         (Strategy::Dual, Change::Apply) => {
             if !holds(new) {
                 rules.push(add(new));

@@ -47,14 +47,14 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
     })?;
     let current = format::credential_from(first, &target.stores[0].format, &target.user)
         .map_err(|m| StepError::new("store_format", format!("{}: {m}", source.describe())))?;
-    if current.user != target.user {
+    if !target.logins().contains(&current.user.as_str()) {
         return Err(StepError::new(
             "store_format",
             format!(
                 "{}: the stored credential is for user {:?}, but the target rotates {:?}",
                 source.describe(),
                 current.user,
-                target.user
+                target.logins().join(" / ")
             ),
         ));
     }
