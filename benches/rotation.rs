@@ -1,0 +1,438 @@
+//! The benchmark behind `scripts/bench.sh`: rotation latency per backend next to OpenBao's
+//! database engine, failed client logins during one rotation, the in-process floor, and the
+//! footprint. Prints one markdown table. Servers are started here on loopback, like the tests.
+//!
+//! `ROTATOR_BIN` names the (release) binary to measure; `--quick` shortens the login windows.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::{ConnectOptions, Connection};
+use support::openbao::OpenBao;
+use support::postgres::Postgres;
+use support::redis::{Redis, Users};
+use support::rotator::random_password;
+
+const RUNS: usize = 30;
+
+struct Row {
+    what: String,
+    figure: String,
+    note: String,
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index]
+}
+
+fn latency(samples: &mut [f64]) -> String {
+    format!("p50 {:.1} ms, p90 {:.1} ms (n={})", percentile(samples, 0.5), percentile(samples, 0.9), samples.len())
+}
+
+fn bin() -> String {
+    std::env::var("ROTATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_llmtrace-rotator").to_string())
+}
+
+/// A directory with a config, a .env and the environment for the rotator.
+struct Workdir {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Workdir {
+    fn new(config: &str, dotenv: &str, env: &[(&str, &str)]) -> Workdir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rotator.toml"), config).unwrap();
+        std::fs::write(dir.path().join(".env"), dotenv).unwrap();
+        let key = base64_key();
+        let mut all: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        all.push(("ROTATOR_JOURNAL_KEY".into(), key));
+        all.push(("RUST_LOG".into(), "warn".into()));
+        Workdir { dir, env: all }
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(bin());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("rotator.toml"))
+            .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command
+    }
+
+    /// Wall time of one `rotate`, in ms; panics unless it succeeded.
+    fn rotate(&self) -> f64 {
+        let started = Instant::now();
+        let status = self.command(&["rotate"]).status().unwrap();
+        assert!(status.success(), "rotate failed in {}", self.dir.path().display());
+        started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn env_value(&self, key: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(".env")).unwrap();
+        text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap().trim_matches('\'').to_string()
+    }
+}
+
+fn base64_key() -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = (0..2).flat_map(|_| *uuid::Uuid::new_v4().as_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn postgres_config(pg: &Postgres, extra: &str, command: &str) -> String {
+    format!(
+        r#"[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = ["sh", "-c", "{command}"]
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "{}"
+database = "bench"
+admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
+sslmode = "disable"
+consumers = ["proxy"]
+{extra}
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "URL"
+"#,
+        pg.address()
+    )
+}
+
+fn redis_config(redis: &Redis, strategy: &str, command: &str) -> String {
+    format!(
+        r#"[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = ["sh", "-c", "{command}"]
+[[target]]
+name = "redis"
+kind = "redis"
+address = "{}"
+user = "app"
+admin = {{ user = "admin", password = "env:REDIS_ADMIN_PASSWORD" }}
+strategy = "{strategy}"
+consumers = ["proxy"]
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "URL"
+"#,
+        redis.address()
+    )
+}
+
+fn url_parts(url: &str) -> (String, String) {
+    let url = url::Url::parse(url).unwrap();
+    let password = percent_encoding::percent_decode_str(url.password().unwrap()).decode_utf8().unwrap().into_owned();
+    (url.username().to_string(), password)
+}
+
+/// Logs in afresh every ~10 ms with `credential()` while `work` runs: (tries, failures).
+async fn client_during<C, L, LF, W>(credential: C, login: L, work: W) -> (usize, usize)
+where
+    C: Fn() -> (String, String) + Send + Sync + 'static,
+    L: Fn(String, String) -> LF + Send + Sync + 'static,
+    LF: Future<Output = bool> + Send,
+    W: Future<Output = ()>,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tries, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (stop, tries, failures) = (stop.clone(), tries.clone(), failures.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (user, password) = credential();
+                tries.fetch_add(1, Ordering::Relaxed);
+                if !login(user, password).await {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    work.await;
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    (tries.load(Ordering::Relaxed), failures.load(Ordering::Relaxed))
+}
+
+async fn pg_login(pg: &Postgres, user: &str, password: &str) -> bool {
+    pg.try_login(user, password, "bench").await.is_ok()
+}
+
+/// A PostgreSQL with `app` (single) and `app_a`/`app_b` (alternating) logins in database `bench`.
+async fn postgres() -> (Arc<Postgres>, String) {
+    let pg = Postgres::start().await;
+    pg.exec("CREATE ROLE bench_owner NOLOGIN").await;
+    pg.exec("CREATE DATABASE bench OWNER bench_owner").await;
+    let password = random_password();
+    for login in ["app", "app_a", "app_b"] {
+        pg.create_login(login, &password, "bench").await;
+        pg.exec(&format!("GRANT bench_owner TO {login}")).await;
+    }
+    (Arc::new(pg), password)
+}
+
+async fn rotation_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, password: &str, redis: &Redis, quick: bool) {
+    let pg_env = [("PG_ADMIN_PASSWORD", pg.admin_password())];
+    let redis_env = [("REDIS_ADMIN_PASSWORD", redis.admin_password.as_str())];
+    let single = Workdir::new(&postgres_config(pg, "user = \"app\"", "true"), &format!("URL={}\n", pg.url("app", password, "bench")), &pg_env);
+    let alternating = Workdir::new(
+        &postgres_config(pg, "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]", "true"),
+        &format!("URL={}\n", pg.url("app_a", password, "bench")),
+        &pg_env,
+    );
+    let redis_url = format!("URL=redis://app:{password}@{}/0\n", redis.address());
+    let r_single = Workdir::new(&redis_config(redis, "single", "true"), &redis_url, &redis_env);
+    for (name, work) in [("PostgreSQL single", &single), ("PostgreSQL alternating", &alternating), ("Redis single", &r_single)] {
+        let mut samples: Vec<f64> = (0..RUNS).map(|_| work.rotate()).collect();
+        rows.push(Row { what: format!("rotation latency, {name} (file store, `true` consumer)"), figure: latency(&mut samples), note: "closed loop: preflight, apply, verify, publish, restart, verify, journal".into() });
+    }
+    let r_dual = Workdir::new(&redis_config(redis, "dual", "true"), &format!("URL=redis://app:{}@{}/0\n", url_parts(&r_single.env_value("URL")).1, redis.address()), &redis_env);
+    let mut samples: Vec<f64> = (0..RUNS).map(|_| r_dual.rotate()).collect();
+    rows.push(Row { what: "rotation latency, Redis dual (file store, `true` consumer)".into(), figure: latency(&mut samples), note: "closed loop, two passwords until retire".into() });
+
+    // Failed logins during one rotation whose consumer takes a while (a rollout).
+    let pause = if quick { "sleep 1" } else { "sleep 3" };
+    for (name, work, extra) in [
+        ("PostgreSQL single", &single, "user = \"app\""),
+        ("PostgreSQL alternating", &alternating, "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]"),
+    ] {
+        std::fs::write(work.dir.path().join("rotator.toml"), postgres_config(pg, extra, pause)).unwrap();
+        let env_file = work.dir.path().join(".env");
+        let pg_client = pg.clone();
+        let (tries, failures) = client_during(
+            move || url_parts(std::fs::read_to_string(&env_file).unwrap().trim().trim_start_matches("URL=")),
+            move |user, password| {
+                let pg = pg_client.clone();
+                async move { pg_login(&pg, &user, &password).await }
+            },
+            async {
+                tokio::task::block_in_place(|| work.rotate());
+            },
+        )
+        .await;
+        rows.push(Row { what: format!("failed logins during one rotation, {name}"), figure: format!("{failures} of {tries}"), note: format!("client logs in every ~10 ms with what the store holds; consumer `{pause}`") });
+    }
+    for (name, work, strategy) in [("Redis single", &r_single, "single"), ("Redis dual", &r_dual, "dual")] {
+        // Both workdirs rotate the same user: start from whichever rotated last.
+        let latest = [&r_single, &r_dual].map(|w| w.dir.path().join(".env"));
+        let newest = latest.iter().max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap()).unwrap().clone();
+        let own = work.dir.path().join(".env");
+        if newest != own {
+            std::fs::copy(&newest, &own).unwrap();
+        }
+        std::fs::write(work.dir.path().join("rotator.toml"), redis_config(redis, strategy, pause)).unwrap();
+        let env_file = work.dir.path().join(".env");
+        let port = redis.port;
+        let (tries, failures) = client_during(
+            move || url_parts(std::fs::read_to_string(&env_file).unwrap().trim().trim_start_matches("URL=")),
+            move |user, password| async move { support::redis::try_connect(port, &user, &password).await.is_ok() },
+            async {
+                tokio::task::block_in_place(|| work.rotate());
+            },
+        )
+        .await;
+        rows.push(Row { what: format!("failed logins during one rotation, {name}"), figure: format!("{failures} of {tries}"), note: format!("same client; consumer `{pause}`") });
+    }
+}
+
+/// OpenBao's database engine on the same PostgreSQL: a static role rotated by `rotate-role`.
+async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
+    let bao = OpenBao::start().await;
+    let password = random_password();
+    pg.create_login("bao_app", &password, "bench").await;
+    let calls = [
+        ("POST", "sys/mounts/database", json!({"type": "database"})),
+        ("POST", "database/config/pg", json!({
+            "plugin_name": "postgresql-database-plugin",
+            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@{}/bench?sslmode=disable", pg.address()),
+            "username": "postgres",
+            "password": pg.admin_password(),
+            "allowed_roles": ["app"],
+        })),
+        ("POST", "database/static-roles/app", json!({"db_name": "pg", "username": "bao_app", "rotation_period": "24h"})),
+    ];
+    for (method, path, body) in calls {
+        let (status, answer) = bao.call(method, path, Some(body)).await;
+        assert!(status < 300, "{path}: {status} {answer}");
+    }
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let (status, answer) = bao.call("POST", "database/rotate-role/app", Some(json!({}))).await;
+        assert!(status < 300, "rotate-role: {status} {answer}");
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    rows.push(Row { what: "OpenBao `rotate-role`, PostgreSQL static role".into(), figure: latency(&mut samples), note: "open loop: no verification, no store, no restart".into() });
+
+    let bao = Arc::new(bao);
+    let reader = bao.clone();
+    let pg_client = pg.clone();
+    let (tries, failures) = client_during(
+        move || {
+            let reader = reader.clone();
+            // The client reads the credential from OpenBao each time, as an agent-injected app would.
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let (_, answer) = reader.call("GET", "database/static-creds/app", None).await;
+                    ("bao_app".to_string(), answer["data"]["password"].as_str().unwrap_or_default().to_string())
+                })
+            })
+        },
+        move |user, password| {
+            let pg = pg_client.clone();
+            async move { pg_login(&pg, &user, &password).await }
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (status, _) = bao.call("POST", "database/rotate-role/app", Some(json!({}))).await;
+            assert!(status < 300);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        },
+    )
+    .await;
+    rows.push(Row { what: "failed logins during one rotation, OpenBao static role".into(), figure: format!("{failures} of {tries}"), note: "client reads static-creds before each login; single password".into() });
+}
+
+/// One SCRAM login + one ALTER ROLE with a client-computed verifier + one SCRAM login, in process.
+async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
+    let mut admin = sqlx::postgres::PgConnection::connect_with(&pg.connect_options("postgres", pg.admin_password(), "postgres").disable_statement_logging())
+        .await
+        .unwrap();
+    let mut password = random_password();
+    pg.create_login("floor", &password, "bench").await;
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let next = random_password();
+        let started = Instant::now();
+        assert!(pg_login(pg, "floor", &password).await);
+        let verifier = llmtrace_rotator::backend::scram::verifier(&llmtrace_rotator::secret::Secret::new(next.as_str()));
+        sqlx::query(&format!("ALTER ROLE floor PASSWORD '{}'", verifier.expose())).execute(&mut admin).await.unwrap();
+        assert!(pg_login(pg, "floor", &next).await);
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        password = next;
+    }
+    rows.push(Row { what: "in-process floor: SCRAM login + ALTER ROLE + SCRAM login".into(), figure: latency(&mut samples), note: "the least any verified PostgreSQL rotation costs on this machine".into() });
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A config and .env with `n` PostgreSQL targets (`t0`...), each a login of its own.
+async fn many_targets(pg: &Postgres, n: usize, password: &str) -> Workdir {
+    let mut config = String::from("[rotator]\njournal = \"sqlite://journal.db\"\njournal_key = \"env:ROTATOR_JOURNAL_KEY\"\nlisten = \"127.0.0.1:0\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n[[consumer]]\nname = \"proxy\"\nkind = \"command\"\ncommand = [\"true\"]\n");
+    let mut dotenv = String::new();
+    let mut sql = String::from("SET log_statement = 'none';");
+    for i in 0..n {
+        sql.push_str(&format!("DROP ROLE IF EXISTS many{i}; CREATE ROLE many{i} LOGIN PASSWORD '{password}';"));
+        config.push_str(&format!(
+            "[[target]]\nname = \"t{i}\"\nkind = \"postgres\"\naddress = \"{}\"\ndatabase = \"bench\"\nuser = \"many{i}\"\nadmin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\nsslmode = \"disable\"\nschedule = \"0 3 * * SUN\"\nconsumers = [\"proxy\"]\n  [[target.store]]\n  kind = \"file\"\n  path = \".env\"\n  key = \"URL{i}\"\n",
+            pg.address()
+        ));
+        dotenv.push_str(&format!("URL{i}={}\n", pg.url(&format!("many{i}"), password, "bench")));
+    }
+    pg.exec(&sql).await;
+    Workdir::new(&config, &dotenv, &[("PG_ADMIN_PASSWORD", pg.admin_password())])
+}
+
+async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quick: bool) {
+    for n in [3, 1000] {
+        let work = many_targets(pg, n, password).await;
+        let mut child = work.command(&["serve"]).spawn().unwrap();
+        tokio::time::sleep(Duration::from_secs(if quick { 3 } else { 5 })).await;
+        let rss = rss_kib(child.id(), "VmRSS:").unwrap_or(0);
+        let _ = child.kill();
+        let _ = child.wait();
+        rows.push(Row { what: format!("idle RSS of `serve`, {n} scheduled targets"), figure: format!("{:.1} MiB", rss as f64 / 1024.0), note: "VmRSS a few seconds after start".into() });
+    }
+    for n in [10, 100, 1000] {
+        let work = many_targets(pg, n, password).await;
+        let started = Instant::now();
+        let mut child = work.command(&["rotate"]).spawn().unwrap();
+        let mut peak = 0;
+        loop {
+            if let Some(kib) = rss_kib(child.id(), "VmHWM:") {
+                peak = peak.max(kib);
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "rotate over {n} targets failed");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rows.push(Row {
+            what: format!("one run over {n} targets (one restart)"),
+            figure: format!("{:.2} s, peak RSS {:.1} MiB", started.elapsed().as_secs_f64(), peak as f64 / 1024.0),
+            note: "targets are rotated one after the other in one transaction".into(),
+        });
+    }
+    // Start to the first backend call: the preflight connection shows as a PostgreSQL log line.
+    let work = many_targets(pg, 1, password).await;
+    let before = pg.log_contents().len();
+    let started = Instant::now();
+    let mut child = work.command(&["rotate"]).spawn().unwrap();
+    let first = loop {
+        if pg.log_contents()[before..].contains("connection received") {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break started.elapsed();
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let _ = child.wait();
+    rows.push(Row { what: "`rotate`: process start to first backend connection".into(), figure: format!("{:.1} ms", first.as_secs_f64() * 1000.0), note: "config, journal open and migrations, then preflight".into() });
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let started = Instant::now();
+    let (pg, password) = postgres().await;
+    let redis = Redis::start(Users::AclFile, &[("app", &password)], "").await;
+    let mut rows = Vec::new();
+    rotation_rows(&mut rows, &pg, &password, &redis, quick).await;
+    openbao_rows(&mut rows, &pg).await;
+    floor_row(&mut rows, &pg).await;
+    footprint_rows(&mut rows, &pg, &password, quick).await;
+
+    println!("| measurement | result | what bounds it |");
+    println!("|---|---|---|");
+    for row in rows {
+        println!("| {} | {} | {} |", row.what, row.figure, row.note);
+    }
+    println!("\n{} cores, {}; binary {}; {} in {:.0} s", num_cpus(), std::env::consts::ARCH, bin(), if quick { "--quick" } else { "full run" }, started.elapsed().as_secs_f64());
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
