@@ -158,7 +158,26 @@ pub struct Target {
     pub password: PasswordPolicy,
     pub sslmode: SslMode,
     pub ca_file: Option<PathBuf>,
+    /// ExternalSecrets to force-sync after the upstream stores are written.
+    pub sync: Vec<SyncConfig>,
+    pub sync_timeout: Duration,
 }
+
+/// An ExternalSecret that copies an upstream store into a Secret the workload reads.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub namespace: String,
+    pub external_secret: String,
+    /// The Secret the ExternalSecret writes, and where in it the credential is.
+    pub secret: String,
+    pub key: String,
+    pub format: Format,
+}
+
+/// ESO reconciles within seconds of a force-sync; two minutes covers a slow provider.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// The sealed-secrets controller unseals within seconds; one minute covers a busy one.
+pub const DEFAULT_SEALED_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -178,6 +197,25 @@ pub enum StoreKind {
     },
     /// A property of a Vault/OpenBao KV v2 secret; the store's `key` is the property.
     Vault(VaultStore),
+    /// A key of a SealedSecret, read back from the Secret the controller unseals it into.
+    SealedSecret(SealedSecretStore),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSecretStore {
+    pub namespace: String,
+    pub name: String,
+    pub certificate: Certificate,
+    /// How long to wait for the controller to unseal a write into the Secret.
+    pub timeout: Duration,
+}
+
+/// The sealed-secrets controller's public certificate (PEM), as `kubeseal --cert` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Certificate {
+    File(PathBuf),
+    /// `http://sealed-secrets-controller.kube-system:8080/v1/cert.pem`
+    Url(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -354,8 +392,10 @@ impl Config {
                     StoreKind::Vault(vault) => {
                         matches!(&vault.auth, VaultAuth::Token(r) if r.uses_kubernetes())
                     }
+                    StoreKind::SealedSecret(_) => true,
                     StoreKind::File { .. } => false,
                 })
+                || !t.sync.is_empty()
         });
         let consumer = self
             .consumers
@@ -879,6 +919,16 @@ fn parse_target(
         }
     };
     let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
+    let sync: Vec<SyncConfig> = fields
+        .tables("sync", "sync", errors)
+        .iter()
+        .filter_map(|entry| {
+            let parsed = parse_sync(entry, errors);
+            entry.finish(errors);
+            parsed
+        })
+        .collect();
+    let sync_timeout = fields.duration("sync_timeout", DEFAULT_SYNC_TIMEOUT, errors);
     let store_fields = fields.tables("store", "store", errors);
     if store_fields.is_empty() && !fields.table.contains_key("store") {
         errors.push(
@@ -916,6 +966,8 @@ fn parse_target(
         password,
         sslmode: sslmode?,
         ca_file,
+        sync,
+        sync_timeout,
     })
 }
 
@@ -941,14 +993,17 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
                 path: base.join(path),
             }),
         Some("vault") => parse_vault(fields, base, errors).map(StoreKind::Vault),
+        Some("sealedsecret") => {
+            parse_sealed_secret(fields, base, errors).map(StoreKind::SealedSecret)
+        }
         Some(other @ "aws") => {
-            errors.push(fields.path_of("kind"), format!("{other:?} stores are not supported by this build yet (supported: kubernetes, file, vault)"));
+            errors.push(fields.path_of("kind"), format!("{other:?} stores are not supported by this build yet (supported: {STORE_KINDS})"));
             None
         }
         Some(other) => {
             errors.push(
                 fields.path_of("kind"),
-                format!("{other:?} is not one of kubernetes, file, vault"),
+                format!("{other:?} is not one of {STORE_KINDS}"),
             );
             None
         }
@@ -961,6 +1016,18 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
         "key"
     };
     let key = fields.required_string(key_name, errors);
+    let format = parse_format(fields, errors);
+    Some(StoreConfig {
+        kind: kind?,
+        key: key?,
+        format: format?,
+    })
+}
+
+const STORE_KINDS: &str = "kubernetes, file, vault, sealedsecret";
+
+/// `format` (and `template`) of a store or a sync entry; `url` when absent.
+fn parse_format(fields: &Fields, errors: &mut Errors) -> Option<Format> {
     let format = match fields.string("format", errors).as_deref() {
         None | Some("url") => Some(Format::Url),
         Some("password") => Some(Format::Password),
@@ -987,10 +1054,71 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
             "is only used with format = \"template\"",
         );
     }
-    Some(StoreConfig {
-        kind: kind?,
+    format
+}
+
+fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
+    let namespace = fields.required_string("namespace", errors);
+    let external_secret = fields.required_string("external_secret", errors);
+    let secret = fields.required_string("secret", errors);
+    // Without the key the wait could not tell a synced Secret from a stale one.
+    let key = fields.required_string("key", errors);
+    let format = parse_format(fields, errors);
+    Some(SyncConfig {
+        namespace: namespace?,
+        external_secret: external_secret?,
+        secret: secret?,
         key: key?,
         format: format?,
+    })
+}
+
+fn parse_sealed_secret(
+    fields: &Fields,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<SealedSecretStore> {
+    let namespace = fields.required_string("namespace", errors);
+    let name = fields.required_string("name", errors);
+    let file = fields.string("certificate", errors);
+    let url = fields.string("certificate_url", errors);
+    let certificate = match (file, url) {
+        (Some(file), None) => Some(Certificate::File(base.join(file))),
+        (None, Some(url)) => {
+            let ok = url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                errors.push(
+                    fields.path_of("certificate_url"),
+                    format!("{url:?} is not an http(s) URL like http://sealed-secrets-controller.kube-system:8080/v1/cert.pem"),
+                );
+            }
+            ok.then_some(Certificate::Url(url))
+        }
+        (Some(_), Some(_)) => {
+            errors.push(
+                fields.path_of("certificate"),
+                "give either certificate or certificate_url, not both",
+            );
+            None
+        }
+        (None, None) => {
+            if !fields.table.contains_key("certificate")
+                && !fields.table.contains_key("certificate_url")
+            {
+                errors.push(
+                    fields.path_of("certificate"),
+                    "is required: the controller's certificate PEM file (kubeseal --fetch-cert), or certificate_url",
+                );
+            }
+            None
+        }
+    };
+    let timeout = fields.duration("timeout", DEFAULT_SEALED_TIMEOUT, errors);
+    Some(SealedSecretStore {
+        namespace: namespace?,
+        name: name?,
+        certificate: certificate?,
+        timeout,
     })
 }
 

@@ -1,9 +1,11 @@
 //! Stores: where the workload reads its credential. One file per kind behind [`Store`].
 
 pub mod dotenv;
+pub mod external_secret;
 pub mod file;
 pub mod format;
 pub mod kubernetes;
+pub mod sealedsecret;
 pub mod vault;
 
 use async_trait::async_trait;
@@ -66,6 +68,20 @@ pub fn for_config(
             &config.key,
             kube.cloned(),
         ))),
+        StoreKind::SealedSecret(sealed) => {
+            let client = kube.ok_or_else(|| StoreError::Unavailable {
+                store: format!(
+                    "sealedsecret {}/{}#{}",
+                    sealed.namespace, sealed.name, config.key
+                ),
+                cause: "no Kubernetes client could be configured".into(),
+            })?;
+            Ok(Box::new(sealedsecret::SealedStore::new(
+                client.clone(),
+                sealed,
+                &config.key,
+            )))
+        }
         StoreKind::Kubernetes { namespace, secret } => {
             let client = kube.ok_or_else(|| StoreError::Unavailable {
                 store: format!("kubernetes secret {namespace}/{secret}#{}", config.key),
