@@ -1435,4 +1435,100 @@ timeout = "2m"
         let errors = errors_of(&VALID.replace("length = 40", "length = 8"));
         assert_eq!(errors, ["password.length: 8 is out of range 16..=128"]);
     }
+
+    const UPSTREAM: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "127.0.0.1:5432"
+database = "llmtrace"
+user = "llmtrace"
+admin = { user = "postgres", password = "env:PG_ADMIN" }
+sync = [{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "LLMTRACE_POSTGRES_URL" }]
+sync_timeout = "30s"
+
+  [[target.store]]
+  kind = "sealedsecret"
+  namespace = "llmtrace"
+  name = "llmtrace-postgresql"
+  key = "password"
+  format = "password"
+  certificate = "cert.pem"
+  timeout = "20s"
+"#;
+
+    #[test]
+    fn parses_sync_entries_and_sealed_secret_stores() {
+        let config = Config::parse(UPSTREAM, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.sync.len(), 1);
+        assert_eq!(target.sync[0].external_secret, "llmtrace");
+        assert_eq!(target.sync[0].key, "LLMTRACE_POSTGRES_URL");
+        assert_eq!(target.sync[0].format, Format::Url);
+        assert_eq!(target.sync_timeout, Duration::from_secs(30));
+        assert_eq!(
+            target.stores[0].kind,
+            StoreKind::SealedSecret(SealedSecretStore {
+                namespace: "llmtrace".into(),
+                name: "llmtrace-postgresql".into(),
+                certificate: Certificate::File("/etc/rotator/cert.pem".into()),
+                timeout: Duration::from_secs(20),
+            })
+        );
+        assert!(config.uses_kubernetes());
+        let defaults = Config::parse(
+            &UPSTREAM
+                .replace("sync_timeout = \"30s\"\n", "")
+                .replace("  timeout = \"20s\"\n", ""),
+            Path::new("/etc/rotator"),
+        )
+        .unwrap();
+        assert_eq!(defaults.targets[0].sync_timeout, DEFAULT_SYNC_TIMEOUT);
+        assert!(matches!(
+            &defaults.targets[0].stores[0].kind,
+            StoreKind::SealedSecret(s) if s.timeout == DEFAULT_SEALED_TIMEOUT
+        ));
+    }
+
+    #[test]
+    fn sync_and_sealed_secret_errors_name_the_field() {
+        let text = UPSTREAM
+            .replace(", key = \"LLMTRACE_POSTGRES_URL\"", ", formt = \"url\"")
+            .replace("sync_timeout = \"30s\"", "sync_timeout = \"soon\"")
+            .replace("  certificate = \"cert.pem\"\n", "")
+            .replace("name = \"llmtrace-postgresql\"", "name = \"\"");
+        let errors = errors_of(&text);
+        let paths: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "target[0].sync[0].key",
+                "target[0].sync[0].formt",
+                "target[0].sync_timeout",
+                "target[0].store[0].name",
+                "target[0].store[0].certificate",
+            ],
+            "{errors:#?}"
+        );
+        let both = UPSTREAM.replace(
+            "certificate = \"cert.pem\"",
+            "certificate = \"cert.pem\"\n  certificate_url = \"ftp://x\"",
+        );
+        assert_eq!(
+            errors_of(&both),
+            ["target[0].store[0].certificate: give either certificate or certificate_url, not both"]
+        );
+        let url = UPSTREAM.replace(
+            "certificate = \"cert.pem\"",
+            "certificate_url = \"ftp://x\"",
+        );
+        assert!(errors_of(&url)[0].starts_with("target[0].store[0].certificate_url: "));
+    }
 }
