@@ -6,3 +6,4 @@ pub mod kube_fake;
 pub mod openbao;
 pub mod postgres;
 pub mod rotator;
+pub mod sealed;
