@@ -2,6 +2,7 @@
 //! the rotator binary.
 #![allow(dead_code)]
 
+pub mod eso;
 pub mod kube_fake;
 pub mod openbao;
 pub mod postgres;

@@ -58,4 +58,5 @@ pub fn seal(key: &RsaPublicKey, ns: &str, name: &str, plaintext: &[u8]) -> Strin
     base64::engine::general_purpose::STANDARD.encode(out)
 }
 
+#[allow(unused_imports)]
 pub use super::kube_fake::unseal;
