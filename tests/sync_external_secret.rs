@@ -119,6 +119,14 @@ async fn setup(sync_timeout: &str) -> Setup {
 
 /// Runs `rotate` with the ESO stand-in beside it; returns the output and the force-sync values.
 async fn rotate(s: &Setup, syncing: bool) -> (support::rotator::Output, Vec<String>) {
+    run_with_eso(s, &["rotate", "--output", "json"], syncing).await
+}
+
+async fn run_with_eso(
+    s: &Setup,
+    args: &[&str],
+    syncing: bool,
+) -> (support::rotator::Output, Vec<String>) {
     let eso = EsoController {
         kube: &s.kube,
         bao: &s.bao,
@@ -129,7 +137,7 @@ async fn rotate(s: &Setup, syncing: bool) -> (support::rotator::Output, Vec<Stri
     };
     let stop = CancellationToken::new();
     let rotation = async {
-        let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+        let out = s.rotator.run(args).await;
         stop.cancel();
         out
     };
@@ -249,4 +257,60 @@ async fn external_secret_that_never_syncs_times_out_and_rolls_back() {
         ],
         "rotator output at trace level",
     );
+}
+
+/// Killed while the upstream is written or the sync runs: recovery rolls forward once OpenBao
+/// holds the new credential (syncing again), and back before (syncing the old one again).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_around_the_sync_then_recovered() {
+    for (boundary, outcome) in [
+        ("publish:postgres/store[0]:started", "rolled_back"),
+        ("publish:postgres/store[0]:ok", "succeeded"),
+        ("sync:postgres/sync[0]:started", "succeeded"),
+    ] {
+        let s = setup("20s").await;
+        let crashed = s.rotator.crash_at(boundary).await;
+
+        let (out, stamps) = run_with_eso(&s, &["recover", "--output", "json"], true).await;
+
+        assert_eq!(out.code, 0, "{boundary}: {}", out.all());
+        assert_eq!(
+            out.json()[0]["outcome"],
+            outcome,
+            "{boundary}: {}",
+            out.stdout
+        );
+        assert!(!stamps.is_empty(), "{boundary}: recovery forced a sync");
+        let (upstream, _) = s.bao.get_kv("llmtrace/proxy").await;
+        let secret = s.kube.secret(NS, "llmtrace").unwrap();
+        assert_eq!(
+            secret["LLMTRACE_POSTGRES_URL"], upstream["LLMTRACE_POSTGRES_URL"],
+            "{boundary}: the Secret holds what OpenBao holds"
+        );
+        let password = password_in(&secret["LLMTRACE_POSTGRES_URL"]);
+        assert_eq!(
+            password == s.old_password,
+            outcome == "rolled_back",
+            "{boundary}"
+        );
+        s.pg.try_login("llmtrace", &password, "llmtrace")
+            .await
+            .unwrap_or_else(|e| panic!("{boundary}: the synced credential logs in: {e}"));
+        let restarts = s
+            .kube
+            .restarts(WorkloadKind::Deployment, NS, "llmtrace")
+            .len();
+        assert_eq!(restarts, usize::from(outcome == "succeeded"), "{boundary}");
+        assert_no_secret(
+            &format!("{crashed}\n{}", out.all()),
+            &[
+                s.old_password.as_str(),
+                &password,
+                s.pg.admin_password(),
+                &s.bao.root_token,
+            ],
+            "rotator output",
+        );
+    }
 }

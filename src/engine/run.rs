@@ -635,7 +635,12 @@ impl<'a> RunContext<'a> {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
             let state = &self.rec.state.targets[i];
-            if !(state.sync.touched() || state.stores.iter().any(|s| s.publish.touched())) {
+            // `Undone` counts: undo_publish has just written the upstream back.
+            let upstream_written = state
+                .stores
+                .iter()
+                .any(|s| s.publish != Progress::NotStarted);
+            if !(state.sync.touched() || upstream_written) {
                 continue;
             }
             let entries = self.runtime_at(i).map_or(0, |r| r.syncs.len());

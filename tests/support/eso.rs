@@ -28,16 +28,22 @@ impl EsoController<'_> {
         let mut last = self.stamp();
         let mut seen = Vec::new();
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return seen,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+            let stopped = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => false,
+            };
             let stamp = self.stamp();
+            if stamp != last {
+                // A force-sync just before the stop is still seen (ESO would still reconcile).
+                seen.extend(stamp.clone());
+            }
+            if stopped {
+                return seen;
+            }
             if stamp == last {
                 continue;
             }
-            last = stamp.clone();
-            seen.extend(stamp);
+            last = stamp;
             if self.syncing {
                 tokio::time::sleep(self.delay).await;
                 let data = self.fetch().await;
