@@ -91,7 +91,7 @@ async fn setup(timeout: &str, unsealer_running: bool) -> Setup {
     );
     kube.set_unsealer(if unsealer_running {
         Unsealer::Running {
-            private_key: key.clone(),
+            private_key: Box::new(key.clone()),
             delay: Duration::from_millis(300),
         }
     } else {

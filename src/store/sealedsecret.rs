@@ -211,8 +211,19 @@ fn public_key_from_pem(pem: &[u8]) -> Result<RsaPublicKey, String> {
     RsaPublicKey::from_public_key_der(spki).map_err(|e| format!("not an RSA public key: {e}"))
 }
 
-/// One DER element: (tag, whole element, contents, rest).
-fn der_element(input: &[u8]) -> Result<(u8, &[u8], &[u8], &[u8]), String> {
+const SEQUENCE: u8 = 0x30;
+
+/// One DER element at the start of some input.
+struct Der<'a> {
+    tag: u8,
+    /// Header and contents.
+    whole: &'a [u8],
+    contents: &'a [u8],
+    /// The input after this element.
+    rest: &'a [u8],
+}
+
+fn der_element(input: &[u8]) -> Result<Der<'_>, String> {
     let bad = || "malformed DER".to_string();
     let tag = *input.first().ok_or_else(bad)?;
     let first = *input.get(1).ok_or_else(bad)?;
@@ -231,22 +242,34 @@ fn der_element(input: &[u8]) -> Result<(u8, &[u8], &[u8], &[u8]), String> {
     };
     let end = header.checked_add(len).ok_or_else(bad)?;
     let whole = input.get(..end).ok_or_else(bad)?;
-    Ok((tag, whole, &whole[header..], &input[end..]))
+    Ok(Der {
+        tag,
+        whole,
+        contents: &whole[header..],
+        rest: &input[end..],
+    })
 }
 
 /// The SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 §4.1): the seventh field of
 /// tbsCertificate, counting the optional `[0] version`.
 fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
-    let (_, _, certificate, _) = der_element(der)?;
-    let (_, _, mut tbs, _) = der_element(certificate)?;
+    let sequence = |input| {
+        der_element(input).and_then(|e| {
+            (e.tag == SEQUENCE)
+                .then_some(e)
+                .ok_or_else(|| "not an X.509 certificate".to_string())
+        })
+    };
+    let certificate = sequence(der)?.contents;
+    let mut tbs = sequence(certificate)?.contents;
     if tbs.first() == Some(&0xa0) {
-        tbs = der_element(tbs)?.3;
+        tbs = der_element(tbs)?.rest;
     }
     // serialNumber, signature, issuer, validity, subject
     for _ in 0..5 {
-        tbs = der_element(tbs)?.3;
+        tbs = der_element(tbs)?.rest;
     }
-    Ok(der_element(tbs)?.1)
+    Ok(sequence(tbs)?.whole)
 }
 
 /// kubeseal's HybridEncrypt: a random AES-256-GCM session key (zero nonce: the key is used
@@ -290,11 +313,11 @@ mod tests {
         let mut input = vec![0x30, 0x81, 0x80];
         input.extend(std::iter::repeat_n(0u8, 0x80));
         input.push(0x05);
-        let (tag, whole, contents, rest) = der_element(&input).unwrap();
-        assert_eq!(
-            (tag, whole.len(), contents.len(), rest),
-            (0x30, 131, 128, &[5u8][..])
-        );
+        let element = der_element(&input).unwrap();
+        assert_eq!(element.tag, SEQUENCE);
+        assert_eq!(element.whole.len(), 131);
+        assert_eq!(element.contents.len(), 128);
+        assert_eq!(element.rest, &[5u8][..]);
         assert!(der_element(&[0x30, 0x05, 0x00]).is_err(), "truncated");
     }
 

@@ -86,7 +86,7 @@ impl CustomKind {
 pub enum Unsealer {
     /// Unseals with the test's private key, `delay` after a change.
     Running {
-        private_key: RsaPrivateKey,
+        private_key: Box<RsaPrivateKey>,
         delay: Duration,
     },
     /// Scaled to zero: nothing is ever unsealed.
