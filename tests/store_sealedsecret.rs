@@ -21,7 +21,7 @@ struct Setup {
     old_password: String,
 }
 
-fn config(pg: &Postgres, timeout: &str) -> String {
+fn config(pg: &Postgres, timeout: &str, certificate: &str) -> String {
     format!(
         r#"
 [rotator]
@@ -44,7 +44,7 @@ consumers = ["proxy"]
   name = "{NAME}"
   key = "password"
   format = "password"
-  certificate = "cert.pem"
+  {certificate}
   timeout = "{timeout}"
 
 [[consumer]]
@@ -59,10 +59,14 @@ timeout = "20s"
 }
 
 async fn setup(timeout: &str, unsealer_running: bool) -> Setup {
+    setup_with(timeout, unsealer_running, "certificate = \"cert.pem\"").await
+}
+
+async fn setup_with(timeout: &str, unsealer_running: bool, certificate: &str) -> Setup {
     let pg = Postgres::start().await;
     let old_password = random_password();
     pg.create_login("llmtrace", &old_password, "llmtrace").await;
-    let mut rotator = Rotator::new(&config(&pg, timeout));
+    let mut rotator = Rotator::new(&config(&pg, timeout, certificate));
     let (_cert, key) = sealed::keypair(rotator.dir.path());
     let public = key.to_public_key();
     let kube = KubeFake::start().await;
@@ -219,4 +223,74 @@ async fn controller_that_never_unseals_times_out_and_rolls_back() {
         &[s.old_password.as_str(), s.pg.admin_password()],
         "rotator output at trace level",
     );
+}
+
+/// `certificate_url`: the PEM comes from the controller's `/v1/cert.pem`.
+#[tokio::test(flavor = "multi_thread")]
+async fn fetches_the_certificate_from_the_controller() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/cert.pem", listener.local_addr().unwrap());
+    let s = setup_with("20s", true, &format!("certificate_url = \"{url}\"")).await;
+    let pem = std::fs::read_to_string(s.rotator.path("cert.pem")).unwrap();
+    let app = axum::Router::new().route(
+        "/v1/cert.pem",
+        axum::routing::get(move || async move { pem }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    server.abort();
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+    assert_ne!(new, s.old_password);
+    assert_eq!(unsealed(&s, "password"), new);
+}
+
+/// Killed while waiting for a controller that is down: the Secret still shows the old password
+/// but the SealedSecret holds the new one; recovery must seal the old one back, or the controller
+/// would later unseal a password the backend no longer accepts.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_while_waiting_for_the_controller_then_recovered() {
+    let s = setup("60s", false).await;
+    let generation = |kube: &KubeFake| {
+        kube.sealed_secret(NS, NAME).unwrap()["metadata"]["generation"]
+            .as_i64()
+            .unwrap()
+    };
+    let before = generation(&s.kube);
+    let mut child = s.rotator.spawn(&["rotate"]);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while generation(&s.kube) == before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the rotator wrote the SealedSecret");
+    child.kill().await.unwrap();
+    assert_ne!(
+        unsealed(&s, "password"),
+        s.old_password,
+        "the new value is sealed"
+    );
+
+    // The controller is still down: the Secret shows the old password, so recovery rolls back.
+    let out = s.rotator.run(&["recover", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(out.json()[0]["outcome"], "rolled_back", "{}", out.stdout);
+    assert_eq!(
+        unsealed(&s, "password"),
+        s.old_password,
+        "the old value sealed back"
+    );
+    // When the controller comes back, it unseals the old password.
+    s.kube.set_unsealer(Unsealer::Running {
+        private_key: Box::new(s.key.clone()),
+        delay: Duration::ZERO,
+    });
+    assert_eq!(s.kube.secret(NS, NAME).unwrap()["password"], s.old_password);
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
 }

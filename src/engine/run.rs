@@ -815,7 +815,10 @@ async fn restore_store(
 ) -> Result<(), StepError> {
     let now = store.read().await.map_err(StepError::from)?;
     if now == state.original {
-        return Ok(());
+        return store
+            .settle(state.original.as_ref())
+            .await
+            .map_err(StepError::from);
     }
     if now.is_some() && now == state.written {
         return store

@@ -54,6 +54,13 @@ pub trait Store: Send + Sync {
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError>;
+
+    /// Makes sure a store that reads through a copy keeps serving `value`, which [`Store::read`]
+    /// just returned: a rollback calls it when the copy still shows the original but the source
+    /// behind it may hold this run's write (a SealedSecret the controller has not unsealed yet).
+    async fn settle(&self, _value: Option<&Secret>) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Builds the store for a config entry; Kubernetes stores need a client.

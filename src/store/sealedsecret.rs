@@ -181,15 +181,15 @@ impl Store for SealedStore {
             });
         }
         self.seal_and_write(new).await?;
-        if let Err(error) = self.wait_for(new).await {
-            // The Secret still shows `expected`, so a rollback would see nothing to undo: put
-            // the sealed value back now, or the controller would unseal `new` whenever it wakes.
-            if let Err(undo) = self.seal_and_write(expected).await {
-                tracing::error!(store = %self.describe(), cause = %undo, "cannot put the previous sealed value back");
-            }
-            return Err(error);
-        }
-        Ok(())
+        // On a timeout the Secret still shows `expected`; the rollback's `settle` seals it back.
+        self.wait_for(new).await
+    }
+
+    /// The SealedSecret may hold this run's value even though the Secret does not show it yet
+    /// (a crash while waiting for the controller): seal `value` again so nothing unseals later.
+    async fn settle(&self, value: Option<&Secret>) -> Result<(), StoreError> {
+        self.seal_and_write(value).await?;
+        self.wait_for(value).await
     }
 }
 
