@@ -314,3 +314,37 @@ async fn killed_around_the_sync_then_recovered() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_to_start_when_the_secret_is_not_in_sync() {
+    let s = setup("20s").await;
+    let stale = s.pg.url("llmtrace", "stale-password", "llmtrace");
+    s.kube.put_secret(
+        NS,
+        "llmtrace",
+        &[
+            ("LLMTRACE_POSTGRES_URL", &stale),
+            ("LLMTRACE_REDIS_URL", REDIS_URL),
+        ],
+    );
+    let (_, version) = s.bao.get_kv("llmtrace/proxy").await;
+
+    let (out, stamps) = rotate(&s, true).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout.contains("ESO is not syncing it"),
+        "{}",
+        out.stdout
+    );
+    assert!(stamps.is_empty(), "no force-sync");
+    assert_eq!(
+        s.bao.get_kv("llmtrace/proxy").await.1,
+        version,
+        "OpenBao untouched"
+    );
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+}

@@ -62,6 +62,9 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
         format::render(&config.format, original.as_ref(), &current)
             .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
     }
+    for sync in &runtime.syncs {
+        sync.check_holds(&current).await.map_err(StepError::from)?;
+    }
     runtime
         .backend
         .check_admin(&target.user)

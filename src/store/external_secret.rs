@@ -90,6 +90,18 @@ impl ExternalSecretSync {
         }
     }
 
+    /// Preflight: the Secret must already hold the current credential, or the sync is broken
+    /// before the run starts (and a rollback could not wait for it to come back).
+    pub async fn check_holds(&self, current: &Credential) -> Result<(), StoreError> {
+        if self.holds(current).await? {
+            return Ok(());
+        }
+        Err(self.error(format!(
+            "the Secret does not hold the credential the first store holds, so ESO is not syncing it; fix the ExternalSecret first (kubectl describe externalsecret -n {} {})",
+            self.config.namespace, self.config.external_secret
+        )))
+    }
+
     /// Whether the Secret's key carries `expected`; an absent Secret or key is "not yet".
     async fn holds(&self, expected: &Credential) -> Result<bool, StoreError> {
         let value = match self.secret.read().await {
