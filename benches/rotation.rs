@@ -5,7 +5,7 @@
 //! `ROTATOR_BIN` names the (release) binary to measure; `--quick` shortens the login windows.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::future::Future;
@@ -35,11 +35,17 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 }
 
 fn latency(samples: &mut [f64]) -> String {
-    format!("p50 {:.1} ms, p90 {:.1} ms (n={})", percentile(samples, 0.5), percentile(samples, 0.9), samples.len())
+    format!(
+        "p50 {:.1} ms, p90 {:.1} ms (n={})",
+        percentile(samples, 0.5),
+        percentile(samples, 0.9),
+        samples.len()
+    )
 }
 
 fn bin() -> String {
-    std::env::var("ROTATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_llmtrace-rotator").to_string())
+    std::env::var("ROTATOR_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_llmtrace-rotator").to_string())
 }
 
 /// A directory with a config, a .env and the environment for the rotator.
@@ -54,7 +60,10 @@ impl Workdir {
         std::fs::write(dir.path().join("rotator.toml"), config).unwrap();
         std::fs::write(dir.path().join(".env"), dotenv).unwrap();
         let key = base64_key();
-        let mut all: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut all: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         all.push(("ROTATOR_JOURNAL_KEY".into(), key));
         all.push(("RUST_LOG".into(), "warn".into()));
         Workdir { dir, env: all }
@@ -78,19 +87,29 @@ impl Workdir {
     fn rotate(&self) -> f64 {
         let started = Instant::now();
         let status = self.command(&["rotate"]).status().unwrap();
-        assert!(status.success(), "rotate failed in {}", self.dir.path().display());
+        assert!(
+            status.success(),
+            "rotate failed in {}",
+            self.dir.path().display()
+        );
         started.elapsed().as_secs_f64() * 1000.0
     }
 
     fn env_value(&self, key: &str) -> String {
         let text = std::fs::read_to_string(self.dir.path().join(".env")).unwrap();
-        text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap().trim_matches('\'').to_string()
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap()
+            .trim_matches('\'')
+            .to_string()
     }
 }
 
 fn base64_key() -> String {
     use base64::Engine as _;
-    let bytes: Vec<u8> = (0..2).flat_map(|_| *uuid::Uuid::new_v4().as_bytes()).collect();
+    let bytes: Vec<u8> = (0..2)
+        .flat_map(|_| *uuid::Uuid::new_v4().as_bytes())
+        .collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
@@ -149,7 +168,10 @@ consumers = ["proxy"]
 
 fn url_parts(url: &str) -> (String, String) {
     let url = url::Url::parse(url).unwrap();
-    let password = percent_encoding::percent_decode_str(url.password().unwrap()).decode_utf8().unwrap().into_owned();
+    let password = percent_encoding::percent_decode_str(url.password().unwrap())
+        .decode_utf8()
+        .unwrap()
+        .into_owned();
     (url.username().to_string(), password)
 }
 
@@ -179,7 +201,10 @@ where
     work.await;
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();
-    (tries.load(Ordering::Relaxed), failures.load(Ordering::Relaxed))
+    (
+        tries.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed),
+    )
 }
 
 async fn pg_login(pg: &Postgres, user: &str, password: &str) -> bool {
@@ -199,36 +224,89 @@ async fn postgres() -> (Arc<Postgres>, String) {
     (Arc::new(pg), password)
 }
 
-async fn rotation_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, password: &str, redis: &Redis, quick: bool) {
+async fn rotation_rows(
+    rows: &mut Vec<Row>,
+    pg: &Arc<Postgres>,
+    password: &str,
+    redis: &Redis,
+    quick: bool,
+) {
     let pg_env = [("PG_ADMIN_PASSWORD", pg.admin_password())];
     let redis_env = [("REDIS_ADMIN_PASSWORD", redis.admin_password.as_str())];
-    let single = Workdir::new(&postgres_config(pg, "user = \"app\"", "true"), &format!("URL={}\n", pg.url("app", password, "bench")), &pg_env);
+    let single = Workdir::new(
+        &postgres_config(pg, "user = \"app\"", "true"),
+        &format!("URL={}\n", pg.url("app", password, "bench")),
+        &pg_env,
+    );
     let alternating = Workdir::new(
-        &postgres_config(pg, "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]", "true"),
+        &postgres_config(
+            pg,
+            "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]",
+            "true",
+        ),
         &format!("URL={}\n", pg.url("app_a", password, "bench")),
         &pg_env,
     );
     let redis_url = format!("URL=redis://app:{password}@{}/0\n", redis.address());
-    let r_single = Workdir::new(&redis_config(redis, "single", "true"), &redis_url, &redis_env);
-    for (name, work) in [("PostgreSQL single", &single), ("PostgreSQL alternating", &alternating), ("Redis single", &r_single)] {
+    let r_single = Workdir::new(
+        &redis_config(redis, "single", "true"),
+        &redis_url,
+        &redis_env,
+    );
+    for (name, work) in [
+        ("PostgreSQL single", &single),
+        ("PostgreSQL alternating", &alternating),
+        ("Redis single", &r_single),
+    ] {
         let mut samples: Vec<f64> = (0..RUNS).map(|_| work.rotate()).collect();
-        rows.push(Row { what: format!("rotation latency, {name} (file store, `true` consumer)"), figure: latency(&mut samples), note: "closed loop: preflight, apply, verify, publish, restart, verify, journal".into() });
+        rows.push(Row {
+            what: format!("rotation latency, {name} (file store, `true` consumer)"),
+            figure: latency(&mut samples),
+            note: "closed loop: preflight, apply, verify, publish, restart, verify, journal".into(),
+        });
     }
-    let r_dual = Workdir::new(&redis_config(redis, "dual", "true"), &format!("URL=redis://app:{}@{}/0\n", url_parts(&r_single.env_value("URL")).1, redis.address()), &redis_env);
+    let r_dual = Workdir::new(
+        &redis_config(redis, "dual", "true"),
+        &format!(
+            "URL=redis://app:{}@{}/0\n",
+            url_parts(&r_single.env_value("URL")).1,
+            redis.address()
+        ),
+        &redis_env,
+    );
     let mut samples: Vec<f64> = (0..RUNS).map(|_| r_dual.rotate()).collect();
-    rows.push(Row { what: "rotation latency, Redis dual (file store, `true` consumer)".into(), figure: latency(&mut samples), note: "closed loop, two passwords until retire".into() });
+    rows.push(Row {
+        what: "rotation latency, Redis dual (file store, `true` consumer)".into(),
+        figure: latency(&mut samples),
+        note: "closed loop, two passwords until retire".into(),
+    });
 
     // Failed logins during one rotation whose consumer takes a while (a rollout).
     let pause = if quick { "sleep 1" } else { "sleep 3" };
     for (name, work, extra) in [
         ("PostgreSQL single", &single, "user = \"app\""),
-        ("PostgreSQL alternating", &alternating, "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]"),
+        (
+            "PostgreSQL alternating",
+            &alternating,
+            "strategy = \"alternating\"\nusers = [\"app_a\", \"app_b\"]",
+        ),
     ] {
-        std::fs::write(work.dir.path().join("rotator.toml"), postgres_config(pg, extra, pause)).unwrap();
+        std::fs::write(
+            work.dir.path().join("rotator.toml"),
+            postgres_config(pg, extra, pause),
+        )
+        .unwrap();
         let env_file = work.dir.path().join(".env");
         let pg_client = pg.clone();
         let (tries, failures) = client_during(
-            move || url_parts(std::fs::read_to_string(&env_file).unwrap().trim().trim_start_matches("URL=")),
+            move || {
+                url_parts(
+                    std::fs::read_to_string(&env_file)
+                        .unwrap()
+                        .trim()
+                        .trim_start_matches("URL="),
+                )
+            },
             move |user, password| {
                 let pg = pg_client.clone();
                 async move { pg_login(&pg, &user, &password).await }
@@ -238,28 +316,60 @@ async fn rotation_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, password: &str, 
             },
         )
         .await;
-        rows.push(Row { what: format!("failed logins during one rotation, {name}"), figure: format!("{failures} of {tries}"), note: format!("client logs in every ~10 ms with what the store holds; consumer `{pause}`") });
+        rows.push(Row {
+            what: format!("failed logins during one rotation, {name}"),
+            figure: format!("{failures} of {tries}"),
+            note: format!(
+                "client logs in every ~10 ms with what the store holds; consumer `{pause}`"
+            ),
+        });
     }
-    for (name, work, strategy) in [("Redis single", &r_single, "single"), ("Redis dual", &r_dual, "dual")] {
+    for (name, work, strategy) in [
+        ("Redis single", &r_single, "single"),
+        ("Redis dual", &r_dual, "dual"),
+    ] {
         // Both workdirs rotate the same user: start from whichever rotated last.
         let latest = [&r_single, &r_dual].map(|w| w.dir.path().join(".env"));
-        let newest = latest.iter().max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap()).unwrap().clone();
+        let newest = latest
+            .iter()
+            .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+            .unwrap()
+            .clone();
         let own = work.dir.path().join(".env");
         if newest != own {
             std::fs::copy(&newest, &own).unwrap();
         }
-        std::fs::write(work.dir.path().join("rotator.toml"), redis_config(redis, strategy, pause)).unwrap();
+        std::fs::write(
+            work.dir.path().join("rotator.toml"),
+            redis_config(redis, strategy, pause),
+        )
+        .unwrap();
         let env_file = work.dir.path().join(".env");
         let port = redis.port;
         let (tries, failures) = client_during(
-            move || url_parts(std::fs::read_to_string(&env_file).unwrap().trim().trim_start_matches("URL=")),
-            move |user, password| async move { support::redis::try_connect(port, &user, &password).await.is_ok() },
+            move || {
+                url_parts(
+                    std::fs::read_to_string(&env_file)
+                        .unwrap()
+                        .trim()
+                        .trim_start_matches("URL="),
+                )
+            },
+            move |user, password| async move {
+                support::redis::try_connect(port, &user, &password)
+                    .await
+                    .is_ok()
+            },
             async {
                 tokio::task::block_in_place(|| work.rotate());
             },
         )
         .await;
-        rows.push(Row { what: format!("failed logins during one rotation, {name}"), figure: format!("{failures} of {tries}"), note: format!("same client; consumer `{pause}`") });
+        rows.push(Row {
+            what: format!("failed logins during one rotation, {name}"),
+            figure: format!("{failures} of {tries}"),
+            note: format!("same client; consumer `{pause}`"),
+        });
     }
 }
 
@@ -270,14 +380,22 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
     pg.create_login("bao_app", &password, "bench").await;
     let calls = [
         ("POST", "sys/mounts/database", json!({"type": "database"})),
-        ("POST", "database/config/pg", json!({
-            "plugin_name": "postgresql-database-plugin",
-            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@{}/bench?sslmode=disable", pg.address()),
-            "username": "postgres",
-            "password": pg.admin_password(),
-            "allowed_roles": ["app"],
-        })),
-        ("POST", "database/static-roles/app", json!({"db_name": "pg", "username": "bao_app", "rotation_period": "24h"})),
+        (
+            "POST",
+            "database/config/pg",
+            json!({
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@{}/bench?sslmode=disable", pg.address()),
+                "username": "postgres",
+                "password": pg.admin_password(),
+                "allowed_roles": ["app"],
+            }),
+        ),
+        (
+            "POST",
+            "database/static-roles/app",
+            json!({"db_name": "pg", "username": "bao_app", "rotation_period": "24h"}),
+        ),
     ];
     for (method, path, body) in calls {
         let (status, answer) = bao.call(method, path, Some(body)).await;
@@ -286,11 +404,17 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
     let mut samples = Vec::new();
     for _ in 0..RUNS {
         let started = Instant::now();
-        let (status, answer) = bao.call("POST", "database/rotate-role/app", Some(json!({}))).await;
+        let (status, answer) = bao
+            .call("POST", "database/rotate-role/app", Some(json!({})))
+            .await;
         assert!(status < 300, "rotate-role: {status} {answer}");
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    rows.push(Row { what: "OpenBao `rotate-role`, PostgreSQL static role".into(), figure: latency(&mut samples), note: "open loop: no verification, no store, no restart".into() });
+    rows.push(Row {
+        what: "OpenBao `rotate-role`, PostgreSQL static role".into(),
+        figure: latency(&mut samples),
+        note: "open loop: no verification, no store, no restart".into(),
+    });
 
     let bao = Arc::new(bao);
     let reader = bao.clone();
@@ -302,7 +426,13 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async {
                     let (_, answer) = reader.call("GET", "database/static-creds/app", None).await;
-                    ("bao_app".to_string(), answer["data"]["password"].as_str().unwrap_or_default().to_string())
+                    (
+                        "bao_app".to_string(),
+                        answer["data"]["password"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    )
                 })
             })
         },
@@ -312,20 +442,29 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
         },
         async {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let (status, _) = bao.call("POST", "database/rotate-role/app", Some(json!({}))).await;
+            let (status, _) = bao
+                .call("POST", "database/rotate-role/app", Some(json!({})))
+                .await;
             assert!(status < 300);
             tokio::time::sleep(Duration::from_millis(300)).await;
         },
     )
     .await;
-    rows.push(Row { what: "failed logins during one rotation, OpenBao static role".into(), figure: format!("{failures} of {tries}"), note: "client reads static-creds before each login; single password".into() });
+    rows.push(Row {
+        what: "failed logins during one rotation, OpenBao static role".into(),
+        figure: format!("{failures} of {tries}"),
+        note: "client reads static-creds before each login; single password".into(),
+    });
 }
 
 /// One SCRAM login + one ALTER ROLE with a client-computed verifier + one SCRAM login, in process.
 async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
-    let mut admin = sqlx::postgres::PgConnection::connect_with(&pg.connect_options("postgres", pg.admin_password(), "postgres").disable_statement_logging())
-        .await
-        .unwrap();
+    let mut admin = sqlx::postgres::PgConnection::connect_with(
+        &pg.connect_options("postgres", pg.admin_password(), "postgres")
+            .disable_statement_logging(),
+    )
+    .await
+    .unwrap();
     let mut password = random_password();
     pg.create_login("floor", &password, "bench").await;
     let mut samples = Vec::new();
@@ -333,18 +472,33 @@ async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
         let next = random_password();
         let started = Instant::now();
         assert!(pg_login(pg, "floor", &password).await);
-        let verifier = llmtrace_rotator::backend::scram::verifier(&llmtrace_rotator::secret::Secret::new(next.as_str()));
-        sqlx::query(&format!("ALTER ROLE floor PASSWORD '{}'", verifier.expose())).execute(&mut admin).await.unwrap();
+        let verifier = llmtrace_rotator::backend::scram::verifier(
+            &llmtrace_rotator::secret::Secret::new(next.as_str()),
+        );
+        sqlx::query(&format!(
+            "ALTER ROLE floor PASSWORD '{}'",
+            verifier.expose()
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         assert!(pg_login(pg, "floor", &next).await);
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
         password = next;
     }
-    rows.push(Row { what: "in-process floor: SCRAM login + ALTER ROLE + SCRAM login".into(), figure: latency(&mut samples), note: "the least any verified PostgreSQL rotation costs on this machine".into() });
+    rows.push(Row {
+        what: "in-process floor: SCRAM login + ALTER ROLE + SCRAM login".into(),
+        figure: latency(&mut samples),
+        note: "the least any verified PostgreSQL rotation costs on this machine".into(),
+    });
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// A config and .env with `n` PostgreSQL targets (`t0`...), each a login of its own.
@@ -353,15 +507,24 @@ async fn many_targets(pg: &Postgres, n: usize, password: &str) -> Workdir {
     let mut dotenv = String::new();
     let mut sql = String::from("SET log_statement = 'none';");
     for i in 0..n {
-        sql.push_str(&format!("DROP ROLE IF EXISTS many{i}; CREATE ROLE many{i} LOGIN PASSWORD '{password}';"));
+        sql.push_str(&format!(
+            "DROP ROLE IF EXISTS many{i}; CREATE ROLE many{i} LOGIN PASSWORD '{password}';"
+        ));
         config.push_str(&format!(
             "[[target]]\nname = \"t{i}\"\nkind = \"postgres\"\naddress = \"{}\"\ndatabase = \"bench\"\nuser = \"many{i}\"\nadmin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\nsslmode = \"disable\"\nschedule = \"0 3 * * SUN\"\nconsumers = [\"proxy\"]\n  [[target.store]]\n  kind = \"file\"\n  path = \".env\"\n  key = \"URL{i}\"\n",
             pg.address()
         ));
-        dotenv.push_str(&format!("URL{i}={}\n", pg.url(&format!("many{i}"), password, "bench")));
+        dotenv.push_str(&format!(
+            "URL{i}={}\n",
+            pg.url(&format!("many{i}"), password, "bench")
+        ));
     }
     pg.exec(&sql).await;
-    Workdir::new(&config, &dotenv, &[("PG_ADMIN_PASSWORD", pg.admin_password())])
+    Workdir::new(
+        &config,
+        &dotenv,
+        &[("PG_ADMIN_PASSWORD", pg.admin_password())],
+    )
 }
 
 async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quick: bool) {
@@ -372,7 +535,11 @@ async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quic
         let rss = rss_kib(child.id(), "VmRSS:").unwrap_or(0);
         let _ = child.kill();
         let _ = child.wait();
-        rows.push(Row { what: format!("idle RSS of `serve`, {n} scheduled targets"), figure: format!("{:.1} MiB", rss as f64 / 1024.0), note: "VmRSS a few seconds after start".into() });
+        rows.push(Row {
+            what: format!("idle RSS of `serve`, {n} scheduled targets"),
+            figure: format!("{:.1} MiB", rss as f64 / 1024.0),
+            note: "VmRSS a few seconds after start".into(),
+        });
     }
     for n in [10, 100, 1000] {
         let work = many_targets(pg, n, password).await;
@@ -391,11 +558,18 @@ async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quic
         }
         rows.push(Row {
             what: format!("one run over {n} targets (one restart)"),
-            figure: format!("{:.2} s, peak RSS {:.1} MiB", started.elapsed().as_secs_f64(), peak as f64 / 1024.0),
+            figure: format!(
+                "{:.2} s, peak RSS {:.1} MiB",
+                started.elapsed().as_secs_f64(),
+                peak as f64 / 1024.0
+            ),
             note: "targets are rotated one after the other in one transaction".into(),
         });
     }
     // Start to the first backend call: the preflight connection shows as a PostgreSQL log line.
+    pg.exec("ALTER SYSTEM SET log_connections = on").await;
+    pg.exec("SELECT pg_reload_conf()").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let work = many_targets(pg, 1, password).await;
     let before = pg.log_contents().len();
     let started = Instant::now();
@@ -410,7 +584,11 @@ async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quic
         std::thread::sleep(Duration::from_micros(200));
     };
     let _ = child.wait();
-    rows.push(Row { what: "`rotate`: process start to first backend connection".into(), figure: format!("{:.1} ms", first.as_secs_f64() * 1000.0), note: "config, journal open and migrations, then preflight".into() });
+    rows.push(Row {
+        what: "`rotate`: process start to first backend connection".into(),
+        figure: format!("{:.1} ms", first.as_secs_f64() * 1000.0),
+        note: "config, journal open and migrations, then preflight".into(),
+    });
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -430,7 +608,14 @@ async fn main() {
     for row in rows {
         println!("| {} | {} | {} |", row.what, row.figure, row.note);
     }
-    println!("\n{} cores, {}; binary {}; {} in {:.0} s", num_cpus(), std::env::consts::ARCH, bin(), if quick { "--quick" } else { "full run" }, started.elapsed().as_secs_f64());
+    println!(
+        "\n{} cores, {}; binary {}; {} in {:.0} s",
+        num_cpus(),
+        std::env::consts::ARCH,
+        bin(),
+        if quick { "--quick" } else { "full run" },
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn num_cpus() -> usize {

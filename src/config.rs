@@ -187,6 +187,9 @@ pub struct Target {
     pub tls: bool,
     /// ClickHouse: how the user's password is changed.
     pub clickhouse: ClickHouseMode,
+    /// ExternalSecrets to force-sync after the upstream stores are written.
+    pub sync: Vec<SyncConfig>,
+    pub sync_timeout: Duration,
 }
 
 /// How a ClickHouse user's password is changed.
@@ -209,6 +212,22 @@ impl Target {
     }
 }
 
+/// An ExternalSecret that copies an upstream store into a Secret the workload reads.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub namespace: String,
+    pub external_secret: String,
+    /// The Secret the ExternalSecret writes, and where in it the credential is.
+    pub secret: String,
+    pub key: String,
+    pub format: Format,
+}
+
+/// ESO reconciles within seconds of a force-sync; two minutes covers a slow provider.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// The sealed-secrets controller unseals within seconds; one minute covers a busy one.
+pub const DEFAULT_SEALED_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
@@ -229,6 +248,25 @@ pub enum StoreKind {
     Vault(VaultStore),
     /// AWS Secrets Manager; the store's `key` is the JSON property, empty for the whole string.
     Aws(AwsStore),
+    /// A key of a SealedSecret, read back from the Secret the controller unseals it into.
+    SealedSecret(SealedSecretStore),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSecretStore {
+    pub namespace: String,
+    pub name: String,
+    pub certificate: Certificate,
+    /// How long to wait for the controller to unseal a write into the Secret.
+    pub timeout: Duration,
+}
+
+/// The sealed-secrets controller's public certificate (PEM), as `kubeseal --cert` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Certificate {
+    File(PathBuf),
+    /// `http://sealed-secrets-controller.kube-system:8080/v1/cert.pem`
+    Url(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,8 +453,10 @@ impl Config {
                     StoreKind::Vault(vault) => {
                         matches!(&vault.auth, VaultAuth::Token(r) if r.uses_kubernetes())
                     }
+                    StoreKind::SealedSecret(_) => true,
                     StoreKind::File { .. } | StoreKind::Aws(_) => false,
                 })
+                || !t.sync.is_empty()
         });
         let consumer = self
             .consumers
@@ -1018,6 +1058,16 @@ fn parse_target(
         }
     }
     let tls = fields.boolean("tls", errors).unwrap_or(false);
+    let sync: Vec<SyncConfig> = fields
+        .tables("sync", "sync", errors)
+        .iter()
+        .filter_map(|entry| {
+            let parsed = parse_sync(entry, errors);
+            entry.finish(errors);
+            parsed
+        })
+        .collect();
+    let sync_timeout = fields.duration("sync_timeout", DEFAULT_SYNC_TIMEOUT, errors);
     let store_fields = fields.tables("store", "store", errors);
     if store_fields.is_empty() && !fields.table.contains_key("store") {
         errors.push(
@@ -1075,6 +1125,8 @@ fn parse_target(
         replicas,
         tls,
         clickhouse: clickhouse?,
+        sync,
+        sync_timeout,
     })
 }
 
@@ -1161,10 +1213,13 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
             }),
         Some("vault") => parse_vault(fields, base, errors).map(StoreKind::Vault),
         Some("aws") => parse_aws(fields, errors).map(StoreKind::Aws),
+        Some("sealedsecret") => {
+            parse_sealed_secret(fields, base, errors).map(StoreKind::SealedSecret)
+        }
         Some(other) => {
             errors.push(
                 fields.path_of("kind"),
-                format!("{other:?} is not one of kubernetes, file, vault, aws"),
+                format!("{other:?} is not one of {STORE_KINDS}"),
             );
             None
         }
@@ -1177,6 +1232,18 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
         Some("aws") => Some(fields.string("property", errors).unwrap_or_default()),
         _ => fields.required_string("key", errors),
     };
+    let format = parse_format(fields, errors);
+    Some(StoreConfig {
+        kind: kind?,
+        key: key?,
+        format: format?,
+    })
+}
+
+const STORE_KINDS: &str = "kubernetes, file, vault, aws, sealedsecret";
+
+/// `format` (and `template`) of a store or a sync entry; `url` when absent.
+fn parse_format(fields: &Fields, errors: &mut Errors) -> Option<Format> {
     let format = match fields.string("format", errors).as_deref() {
         None | Some("url") => Some(Format::Url),
         Some("password") => Some(Format::Password),
@@ -1203,8 +1270,20 @@ fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<Stor
             "is only used with format = \"template\"",
         );
     }
-    Some(StoreConfig {
-        kind: kind?,
+    format
+}
+
+fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
+    let namespace = fields.required_string("namespace", errors);
+    let external_secret = fields.required_string("external_secret", errors);
+    let secret = fields.required_string("secret", errors);
+    // Without the key the wait could not tell a synced Secret from a stale one.
+    let key = fields.required_string("key", errors);
+    let format = parse_format(fields, errors);
+    Some(SyncConfig {
+        namespace: namespace?,
+        external_secret: external_secret?,
+        secret: secret?,
         key: key?,
         format: format?,
     })
@@ -1227,6 +1306,55 @@ fn parse_aws(fields: &Fields, errors: &mut Errors) -> Option<AwsStore> {
         secret_id: secret_id?,
         region: region?,
         endpoint,
+    })
+}
+
+fn parse_sealed_secret(
+    fields: &Fields,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<SealedSecretStore> {
+    let namespace = fields.required_string("namespace", errors);
+    let name = fields.required_string("name", errors);
+    let file = fields.string("certificate", errors);
+    let url = fields.string("certificate_url", errors);
+    let certificate = match (file, url) {
+        (Some(file), None) => Some(Certificate::File(base.join(file))),
+        (None, Some(url)) => {
+            let ok = url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                errors.push(
+                    fields.path_of("certificate_url"),
+                    format!("{url:?} is not an http(s) URL like http://sealed-secrets-controller.kube-system:8080/v1/cert.pem"),
+                );
+            }
+            ok.then_some(Certificate::Url(url))
+        }
+        (Some(_), Some(_)) => {
+            errors.push(
+                fields.path_of("certificate"),
+                "give either certificate or certificate_url, not both",
+            );
+            None
+        }
+        (None, None) => {
+            if !fields.table.contains_key("certificate")
+                && !fields.table.contains_key("certificate_url")
+            {
+                errors.push(
+                    fields.path_of("certificate"),
+                    "is required: the controller's certificate PEM file (kubeseal --fetch-cert), or certificate_url",
+                );
+            }
+            None
+        }
+    };
+    let timeout = fields.duration("timeout", DEFAULT_SEALED_TIMEOUT, errors);
+    Some(SealedSecretStore {
+        namespace: namespace?,
+        name: name?,
+        certificate: certificate?,
+        timeout,
     })
 }
 
@@ -1699,5 +1827,101 @@ users_xml = { path = "users.d/llmtrace.xml" }
     fn password_length_is_bounded() {
         let errors = errors_of(&VALID.replace("length = 40", "length = 8"));
         assert_eq!(errors, ["password.length: 8 is out of range 16..=128"]);
+    }
+
+    const UPSTREAM: &str = r#"
+[rotator]
+journal = "sqlite://rotator.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "127.0.0.1:5432"
+database = "llmtrace"
+user = "llmtrace"
+admin = { user = "postgres", password = "env:PG_ADMIN" }
+sync = [{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "LLMTRACE_POSTGRES_URL" }]
+sync_timeout = "30s"
+
+  [[target.store]]
+  kind = "sealedsecret"
+  namespace = "llmtrace"
+  name = "llmtrace-postgresql"
+  key = "password"
+  format = "password"
+  certificate = "cert.pem"
+  timeout = "20s"
+"#;
+
+    #[test]
+    fn parses_sync_entries_and_sealed_secret_stores() {
+        let config = Config::parse(UPSTREAM, Path::new("/etc/rotator")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(target.sync.len(), 1);
+        assert_eq!(target.sync[0].external_secret, "llmtrace");
+        assert_eq!(target.sync[0].key, "LLMTRACE_POSTGRES_URL");
+        assert_eq!(target.sync[0].format, Format::Url);
+        assert_eq!(target.sync_timeout, Duration::from_secs(30));
+        assert_eq!(
+            target.stores[0].kind,
+            StoreKind::SealedSecret(SealedSecretStore {
+                namespace: "llmtrace".into(),
+                name: "llmtrace-postgresql".into(),
+                certificate: Certificate::File("/etc/rotator/cert.pem".into()),
+                timeout: Duration::from_secs(20),
+            })
+        );
+        assert!(config.uses_kubernetes());
+        let defaults = Config::parse(
+            &UPSTREAM
+                .replace("sync_timeout = \"30s\"\n", "")
+                .replace("  timeout = \"20s\"\n", ""),
+            Path::new("/etc/rotator"),
+        )
+        .unwrap();
+        assert_eq!(defaults.targets[0].sync_timeout, DEFAULT_SYNC_TIMEOUT);
+        assert!(matches!(
+            &defaults.targets[0].stores[0].kind,
+            StoreKind::SealedSecret(s) if s.timeout == DEFAULT_SEALED_TIMEOUT
+        ));
+    }
+
+    #[test]
+    fn sync_and_sealed_secret_errors_name_the_field() {
+        let text = UPSTREAM
+            .replace(", key = \"LLMTRACE_POSTGRES_URL\"", ", formt = \"url\"")
+            .replace("sync_timeout = \"30s\"", "sync_timeout = \"soon\"")
+            .replace("  certificate = \"cert.pem\"\n", "")
+            .replace("name = \"llmtrace-postgresql\"", "name = \"\"");
+        let errors = errors_of(&text);
+        let paths: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "target[0].sync[0].key",
+                "target[0].sync[0].formt",
+                "target[0].sync_timeout",
+                "target[0].store[0].name",
+                "target[0].store[0].certificate",
+            ],
+            "{errors:#?}"
+        );
+        let both = UPSTREAM.replace(
+            "certificate = \"cert.pem\"",
+            "certificate = \"cert.pem\"\n  certificate_url = \"ftp://x\"",
+        );
+        assert_eq!(
+            errors_of(&both),
+            ["target[0].store[0].certificate: give either certificate or certificate_url, not both"]
+        );
+        let url = UPSTREAM.replace(
+            "certificate = \"cert.pem\"",
+            "certificate_url = \"ftp://x\"",
+        );
+        assert!(errors_of(&url)[0].starts_with("target[0].store[0].certificate_url: "));
     }
 }

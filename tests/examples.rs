@@ -7,7 +7,9 @@ use llmtrace_rotator::config::Config;
 #[test]
 fn every_example_config_is_valid() {
     let mut seen = 0;
-    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples")).unwrap() {
+    for entry in
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples")).unwrap()
+    {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             if let Err(error) = Config::load(&path) {
@@ -16,5 +18,5 @@ fn every_example_config_is_valid() {
             seen += 1;
         }
     }
-    assert!(seen >= 4, "examples found: {seen}");
+    assert!(seen >= 5, "examples found: {seen}");
 }

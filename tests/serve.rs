@@ -198,7 +198,15 @@ async fn post_rotation_runs_it_and_reports_it_everywhere() {
 
     let (_, runs) = server.get("/v1/rotations?limit=1").await;
     assert_eq!(runs[0]["id"], id.as_str());
-    let (_, targets) = server.get("/v1/targets").await;
+    // The drift check that follows a run lands just after its outcome: give it a moment.
+    let mut targets = serde_json::Value::Null;
+    for _ in 0..100 {
+        targets = server.get("/v1/targets").await.1;
+        if !targets[0]["credential_valid"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(targets[0]["name"], "postgres");
     assert_eq!(targets[0]["last_outcome"], "succeeded");
     assert_eq!(targets[0]["credential_valid"], true);

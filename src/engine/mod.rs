@@ -24,6 +24,7 @@ use crate::config::{Config, JournalLocation, Target};
 use crate::consumer::ConsumerHandle;
 use crate::journal::{Journal, JournalError};
 use crate::resolve::{resolve, ResolveError};
+use crate::store::external_secret::ExternalSecretSync;
 use crate::store::{self, Store};
 
 pub use report::{Outcome, RunReport};
@@ -131,10 +132,25 @@ impl Deps {
             .map(|s| store::for_config(s, self.kube.as_ref()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
+        let syncs = match (&self.kube, target.sync.is_empty()) {
+            (_, true) => Vec::new(),
+            (Some(client), false) => target
+                .sync
+                .iter()
+                .map(|s| ExternalSecretSync::new(client.clone(), s))
+                .collect(),
+            (None, false) => {
+                return Err(format!(
+                    "target {:?} sync: no Kubernetes client could be configured",
+                    target.name
+                ))
+            }
+        };
         Ok(TargetRuntime {
             config: target,
             backend: backend::for_target(target, admin_password),
             stores,
+            syncs,
         })
     }
 
@@ -152,6 +168,8 @@ pub struct TargetRuntime<'a> {
     pub config: &'a Target,
     pub backend: Box<dyn Backend>,
     pub stores: Vec<Box<dyn Store>>,
+    /// ExternalSecrets that copy the stores into the Secrets the consumers read.
+    pub syncs: Vec<ExternalSecretSync>,
 }
 
 /// The dependencies plus the journal: what `rotate`, `recover` and `serve` run on.

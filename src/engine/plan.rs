@@ -80,6 +80,10 @@ fn describe_store(store: &crate::config::StoreConfig) -> String {
             "vault {} {}/{}#{}",
             vault.address, vault.mount, vault.path, store.key
         ),
+        StoreKind::SealedSecret(sealed) => format!(
+            "sealedsecret {}/{}#{}",
+            sealed.namespace, sealed.name, store.key
+        ),
     };
     let format = match store.format {
         Format::Url => "url",

@@ -62,6 +62,9 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
         format::render(&config.format, original.as_ref(), &current)
             .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
     }
+    for sync in &runtime.syncs {
+        sync.check_holds(&current).await.map_err(StepError::from)?;
+    }
     runtime
         .backend
         .check_admin(&target.user)
@@ -84,6 +87,10 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
 
 fn store_subject(target: &str, index: usize) -> String {
     format!("{target}/store[{index}]")
+}
+
+fn sync_subject(target: &str, index: usize) -> String {
+    format!("{target}/sync[{index}]")
 }
 
 /// A run in progress: the recorder (journal + state) and the live parts it acts on.
@@ -454,10 +461,39 @@ impl<'a> RunContext<'a> {
     /// Restart, verify, retire: everything after the stores hold the new credential. Recovery
     /// rolls forward through here too.
     pub async fn complete(&mut self) -> Result<(), ()> {
+        self.sync().await?;
         self.restart().await?;
         self.verify().await?;
         self.retire().await;
         self.may_continue()
+    }
+
+    /// Forces each ExternalSecret to copy the new credential into its Secret, and waits for it,
+    /// so the restart that follows reads the new credential.
+    async fn sync(&mut self) -> Result<(), ()> {
+        for i in 0..self.rec.state.targets.len() {
+            let entries = self.runtime(i).map_err(|_| ())?.syncs.len();
+            if entries == 0 || self.rec.state.targets[i].sync == Progress::Done {
+                continue;
+            }
+            let name = self.rec.state.targets[i].name.clone();
+            self.rec.state.targets[i].sync = Progress::Started;
+            for k in 0..entries {
+                let step = self.rec.begin("sync", &sync_subject(&name, k)).await;
+                let result = match (self.runtime(i), self.credentials(i)) {
+                    (Ok(runtime), Ok((_, next))) => tokio::select! {
+                        result = runtime.syncs[k].sync(&next, runtime.config.sync_timeout) => result.map_err(StepError::from),
+                        _ = self.cancel.cancelled() => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
+                    },
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                self.rec.finish(step, &result).await;
+                result.map_err(|_| ())?;
+                self.may_continue()?;
+            }
+            self.rec.state.targets[i].sync = Progress::Done;
+        }
+        Ok(())
     }
 
     async fn restart(&mut self) -> Result<(), ()> {
@@ -583,6 +619,7 @@ impl<'a> RunContext<'a> {
         tracing::warn!(run = %self.rec.id, "rolling back");
         self.rec.state.rolling_back = true;
         let mut ok = self.undo_publish().await;
+        ok &= self.undo_sync().await;
         ok &= self.undo_apply(false).await;
         self.undo_restart().await;
         ok &= self.undo_apply(true).await;
@@ -617,6 +654,53 @@ impl<'a> RunContext<'a> {
                 ok &= result.is_ok();
                 self.rec.finish(step, &result).await;
             }
+        }
+        ok
+    }
+
+    /// Syncs the restored upstream value back into each ExternalSecret's Secret. Runs whenever
+    /// an upstream store was written, not only after our force-sync: ESO also refreshes on its
+    /// own interval.
+    async fn undo_sync(&mut self) -> bool {
+        let mut ok = true;
+        for i in 0..self.rec.state.targets.len() {
+            let state = &self.rec.state.targets[i];
+            // `Undone` counts: undo_publish has just written the upstream back.
+            let upstream_written = state
+                .stores
+                .iter()
+                .any(|s| s.publish != Progress::NotStarted);
+            if !(state.sync.touched() || upstream_written) {
+                continue;
+            }
+            let entries = self.runtime_at(i).map_or(0, |r| r.syncs.len());
+            if entries == 0 && !state.sync.touched() {
+                continue;
+            }
+            let name = state.name.clone();
+            let mut synced = entries > 0;
+            for k in 0..entries.max(1) {
+                let step = self.rec.begin("undo-sync", &sync_subject(&name, k)).await;
+                let old: Option<Credential> =
+                    self.rec.state.targets[i].current.as_ref().map(Into::into);
+                let result = match (self.runtime(i), old) {
+                    (Ok(runtime), Some(old)) if k < runtime.syncs.len() => runtime.syncs[k]
+                        .sync(&old, runtime.config.sync_timeout)
+                        .await
+                        .map_err(StepError::from),
+                    (Err(e), _) => Err(e),
+                    _ => Err(StepError::new(
+                        "journal_state",
+                        "the run state or config has no sync entry to restore",
+                    )),
+                };
+                synced &= result.is_ok();
+                self.rec.finish(step, &result).await;
+            }
+            if synced {
+                self.rec.state.targets[i].sync = Progress::Undone;
+            }
+            ok &= synced;
         }
         ok
     }
@@ -761,7 +845,10 @@ async fn restore_store(
 ) -> Result<(), StepError> {
     let now = store.read().await.map_err(StepError::from)?;
     if now == state.original {
-        return Ok(());
+        return store
+            .settle(state.original.as_ref())
+            .await
+            .map_err(StepError::from);
     }
     if now.is_some() && now == state.written {
         return store

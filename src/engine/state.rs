@@ -67,6 +67,9 @@ pub struct TargetState {
     pub next: Option<SavedCredential>,
     pub apply: Progress,
     pub stores: Vec<StoreState>,
+    /// The ExternalSecret force-sync; absent in journals written before it existed.
+    #[serde(default)]
+    pub sync: Progress,
     pub retire: Progress,
 }
 
@@ -94,6 +97,7 @@ impl RunState {
                     next: None,
                     apply: Progress::NotStarted,
                     stores: Vec::new(),
+                    sync: Progress::NotStarted,
                     retire: Progress::NotStarted,
                 })
                 .collect(),

@@ -2,9 +2,11 @@
 
 pub mod aws;
 pub mod dotenv;
+pub mod external_secret;
 pub mod file;
 pub mod format;
 pub mod kubernetes;
+pub mod sealedsecret;
 pub mod sigv4;
 pub mod vault;
 
@@ -60,6 +62,13 @@ pub trait Store: Send + Sync {
     async fn tidy(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Makes sure a store that reads through a copy keeps serving `value`, which [`Store::read`]
+    /// just returned: a rollback calls it when the copy still shows the original but the source
+    /// behind it may hold this run's write (a SealedSecret the controller has not unsealed yet).
+    async fn settle(&self, _value: Option<&Secret>) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Builds the store for a config entry; Kubernetes stores need a client.
@@ -75,6 +84,20 @@ pub fn for_config(
             &config.key,
             kube.cloned(),
         ))),
+        StoreKind::SealedSecret(sealed) => {
+            let client = kube.ok_or_else(|| StoreError::Unavailable {
+                store: format!(
+                    "sealedsecret {}/{}#{}",
+                    sealed.namespace, sealed.name, config.key
+                ),
+                cause: "no Kubernetes client could be configured".into(),
+            })?;
+            Ok(Box::new(sealedsecret::SealedStore::new(
+                client.clone(),
+                sealed,
+                &config.key,
+            )))
+        }
         StoreKind::Kubernetes { namespace, secret } => {
             let client = kube.ok_or_else(|| StoreError::Unavailable {
                 store: format!("kubernetes secret {namespace}/{secret}#{}", config.key),

@@ -49,6 +49,11 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
+#[path = "kube_fake/custom.rs"]
+mod custom;
+#[allow(unused_imports)]
+pub use custom::{unseal, Unsealer};
+
 // ---------------------------------------------------------------------------
 // Public API
 // ---------------------------------------------------------------------------
@@ -212,7 +217,8 @@ impl KubeFake {
 
     /// The Secret's `data`, decoded (lossily) as UTF-8.
     pub fn secret(&self, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
-        let st = self.lock();
+        let mut st = self.lock();
+        st.run_unsealer();
         let obj = st.secrets.get(&key(ns, name))?;
         let mut out = BTreeMap::new();
         if let Some(data) = obj.get("data").and_then(Value::as_object) {
@@ -838,6 +844,13 @@ enum Route {
         name: Option<String>,
         subresource: Option<String>,
     },
+    /// An ExternalSecret or SealedSecret.
+    Custom {
+        kind: &'static custom::CustomKind,
+        namespace: Option<String>,
+        name: Option<String>,
+        subresource: Option<String>,
+    },
     /// Anything else. Kept for the request log.
     Unknown {
         resource: String,
@@ -862,6 +875,11 @@ impl Route {
             ["apis", "apps", "v1"] => Route::Discovery("apis/apps/v1"),
             ["api", "v1", rest @ ..] => Route::resource("", rest),
             ["apis", "apps", "v1", rest @ ..] => Route::resource("apps", rest),
+            ["apis", group, version, rest @ ..]
+                if custom::CustomKind::lookup(group, version).is_some() =>
+            {
+                Route::custom(custom::CustomKind::lookup(group, version).unwrap(), rest)
+            }
             ["apis", _, _, rest @ ..] => Route::resource("(unknown group)", rest),
             _ => Route::Unknown {
                 resource: String::new(),
@@ -905,24 +923,46 @@ impl Route {
         }
     }
 
+    /// `namespaces/{ns}/{plural}/{name}[/{sub}]` of a custom resource.
+    fn custom(kind: &'static custom::CustomKind, rest: &[&str]) -> Route {
+        match rest {
+            ["namespaces", ns, plural, tail @ ..] if *plural == kind.plural && tail.len() <= 2 => {
+                Route::Custom {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: tail.first().map(|s| s.to_string()),
+                    subresource: tail.get(1).map(|s| s.to_string()),
+                }
+            }
+            _ => Route::Unknown {
+                resource: kind.plural.to_string(),
+                namespace: None,
+                name: None,
+            },
+        }
+    }
+
     fn resource_name(&self) -> String {
         match self {
             Route::Discovery(_) => String::new(),
+            Route::Custom { kind, .. } => kind.plural.to_string(),
             Route::Resource { res, .. } => res.plural.to_string(),
             Route::Unknown { resource, .. } => resource.clone(),
         }
     }
     fn namespace(&self) -> Option<String> {
         match self {
-            Route::Resource { namespace, .. } | Route::Unknown { namespace, .. } => {
-                namespace.clone()
-            }
+            Route::Resource { namespace, .. }
+            | Route::Unknown { namespace, .. }
+            | Route::Custom { namespace, .. } => namespace.clone(),
             Route::Discovery(_) => None,
         }
     }
     fn name(&self) -> Option<String> {
         match self {
-            Route::Resource { name, .. } | Route::Unknown { name, .. } => name.clone(),
+            Route::Resource { name, .. }
+            | Route::Unknown { name, .. }
+            | Route::Custom { name, .. } => name.clone(),
             Route::Discovery(_) => None,
         }
     }
@@ -966,6 +1006,8 @@ struct State {
     controller_lag: Duration,
     /// Service account tokens this fake issued: token -> (namespace, service account, uid).
     service_account_tokens: BTreeMap<String, (String, String, String)>,
+    /// ExternalSecrets and SealedSecrets (see `custom`).
+    custom: custom::Custom,
 }
 
 impl State {
@@ -985,6 +1027,7 @@ impl State {
             service_account_tokens: BTreeMap::new(),
             faults_after: Vec::new(),
             controller_lag: Duration::ZERO,
+            custom: Default::default(),
         }
     }
 
@@ -998,6 +1041,8 @@ impl State {
     }
 
     fn serve(&mut self, mut record: RequestRecord, req: Incoming) -> Response {
+        // The simulated sealed-secrets controller acts lazily, like the workload controller.
+        self.run_unsealer();
         let index = self.requests.len();
         self.requests.push(record.clone());
         let result = match take_fault(&mut self.faults_before, &record) {
@@ -1069,6 +1114,20 @@ impl State {
             }
             Route::Discovery(_) => return Err(ApiError::method_not_allowed()),
             Route::Unknown { .. } => return Err(ApiError::no_route()),
+            Route::Custom {
+                kind,
+                namespace,
+                name,
+                subresource,
+            } => {
+                return self.custom_request(
+                    kind,
+                    namespace.as_deref(),
+                    name.as_deref(),
+                    subresource.as_deref(),
+                    req,
+                )
+            }
             Route::Resource {
                 res,
                 namespace,

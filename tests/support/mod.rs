@@ -3,9 +3,11 @@
 #![allow(dead_code)]
 
 pub mod clickhouse;
+pub mod eso;
 pub mod kube_fake;
 pub mod moto;
 pub mod openbao;
 pub mod postgres;
 pub mod redis;
 pub mod rotator;
+pub mod sealed;

@@ -1,0 +1,330 @@
+//! A key of a Bitnami SealedSecret: sealed the way `kubeseal --scope strict` seals it, written to
+//! the cluster object, then awaited in the Secret the controller unseals it into (what pods read).
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use rsa::pkcs8::DecodePublicKey;
+use rsa::{Oaep, RsaPublicKey};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+use super::kubernetes::{describe_kube_error, is_conflict, SecretStore};
+use super::{Store, StoreError};
+use crate::config::{Certificate, SealedSecretStore};
+use crate::secret::Secret;
+
+/// A SealedSecret rewritten under us this many times is contended; give up and roll back.
+const CONFLICT_RETRIES: u32 = 5;
+const POLL: Duration = Duration::from_millis(250);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct SealedStore {
+    config: SealedSecretStore,
+    key: String,
+    api: Api<DynamicObject>,
+    secret: SecretStore,
+    public_key: OnceCell<RsaPublicKey>,
+}
+
+impl SealedStore {
+    pub fn new(client: kube::Client, config: &SealedSecretStore, key: &str) -> Self {
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "bitnami.com",
+            "v1alpha1",
+            "SealedSecret",
+        ));
+        SealedStore {
+            api: Api::namespaced_with(client.clone(), &config.namespace, &resource),
+            secret: SecretStore::new(client, &config.namespace, &config.name, key),
+            config: config.clone(),
+            key: key.to_string(),
+            public_key: OnceCell::new(),
+        }
+    }
+
+    fn error(&self, cause: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            store: self.describe(),
+            cause: cause.into(),
+        }
+    }
+
+    async fn public_key(&self) -> Result<&RsaPublicKey, StoreError> {
+        self.public_key
+            .get_or_try_init(|| async {
+                let pem = match &self.config.certificate {
+                    Certificate::File(path) => std::fs::read(path).map_err(|e| {
+                        self.error(format!("cannot read certificate {}: {e}", path.display()))
+                    })?,
+                    Certificate::Url(url) => self.fetch_certificate(url).await?,
+                };
+                public_key_from_pem(&pem).map_err(|m| self.error(format!("certificate: {m}")))
+            })
+            .await
+    }
+
+    async fn fetch_certificate(&self, url: &str) -> Result<Vec<u8>, StoreError> {
+        let fetch = async {
+            let response = reqwest::Client::builder()
+                .timeout(FETCH_TIMEOUT)
+                .build()?
+                .get(url)
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok::<_, reqwest::Error>(response.bytes().await?.to_vec())
+        };
+        fetch
+            .await
+            .map_err(|e| self.error(format!("cannot fetch the certificate from {url}: {e}")))
+    }
+
+    /// The strict scope binds the ciphertext to `namespace/name`.
+    async fn seal(&self, value: &Secret) -> Result<String, StoreError> {
+        let key = self.public_key().await?;
+        let label = format!("{}/{}", self.config.namespace, self.config.name);
+        let sealed = hybrid_encrypt(key, value.expose().as_bytes(), label.as_bytes())
+            .map_err(|m| self.error(m))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
+    }
+
+    /// Writes `spec.encryptedData[key]` under the resourceVersion it was read at.
+    async fn write(&self, sealed: Option<&str>) -> Result<(), StoreError> {
+        for attempt in 1..=CONFLICT_RETRIES {
+            let object = self
+                .api
+                .get_opt(&self.config.name)
+                .await
+                .map_err(|e| self.error(describe_kube_error(&e)))?
+                .ok_or_else(|| StoreError::Missing {
+                    store: self.describe(),
+                    what: format!(
+                        "the SealedSecret {}/{}",
+                        self.config.namespace, self.config.name
+                    ),
+                })?;
+            let patch = json!({
+                "metadata": { "resourceVersion": object.metadata.resource_version },
+                "spec": { "encryptedData": { &self.key: sealed } },
+            });
+            match self
+                .api
+                .patch(
+                    &self.config.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
+                    tracing::info!(store = %self.describe(), attempt, "SealedSecret changed while writing; reading it again");
+                    tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                }
+                Err(e) => return Err(self.error(describe_kube_error(&e))),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Polls the unsealed Secret until it holds `value`, or the timeout passes.
+    async fn wait_for(&self, value: Option<&Secret>) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.config.timeout;
+        loop {
+            if self.secret.read().await?.as_ref() == value {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.error(format!(
+                    "the controller did not unseal the new value into the Secret within {}s; is the sealed-secrets controller running, and is the certificate its current one?",
+                    self.config.timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn seal_and_write(&self, value: Option<&Secret>) -> Result<(), StoreError> {
+        let sealed = match value {
+            Some(value) => Some(self.seal(value).await?),
+            None => None,
+        };
+        self.write(sealed.as_deref()).await
+    }
+}
+
+#[async_trait]
+impl Store for SealedStore {
+    fn describe(&self) -> String {
+        format!(
+            "sealedsecret {}/{}#{}",
+            self.config.namespace, self.config.name, self.key
+        )
+    }
+
+    /// What pods see: the unsealed Secret.
+    async fn read(&self) -> Result<Option<Secret>, StoreError> {
+        self.secret.read().await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        if self.secret.read().await?.as_ref() != expected {
+            return Err(StoreError::Conflict {
+                store: self.describe(),
+            });
+        }
+        self.seal_and_write(new).await?;
+        // On a timeout the Secret still shows `expected`; the rollback's `settle` seals it back.
+        self.wait_for(new).await
+    }
+
+    /// The SealedSecret may hold this run's value even though the Secret does not show it yet
+    /// (a crash while waiting for the controller): seal `value` again so nothing unseals later.
+    async fn settle(&self, value: Option<&Secret>) -> Result<(), StoreError> {
+        self.seal_and_write(value).await?;
+        self.wait_for(value).await
+    }
+}
+
+/// An RSA public key from a PEM `CERTIFICATE` (what `kubeseal --fetch-cert` prints) or a bare
+/// `PUBLIC KEY`.
+fn public_key_from_pem(pem: &[u8]) -> Result<RsaPublicKey, String> {
+    let text = std::str::from_utf8(pem).map_err(|_| "not PEM text".to_string())?;
+    let (label, der) = rsa::pkcs8::der::pem::decode_vec(text.trim().as_bytes())
+        .map_err(|e| format!("not PEM: {e}"))?;
+    let spki = match label {
+        "CERTIFICATE" => spki_of_certificate(&der)?,
+        "PUBLIC KEY" => &der[..],
+        other => {
+            return Err(format!(
+                "expected a CERTIFICATE or PUBLIC KEY, found {other}"
+            ))
+        }
+    };
+    RsaPublicKey::from_public_key_der(spki).map_err(|e| format!("not an RSA public key: {e}"))
+}
+
+const SEQUENCE: u8 = 0x30;
+
+/// One DER element at the start of some input.
+struct Der<'a> {
+    tag: u8,
+    /// Header and contents.
+    whole: &'a [u8],
+    contents: &'a [u8],
+    /// The input after this element.
+    rest: &'a [u8],
+}
+
+fn der_element(input: &[u8]) -> Result<Der<'_>, String> {
+    let bad = || "malformed DER".to_string();
+    let tag = *input.first().ok_or_else(bad)?;
+    let first = *input.get(1).ok_or_else(bad)?;
+    let (len, header) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return Err(bad());
+        }
+        let bytes = input.get(2..2 + n).ok_or_else(bad)?;
+        (
+            bytes.iter().fold(0usize, |a, b| (a << 8) | *b as usize),
+            2 + n,
+        )
+    };
+    let end = header.checked_add(len).ok_or_else(bad)?;
+    let whole = input.get(..end).ok_or_else(bad)?;
+    Ok(Der {
+        tag,
+        whole,
+        contents: &whole[header..],
+        rest: &input[end..],
+    })
+}
+
+/// The SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 §4.1): the seventh field of
+/// tbsCertificate, counting the optional `[0] version`.
+fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
+    let sequence = |input| {
+        der_element(input).and_then(|e| {
+            (e.tag == SEQUENCE)
+                .then_some(e)
+                .ok_or_else(|| "not an X.509 certificate".to_string())
+        })
+    };
+    let certificate = sequence(der)?.contents;
+    let mut tbs = sequence(certificate)?.contents;
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_element(tbs)?.rest;
+    }
+    // serialNumber, signature, issuer, validity, subject
+    for _ in 0..5 {
+        tbs = der_element(tbs)?.rest;
+    }
+    Ok(sequence(tbs)?.whole)
+}
+
+/// kubeseal's HybridEncrypt: a random AES-256-GCM session key (zero nonce: the key is used
+/// once) sealed with RSA-OAEP SHA-256 under `label`; output is
+/// `u16 BE length of the RSA ciphertext || RSA ciphertext || AES-GCM ciphertext`.
+fn hybrid_encrypt(key: &RsaPublicKey, plaintext: &[u8], label: &[u8]) -> Result<Vec<u8>, String> {
+    use aes_gcm::aead::{Aead, KeyInit};
+    use aes_gcm::{Aes256Gcm, Nonce};
+    use rand::TryRngCore as _;
+
+    let mut session = zeroize::Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut session[..])
+        .map_err(|e| format!("no randomness for the session key: {e}"))?;
+    let label = String::from_utf8_lossy(label).into_owned();
+    let sealed_key = key
+        .encrypt(
+            &mut rsa::rand_core::OsRng,
+            Oaep::new_with_label::<sha2::Sha256, _>(label),
+            &session[..],
+        )
+        .map_err(|e| format!("RSA-OAEP failed: {e}"))?;
+    let length = u16::try_from(sealed_key.len()).map_err(|_| "RSA key too large".to_string())?;
+    let cipher = Aes256Gcm::new_from_slice(&session[..]).expect("32-byte key");
+    let body = cipher
+        .encrypt(Nonce::from_slice(&[0u8; 12]), plaintext)
+        .map_err(|_| "AES-GCM failed".to_string())?;
+    let mut out = Vec::with_capacity(2 + sealed_key.len() + body.len());
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&sealed_key);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn der_lengths_in_long_form() {
+        let mut input = vec![0x30, 0x81, 0x80];
+        input.extend(std::iter::repeat_n(0u8, 0x80));
+        input.push(0x05);
+        let element = der_element(&input).unwrap();
+        assert_eq!(element.tag, SEQUENCE);
+        assert_eq!(element.whole.len(), 131);
+        assert_eq!(element.contents.len(), 128);
+        assert_eq!(element.rest, &[5u8][..]);
+        assert!(der_element(&[0x30, 0x05, 0x00]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn rejects_pem_that_is_not_a_key() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert!(public_key_from_pem(pem.as_bytes()).is_err());
+        assert!(public_key_from_pem(b"not pem").is_err());
+    }
+}

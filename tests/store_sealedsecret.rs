@@ -1,0 +1,296 @@
+//! The `sealedsecret` store against the API fake playing the sealed-secrets controller (with a
+//! key pair made by openssl) and a real PostgreSQL.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use support::kube_fake::{KubeFake, Rollout, Unsealer, WorkloadKind};
+use support::postgres::Postgres;
+use support::rotator::{assert_no_secret, random_password, Rotator, NS};
+use support::sealed;
+
+const NAME: &str = "llmtrace-postgresql";
+
+struct Setup {
+    pg: Postgres,
+    kube: KubeFake,
+    rotator: Rotator,
+    key: rsa::RsaPrivateKey,
+    old_password: String,
+}
+
+fn config(pg: &Postgres, timeout: &str, certificate: &str) -> String {
+    format!(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "postgres"
+kind = "postgres"
+address = "{pg}"
+database = "llmtrace"
+user = "llmtrace"
+admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
+sslmode = "disable"
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "sealedsecret"
+  namespace = "llmtrace"
+  name = "{NAME}"
+  key = "password"
+  format = "password"
+  {certificate}
+  timeout = "{timeout}"
+
+[[consumer]]
+name = "proxy"
+kind = "deployment"
+namespace = "llmtrace"
+object = "llmtrace"
+timeout = "20s"
+"#,
+        pg = pg.address(),
+    )
+}
+
+async fn setup(timeout: &str, unsealer_running: bool) -> Setup {
+    setup_with(timeout, unsealer_running, "certificate = \"cert.pem\"").await
+}
+
+async fn setup_with(timeout: &str, unsealer_running: bool, certificate: &str) -> Setup {
+    let pg = Postgres::start().await;
+    let old_password = random_password();
+    pg.create_login("llmtrace", &old_password, "llmtrace").await;
+    let mut rotator = Rotator::new(&config(&pg, timeout, certificate));
+    let (_cert, key) = sealed::keypair(rotator.dir.path());
+    let public = key.to_public_key();
+    let kube = KubeFake::start().await;
+    // What the controller made of the SealedSecret committed to Git.
+    kube.add_sealed_secret(
+        NS,
+        NAME,
+        &[
+            (
+                "password",
+                &sealed::seal(&public, NS, NAME, old_password.as_bytes()),
+            ),
+            (
+                "postgres-password",
+                &sealed::seal(&public, NS, NAME, pg.admin_password().as_bytes()),
+            ),
+        ],
+    );
+    kube.put_secret(
+        NS,
+        NAME,
+        &[
+            ("password", &old_password),
+            ("postgres-password", pg.admin_password()),
+        ],
+    );
+    kube.set_unsealer(if unsealer_running {
+        Unsealer::Running {
+            private_key: Box::new(key.clone()),
+            delay: Duration::from_millis(300),
+        }
+    } else {
+        Unsealer::Stopped
+    });
+    kube.add_deployment(
+        NS,
+        "llmtrace",
+        2,
+        Rollout::ReadyAfter(Duration::from_millis(300)),
+    );
+    let kubeconfig = kube.write_kubeconfig(rotator.dir.path());
+    rotator
+        .env
+        .insert("KUBECONFIG".into(), kubeconfig.display().to_string());
+    rotator
+        .env
+        .insert("PG_ADMIN_PASSWORD".into(), pg.admin_password().into());
+    Setup {
+        pg,
+        kube,
+        rotator,
+        key,
+        old_password,
+    }
+}
+
+fn encrypted(kube: &KubeFake, key: &str) -> String {
+    kube.sealed_secret(NS, NAME).unwrap()["spec"]["encryptedData"][key]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn unsealed(s: &Setup, key: &str) -> String {
+    let plain = sealed::unseal(&s.key, NS, NAME, &encrypted(&s.kube, key)).expect("unseals");
+    String::from_utf8(plain).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seals_the_new_password_and_waits_for_the_controller() {
+    let s = setup("20s", true).await;
+    let admin_blob = encrypted(&s.kube, "postgres-password");
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let secret = s.kube.secret(NS, NAME).unwrap();
+    let new = secret["password"].clone();
+    assert_ne!(new, s.old_password);
+    assert_eq!(
+        unsealed(&s, "password"),
+        new,
+        "kubeseal's format, strict scope"
+    );
+    let blob = encrypted(&s.kube, "password");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&blob)
+        .unwrap();
+    assert!(!blob.contains(&new));
+    assert!(!raw.windows(new.len()).any(|w| w == new.as_bytes()));
+    assert!(
+        sealed::unseal(&s.key, NS, "another-name", &blob).is_err(),
+        "bound to namespace/name"
+    );
+    assert_eq!(
+        encrypted(&s.kube, "postgres-password"),
+        admin_blob,
+        "other keys untouched"
+    );
+    assert_eq!(secret["postgres-password"], s.pg.admin_password());
+    let restarts = s.kube.restarts(WorkloadKind::Deployment, NS, "llmtrace");
+    assert_eq!(restarts.len(), 1);
+    s.pg.try_login("llmtrace", &new, "llmtrace")
+        .await
+        .expect("new password logs in");
+    assert!(s
+        .pg
+        .try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .is_err());
+    assert!(out.all().contains(" TRACE "), "ran at trace level");
+    assert_no_secret(
+        &out.all(),
+        &[s.old_password.as_str(), &new, s.pg.admin_password()],
+        "rotator output at trace level",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_that_never_unseals_times_out_and_rolls_back() {
+    let s = setup("2s", false).await;
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back");
+    let failed: Vec<_> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "failed")
+        .collect();
+    assert_eq!(failed[0]["step"], "publish", "{report:#}");
+    assert!(failed[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("did not unseal"));
+    assert_eq!(
+        unsealed(&s, "password"),
+        s.old_password,
+        "the old value sealed back"
+    );
+    assert_eq!(s.kube.secret(NS, NAME).unwrap()["password"], s.old_password);
+    assert!(s
+        .kube
+        .restarts(WorkloadKind::Deployment, NS, "llmtrace")
+        .is_empty());
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_no_secret(
+        &out.all(),
+        &[s.old_password.as_str(), s.pg.admin_password()],
+        "rotator output at trace level",
+    );
+}
+
+/// `certificate_url`: the PEM comes from the controller's `/v1/cert.pem`.
+#[tokio::test(flavor = "multi_thread")]
+async fn fetches_the_certificate_from_the_controller() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/cert.pem", listener.local_addr().unwrap());
+    let s = setup_with("20s", true, &format!("certificate_url = \"{url}\"")).await;
+    let pem = std::fs::read_to_string(s.rotator.path("cert.pem")).unwrap();
+    let app = axum::Router::new().route(
+        "/v1/cert.pem",
+        axum::routing::get(move || async move { pem }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    server.abort();
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+    assert_ne!(new, s.old_password);
+    assert_eq!(unsealed(&s, "password"), new);
+}
+
+/// Killed while waiting for a controller that is down: the Secret still shows the old password
+/// but the SealedSecret holds the new one; recovery must seal the old one back, or the controller
+/// would later unseal a password the backend no longer accepts.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_while_waiting_for_the_controller_then_recovered() {
+    let s = setup("60s", false).await;
+    let generation = |kube: &KubeFake| {
+        kube.sealed_secret(NS, NAME).unwrap()["metadata"]["generation"]
+            .as_i64()
+            .unwrap()
+    };
+    let before = generation(&s.kube);
+    let mut child = s.rotator.spawn(&["rotate"]);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while generation(&s.kube) == before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the rotator wrote the SealedSecret");
+    child.kill().await.unwrap();
+    assert_ne!(
+        unsealed(&s, "password"),
+        s.old_password,
+        "the new value is sealed"
+    );
+
+    // The controller is still down: the Secret shows the old password, so recovery rolls back.
+    let out = s.rotator.run(&["recover", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(out.json()[0]["outcome"], "rolled_back", "{}", out.stdout);
+    assert_eq!(
+        unsealed(&s, "password"),
+        s.old_password,
+        "the old value sealed back"
+    );
+    // When the controller comes back, it unseals the old password.
+    s.kube.set_unsealer(Unsealer::Running {
+        private_key: Box::new(s.key.clone()),
+        delay: Duration::ZERO,
+    });
+    assert_eq!(s.kube.secret(NS, NAME).unwrap()["password"], s.old_password);
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+}

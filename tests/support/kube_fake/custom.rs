@@ -1,0 +1,403 @@
+//! Custom resources in the fake: ESO `ExternalSecret`s (external-secrets.io/v1beta1) and Bitnami
+//! `SealedSecret`s (bitnami.com/v1alpha1), namespaced, with get / update / merge and JSON patch.
+//!
+//! Like the real server for a CRD with a status subresource: strategic merge patch is refused
+//! (415), writes never change `status`, a spec change bumps `generation`, every change bumps the
+//! global `resourceVersion`, and a stale `resourceVersion` is a 409.
+//!
+//! The sealed-secrets controller is simulated here (lazily, like the workload controller):
+//! a change of `spec.encryptedData` is unsealed with the test's private key into the Secret of
+//! the same name after a delay. The ESO controller is not: the test drives it through
+//! [`KubeFake::external_secret`] and [`KubeFake::complete_external_sync`], because its upstream
+//! is a real OpenBao that the fake (synchronous, behind a mutex) should not call.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine as _;
+use rsa::{Oaep, RsaPrivateKey};
+use serde_json::{json, Map, Value};
+
+use super::{
+    b64_encode, json_patch, key, merge_patch, meta_str, obj_field, ApiError, ApiResult, Incoming,
+    KubeFake, Method, Reply, State,
+};
+
+pub(super) struct CustomKind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub kind: &'static str,
+}
+
+pub(super) static EXTERNAL_SECRETS: CustomKind = CustomKind {
+    group: "external-secrets.io",
+    version: "v1beta1",
+    plural: "externalsecrets",
+    kind: "ExternalSecret",
+};
+pub(super) static SEALED_SECRETS: CustomKind = CustomKind {
+    group: "bitnami.com",
+    version: "v1alpha1",
+    plural: "sealedsecrets",
+    kind: "SealedSecret",
+};
+
+impl CustomKind {
+    pub(super) fn lookup(group: &str, version: &str) -> Option<&'static CustomKind> {
+        [&EXTERNAL_SECRETS, &SEALED_SECRETS]
+            .into_iter()
+            .find(|k| k.group == group && k.version == version)
+    }
+
+    fn api_version(&self) -> String {
+        format!("{}/{}", self.group, self.version)
+    }
+
+    fn qualified(&self) -> String {
+        format!("{}.{}", self.plural, self.group)
+    }
+
+    fn not_found(&self, name: &str) -> ApiError {
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", self.qualified()),
+            Some(json!({ "name": name, "group": self.group, "kind": self.plural })),
+        )
+    }
+
+    fn conflict(&self, name: &str) -> ApiError {
+        ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                self.qualified()
+            ),
+            Some(json!({ "name": name, "group": self.group, "kind": self.plural })),
+        )
+    }
+}
+
+/// How the simulated sealed-secrets controller behaves.
+pub enum Unsealer {
+    /// Unseals with the test's private key, `delay` after a change.
+    Running {
+        private_key: Box<RsaPrivateKey>,
+        delay: Duration,
+    },
+    /// Scaled to zero: nothing is ever unsealed.
+    Stopped,
+}
+
+#[derive(Default)]
+pub(super) struct Custom {
+    objects: BTreeMap<(&'static str, String, String), Value>,
+    unsealer: Option<Unsealer>,
+    /// SealedSecrets whose spec changed and are waiting for the controller: (due, ns, name).
+    pending: Vec<(Instant, String, String)>,
+}
+
+impl KubeFake {
+    /// Creates an ExternalSecret (as a GitOps tool would) whose target Secret is `secret`.
+    pub fn add_external_secret(&self, ns: &str, name: &str, spec: Value) {
+        self.lock()
+            .insert_custom(&EXTERNAL_SECRETS, ns, name, json!({ "spec": spec }));
+    }
+
+    pub fn external_secret(&self, ns: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .custom
+            .objects
+            .get(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// What ESO does after fetching: writes the target Secret's data (owner policy: the whole
+    /// data), then records `status.refreshTime` and the Secret's resourceVersion.
+    pub fn complete_external_sync(&self, ns: &str, name: &str, data: &BTreeMap<String, String>) {
+        let mut st = self.lock();
+        let es = st
+            .custom
+            .objects
+            .get(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
+            .cloned()
+            .unwrap_or_else(|| panic!("no ExternalSecret {ns}/{name}"));
+        let target = es
+            .pointer("/spec/target/name")
+            .and_then(Value::as_str)
+            .unwrap_or(name)
+            .to_string();
+        let encoded: Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(b64_encode(v.as_bytes()))))
+            .collect();
+        let unchanged = st
+            .secrets
+            .get(&key(ns, &target))
+            .and_then(|s| s.get("data"))
+            == Some(&Value::Object(encoded.clone()));
+        if !unchanged {
+            st.put_secret(ns, &target, encoded);
+        }
+        let secret_rv = st
+            .secrets
+            .get(&key(ns, &target))
+            .map(|s| meta_str(s, "resourceVersion").to_string());
+        let now = st.now_string();
+        st.set_custom_status(
+            &EXTERNAL_SECRETS,
+            ns,
+            name,
+            json!({
+                "refreshTime": now,
+                "syncedResourceVersion": secret_rv,
+                "conditions": [{ "type": "Ready", "status": "True", "reason": "SecretSynced",
+                                 "message": "Secret was synced", "lastTransitionTime": now }],
+            }),
+        );
+    }
+
+    /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData`.
+    pub fn add_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
+        let data: Map<String, Value> = encrypted
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        self.lock().insert_custom(
+            &SEALED_SECRETS,
+            ns,
+            name,
+            json!({ "spec": { "encryptedData": data, "template": { "metadata": { "name": name, "namespace": ns } } } }),
+        );
+    }
+
+    pub fn sealed_secret(&self, ns: &str, name: &str) -> Option<Value> {
+        let mut st = self.lock();
+        st.run_unsealer();
+        st.custom
+            .objects
+            .get(&(SEALED_SECRETS.plural, ns.into(), name.into()))
+            .cloned()
+    }
+
+    pub fn set_unsealer(&self, unsealer: Unsealer) {
+        self.lock().custom.unsealer = Some(unsealer);
+    }
+}
+
+impl State {
+    fn insert_custom(&mut self, kind: &CustomKind, ns: &str, name: &str, mut obj: Value) {
+        let rv = self.next_rv();
+        let now = self.now_string();
+        let o = obj.as_object_mut().expect("an object");
+        o.insert("apiVersion".into(), json!(kind.api_version()));
+        o.insert("kind".into(), json!(kind.kind));
+        o.insert(
+            "metadata".into(),
+            json!({ "name": name, "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(),
+                    "creationTimestamp": now, "generation": 1, "resourceVersion": rv }),
+        );
+        self.custom
+            .objects
+            .insert((kind.plural, ns.into(), name.into()), obj);
+    }
+
+    fn set_custom_status(&mut self, kind: &CustomKind, ns: &str, name: &str, status: Value) {
+        let rv = self.next_rv();
+        if let Some(obj) = self
+            .custom
+            .objects
+            .get_mut(&(kind.plural, ns.into(), name.into()))
+        {
+            obj["status"] = status;
+            obj_field(obj, "metadata").insert("resourceVersion".into(), json!(rv));
+        }
+    }
+
+    /// Serves a request for a custom resource (status writes are the controllers' job).
+    pub(super) fn custom_request(
+        &mut self,
+        kind: &'static CustomKind,
+        ns: Option<&str>,
+        name: Option<&str>,
+        subresource: Option<&str>,
+        req: &Incoming,
+    ) -> ApiResult {
+        let (Some(ns), Some(name), None) = (ns, name, subresource) else {
+            return Err(ApiError::method_not_allowed());
+        };
+        let id = (kind.plural, ns.to_string(), name.to_string());
+        let existing = self
+            .custom
+            .objects
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| kind.not_found(name))?;
+        let mut new = match req.method {
+            Method::GET => return Ok(Reply::ok(existing)),
+            Method::PUT => super::parse_json(&req.body)?,
+            Method::PATCH => {
+                let media = req.content_type.as_deref().unwrap_or("");
+                let patch = super::parse_json(&req.body)?;
+                let mut doc = existing.clone();
+                match media.split(';').next().unwrap_or("").trim() {
+                    "application/merge-patch+json" => merge_patch(&mut doc, &patch),
+                    "application/json-patch+json" => json_patch(&mut doc, &patch)
+                        .map_err(|e| ApiError::new(422, "Invalid", e, None))?,
+                    // Custom resources have no strategic merge schema.
+                    other => return Err(ApiError::unsupported_media_type(other)),
+                }
+                doc
+            }
+            _ => return Err(ApiError::method_not_allowed()),
+        };
+        let rv = meta_str(&new, "resourceVersion");
+        if !rv.is_empty() && rv != meta_str(&existing, "resourceVersion") {
+            return Err(kind.conflict(name));
+        }
+        if meta_str(&new, "name") != name {
+            return Err(ApiError::bad_request(
+                "the name of the object does not match the name on the URL",
+            ));
+        }
+        // Server-owned fields are restored; status is a subresource.
+        let o = new
+            .as_object_mut()
+            .ok_or_else(|| ApiError::bad_request("expected a JSON object"))?;
+        o.insert("apiVersion".into(), json!(kind.api_version()));
+        o.insert("kind".into(), json!(kind.kind));
+        o.remove("status");
+        if let Some(status) = existing.get("status") {
+            o.insert("status".into(), status.clone());
+        }
+        let meta = obj_field(&mut new, "metadata");
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "resourceVersion",
+            "namespace",
+        ] {
+            match existing.pointer(&format!("/metadata/{field}")) {
+                Some(v) => meta.insert(field.into(), v.clone()),
+                None => meta.remove(field),
+            };
+        }
+        if new == existing {
+            return Ok(Reply::ok(existing));
+        }
+        let spec_changed = new.get("spec") != existing.get("spec");
+        if spec_changed {
+            let generation = existing
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            obj_field(&mut new, "metadata").insert("generation".into(), json!(generation + 1));
+        }
+        if !req.dry_run() {
+            let rv = self.next_rv();
+            obj_field(&mut new, "metadata").insert("resourceVersion".into(), json!(rv));
+            self.custom.objects.insert(id, new.clone());
+            if spec_changed && kind.plural == SEALED_SECRETS.plural {
+                let delay = match &self.custom.unsealer {
+                    Some(Unsealer::Running { delay, .. }) => *delay,
+                    _ => Duration::ZERO,
+                };
+                self.custom
+                    .pending
+                    .push((Instant::now() + delay, ns.into(), name.into()));
+            }
+        }
+        Ok(Reply::ok(new))
+    }
+
+    /// The sealed-secrets controller: unseals every SealedSecret whose change is due into the
+    /// Secret of the same name, and reports it in `status`.
+    pub(super) fn run_unsealer(&mut self) {
+        let Some(Unsealer::Running { private_key, .. }) = &self.custom.unsealer else {
+            return;
+        };
+        let private_key = private_key.clone();
+        let now = Instant::now();
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.custom.pending)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.custom.pending = waiting;
+        for (_, ns, name) in due {
+            let Some(obj) = self
+                .custom
+                .objects
+                .get(&(SEALED_SECRETS.plural, ns.clone(), name.clone()))
+                .cloned()
+            else {
+                continue;
+            };
+            let encrypted = obj
+                .pointer("/spec/encryptedData")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let mut data = Map::new();
+            let mut failure = None;
+            for (k, v) in &encrypted {
+                match unseal(&private_key, &ns, &name, v.as_str().unwrap_or("")) {
+                    Ok(plain) => {
+                        data.insert(k.clone(), json!(b64_encode(&plain)));
+                    }
+                    Err(e) => failure = Some(format!("no key could decrypt secret ({k}): {e}")),
+                }
+            }
+            let generation = obj.pointer("/metadata/generation").cloned();
+            let now = self.now_string();
+            let condition = match &failure {
+                None => {
+                    let unchanged = self
+                        .secrets
+                        .get(&key(&ns, &name))
+                        .and_then(|s| s.get("data"))
+                        == Some(&Value::Object(data.clone()));
+                    if !unchanged {
+                        self.put_secret(&ns, &name, data);
+                    }
+                    json!({ "type": "Synced", "status": "True", "lastUpdateTime": now })
+                }
+                Some(message) => {
+                    json!({ "type": "Synced", "status": "False", "reason": "ErrUnsealFailed", "message": message, "lastUpdateTime": now })
+                }
+            };
+            self.set_custom_status(
+                &SEALED_SECRETS,
+                &ns,
+                &name,
+                json!({ "observedGeneration": generation, "conditions": [condition] }),
+            );
+        }
+    }
+}
+
+/// The controller's HybridDecrypt (pkg/crypto/crypto.go), written independently of the rotator's
+/// sealing of one `spec.encryptedData` value.
+pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Vec<u8>, String> {
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("not base64: {e}"))?;
+    if data.len() < 2 {
+        return Err("too short".into());
+    }
+    let rsa_len = u16::from_be_bytes([data[0], data[1]]) as usize;
+    let rsa = data.get(2..2 + rsa_len).ok_or("too short")?;
+    let session = key
+        .decrypt(
+            Oaep::new_with_label::<sha2::Sha256, _>(format!("{ns}/{name}")),
+            rsa,
+        )
+        .map_err(|e| format!("RSA-OAEP: {e}"))?;
+    Aes256Gcm::new_from_slice(&session)
+        .map_err(|_| "session key is not 32 bytes".to_string())?
+        .decrypt(Nonce::from_slice(&[0; 12]), &data[2 + rsa_len..])
+        .map_err(|_| "AES-GCM: authentication failed".to_string())
+}
