@@ -1708,7 +1708,9 @@ tls = true
         errors.sort();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].starts_with("target[0].replicas: is only used by redis"));
-        assert!(errors[1].starts_with("target[0].strategy: \"dual\" is not supported"));
+        assert!(
+            errors[1].starts_with("target[0].strategy: \"dual\" is not available for this kind")
+        );
     }
 
     #[test]
