@@ -373,8 +373,61 @@ async fn rotation_rows(
     }
 }
 
+/// OpenBao's database engine on the same Redis: a static role for an ACL user.
+async fn openbao_redis_row(rows: &mut Vec<Row>, bao: &OpenBao, redis: &Redis) {
+    let password = random_password();
+    redis
+        .admin(&[
+            "ACL",
+            "SETUSER",
+            "bao_app",
+            "on",
+            &format!(">{password}"),
+            "~*",
+            "+@all",
+        ])
+        .await;
+    let calls = [
+        (
+            "POST",
+            "database/config/redis",
+            json!({
+                "plugin_name": "redis-database-plugin",
+                "host": "127.0.0.1",
+                "port": redis.port,
+                "username": support::redis::ADMIN_USER,
+                "password": redis.admin_password,
+                "allowed_roles": ["cache"],
+            }),
+        ),
+        (
+            "POST",
+            "database/static-roles/cache",
+            json!({"db_name": "redis", "username": "bao_app", "rotation_period": "24h"}),
+        ),
+    ];
+    for (method, path, body) in calls {
+        let (status, answer) = bao.call(method, path, Some(body)).await;
+        assert!(status < 300, "{path}: {status} {answer}");
+    }
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let (status, answer) = bao
+            .call("POST", "database/rotate-role/cache", Some(json!({})))
+            .await;
+        assert!(status < 300, "rotate-role: {status} {answer}");
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    rows.push(Row {
+        what: "OpenBao `rotate-role`, Redis static role".into(),
+        figure: latency(&mut samples),
+        note: "open loop: no verification, no store, no restart".into(),
+    });
+}
+
 /// OpenBao's database engine on the same PostgreSQL: a static role rotated by `rotate-role`.
-async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
+async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, redis: &Redis) {
     let bao = OpenBao::start().await;
     let password = random_password();
     pg.create_login("bao_app", &password, "bench").await;
@@ -415,6 +468,7 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>) {
         figure: latency(&mut samples),
         note: "open loop: no verification, no store, no restart".into(),
     });
+    openbao_redis_row(rows, &bao, redis).await;
 
     let bao = Arc::new(bao);
     let reader = bao.clone();
@@ -599,7 +653,7 @@ async fn main() {
     let redis = Redis::start(Users::AclFile, &[("app", &password)], "").await;
     let mut rows = Vec::new();
     rotation_rows(&mut rows, &pg, &password, &redis, quick).await;
-    openbao_rows(&mut rows, &pg).await;
+    openbao_rows(&mut rows, &pg, &redis).await;
     floor_row(&mut rows, &pg).await;
     footprint_rows(&mut rows, &pg, &password, quick).await;
 
