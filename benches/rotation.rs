@@ -373,6 +373,28 @@ async fn rotation_rows(
     }
 }
 
+/// `RUNS` calls of OpenBao's `rotate-role` on one static role, timed.
+async fn rotate_role_row(bao: &OpenBao, role: &str, backend: &str) -> Row {
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let (status, answer) = bao
+            .call(
+                "POST",
+                &format!("database/rotate-role/{role}"),
+                Some(json!({})),
+            )
+            .await;
+        assert!(status < 300, "rotate-role: {status} {answer}");
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Row {
+        what: format!("OpenBao `rotate-role`, {backend} static role"),
+        figure: latency(&mut samples),
+        note: "open loop: no verification, no store, no restart".into(),
+    }
+}
+
 /// OpenBao's database engine on the same Redis: a static role for an ACL user.
 async fn openbao_redis_row(rows: &mut Vec<Row>, bao: &OpenBao, redis: &Redis) {
     let password = random_password();
@@ -410,20 +432,7 @@ async fn openbao_redis_row(rows: &mut Vec<Row>, bao: &OpenBao, redis: &Redis) {
         let (status, answer) = bao.call(method, path, Some(body)).await;
         assert!(status < 300, "{path}: {status} {answer}");
     }
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
-        let started = Instant::now();
-        let (status, answer) = bao
-            .call("POST", "database/rotate-role/cache", Some(json!({})))
-            .await;
-        assert!(status < 300, "rotate-role: {status} {answer}");
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    rows.push(Row {
-        what: "OpenBao `rotate-role`, Redis static role".into(),
-        figure: latency(&mut samples),
-        note: "open loop: no verification, no store, no restart".into(),
-    });
+    rows.push(rotate_role_row(bao, "cache", "Redis").await);
 }
 
 /// OpenBao's database engine on the same PostgreSQL: a static role rotated by `rotate-role`.
@@ -454,20 +463,7 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, redis: &Redis) {
         let (status, answer) = bao.call(method, path, Some(body)).await;
         assert!(status < 300, "{path}: {status} {answer}");
     }
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
-        let started = Instant::now();
-        let (status, answer) = bao
-            .call("POST", "database/rotate-role/app", Some(json!({})))
-            .await;
-        assert!(status < 300, "rotate-role: {status} {answer}");
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    rows.push(Row {
-        what: "OpenBao `rotate-role`, PostgreSQL static role".into(),
-        figure: latency(&mut samples),
-        note: "open loop: no verification, no store, no restart".into(),
-    });
+    rows.push(rotate_role_row(&bao, "app", "PostgreSQL").await);
     openbao_redis_row(rows, &bao, redis).await;
 
     let bao = Arc::new(bao);
