@@ -190,11 +190,24 @@ async fn execute(command: Command) -> Result<i32, Failure> {
                 shutdown_signal().await;
                 on_signal.cancel();
             });
-            let report = run::start(&engine, &plan, "cli")
-                .await?
-                .with_cancel(cancel)
-                .execute()
-                .await;
+            let context = match run::start(&engine, &plan, "cli").await {
+                Ok(context) => context,
+                Err(error) => {
+                    // Say what recovery did before refusing: it is why the run cannot start.
+                    print(output, &recovered, || {
+                        recovered.iter().map(RunReport::to_text).collect()
+                    });
+                    return Err(Failure {
+                        // A failed rollback needs a person more than a refused start does.
+                        code: match recovery_code(&recovered) {
+                            EXIT_OK => EXIT_CANNOT_START,
+                            code => code,
+                        },
+                        message: error.to_string(),
+                    });
+                }
+            };
+            let report = context.with_cancel(cancel).execute().await;
             listener.abort();
             print(
                 output,

@@ -68,6 +68,8 @@ pub struct RotatorSection {
     pub check_interval: Option<Duration>,
     /// How long `serve` lets a run in flight finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How often `serve` retries runs that need recovery (unfinished, or a failed rollback).
+    pub recover_interval: Duration,
 }
 
 /// `serve` listens on every interface, port 8080, as the Service and probes expect.
@@ -76,6 +78,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 /// Long enough for a typical rollout and rollback; shorter than Kubernetes' default 30 s would cut runs.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+/// A run left unfinished (journal outage, failed rollback) blocks its targets until recovered:
+/// retry soon, but not so often that a down backend is hammered.
+pub const DEFAULT_RECOVER_INTERVAL: Duration = Duration::from_secs(60);
 /// Without a schedule to go by, a credential is overdue after 90 days (a common audit period).
 pub const DEFAULT_MAX_AGE_UNSCHEDULED: Duration = Duration::from_secs(90 * 86400);
 
@@ -801,6 +806,13 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
         .ok();
     let check_interval = section.duration("check_interval", DEFAULT_CHECK_INTERVAL, errors);
     let shutdown_grace = section.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, errors);
+    let recover_interval = section.duration("recover_interval", DEFAULT_RECOVER_INTERVAL, errors);
+    if recover_interval.is_zero() {
+        errors.push(
+            section.path_of("recover_interval"),
+            "must be more than 0s: runs that need recovery block their targets",
+        );
+    }
     let api_tokens = if section.table.contains_key("api_tokens") {
         parse_reference(section, "api_tokens", base, errors)
     } else {
@@ -813,6 +825,7 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
         api_tokens,
         check_interval: Some(check_interval).filter(|d| !d.is_zero()),
         shutdown_grace,
+        recover_interval,
     })
 }
 

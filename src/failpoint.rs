@@ -14,3 +14,24 @@ pub async fn boundary(step: &str, subject: &str, status: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub async fn boundary(_step: &str, _subject: &str, _status: &str) {}
+
+/// Whether the journal is to fail from this boundary on (`LLMTRACE_ROTATOR_JOURNAL_DOWN_AT` names
+/// it): every checkpoint from the named one to the end of the process fails, as when the journal
+/// database goes away mid-run.
+#[cfg(feature = "failpoints")]
+pub fn journal_down(step: &str, subject: &str, status: &str) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DOWN: AtomicBool = AtomicBool::new(false);
+    let name = format!("{step}:{subject}:{status}");
+    if std::env::var("LLMTRACE_ROTATOR_JOURNAL_DOWN_AT").is_ok_and(|want| want == name) {
+        eprintln!("failpoint reached: journal down from {name}");
+        DOWN.store(true, Ordering::SeqCst);
+    }
+    DOWN.load(Ordering::SeqCst)
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn journal_down(_step: &str, _subject: &str, _status: &str) -> bool {
+    false
+}

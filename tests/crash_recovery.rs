@@ -7,24 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::kube_fake::Rollout;
-use support::rotator::{assert_no_secret, ComposeHost, LlmtraceCluster, Output};
-
-/// Every boundary a successful run passes, in order: `step:subject:started` and `step:subject:ok`.
-fn boundaries(report: &serde_json::Value) -> Vec<String> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| {
-            let name = format!(
-                "{}:{}",
-                s["step"].as_str().unwrap(),
-                s["subject"].as_str().unwrap()
-            );
-            [format!("{name}:started"), format!("{name}:ok")]
-        })
-        .collect()
-}
+use support::rotator::{assert_no_secret, boundaries, ComposeHost, LlmtraceCluster, Output};
 
 /// Runs before the last store is written roll back; from then on they roll forward.
 fn expected_outcome(all: &[String], boundary: &str) -> &'static str {

@@ -404,20 +404,35 @@ async fn a_schedule_rotates_and_racing_requests_get_409_or_a_counted_skip() {
     assert_clean(&host, &server, &[&metrics]);
 }
 
+/// SIGTERM cancels the run in flight, which rolls back within the grace; a client that sent
+/// half a request head, or keeps an idle connection, does not hold the exit.
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_lets_the_run_in_flight_finish_then_exits_0() {
+async fn sigterm_rolls_back_the_run_in_flight_and_exits_whatever_clients_do() {
+    use tokio::io::AsyncWriteExt;
     let (host, port) = host_with(
-        Some("sleep 2"),
+        Some("sleep 3"),
         "check_interval = \"0s\"\nshutdown_grace = \"20s\"",
         "",
     )
     .await;
+    let env_before = host.env_text();
     let mut server = host.rotator.serve(port).await;
     let (status, body) = server.post("/v1/rotations", "{}").await;
     assert_eq!(status, 202);
     while host.restarts() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut half_head = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    half_head
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let signalled = Instant::now();
     server.signal("TERM");
     assert_eq!(
         server.wait(Duration::from_secs(30)).await,
@@ -425,10 +440,17 @@ async fn sigterm_lets_the_run_in_flight_finish_then_exits_0() {
         "{}",
         server.log()
     );
+    // The rollback rolls the consumer out again (3 s); the exit follows within seconds.
+    assert!(
+        signalled.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(host.env_text(), env_before, "rolled back");
     host.assert_stores_log_in().await;
     let history = host.rotator.run(&["history", "--output", "json"]).await;
     assert_eq!(history.json()[0]["id"], body["id"]);
-    assert_eq!(history.json()[0]["outcome"], "succeeded");
+    assert_eq!(history.json()[0]["outcome"], "rolled_back");
     assert_clean(&host, &server, &[&history.all()]);
 }
 

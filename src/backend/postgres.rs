@@ -12,6 +12,11 @@ use crate::secret::{Credential, Secret};
 
 /// A login that has not answered by then is treated as failed rather than hanging the run.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Every statement on our sessions ends within this (`statement_timeout`), and waits at most
+/// `LOCK_TIMEOUT` for a lock another session holds (an open transaction that altered the same
+/// role, say), so a step ends, and SIGTERM is answered, within a known time.
+pub const STATEMENT_TIMEOUT: &str = "10s";
+pub const LOCK_TIMEOUT: &str = "5s";
 
 pub struct Postgres {
     host: String,
@@ -62,7 +67,11 @@ impl Postgres {
             .username(user)
             .password(password.expose())
             .ssl_mode(self.sslmode)
-            .application_name("llmtrace-rotator");
+            .application_name("llmtrace-rotator")
+            .options([
+                ("statement_timeout", STATEMENT_TIMEOUT),
+                ("lock_timeout", LOCK_TIMEOUT),
+            ]);
         if let Some(ca) = &self.ca_file {
             options = options.ssl_root_cert(ca);
         }

@@ -105,13 +105,26 @@ impl ConsumerHandle {
         self.consumer.preflight().await
     }
 
+    /// Everything, API calls included, ends within `timeout`: a stalled API server fails the
+    /// step instead of holding the run.
     pub async fn restart_and_wait(&self) -> Result<(), ConsumerError> {
         let deadline = Instant::now() + self.timeout;
-        self.consumer.restart(self.timeout).await?;
-        if let Some(url) = &self.health {
-            wait_healthy(&self.consumer.describe(), url, deadline, self.timeout).await?;
-        }
-        Ok(())
+        let work = async {
+            self.consumer.restart(self.timeout).await?;
+            if let Some(url) = &self.health {
+                wait_healthy(&self.consumer.describe(), url, deadline, self.timeout).await?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConsumerError::Timeout {
+                    consumer: self.consumer.describe(),
+                    timeout: self.timeout,
+                    waiting_for: "an answer (the API server or the command stalled)".into(),
+                })
+            })
     }
 }
 

@@ -5,16 +5,20 @@ use std::time::Instant;
 use super::state::RunState;
 use super::StepError;
 use crate::failpoint;
-use crate::journal::{Journal, StepRecord};
+use crate::journal::{Journal, JournalError, StepRecord};
 
 pub struct Recorder<'j> {
     journal: &'j Journal,
     pub id: String,
+    /// This process execution's claim on the run: every checkpoint must match it (fencing).
+    pub owner: String,
     pub state: RunState,
     pub steps: Vec<StepRecord>,
     clocks: Vec<Instant>,
     /// Set when a checkpoint could not be written: the run must stop going forward.
     pub journal_failed: bool,
+    /// Set when the journal says another process drives the run now: this one must stop acting.
+    pub fenced: bool,
     /// Every failed step with its error label, for the failure counters.
     pub failures: Vec<Failure>,
 }
@@ -29,15 +33,23 @@ pub struct Failure {
 pub type StepId = usize;
 
 impl<'j> Recorder<'j> {
-    pub fn new(journal: &'j Journal, id: String, state: RunState, steps: Vec<StepRecord>) -> Self {
+    pub fn new(
+        journal: &'j Journal,
+        id: String,
+        owner: String,
+        state: RunState,
+        steps: Vec<StepRecord>,
+    ) -> Self {
         let clocks = steps.iter().map(|_| Instant::now()).collect();
         Recorder {
             journal,
             id,
+            owner,
             state,
             steps,
             clocks,
             journal_failed: false,
+            fenced: false,
             failures: Vec::new(),
         }
     }
@@ -46,15 +58,33 @@ impl<'j> Recorder<'j> {
         self.journal
     }
 
+    /// Whether every checkpoint so far is durable and the run is still ours.
+    pub fn durable(&self) -> bool {
+        !self.journal_failed && !self.fenced
+    }
+
     async fn checkpoint(&mut self, index: StepId) {
-        let bytes = self.state.to_bytes();
-        if let Err(error) = self
-            .journal
-            .checkpoint(&self.id, &bytes, &self.steps[index])
-            .await
-        {
-            tracing::error!(run = %self.id, cause = %error, "journal checkpoint failed");
-            self.journal_failed = true;
+        let step = &self.steps[index];
+        let result = if failpoint::journal_down(&step.step, &step.subject, &step.status) {
+            Err(JournalError::Open(
+                "journal made unavailable by a failpoint".into(),
+            ))
+        } else {
+            let bytes = self.state.to_bytes();
+            self.journal
+                .checkpoint(&self.id, &self.owner, &bytes, step)
+                .await
+        };
+        match result {
+            Ok(()) => {}
+            Err(JournalError::Fenced(_)) => {
+                tracing::error!(run = %self.id, "another process has taken over this run; stopping");
+                self.fenced = true;
+            }
+            Err(error) => {
+                tracing::error!(run = %self.id, cause = %error, "journal checkpoint failed");
+                self.journal_failed = true;
+            }
         }
         let step = &self.steps[index];
         failpoint::boundary(&step.step, &step.subject, &step.status).await;
@@ -100,6 +130,15 @@ impl<'j> Recorder<'j> {
     pub async fn finish<T>(&mut self, index: StepId, result: &Result<T, StepError>) {
         match result {
             Ok(_) => self.end(index, "ok", None).await,
+            Err(error) => self.fail(index, error).await,
+        }
+    }
+
+    /// Like [`Recorder::finish`], keeping a non-empty success detail in the step's record.
+    pub async fn finish_noted(&mut self, index: StepId, result: &Result<&str, StepError>) {
+        match result {
+            Ok("") => self.end(index, "ok", None).await,
+            Ok(detail) => self.end(index, "ok", Some(detail.to_string())).await,
             Err(error) => self.fail(index, error).await,
         }
     }

@@ -6,14 +6,23 @@ use super::report::{Outcome, RunReport};
 use super::run::RunContext;
 use super::state::{Progress, RunState};
 use super::{Engine, EngineError};
-use crate::journal::JournalError;
+use std::time::Duration;
+
+use crate::journal::lock::LOCK_CHECK_INTERVAL;
+use crate::journal::{JournalError, TargetLock};
 use crate::secret::Credential;
 
-/// Recovers every unfinished run whose targets are not locked by a live run elsewhere.
+/// A PostgreSQL advisory lock can be lost while its holder still runs (its session ended); that
+/// holder notices within [`LOCK_CHECK_INTERVAL`] and stops. Recovery that takes such a run over
+/// waits this long first, so the two never act at once.
+const TAKEOVER_GRACE: Duration = Duration::from_secs(LOCK_CHECK_INTERVAL.as_secs() * 3);
+
+/// Recovers every run that needs it (unfinished, or whose rollback failed) and whose targets
+/// are not locked by a live run elsewhere.
 pub async fn recover_all(engine: &Engine) -> Result<Vec<RunReport>, EngineError> {
     let mut reports = Vec::new();
     for run in engine.journal.unfinished().await? {
-        let _lock = match engine.journal.lock(&run.targets).await {
+        let lock = match engine.journal.lock(&run.targets).await {
             Ok(lock) => lock,
             Err(JournalError::Busy(target)) => {
                 tracing::info!(run = %run.id, target, "run is still in progress elsewhere; not recovering it");
@@ -25,15 +34,25 @@ pub async fn recover_all(engine: &Engine) -> Result<Vec<RunReport>, EngineError>
         let Some(summary) = engine.journal.run(&run.id).await? else {
             continue;
         };
-        if summary.outcome.is_some() {
+        if !engine.journal.needs_recovery(&run.id).await? {
+            continue;
+        }
+        if run.state.as_slice() == b"{}" {
+            // A rollback that failed before its state was kept (older journals): nothing to redo.
+            tracing::warn!(run = %run.id, "run needs recovery but holds no state; see its report");
             continue;
         }
         let state = RunState::from_bytes(&run.state).map_err(|message| JournalError::State {
             run: run.id.clone(),
             message,
         })?;
-        tracing::warn!(run = %run.id, "recovering an interrupted run");
-        reports.push(recover_run(engine, run.id, state, summary.steps).await);
+        let owner = super::run::new_owner();
+        engine.journal.claim(&run.id, &owner).await?;
+        if engine.journal.is_postgres() {
+            tokio::time::sleep(TAKEOVER_GRACE).await;
+        }
+        tracing::warn!(run = %run.id, previous = summary.outcome.as_deref().unwrap_or("unfinished"), "recovering a run");
+        reports.push(recover_run(engine, run.id, owner, state, summary.steps, lock).await);
     }
     Ok(reports)
 }
@@ -41,8 +60,10 @@ pub async fn recover_all(engine: &Engine) -> Result<Vec<RunReport>, EngineError>
 async fn recover_run(
     engine: &Engine,
     id: String,
+    owner: String,
     state: RunState,
     steps: Vec<crate::journal::StepRecord>,
+    lock: TargetLock,
 ) -> RunReport {
     let deps = &engine.deps;
     let mut notes = Vec::new();
@@ -68,8 +89,8 @@ async fn recover_run(
         .iter()
         .map(|c| deps.consumer(&c.name).map_err(|e| notes.push(e)).ok())
         .collect();
-    let rec = Recorder::new(&engine.journal, id, state, steps);
-    let mut run = RunContext::resume(engine, rec, targets, consumers, notes);
+    let rec = Recorder::new(&engine.journal, id, owner, state, steps);
+    let mut run = RunContext::resume(engine, rec, targets, consumers, notes, lock);
 
     let step = run.rec.begin("recover", "decide").await;
     let roll_forward = !run.rec.state.rolling_back && new_credential_is_everywhere(&run).await;
@@ -83,7 +104,7 @@ async fn recover_run(
     let outcome = if roll_forward {
         match run.complete().await {
             Ok(()) => Outcome::Succeeded,
-            Err(()) => run.rollback().await,
+            Err(stop) => run.after_stop(stop).await,
         }
     } else {
         run.rollback().await

@@ -18,6 +18,8 @@ pub enum Outcome {
     RolledBack,
     /// Undoing failed: a human must act. `state` in the report says where things stand.
     RollbackFailed,
+    /// The run lost its target lock and stopped acting; recovery finishes or undoes it.
+    Interrupted,
 }
 
 impl Outcome {
@@ -27,6 +29,7 @@ impl Outcome {
             Outcome::Refused => "refused",
             Outcome::RolledBack => "rolled_back",
             Outcome::RollbackFailed => "rollback_failed",
+            Outcome::Interrupted => "interrupted",
         }
     }
 
@@ -36,6 +39,7 @@ impl Outcome {
             Outcome::Succeeded => 0,
             Outcome::Refused | Outcome::RolledBack => 1,
             Outcome::RollbackFailed => 3,
+            Outcome::Interrupted => 4,
         }
     }
 
@@ -46,7 +50,12 @@ impl Outcome {
             Outcome::RolledBack => {
                 "every change was undone; the old credential is in place and logs in"
             }
-            Outcome::RollbackFailed => "MANUAL ACTION NEEDED: see the state below",
+            Outcome::RollbackFailed => {
+                "MANUAL ACTION NEEDED: see the state below; recovery retries the rollback"
+            }
+            Outcome::Interrupted => {
+                "the target lock was lost: this process stopped; recovery finishes the run"
+            }
         }
     }
 }

@@ -6,13 +6,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use super::plan::Plan;
-use super::recorder::Recorder;
+use super::recorder::{Recorder, StepId};
 use super::report::{Outcome, RunReport};
 use super::state::{Progress, RunState, SavedCredential, StoreState};
 use super::{Deps, Engine, EngineError, StepError, TargetRuntime};
 use crate::config::Target;
 use crate::consumer::ConsumerHandle;
-use crate::journal::TargetLock;
+use crate::journal::{JournalError, TargetLock};
 use crate::password;
 use crate::secret::{Credential, Secret};
 use crate::store::format;
@@ -93,6 +93,31 @@ fn sync_subject(target: &str, index: usize) -> String {
     format!("{target}/sync[{index}]")
 }
 
+/// Why the forward path stopped short of success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A step failed: roll back.
+    Failed,
+    /// A shutdown signal: roll back while there is time.
+    Cancelled,
+    /// The journal cannot record the next step: no further side effect; roll back what is
+    /// recorded (undoing is safe to repeat, recovery repeats it).
+    JournalDown,
+    /// Another process may drive the run now: act no more, not even to undo; recovery finishes.
+    LockLost,
+}
+
+impl Stop {
+    fn reason(self) -> &'static str {
+        match self {
+            Stop::Failed => "an earlier step failed",
+            Stop::Cancelled => "a shutdown signal arrived",
+            Stop::JournalDown => "the journal cannot record it",
+            Stop::LockLost => "the target lock was lost",
+        }
+    }
+}
+
 /// A run in progress: the recorder (journal + state) and the live parts it acts on.
 pub struct RunContext<'a> {
     deps: &'a Deps,
@@ -106,7 +131,9 @@ pub struct RunContext<'a> {
     warnings: Vec<(String, &'static str)>,
     clock: Instant,
     /// Held until the run ends (recovery holds its own).
-    _lock: Option<TargetLock>,
+    lock: Option<TargetLock>,
+    /// Cancelled when the target lock is known to be lost.
+    lock_lost: CancellationToken,
     cancel: CancellationToken,
 }
 
@@ -115,8 +142,14 @@ pub async fn rotate(engine: &Engine, plan: &Plan, trigger: &str) -> Result<RunRe
     Ok(start(engine, plan, trigger).await?.execute().await)
 }
 
+/// A new owner token: one per process execution driving a run.
+pub fn new_owner() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// Takes the targets' locks and journals the new run; [`RunContext::execute`] does the rest.
-/// Fails with `Busy` when another run holds a target.
+/// Fails with `Busy` when another run holds a target, and with `Unfinished` when a run on one
+/// of them still needs recovery (a new run must never race an old run's undo).
 pub async fn start<'e>(
     engine: &'e Engine,
     plan: &Plan,
@@ -124,35 +157,42 @@ pub async fn start<'e>(
 ) -> Result<RunContext<'e>, EngineError> {
     let names = plan.target_names();
     let lock = engine.journal.lock(&names).await?;
+    if let Some((run, target)) = engine.journal.needing_recovery(&names).await? {
+        lock.release().await;
+        return Err(JournalError::Unfinished { run, target }.into());
+    }
     let id = uuid::Uuid::new_v4().to_string();
+    let owner = new_owner();
     let state = RunState::new(&names, &plan.consumers);
     engine
         .journal
-        .begin_run(&id, trigger, &names, &state.to_bytes())
+        .begin_run(&id, &owner, trigger, &names, &state.to_bytes())
         .await?;
     tracing::info!(run = %id, trigger, targets = ?names, "rotation started");
     Ok(RunContext {
         deps: &engine.deps,
-        rec: Recorder::new(&engine.journal, id, state, Vec::new()),
+        rec: Recorder::new(&engine.journal, id, owner, state, Vec::new()),
         trigger: trigger.to_string(),
         targets: Vec::new(),
         consumers: Vec::new(),
         notes: Vec::new(),
         warnings: Vec::new(),
         clock: Instant::now(),
-        _lock: Some(lock),
+        lock_lost: lock.lost(),
+        lock: Some(lock),
         cancel: CancellationToken::new(),
     })
 }
 
 impl<'a> RunContext<'a> {
-    /// A context for resuming a run found in the journal.
+    /// A context for resuming a run found in the journal, under the recovery's lock.
     pub fn resume(
         engine: &'a Engine,
         rec: Recorder<'a>,
         targets: Vec<Option<TargetRuntime<'a>>>,
         consumers: Vec<Option<ConsumerHandle>>,
         notes: Vec<String>,
+        lock: TargetLock,
     ) -> Self {
         RunContext {
             deps: &engine.deps,
@@ -163,7 +203,8 @@ impl<'a> RunContext<'a> {
             notes,
             warnings: Vec::new(),
             clock: Instant::now(),
-            _lock: None,
+            lock_lost: lock.lost(),
+            lock: Some(lock),
             cancel: CancellationToken::new(),
         }
     }
@@ -184,7 +225,11 @@ impl<'a> RunContext<'a> {
 
     async fn forward(&mut self) -> Outcome {
         if !self.preflight().await {
-            return Outcome::Refused;
+            return if self.rec.fenced {
+                Outcome::Interrupted
+            } else {
+                Outcome::Refused
+            };
         }
         let forward = async {
             self.generate().await?;
@@ -195,12 +240,41 @@ impl<'a> RunContext<'a> {
         };
         match forward.await {
             Ok(()) => Outcome::Succeeded,
-            Err(()) => self.rollback().await,
+            Err(stop) => self.after_stop(stop).await,
+        }
+    }
+
+    /// What follows a stopped forward path: a rollback, unless the run is no longer ours.
+    pub async fn after_stop(&mut self, stop: Stop) -> Outcome {
+        match stop {
+            Stop::LockLost => {
+                self.notes.push(
+                    "the target lock was lost mid-run: this process stopped acting; recovery \
+                     (the next run, `recover`, or the daemon) finishes or undoes the run"
+                        .into(),
+                );
+                Outcome::Interrupted
+            }
+            Stop::JournalDown => {
+                self.notes.push(
+                    "the journal stopped recording, so nothing more was changed and the recorded \
+                     steps were undone; the journal still shows the run unfinished until recovery \
+                     confirms it"
+                        .into(),
+                );
+                self.rollback().await
+            }
+            Stop::Failed | Stop::Cancelled => self.rollback().await,
         }
     }
 
     /// Journals the outcome and builds the report.
-    pub async fn finish(mut self, outcome: Outcome) -> RunReport {
+    pub async fn finish(mut self, mut outcome: Outcome) -> RunReport {
+        if outcome != Outcome::Interrupted && self.lost_ownership() {
+            self.notes
+                .push("the target lock was lost before the run ended: left to recovery".into());
+            outcome = Outcome::Interrupted;
+        }
         for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
             if let Some(runtime) = runtime {
                 for note in runtime.backend.take_notes() {
@@ -213,11 +287,17 @@ impl<'a> RunContext<'a> {
         if outcome == Outcome::RollbackFailed {
             self.describe_state().await;
         }
-        if let Err(error) = self.rec_journal_finish(outcome).await {
-            tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
-            self.notes.push(format!(
-                "the outcome could not be written to the journal: {error}"
-            ));
+        if outcome != Outcome::Interrupted {
+            if let Err(error) = self.rec_journal_finish(outcome).await {
+                tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
+                self.notes.push(format!(
+                    "the outcome could not be written to the journal ({error}): the run stays due \
+                     for recovery, which confirms it before any new run on its targets"
+                ));
+            }
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.release().await;
         }
         tracing::info!(run = %self.rec.id, outcome = outcome.as_str(), "rotation finished");
         RunReport {
@@ -239,26 +319,67 @@ impl<'a> RunContext<'a> {
         }
     }
 
-    async fn rec_journal_finish(
-        &self,
-        outcome: Outcome,
-    ) -> Result<(), crate::journal::JournalError> {
-        self.deps_journal()
-            .finish_run(&self.rec.id, outcome.as_str())
+    async fn rec_journal_finish(&self, outcome: Outcome) -> Result<(), JournalError> {
+        if crate::failpoint::journal_down("finish", &self.rec.id, outcome.as_str()) {
+            return Err(JournalError::Open(
+                "journal made unavailable by a failpoint".into(),
+            ));
+        }
+        // A failed rollback keeps its sealed state: the new password may be the only working copy.
+        let settled = outcome != Outcome::RollbackFailed;
+        self.rec
+            .journal()
+            .finish_run(&self.rec.id, &self.rec.owner, outcome.as_str(), settled)
             .await
     }
 
-    fn deps_journal(&self) -> &crate::journal::Journal {
-        self.rec.journal()
+    fn lost_ownership(&self) -> bool {
+        self.rec.fenced || self.lock_lost.is_cancelled()
     }
 
-    /// Whether the run may take its next forward step: not if the journal stopped recording
-    /// (no crash safety) or a shutdown was requested (roll back while there is time).
-    fn may_continue(&self) -> Result<(), ()> {
-        if self.rec.journal_failed || self.cancel.is_cancelled() {
-            Err(())
+    /// Whether the run may take its next forward step: not once the lock is lost (another
+    /// process may drive it), not if the journal stopped recording (write-ahead), not after a
+    /// shutdown request (roll back while there is time).
+    fn may_continue(&self) -> Result<(), Stop> {
+        if self.lost_ownership() {
+            Err(Stop::LockLost)
+        } else if self.rec.journal_failed {
+            Err(Stop::JournalDown)
+        } else if self.cancel.is_cancelled() {
+            Err(Stop::Cancelled)
         } else {
             Ok(())
+        }
+    }
+
+    /// Journals that `step` may now change `subject` and says whether it may go ahead: only
+    /// when that record is durable and the run is still ours (write-ahead). A step that may not
+    /// is closed as `skipped` and the caller acts on nothing.
+    async fn begin_effect(&mut self, step: &str, subject: &str) -> Result<StepId, Stop> {
+        self.may_continue()?;
+        let id = self.rec.begin(step, subject).await;
+        if let Err(stop) = self.may_continue() {
+            self.rec
+                .end(
+                    id,
+                    "skipped",
+                    Some(format!("not started: {}", stop.reason())),
+                )
+                .await;
+            return Err(stop);
+        }
+        Ok(id)
+    }
+
+    /// Runs a wait that a shutdown or a lost lock must cut short (consumer rollouts, syncs).
+    async fn interruptible<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StepError>>,
+    ) -> Result<T, StepError> {
+        tokio::select! {
+            result = work => result,
+            _ = self.cancel.cancelled() => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
+            _ = self.lock_lost.cancelled() => Err(StepError::new("lock_lost", "the target lock was lost; stopped")),
         }
     }
 
@@ -323,7 +444,7 @@ impl<'a> RunContext<'a> {
             ok &= result.is_ok();
             self.rec.finish(step, &result).await;
         }
-        ok && !self.rec.journal_failed
+        ok && self.rec.durable() && !self.lost_ownership()
     }
 
     /// Lets every store clean up what the interrupted write may have left (best effort).
@@ -366,12 +487,16 @@ impl<'a> RunContext<'a> {
         }
     }
 
-    async fn generate(&mut self) -> Result<(), ()> {
+    async fn generate(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin("generate", &name).await;
-            let runtime = self.runtime(i).map_err(|_| ())?;
-            let current: Credential = self.rec.state.targets[i].current.as_ref().ok_or(())?.into();
+            let runtime = self.runtime(i).map_err(|_| Stop::Failed)?;
+            let current: Credential = self.rec.state.targets[i]
+                .current
+                .as_ref()
+                .ok_or(Stop::Failed)?
+                .into();
             let next = Credential {
                 user: runtime.backend.next_user(&current),
                 password: password::generate(&runtime.config.password),
@@ -382,11 +507,19 @@ impl<'a> RunContext<'a> {
         self.may_continue()
     }
 
-    async fn apply(&mut self) -> Result<(), ()> {
+    /// Not interruptible: a password change abandoned mid-statement could still commit after
+    /// the rollback; it ends within the backend's statement timeout instead.
+    async fn apply(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             self.rec.state.targets[i].apply = Progress::Started;
-            let step = self.rec.begin("apply", &name).await;
+            let step = match self.begin_effect("apply", &name).await {
+                Ok(step) => step,
+                Err(stop) => {
+                    self.rec.state.targets[i].apply = Progress::NotStarted;
+                    return Err(stop);
+                }
+            };
             let result = match (self.runtime(i), self.credentials(i)) {
                 (Ok(runtime), Ok((current, next))) => runtime
                     .backend
@@ -399,13 +532,13 @@ impl<'a> RunContext<'a> {
                 self.rec.state.targets[i].apply = Progress::Done;
             }
             self.rec.finish(step, &result).await;
-            result.map_err(|_| ())?;
+            result.map_err(|_| Stop::Failed)?;
             self.may_continue()?;
         }
         Ok(())
     }
 
-    async fn verify_backend(&mut self) -> Result<(), ()> {
+    async fn verify_backend(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin("verify-backend", &name).await;
@@ -416,18 +549,18 @@ impl<'a> RunContext<'a> {
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             self.rec.finish(step, &result).await;
-            result.map_err(|_| ())?;
+            result.map_err(|_| Stop::Failed)?;
         }
         self.may_continue()
     }
 
-    async fn publish(&mut self) -> Result<(), ()> {
+    async fn publish(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             for j in 0..self.rec.state.targets[i].stores.len() {
                 let (runtime, (_, next)) = match (self.runtime(i), self.credentials(i)) {
                     (Ok(runtime), Ok(creds)) => (runtime, creds),
-                    _ => return Err(()),
+                    _ => return Err(Stop::Failed),
                 };
                 let original = self.rec.state.targets[i].stores[j].original.clone();
                 let written =
@@ -435,8 +568,14 @@ impl<'a> RunContext<'a> {
                 let store_state = &mut self.rec.state.targets[i].stores[j];
                 store_state.written = written.as_ref().ok().cloned();
                 store_state.publish = Progress::Started;
-                let step = self.rec.begin("publish", &store_subject(&name, j)).await;
-                let runtime = self.runtime(i).map_err(|_| ())?;
+                let step = match self.begin_effect("publish", &store_subject(&name, j)).await {
+                    Ok(step) => step,
+                    Err(stop) => {
+                        self.rec.state.targets[i].stores[j].publish = Progress::NotStarted;
+                        return Err(stop);
+                    }
+                };
+                let runtime = self.runtime(i).map_err(|_| Stop::Failed)?;
                 let result = match &written {
                     Ok(value) => runtime.stores[j]
                         .compare_and_swap(original.as_ref(), Some(value))
@@ -451,7 +590,7 @@ impl<'a> RunContext<'a> {
                     self.rec.state.targets[i].stores[j].publish = Progress::Done;
                 }
                 self.rec.finish(step, &result).await;
-                result.map_err(|_| ())?;
+                result.map_err(|_| Stop::Failed)?;
                 self.may_continue()?;
             }
         }
@@ -460,35 +599,40 @@ impl<'a> RunContext<'a> {
 
     /// Restart, verify, retire: everything after the stores hold the new credential. Recovery
     /// rolls forward through here too.
-    pub async fn complete(&mut self) -> Result<(), ()> {
+    pub async fn complete(&mut self) -> Result<(), Stop> {
         self.sync().await?;
         self.restart().await?;
         self.verify().await?;
-        self.retire().await;
+        self.retire().await?;
         self.may_continue()
     }
 
     /// Forces each ExternalSecret to copy the new credential into its Secret, and waits for it,
     /// so the restart that follows reads the new credential.
-    async fn sync(&mut self) -> Result<(), ()> {
+    async fn sync(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
-            let entries = self.runtime(i).map_err(|_| ())?.syncs.len();
+            let entries = self.runtime(i).map_err(|_| Stop::Failed)?.syncs.len();
             if entries == 0 || self.rec.state.targets[i].sync == Progress::Done {
                 continue;
             }
             let name = self.rec.state.targets[i].name.clone();
             self.rec.state.targets[i].sync = Progress::Started;
             for k in 0..entries {
-                let step = self.rec.begin("sync", &sync_subject(&name, k)).await;
+                let step = self.begin_effect("sync", &sync_subject(&name, k)).await?;
                 let result = match (self.runtime(i), self.credentials(i)) {
-                    (Ok(runtime), Ok((_, next))) => tokio::select! {
-                        result = runtime.syncs[k].sync(&next, runtime.config.sync_timeout) => result.map_err(StepError::from),
-                        _ = self.cancel.cancelled() => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
-                    },
+                    (Ok(runtime), Ok((_, next))) => {
+                        self.interruptible(async {
+                            runtime.syncs[k]
+                                .sync(&next, runtime.config.sync_timeout)
+                                .await
+                                .map_err(StepError::from)
+                        })
+                        .await
+                    }
                     (Err(e), _) | (_, Err(e)) => Err(e),
                 };
                 self.rec.finish(step, &result).await;
-                result.map_err(|_| ())?;
+                result.map_err(|_| Stop::Failed)?;
                 self.may_continue()?;
             }
             self.rec.state.targets[i].sync = Progress::Done;
@@ -496,19 +640,28 @@ impl<'a> RunContext<'a> {
         Ok(())
     }
 
-    async fn restart(&mut self) -> Result<(), ()> {
+    async fn restart(&mut self) -> Result<(), Stop> {
         for k in 0..self.rec.state.consumers.len() {
             if self.rec.state.consumers[k].restart == Progress::Done {
                 continue;
             }
             let name = self.rec.state.consumers[k].name.clone();
+            let previous = self.rec.state.consumers[k].restart;
             self.rec.state.consumers[k].restart = Progress::Started;
-            let step = self.rec.begin("restart", &name).await;
+            let step = match self.begin_effect("restart", &name).await {
+                Ok(step) => step,
+                Err(stop) => {
+                    self.rec.state.consumers[k].restart = previous;
+                    return Err(stop);
+                }
+            };
             let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                Some(handle) => tokio::select! {
-                    result = handle.restart_and_wait() => result.map_err(StepError::from),
-                    _ = self.cancel.cancelled() => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
-                },
+                Some(handle) => {
+                    self.interruptible(async {
+                        handle.restart_and_wait().await.map_err(StepError::from)
+                    })
+                    .await
+                }
                 None => Err(StepError::new(
                     "config",
                     format!("consumer {name:?} is not in the config any more"),
@@ -518,8 +671,57 @@ impl<'a> RunContext<'a> {
                 self.rec.state.consumers[k].restart = Progress::Done;
             }
             self.rec.finish(step, &result).await;
-            result.map_err(|_| ())?;
+            result.map_err(|_| Stop::Failed)?;
             self.may_continue()?;
+        }
+        Ok(())
+    }
+
+    /// Logs in with the credential each store holds, which must not be `unwanted`.
+    async fn verify_stores_not(
+        &self,
+        i: usize,
+        unwanted: Option<&Credential>,
+    ) -> Result<(), StepError> {
+        let runtime = self.runtime(i)?;
+        for (j, store) in runtime.stores.iter().enumerate() {
+            let Some(value) = store.read().await.map_err(StepError::from)? else {
+                if self.rec.state.targets[i]
+                    .stores
+                    .get(j)
+                    .is_some_and(|s| s.original.is_none())
+                {
+                    continue;
+                }
+                return Err(StepError::new(
+                    "store_missing",
+                    format!("{}: the key is absent", store.describe()),
+                ));
+            };
+            let credential = format::credential_from(
+                &value,
+                &runtime.config.stores[j].format,
+                &runtime.config.user,
+            )
+            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
+            if unwanted.is_some_and(|u| u == &credential) {
+                return Err(StepError::new(
+                    "store_changed",
+                    format!(
+                        "{}: still holds the credential this run wrote",
+                        store.describe()
+                    ),
+                ));
+            }
+            runtime.backend.login(&credential).await.map_err(|e| {
+                StepError::new(
+                    e.metric_label(),
+                    format!(
+                        "{}: the credential it holds does not log in: {e}",
+                        store.describe()
+                    ),
+                )
+            })?;
         }
         Ok(())
     }
@@ -574,7 +776,7 @@ impl<'a> RunContext<'a> {
         Ok(())
     }
 
-    async fn verify(&mut self) -> Result<(), ()> {
+    async fn verify(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin("verify", &name).await;
@@ -583,17 +785,23 @@ impl<'a> RunContext<'a> {
                 Err(e) => Err(e),
             };
             self.rec.finish(step, &result).await;
-            result.map_err(|_| ())?;
+            result.map_err(|_| Stop::Failed)?;
         }
         self.may_continue()
     }
 
     /// A failed retire leaves the old credential usable beside the new one: reported, not undone.
-    async fn retire(&mut self) {
+    async fn retire(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             self.rec.state.targets[i].retire = Progress::Started;
-            let step = self.rec.begin("retire", &name).await;
+            let step = match self.begin_effect("retire", &name).await {
+                Ok(step) => step,
+                Err(stop) => {
+                    self.rec.state.targets[i].retire = Progress::NotStarted;
+                    return Err(stop);
+                }
+            };
             let result = match (self.runtime(i), self.credentials(i)) {
                 (Ok(runtime), Ok((current, next))) => runtime
                     .backend
@@ -610,6 +818,7 @@ impl<'a> RunContext<'a> {
             }
             self.rec.finish(step, &result).await;
         }
+        Ok(())
     }
 
     /// Undoes every step that may have run, in the order DESIGN.md gives: stores, then (single
@@ -623,6 +832,10 @@ impl<'a> RunContext<'a> {
         ok &= self.undo_apply(false).await;
         self.undo_restart().await;
         ok &= self.undo_apply(true).await;
+        if self.lost_ownership() {
+            // Another process may be undoing the same run: stop touching anything.
+            return Outcome::Interrupted;
+        }
         ok &= self.verify_old().await;
         if ok {
             Outcome::RolledBack
@@ -631,13 +844,19 @@ impl<'a> RunContext<'a> {
         }
     }
 
+    /// Undo steps stop once the run is no longer ours; they go on when the journal is down
+    /// (undoing is safe to repeat, and recovery repeats it).
+    fn may_undo(&self) -> bool {
+        !self.lost_ownership()
+    }
+
     async fn undo_publish(&mut self) -> bool {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             for j in 0..self.rec.state.targets[i].stores.len() {
                 let store_state = self.rec.state.targets[i].stores[j].clone();
-                if !store_state.publish.touched() {
+                if !store_state.publish.touched() || !self.may_undo() {
                     continue;
                 }
                 let step = self
@@ -648,11 +867,25 @@ impl<'a> RunContext<'a> {
                     Ok(runtime) => restore_store(runtime.stores[j].as_ref(), &store_state).await,
                     Err(e) => Err(e),
                 };
-                if result.is_ok() {
-                    self.rec.state.targets[i].stores[j].publish = Progress::Undone;
+                match &result {
+                    Ok(Restored::Foreign) => {
+                        // verify-old decides whether what it holds now is usable.
+                        self.notes.push(format!(
+                            "target {name}: store[{j}] holds a value this run did not write; left as it is"
+                        ));
+                        self.rec.state.targets[i].stores[j].publish = Progress::Undone;
+                    }
+                    Ok(Restored::Original) => {
+                        self.rec.state.targets[i].stores[j].publish = Progress::Undone;
+                    }
+                    Err(_) => ok = false,
                 }
-                ok &= result.is_ok();
-                self.rec.finish(step, &result).await;
+                let status = match &result {
+                    Ok(Restored::Foreign) => Ok("left: holds a value this run did not write"),
+                    Ok(Restored::Original) => Ok(""),
+                    Err(e) => Err(e.clone()),
+                };
+                self.rec.finish_noted(step, &status).await;
             }
         }
         ok
@@ -670,7 +903,7 @@ impl<'a> RunContext<'a> {
                 .stores
                 .iter()
                 .any(|s| s.publish != Progress::NotStarted);
-            if !(state.sync.touched() || upstream_written) {
+            if !(state.sync.touched() || upstream_written) || !self.may_undo() {
                 continue;
             }
             let entries = self.runtime_at(i).map_or(0, |r| r.syncs.len());
@@ -717,24 +950,38 @@ impl<'a> RunContext<'a> {
             let keeps_old = self
                 .runtime_at(i)
                 .is_some_and(|r| r.backend.strategy().keeps_old_until_retire());
-            if keeps_old != dual_password {
+            if keeps_old != dual_password || !self.may_undo() {
                 continue;
             }
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin("undo-apply", &name).await;
             let result = match (self.runtime(i), self.credentials(i)) {
-                (Ok(runtime), Ok((current, next))) => runtime
-                    .backend
-                    .undo_apply(&current, &next)
-                    .await
-                    .map_err(StepError::from),
+                (Ok(runtime), Ok((current, next))) => {
+                    match undo_needed(runtime, &current, &next).await {
+                        UndoNeeded::Yes => runtime
+                            .backend
+                            .undo_apply(&current, &next)
+                            .await
+                            .map(|()| "")
+                            .map_err(StepError::from),
+                        UndoNeeded::NotApplied => Ok(
+                            "nothing to undo: the new credential does not log in, the old one does",
+                        ),
+                        UndoNeeded::Superseded => {
+                            self.notes.push(format!(
+                                "target {name}: the backend accepts a credential this run did not write (a store holds it); left as it is"
+                            ));
+                            Ok("left: the backend holds a credential this run did not write")
+                        }
+                    }
+                }
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
             if result.is_ok() {
                 self.rec.state.targets[i].apply = Progress::Undone;
             }
             ok &= result.is_ok();
-            self.rec.finish(step, &result).await;
+            self.rec.finish_noted(step, &result).await;
         }
         ok
     }
@@ -744,7 +991,7 @@ impl<'a> RunContext<'a> {
     /// trouble is reported.
     async fn undo_restart(&mut self) {
         for k in 0..self.rec.state.consumers.len() {
-            if !self.rec.state.consumers[k].restart.touched() {
+            if !self.rec.state.consumers[k].restart.touched() || !self.may_undo() {
                 continue;
             }
             let name = self.rec.state.consumers[k].name.clone();
@@ -766,14 +1013,16 @@ impl<'a> RunContext<'a> {
         }
     }
 
+    /// Proves the invariant after a rollback: every store's credential logs in. A store that
+    /// holds the old credential, or one this run never wrote (a newer writer's), passes when it
+    /// logs in; one still holding this run's new credential does not.
     async fn verify_old(&mut self) -> bool {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin("verify-old", &name).await;
-            let expected: Option<Credential> =
-                self.rec.state.targets[i].current.as_ref().map(Into::into);
-            let result = self.verify_stores(i, expected.as_ref()).await;
+            let next: Option<Credential> = self.rec.state.targets[i].next.as_ref().map(Into::into);
+            let result = self.verify_stores_not(i, next.as_ref()).await;
             ok &= result.is_ok();
             self.rec.finish(step, &result).await;
         }
@@ -838,29 +1087,69 @@ impl<'a> RunContext<'a> {
     }
 }
 
+enum Restored {
+    /// The store holds its value from before the run again.
+    Original,
+    /// It holds a value this run did not write: left alone.
+    Foreign,
+}
+
 /// Puts a store's original value back, unless someone else has written it since.
 async fn restore_store(
     store: &dyn crate::store::Store,
     state: &StoreState,
-) -> Result<(), StepError> {
+) -> Result<Restored, StepError> {
     let now = store.read().await.map_err(StepError::from)?;
     if now == state.original {
-        return store
+        store
             .settle(state.original.as_ref())
             .await
-            .map_err(StepError::from);
+            .map_err(StepError::from)?;
+        return Ok(Restored::Original);
     }
     if now.is_some() && now == state.written {
-        return store
+        store
             .compare_and_swap(state.written.as_ref(), state.original.as_ref())
             .await
-            .map_err(StepError::from);
+            .map_err(StepError::from)?;
+        return Ok(Restored::Original);
     }
-    Err(StepError::new(
-        "store_conflict",
-        format!(
-            "{}: holds a value this run did not write; left as it is",
-            store.describe()
-        ),
-    ))
+    Ok(Restored::Foreign)
+}
+
+enum UndoNeeded {
+    /// The backend accepts this run's new credential: take it back.
+    Yes,
+    /// It does not, and the old one logs in: apply never took effect, or was undone already.
+    NotApplied,
+    /// Neither logs in, but a credential a store holds does: someone rotated since. Undoing
+    /// would overwrite a password this run did not write.
+    Superseded,
+}
+
+/// Decides whether `undo-apply` may touch the backend. When nothing logs in at all (the backend
+/// is unreachable, say) it answers `Yes`: the undo then fails or restores the old credential.
+async fn undo_needed(
+    runtime: &TargetRuntime<'_>,
+    current: &Credential,
+    next: &Credential,
+) -> UndoNeeded {
+    if runtime.backend.login(next).await.is_ok() {
+        return UndoNeeded::Yes;
+    }
+    if runtime.backend.login(current).await.is_ok() {
+        return UndoNeeded::NotApplied;
+    }
+    for (store, config) in runtime.stores.iter().zip(&runtime.config.stores) {
+        let Ok(Some(value)) = store.read().await else {
+            continue;
+        };
+        let Ok(held) = format::credential_from(&value, &config.format, &runtime.config.user) else {
+            continue;
+        };
+        if &held != current && &held != next && runtime.backend.login(&held).await.is_ok() {
+            return UndoNeeded::Superseded;
+        }
+    }
+    UndoNeeded::Yes
 }

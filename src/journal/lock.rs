@@ -5,10 +5,12 @@ use std::collections::HashSet;
 use std::fs::{File, TryLockError};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
 
 use super::JournalError;
 use crate::secret::Secret;
@@ -19,11 +21,76 @@ pub enum Locker {
     Postgres(Secret),
 }
 
+/// How often a PostgreSQL lock session is checked: the holder learns of its loss within this.
+pub const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Held locks; dropping it releases them.
 pub enum TargetLock {
     Files(#[allow(dead_code)] Vec<File>),
     Memory(Arc<Mutex<HashSet<String>>>, Vec<String>),
-    Postgres(#[allow(dead_code)] PgConnection),
+    Postgres(PgLock),
+}
+
+/// Advisory locks live as long as their session, which a network blip, a failover,
+/// `idle_session_timeout` or `pg_terminate_backend` can end without telling us: a watcher pings
+/// the session and cancels `lost` when it is gone.
+pub struct PgLock {
+    lost: CancellationToken,
+    release: CancellationToken,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PgLock {
+    fn drop(&mut self) {
+        self.release.cancel();
+    }
+}
+
+impl TargetLock {
+    /// Cancelled when the lock is known to be lost (only PostgreSQL locks can be).
+    pub fn lost(&self) -> CancellationToken {
+        match self {
+            TargetLock::Postgres(lock) => lock.lost.clone(),
+            _ => CancellationToken::new(),
+        }
+    }
+
+    /// Releases the locks and waits until they are free for the next taker.
+    pub async fn release(mut self) {
+        if let TargetLock::Postgres(lock) = &mut self {
+            lock.release.cancel();
+            if let Some(watcher) = lock.watcher.take() {
+                let _ = watcher.await;
+            }
+        }
+    }
+}
+
+async fn watch_session(
+    mut conn: PgConnection,
+    release: CancellationToken,
+    lost: CancellationToken,
+) {
+    const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            _ = release.cancelled() => {
+                let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut conn);
+                let _ = tokio::time::timeout(ANSWER_WITHIN, unlock).await;
+                let _ = tokio::time::timeout(ANSWER_WITHIN, conn.close()).await;
+                return;
+            }
+            _ = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
+        }
+        let ping = sqlx::query("SELECT 1").execute(&mut conn);
+        if !matches!(tokio::time::timeout(ANSWER_WITHIN, ping).await, Ok(Ok(_))) {
+            tracing::error!(
+                "the journal session holding the target locks is gone: the locks are lost"
+            );
+            lost.cancel();
+            return;
+        }
+    }
 }
 
 impl Drop for TargetLock {
@@ -100,7 +167,13 @@ impl Locker {
                         return Err(JournalError::Busy(target.clone()));
                     }
                 }
-                Ok(TargetLock::Postgres(conn))
+                let (release, lost) = (CancellationToken::new(), CancellationToken::new());
+                let watcher = tokio::spawn(watch_session(conn, release.clone(), lost.clone()));
+                Ok(TargetLock::Postgres(PgLock {
+                    lost,
+                    release,
+                    watcher: Some(watcher),
+                }))
             }
         }
     }

@@ -35,6 +35,14 @@ pub enum JournalError {
     Busy(String),
     #[error("cannot take the target lock: {0}")]
     Lock(String),
+    #[error(
+        "run {0} is now driven by another process (this one lost its target lock); it stops here"
+    )]
+    Fenced(String),
+    #[error("the target lock was lost (its journal session ended); the run stops here and is left to recovery")]
+    LockLost,
+    #[error("target {target} has an unfinished run {run} that recovery has not finished yet (`llmtrace-rotator recover` retries it); no new run starts on it until then")]
+    Unfinished { run: String, target: String },
 }
 
 impl JournalError {
@@ -44,6 +52,8 @@ impl JournalError {
             JournalError::State { .. } => "journal_state",
             JournalError::Busy(_) => "busy",
             JournalError::Lock(_) => "lock",
+            JournalError::Fenced(_) | JournalError::LockLost => "lock_lost",
+            JournalError::Unfinished { .. } => "unfinished_run",
         }
     }
 }
@@ -154,20 +164,26 @@ impl Journal {
         self.locker.lock(targets).await
     }
 
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.locker, Locker::Postgres(_))
+    }
+
     pub async fn begin_run(
         &self,
         id: &str,
+        owner: &str,
         trigger: &str,
         targets: &[String],
         state: &[u8],
     ) -> Result<(), JournalError> {
         let sealed = self.cipher.seal(state, id);
         let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
-        sqlx::query("INSERT INTO rotator_runs (id, trigger_kind, started_at, state) VALUES ($1, $2, $3, $4)")
+        sqlx::query("INSERT INTO rotator_runs (id, trigger_kind, started_at, state, owner, needs_recovery) VALUES ($1, $2, $3, $4, $5, 1)")
             .bind(id)
             .bind(trigger)
             .bind(now_ms())
             .bind(sealed)
+            .bind(owner)
             .execute(&mut *tx)
             .await
             .map_err(JournalError::Query)?;
@@ -183,20 +199,27 @@ impl Journal {
     }
 
     /// Saves the run state and one step record together, so recovery sees both or neither.
+    /// Fails with `Fenced` when `owner` no longer drives the run.
     pub async fn checkpoint(
         &self,
         id: &str,
+        owner: &str,
         state: &[u8],
         step: &StepRecord,
     ) -> Result<(), JournalError> {
         let sealed = self.cipher.seal(state, id);
         let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
-        sqlx::query("UPDATE rotator_runs SET state = $1 WHERE id = $2")
-            .bind(sealed)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(JournalError::Query)?;
+        let updated =
+            sqlx::query("UPDATE rotator_runs SET state = $1 WHERE id = $2 AND owner = $3")
+                .bind(sealed)
+                .bind(id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(JournalError::Query)?;
+        if updated.rows_affected() == 0 {
+            return Err(JournalError::Fenced(id.to_string()));
+        }
         sqlx::query(
             "INSERT INTO rotator_steps (run_id, seq, step, subject, status, started_at, duration_ms, error) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -217,25 +240,100 @@ impl Journal {
         tx.commit().await.map_err(JournalError::Query)
     }
 
-    /// Marks the run ended; its state is replaced by an empty one, since nothing needs the passwords any more.
-    pub async fn finish_run(&self, id: &str, outcome: &str) -> Result<(), JournalError> {
-        let sealed = self.cipher.seal(b"{}", id);
-        sqlx::query(
-            "UPDATE rotator_runs SET outcome = $1, finished_at = $2, state = $3 WHERE id = $4",
-        )
-        .bind(outcome)
-        .bind(now_ms())
-        .bind(sealed)
-        .bind(id)
-        .execute(&self.pool)
-        .await
+    /// Records the outcome. A run that ended for good has its state replaced by an empty one,
+    /// since nothing needs the passwords any more; a failed rollback keeps it (the new password
+    /// may be the only working copy) and stays due for recovery.
+    pub async fn finish_run(
+        &self,
+        id: &str,
+        owner: &str,
+        outcome: &str,
+        settled: bool,
+    ) -> Result<(), JournalError> {
+        let updated = if settled {
+            sqlx::query(
+                "UPDATE rotator_runs SET outcome = $1, finished_at = $2, state = $3, needs_recovery = 0 \
+                 WHERE id = $4 AND owner = $5",
+            )
+            .bind(outcome)
+            .bind(now_ms())
+            .bind(self.cipher.seal(b"{}", id))
+            .bind(id)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+        } else {
+            sqlx::query(
+                "UPDATE rotator_runs SET outcome = $1, finished_at = $2, needs_recovery = 1 \
+                 WHERE id = $3 AND owner = $4",
+            )
+            .bind(outcome)
+            .bind(now_ms())
+            .bind(id)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+        }
         .map_err(JournalError::Query)?;
+        if updated.rows_affected() == 0 {
+            return Err(JournalError::Fenced(id.to_string()));
+        }
         Ok(())
     }
 
+    /// Makes `owner` the run's driver: from now on the previous owner's checkpoints fail.
+    /// Called by recovery while it holds the run's target locks.
+    pub async fn claim(&self, id: &str, owner: &str) -> Result<(), JournalError> {
+        sqlx::query("UPDATE rotator_runs SET owner = $1 WHERE id = $2")
+            .bind(owner)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        Ok(())
+    }
+
+    /// A run on one of `targets` that still needs recovery, if any: no new run may start then.
+    pub async fn needing_recovery(
+        &self,
+        targets: &[String],
+    ) -> Result<Option<(String, String)>, JournalError> {
+        for target in targets {
+            let row = sqlx::query(
+                "SELECT r.id FROM rotator_runs r JOIN rotator_run_targets t ON t.run_id = r.id \
+                 WHERE t.target = $1 AND r.needs_recovery = 1 ORDER BY r.started_at LIMIT 1",
+            )
+            .bind(target)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+            if let Some(row) = row {
+                let run: String = row.try_get("id").map_err(JournalError::Query)?;
+                return Ok(Some((run, target.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn needs_recovery(&self, id: &str) -> Result<bool, JournalError> {
+        let row = sqlx::query("SELECT needs_recovery FROM rotator_runs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        match row {
+            Some(row) => Ok(row
+                .try_get::<i32, _>("needs_recovery")
+                .map_err(JournalError::Query)?
+                == 1),
+            None => Ok(false),
+        }
+    }
+
+    /// Runs whose sealed state is still needed: unfinished, or whose rollback failed.
     pub async fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
         let rows = sqlx::query(
-            "SELECT id, state FROM rotator_runs WHERE outcome IS NULL ORDER BY started_at",
+            "SELECT id, state FROM rotator_runs WHERE needs_recovery = 1 ORDER BY started_at",
         )
         .fetch_all(&self.pool)
         .await

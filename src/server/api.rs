@@ -41,7 +41,9 @@ impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         let status = match &error {
             EngineError::UnknownTarget(_) => StatusCode::NOT_FOUND,
-            EngineError::Journal(JournalError::Busy(_)) => StatusCode::CONFLICT,
+            EngineError::Journal(JournalError::Busy(_) | JournalError::Unfinished { .. }) => {
+                StatusCode::CONFLICT
+            }
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, error.to_string())

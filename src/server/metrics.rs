@@ -11,11 +11,12 @@ use prometheus::{
 use crate::engine::{Outcome, RunReport};
 use crate::journal::TargetHistory;
 
-const OUTCOMES: [Outcome; 4] = [
+const OUTCOMES: [Outcome; 5] = [
     Outcome::Succeeded,
     Outcome::Refused,
     Outcome::RolledBack,
     Outcome::RollbackFailed,
+    Outcome::Interrupted,
 ];
 
 pub struct Metrics {

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod http;
 pub mod metrics;
 pub mod openapi;
 pub mod scheduler;
@@ -46,6 +47,8 @@ pub struct Daemon {
     pub tokens: auth::Tokens,
     /// Runs in flight; shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Cancelled at shutdown: runs in flight stop and roll back.
+    pub cancel_runs: CancellationToken,
     /// Each scheduled target's next fire.
     pub next_fires: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Each target's last drift check result.
@@ -88,7 +91,10 @@ impl Daemon {
             let _ = started.send(Ok(context.id().to_string()));
             let targets = plan.target_names();
             daemon.metrics.set_in_progress(&targets, true);
-            let report = context.execute().await;
+            let report = context
+                .with_cancel(daemon.cancel_runs.child_token())
+                .execute()
+                .await;
             daemon.metrics.set_in_progress(&targets, false);
             daemon.observe(&report);
             daemon.check(&targets).await;
@@ -105,6 +111,20 @@ impl Daemon {
             .observe_run(report, |consumer| self.targets_of(consumer));
     }
 
+    /// Retries every run that needs recovery and is not in flight; counts what it finished.
+    pub async fn recover(&self) {
+        match recover::recover_all(&self.engine).await {
+            Ok(reports) => {
+                for report in reports {
+                    tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered a run");
+                    self.observe(&report);
+                    self.check(&report.targets).await;
+                }
+            }
+            Err(error) => tracing::error!(cause = %error, "recovery could not run"),
+        }
+    }
+
     /// Runs the drift check on `targets` and records the result.
     pub async fn check(&self, targets: &[String]) {
         let report = check::check(&self.engine.deps, targets).await;
@@ -119,8 +139,8 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until `shutdown` resolves, then stops taking requests and gives runs in
-/// flight `shutdown_grace` to finish or roll back; what is left then is for recovery.
+/// Runs the daemon until `shutdown` resolves, then stops taking requests, cancels the runs in
+/// flight and gives them `shutdown_grace` to roll back; what is left then is for recovery.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -160,6 +180,7 @@ pub async fn serve(
         engine: engine.clone(),
         tokens,
         tracker: TaskTracker::new(),
+        cancel_runs: CancellationToken::new(),
         next_fires: Mutex::new(HashMap::new()),
         valid: Mutex::new(HashMap::new()),
     });
@@ -185,19 +206,15 @@ pub async fn serve(
 
     let stop = CancellationToken::new();
     let background = tokio::spawn(scheduler::run(daemon.clone(), stop.clone()));
-    let app = api::router(daemon.clone());
-    let stopping = stop.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new requests or scheduled runs");
-            stopping.cancel();
-        })
-        .await;
-    if let Err(error) = served {
-        tracing::error!(cause = %error, "the HTTP server failed");
-    }
+    let server = tokio::spawn(http::serve(
+        listener,
+        api::router(daemon.clone()),
+        stop.clone(),
+    ));
+    shutdown.await;
+    tracing::info!("shutting down: no new requests or scheduled runs; runs in flight roll back");
     stop.cancel();
+    daemon.cancel_runs.cancel();
     let _ = background.await;
     daemon.tracker.close();
     if tokio::time::timeout(grace, daemon.tracker.wait())
@@ -209,5 +226,7 @@ pub async fn serve(
             "runs still in flight are left to recovery at the next start"
         );
     }
+    // Bounded by http::CLOSE_WITHIN, whatever clients do.
+    let _ = server.await;
     Ok(())
 }

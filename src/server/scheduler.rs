@@ -43,6 +43,7 @@ fn jittered(target: &Target, scheduled: DateTime<Utc>) -> Fire {
 
 pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
     let checker = tokio::spawn(drift_checks(daemon.clone(), stop.clone()));
+    let recoverer = tokio::spawn(recoveries(daemon.clone(), stop.clone()));
     let mut fires = first_fires(&daemon).await;
     loop {
         publish_next(&daemon, &fires);
@@ -90,6 +91,20 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
         }
     }
     let _ = checker.await;
+    let _ = recoverer.await;
+}
+
+/// Retries runs that need recovery: an unfinished run (the journal failed under it) or a failed
+/// rollback blocks its targets until it ends, so it must not wait for the next restart.
+async fn recoveries(daemon: Arc<Daemon>, stop: CancellationToken) {
+    let interval = daemon.engine.deps.config.rotator.recover_interval;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        daemon.recover().await;
+    }
 }
 
 /// The next fire of every scheduled target. A fire missed while the daemon was down runs now
@@ -182,6 +197,12 @@ async fn launch(daemon: &Arc<Daemon>, targets: Vec<String>) {
             tracing::warn!(target = %busy, "scheduled rotation skipped: the target is rotating already");
             for target in &targets {
                 daemon.metrics.skipped(target, "busy");
+            }
+        }
+        Err(EngineError::Journal(JournalError::Unfinished { run, target })) => {
+            tracing::warn!(target = %target, run = %run, "scheduled rotation skipped: an earlier run on the target still needs recovery");
+            for target in &targets {
+                daemon.metrics.skipped(target, "unfinished_run");
             }
         }
         Err(error) => tracing::error!(cause = %error, "scheduled rotation could not start"),

@@ -368,6 +368,27 @@ impl Postgres {
         }
     }
 
+    /// A shell command line that stops this server at once: a consumer that takes the
+    /// database down with it.
+    pub fn stop_command(&self) -> String {
+        let mut words = Vec::new();
+        if as_root() {
+            words.extend(["runuser", "-u", "postgres", "--"].map(String::from));
+        }
+        words.push(server_program("pg_ctl").display().to_string());
+        words.extend(["-D".to_string(), self.data_dir.display().to_string()]);
+        words.extend(["-m", "immediate", "-w", "stop"].map(String::from));
+        words.join(" ")
+    }
+
+    /// Starts the server again on its port after [`Postgres::stop_command`] stopped it.
+    pub async fn start_again(&self) {
+        self.try_start(self.port)
+            .await
+            .expect("PostgreSQL starts again on its port");
+        self.wait_ready().await;
+    }
+
     /// `pg_ctl stop -m immediate`, synchronously; harmless if not running.
     fn stop(&self) {
         if !self.data_dir.join("postmaster.pid").exists() {

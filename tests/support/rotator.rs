@@ -70,6 +70,23 @@ pub fn assert_no_secret(haystack: &str, secrets: &[&str], what: &str) {
     }
 }
 
+/// Every boundary a successful run passes, in order: `step:subject:started` and `step:subject:ok`.
+pub fn boundaries(report: &serde_json::Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| {
+            let name = format!(
+                "{}:{}",
+                s["step"].as_str().unwrap(),
+                s["subject"].as_str().unwrap()
+            );
+            [format!("{name}:started"), format!("{name}:ok")]
+        })
+        .collect()
+}
+
 /// A temp dir with a config file, a journal and the environment the binary runs with.
 pub struct Rotator {
     pub dir: tempfile::TempDir,
@@ -121,9 +138,23 @@ impl Rotator {
         self.command(args).spawn().expect("rotator started")
     }
 
+    /// [`Rotator::spawn`] with extra environment variables.
+    pub fn spawn_with(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        command.spawn().expect("rotator started")
+    }
+
     /// Runs `llmtrace-rotator <args> --config FILE` to completion.
     pub async fn run(&self, args: &[&str]) -> Output {
-        let output = tokio::time::timeout(Duration::from_secs(120), self.command(args).output())
+        self.run_with(args, &[]).await
+    }
+
+    /// [`Rotator::run`] with extra environment variables.
+    pub async fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let output = tokio::time::timeout(Duration::from_secs(120), command.output())
             .await
             .expect("rotator finished within 120 s")
             .expect("rotator started");

@@ -1,0 +1,517 @@
+//! The fault matrix: the journal failing at every step boundary (SQLite and PostgreSQL
+//! journals), a rollback that cannot finish, an old run's undo meeting a newer credential, the
+//! lock session killed mid-run, a backend statement that hangs, SIGTERM in the middle of it.
+//! After each, the credential every store holds logs in.
+#![cfg(feature = "failpoints")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+use support::rotator::{
+    assert_no_secret, boundaries, file_config_with, free_port, ComposeHost, Output,
+};
+
+const JOURNAL_DOWN_AT: &str = "LLMTRACE_ROTATOR_JOURNAL_DOWN_AT";
+
+fn only_report(out: &Output) -> serde_json::Value {
+    let reports = out.json();
+    let reports = reports.as_array().expect("recover prints a list");
+    assert_eq!(reports.len(), 1, "one run recovered: {reports:#?}");
+    reports[0].clone()
+}
+
+/// One row of the matrix, printed for the record.
+struct Row {
+    fault: String,
+    boundary: String,
+    exit: i32,
+    outcome: String,
+    logs_in: bool,
+    elapsed: Duration,
+}
+
+fn print_rows(rows: &[Row]) {
+    eprintln!("| fault | boundary | exit | after recovery | stored credential logs in | time |");
+    for r in rows {
+        eprintln!(
+            "| {} | {} | {} | {} | {} | {} ms |",
+            r.fault,
+            r.boundary,
+            r.exit,
+            r.outcome,
+            if r.logs_in { "yes" } else { "NO" },
+            r.elapsed.as_millis()
+        );
+    }
+}
+
+/// The journal goes down at `boundary` and stays down for the rest of the process: the run
+/// stops going forward, acts on nothing it has not durably recorded, undoes what it did, and
+/// the run stays open in the journal until `recover` (journal back) confirms the rollback.
+async fn journal_down_at(host: &ComposeHost, all: &[String], boundary: &str, fault: &str) -> Row {
+    let index = all.iter().position(|b| b == boundary).unwrap();
+    let position = |name: &str| all.iter().position(|b| b == name).unwrap();
+    let env_before = host.env_text();
+    let verifier_before = host.pg.rolpassword("llmtrace").await;
+    let restarts_before = host.restarts();
+
+    let clock = Instant::now();
+    let out = host
+        .rotator
+        .run_with(
+            &["rotate", "--output", "json"],
+            &[(JOURNAL_DOWN_AT, boundary)],
+        )
+        .await;
+    let elapsed = clock.elapsed();
+    assert_eq!(out.code, 1, "{boundary}: {}", out.all());
+    assert_eq!(host.env_text(), env_before, "{boundary}: stores restored");
+    host.assert_stores_log_in().await;
+    // Write-ahead: an action whose `started` record could not be written never ran.
+    if index <= position("apply:postgres:started") {
+        assert_eq!(
+            host.pg.rolpassword("llmtrace").await,
+            verifier_before,
+            "{boundary}: no ALTER ROLE without a durable record"
+        );
+    }
+    if index <= position("restart:proxy:started") {
+        assert_eq!(
+            host.restarts(),
+            restarts_before,
+            "{boundary}: no restart without a durable record"
+        );
+    }
+
+    let recovered = host.rotator.run(&["recover", "--output", "json"]).await;
+    assert_eq!(recovered.code, 0, "{boundary}: {}", recovered.all());
+    let outcome = only_report(&recovered)["outcome"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(outcome, "rolled_back", "{boundary}: {}", recovered.stdout);
+    assert_eq!(host.env_text(), env_before, "{boundary}");
+    host.assert_stores_log_in().await;
+    let (now, _) = host.stored_passwords();
+    let secrets = [now.as_str(), host.pg.admin_password()];
+    assert_no_secret(
+        &format!("{}{}", out.all(), recovered.all()),
+        &secrets,
+        boundary,
+    );
+    Row {
+        fault: fault.into(),
+        boundary: boundary.into(),
+        exit: out.code,
+        outcome,
+        logs_in: true,
+        elapsed,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn journal_down_at_every_boundary_sqlite() {
+    let host = ComposeHost::start().await;
+    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(first.code, 0, "{}", first.all());
+    let all = boundaries(&first.json());
+    let mut rows = Vec::new();
+    for boundary in &all {
+        rows.push(journal_down_at(&host, &all, boundary, "SQLite journal down").await);
+    }
+    print_rows(&rows);
+    let nothing = host.rotator.run(&["recover"]).await;
+    assert!(
+        nothing.stdout.contains("nothing to recover"),
+        "{}",
+        nothing.all()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn journal_down_before_each_side_effect_postgres_journal() {
+    let host = ComposeHost::start().await;
+    host.pg.exec("CREATE DATABASE rotator_journal").await;
+    let mut host = host;
+    let journal_url = host
+        .pg
+        .url("postgres", host.pg.admin_password(), "rotator_journal");
+    host.rotator
+        .env
+        .insert("ROTATOR_JOURNAL_URL".into(), journal_url);
+    let config = std::fs::read_to_string(&host.rotator.config)
+        .unwrap()
+        .replace(
+            "journal = \"sqlite://journal.db\"",
+            "journal = \"env:ROTATOR_JOURNAL_URL\"",
+        );
+    host.rotator.write_config(&config);
+
+    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(first.code, 0, "{}", first.all());
+    let all = boundaries(&first.json());
+    let mut rows = Vec::new();
+    for boundary in all.iter().filter(|b| {
+        b.ends_with(":started")
+            && ["apply:", "publish:", "restart:", "retire:"]
+                .iter()
+                .any(|s| b.starts_with(s))
+            || b.as_str() == "verify:postgres:ok"
+    }) {
+        rows.push(journal_down_at(&host, &all, boundary, "PostgreSQL journal down").await);
+    }
+    assert!(rows.len() >= 5);
+    print_rows(&rows);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unfinished_run_blocks_new_runs_until_recovered() {
+    let host = ComposeHost::start().await;
+    let left = host
+        .rotator
+        .run_with(
+            &["rotate", "--output", "json"],
+            &[(JOURNAL_DOWN_AT, "restart:proxy:started")],
+        )
+        .await;
+    assert_eq!(left.code, 1, "{}", left.all());
+    let unfinished = left.json()["run_id"].as_str().unwrap().to_string();
+    let history = host.rotator.run(&["history", "--output", "json"]).await;
+    assert!(
+        history.json()[0]["outcome"].is_null(),
+        "still open in the journal"
+    );
+
+    // `rotate` recovers it first, then rotates.
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(out.json()["recovered"][0]["run_id"], unfinished.as_str());
+    assert_eq!(out.json()["recovered"][0]["outcome"], "rolled_back");
+    assert_eq!(out.json()["outcome"], "succeeded");
+    host.assert_stores_log_in().await;
+    assert_ne!(host.stored_passwords().0, host.old_password);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_refuses_409_then_recovers_periodically() {
+    let host = ComposeHost::start().await;
+    let port = free_port();
+    let log = host.restart_log.display().to_string();
+    host.rotator.write_config(&file_config_with(
+        &host.pg.address(),
+        &["sh".into(), "-c".into(), format!("echo restarted >> {log}")],
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\n\
+             check_interval = \"0s\"\nrecover_interval = \"5s\""
+        ),
+        "",
+    ));
+    let server = host.rotator.serve(port).await;
+    let started = Instant::now();
+    let left = host
+        .rotator
+        .run_with(
+            &["rotate", "--output", "json"],
+            &[(JOURNAL_DOWN_AT, "publish:postgres/store[1]:started")],
+        )
+        .await;
+    assert_eq!(left.code, 1, "{}", left.all());
+    let unfinished = left.json()["run_id"].as_str().unwrap().to_string();
+
+    let (status, body) = server.post("/v1/rotations", "{}").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "before the first periodic recovery"
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains(&unfinished),
+        "names the unfinished run: {body}"
+    );
+
+    // The periodic recovery finishes it; then a rotation goes through.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let (status, body) = server.post("/v1/rotations", "{}").await;
+        if status == 202 {
+            break body["id"].as_str().unwrap().to_string();
+        }
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "recovered within 20 s: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(server.wait_for_run(&id).await["outcome"], "succeeded");
+    let (_, old) = server.get(&format!("/v1/rotations/{unfinished}")).await;
+    assert_eq!(old["outcome"], "rolled_back", "{old:#}");
+    host.assert_stores_log_in().await;
+    let (now, _) = host.stored_passwords();
+    assert_no_secret(
+        &format!("{}{}", server.log(), left.all()),
+        &[
+            now.as_str(),
+            host.old_password.as_str(),
+            host.pg.admin_password(),
+        ],
+        "serve log",
+    );
+}
+
+/// The consumer takes the database down (once) and fails: `undo-apply` cannot reach it, the
+/// run ends `rollback_failed` and keeps its sealed state; recovery retries until the database
+/// is back, then finishes the rollback.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_rollback_keeps_its_state_and_recovery_finishes_it() {
+    let host = ComposeHost::start().await;
+    let marker = host.rotator.path("stopped-once");
+    let script = format!(
+        "if [ ! -e {m} ]; then touch {m}; {stop} >/dev/null 2>&1; fi; exit 1",
+        m = marker.display(),
+        stop = host.pg.stop_command()
+    );
+    host.rotator.write_config(&file_config_with(
+        &host.pg.address(),
+        &["sh".into(), "-c".into(), script],
+        "",
+        "",
+    ));
+    let env_before = host.env_text();
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 3, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rollback_failed");
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+
+    // Still down: recovery tries, fails again, keeps the state; a new run is refused.
+    let retry = host.rotator.run(&["recover", "--output", "json"]).await;
+    assert_eq!(retry.code, 3, "{}", retry.all());
+    assert_eq!(only_report(&retry)["outcome"], "rollback_failed");
+    let refused = host.rotator.run(&["rotate"]).await;
+    assert_eq!(refused.code, 3, "{}", refused.all());
+    assert!(
+        refused.stderr.contains(&run),
+        "names the run: {}",
+        refused.stderr
+    );
+
+    host.pg.start_again().await;
+    let done = host.rotator.run(&["recover", "--output", "json"]).await;
+    assert_eq!(done.code, 0, "{}", done.all());
+    let report = only_report(&done);
+    assert_eq!(report["run_id"], run.as_str());
+    assert_eq!(report["outcome"], "rolled_back", "{report:#}");
+    assert_eq!(host.env_text(), env_before);
+    host.assert_stores_log_in().await;
+    let nothing = host.rotator.run(&["recover"]).await;
+    assert!(
+        nothing.stdout.contains("nothing to recover"),
+        "{}",
+        nothing.all()
+    );
+    assert_no_secret(
+        &format!("{}{}{}", out.all(), retry.all(), done.all()),
+        &[host.old_password.as_str(), host.pg.admin_password()],
+        "reports",
+    );
+}
+
+/// An interrupted run's recovery finds that someone rotated since (a new password on the
+/// backend and in the stores): it must leave that credential alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_runs_undo_never_overwrites_a_newer_credential() {
+    let host = ComposeHost::start().await;
+    host.rotator
+        .crash_at("publish:postgres/store[0]:started")
+        .await;
+    let newer = support::rotator::random_password();
+    host.pg.create_login("llmtrace", &newer, "llmtrace").await;
+    let text = host.env_text().replace(&host.old_password, &newer);
+    std::fs::write(&host.env_file, &text).unwrap();
+
+    let out = host.rotator.run(&["recover", "--output", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report = only_report(&out);
+    assert_eq!(report["outcome"], "rolled_back", "{report:#}");
+    assert_eq!(
+        host.env_text(),
+        text,
+        "the newer credential stays in the stores"
+    );
+    host.pg
+        .try_login("llmtrace", &newer, "llmtrace")
+        .await
+        .expect("the newer credential still logs in");
+    host.assert_stores_log_in().await;
+    assert_no_secret(
+        &out.all(),
+        &[newer.as_str(), host.pg.admin_password()],
+        "report",
+    );
+}
+
+/// An open transaction that altered the same role blocks `ALTER ROLE`: the statement gives up
+/// within the lock timeout, SIGTERM is answered, and the run rolls back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_statement_is_bounded_and_sigterm_rolls_back() {
+    let host = ComposeHost::start().await;
+    let env_before = host.env_text();
+    let mut blocker = sqlx::PgConnection::connect_with(&host.pg.connect_options(
+        "postgres",
+        host.pg.admin_password(),
+        "postgres",
+    ))
+    .await
+    .unwrap();
+    sqlx::raw_sql("BEGIN; ALTER ROLE llmtrace VALID UNTIL 'infinity';")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+
+    let child = host
+        .rotator
+        .spawn_with(&["rotate", "--output", "json"], &[]);
+    let pid = child.id().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let signalled = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("rotate ends despite the blocked statement")
+        .unwrap();
+    let after_signal = signalled.elapsed();
+    let out = Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    eprintln!(
+        "SIGTERM to exit with a blocked ALTER ROLE: {} ms",
+        after_signal.as_millis()
+    );
+    assert!(after_signal < Duration::from_secs(10), "{after_signal:?}");
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back");
+    assert_eq!(host.env_text(), env_before);
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    host.assert_stores_log_in().await;
+    assert_no_secret(
+        &out.all(),
+        &[host.old_password.as_str(), host.pg.admin_password()],
+        "report",
+    );
+}
+
+/// The PostgreSQL session holding the advisory lock is terminated mid-run (a network blip or a
+/// journal failover does the same): the run notices, stops acting, and a second `rotate` takes
+/// it over. The consumer never runs twice at once, and the final credential logs in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_lock_session_stops_the_run_and_the_next_one_takes_over() {
+    let mut host = ComposeHost::start().await;
+    host.pg.exec("CREATE DATABASE rotator_journal").await;
+    let journal_url = host
+        .pg
+        .url("postgres", host.pg.admin_password(), "rotator_journal");
+    host.rotator
+        .env
+        .insert("ROTATOR_JOURNAL_URL".into(), journal_url);
+    let spans = host.rotator.path("spans.log");
+    let script = format!(
+        "echo start $(date +%s%N) >> {s}; sleep 3; echo end $(date +%s%N) >> {s}",
+        s = spans.display()
+    );
+    let config = file_config_with(
+        &host.pg.address(),
+        &["sh".into(), "-c".into(), script],
+        "",
+        "",
+    )
+    .replace(
+        "journal = \"sqlite://journal.db\"",
+        "journal = \"env:ROTATOR_JOURNAL_URL\"",
+    );
+    host.rotator.write_config(&config);
+
+    let first = host
+        .rotator
+        .spawn_with(&["rotate", "--output", "json"], &[]);
+    while !std::fs::read_to_string(&spans).is_ok_and(|t| t.contains("start")) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.pg
+        .exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND pid <> pg_backend_pid()",
+        )
+        .await;
+    let second = host
+        .rotator
+        .spawn_with(&["rotate", "--output", "json"], &[]);
+    let first = first.wait_with_output().await.unwrap();
+    let first_exited = wall_ns();
+    let second = second.wait_with_output().await.unwrap();
+    let first_out = String::from_utf8_lossy(&first.stdout).into_owned();
+    let second_out = String::from_utf8_lossy(&second.stdout).into_owned();
+    assert_eq!(
+        first.status.code(),
+        Some(4),
+        "{first_out}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let first_report: serde_json::Value = serde_json::from_str(&first_out).unwrap();
+    assert_eq!(first_report["outcome"], "interrupted");
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{second_out}\n{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let second_report: serde_json::Value = serde_json::from_str(&second_out).unwrap();
+    assert_eq!(
+        second_report["recovered"][0]["run_id"], first_report["run_id"],
+        "the second process took the first run over"
+    );
+
+    // Every consumer start after the first one comes after the first process stopped acting.
+    let text = std::fs::read_to_string(&spans).unwrap();
+    let starts: Vec<u128> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("start "))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(starts.len() >= 2, "{text}");
+    for later in &starts[1..] {
+        assert!(
+            *later > first_exited,
+            "a consumer started while the first process could still act: {text}"
+        );
+    }
+    host.assert_stores_log_in().await;
+    let (now, _) = host.stored_passwords();
+    assert_no_secret(
+        &format!("{first_out}{second_out}"),
+        &[
+            now.as_str(),
+            host.old_password.as_str(),
+            host.pg.admin_password(),
+        ],
+        "reports",
+    );
+}
+
+fn wall_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
