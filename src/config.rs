@@ -70,6 +70,8 @@ pub struct RotatorSection {
     pub shutdown_grace: Duration,
     /// How often `serve` retries runs that need recovery (unfinished, or a failed rollback).
     pub recover_interval: Duration,
+    /// Every Kubernetes API call (connect, send, answer) ends within this.
+    pub kubernetes_timeout: Duration,
 }
 
 /// `serve` listens on every interface, port 8080, as the Service and probes expect.
@@ -81,6 +83,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// A run left unfinished (journal outage, failed rollback) blocks its targets until recovered:
 /// retry soon, but not so often that a down backend is hammered.
 pub const DEFAULT_RECOVER_INTERVAL: Duration = Duration::from_secs(60);
+/// Long enough for a loaded API server, short enough that a stalled one fails the step.
+pub const DEFAULT_KUBERNETES_TIMEOUT: Duration = Duration::from_secs(30);
 /// Without a schedule to go by, a credential is overdue after 90 days (a common audit period).
 pub const DEFAULT_MAX_AGE_UNSCHEDULED: Duration = Duration::from_secs(90 * 86400);
 
@@ -807,6 +811,14 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
     let check_interval = section.duration("check_interval", DEFAULT_CHECK_INTERVAL, errors);
     let shutdown_grace = section.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, errors);
     let recover_interval = section.duration("recover_interval", DEFAULT_RECOVER_INTERVAL, errors);
+    let kubernetes_timeout =
+        section.duration("kubernetes_timeout", DEFAULT_KUBERNETES_TIMEOUT, errors);
+    if kubernetes_timeout.is_zero() {
+        errors.push(
+            section.path_of("kubernetes_timeout"),
+            "must be more than 0s",
+        );
+    }
     if recover_interval.is_zero() {
         errors.push(
             section.path_of("recover_interval"),
@@ -826,6 +838,7 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
         check_interval: Some(check_interval).filter(|d| !d.is_zero()),
         shutdown_grace,
         recover_interval,
+        kubernetes_timeout,
     })
 }
 

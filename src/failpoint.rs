@@ -1,10 +1,18 @@
 //! Test-only pause points at step boundaries (the `failpoints` feature): the process stops
 //! there so a test can kill it and exercise crash recovery at that exact boundary.
 
-/// Names the boundary `step:subject:status`; pauses forever when `LLMTRACE_ROTATOR_PAUSE_AT` names it.
+/// Names the boundary `step:subject:status`; pauses forever when `LLMTRACE_ROTATOR_PAUSE_AT` names
+/// it, and sends this process SIGTERM when `LLMTRACE_ROTATOR_SIGTERM_AT` does.
 #[cfg(feature = "failpoints")]
 pub async fn boundary(step: &str, subject: &str, status: &str) {
     let name = format!("{step}:{subject}:{status}");
+    if std::env::var("LLMTRACE_ROTATOR_SIGTERM_AT").is_ok_and(|want| want == name) {
+        eprintln!("failpoint reached: SIGTERM at {name}");
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM);
+        // Let the signal handler see it before the run takes its next step.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     if std::env::var("LLMTRACE_ROTATOR_PAUSE_AT").is_ok_and(|want| want == name) {
         eprintln!("failpoint reached: {name}");
         std::future::pending::<()>().await;

@@ -9,8 +9,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
+use support::kube_fake::{Fault, Rollout};
 use support::rotator::{
-    assert_no_secret, boundaries, file_config_with, free_port, ComposeHost, Output,
+    assert_no_secret, boundaries, file_config_with, free_port, ComposeHost, LlmtraceCluster, Output,
 };
 
 const JOURNAL_DOWN_AT: &str = "LLMTRACE_ROTATOR_JOURNAL_DOWN_AT";
@@ -514,4 +515,148 @@ fn wall_ns() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// SIGTERM (a CronJob deadline, a node drain) at every step boundary: the run rolls back and
+/// records it before exiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_at_every_boundary_rolls_back() {
+    let host = ComposeHost::start().await;
+    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(first.code, 0, "{}", first.all());
+    let all = boundaries(&first.json());
+    let mut rows = Vec::new();
+    for boundary in &all {
+        let env_before = host.env_text();
+        let clock = Instant::now();
+        let out = host
+            .rotator
+            .run_with(
+                &["rotate", "--output", "json"],
+                &[("LLMTRACE_ROTATOR_SIGTERM_AT", boundary)],
+            )
+            .await;
+        let elapsed = clock.elapsed();
+        assert_eq!(out.code, 1, "{boundary}: {}", out.all());
+        assert_eq!(out.json()["outcome"], "rolled_back", "{boundary}");
+        assert_eq!(host.env_text(), env_before, "{boundary}");
+        host.assert_stores_log_in().await;
+        let history = host
+            .rotator
+            .run(&["history", "--limit", "1", "--output", "json"])
+            .await;
+        assert_eq!(
+            history.json()[0]["outcome"],
+            "rolled_back",
+            "{boundary}: recorded"
+        );
+        let (now, _) = host.stored_passwords();
+        assert_no_secret(
+            &out.all(),
+            &[now.as_str(), host.pg.admin_password()],
+            boundary,
+        );
+        rows.push(Row {
+            fault: "SIGTERM".into(),
+            boundary: boundary.clone(),
+            exit: out.code,
+            outcome: "rolled_back (no recovery needed)".into(),
+            logs_in: true,
+            elapsed,
+        });
+    }
+    print_rows(&rows);
+    let nothing = host.rotator.run(&["recover"]).await;
+    assert!(
+        nothing.stdout.contains("nothing to recover"),
+        "{}",
+        nothing.all()
+    );
+}
+
+fn with_kubernetes_timeout(cluster: &LlmtraceCluster, timeout: &str) {
+    let config = std::fs::read_to_string(&cluster.rotator.config)
+        .unwrap()
+        .replace(
+            "[rotator]\n",
+            &format!("[rotator]\nkubernetes_timeout = \"{timeout}\"\n"),
+        );
+    cluster.rotator.write_config(&config);
+}
+
+/// The API server stalls on the Secret write and applies it after the client gave up: the
+/// rollback fences the Secret (its resourceVersion moves), so the late write is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_secret_write_applied_late_cannot_undo_the_rollback() {
+    let cluster = LlmtraceCluster::start(Rollout::ReadyAfter(Duration::from_millis(100))).await;
+    with_kubernetes_timeout(&cluster, "1s");
+    let stall = Duration::from_secs(4);
+    cluster.kube.stall(
+        Fault::new(0)
+            .method("PUT")
+            .resource("secrets")
+            .name("llmtrace"),
+        stall,
+    );
+    let clock = Instant::now();
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    eprintln!(
+        "stalled Secret write: rolled back in {} ms",
+        clock.elapsed().as_millis()
+    );
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back");
+    assert!(
+        clock.elapsed() < stall,
+        "the run did not wait for the API server"
+    );
+    tokio::time::sleep(stall).await;
+    let late = cluster
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.name == "llmtrace")
+        .map(|r| r.status)
+        .collect::<Vec<_>>();
+    assert!(late.contains(&409), "the late write was refused: {late:?}");
+    assert_eq!(cluster.url_password(), cluster.old_password);
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.url_password(), "llmtrace")
+        .await
+        .expect("the stored credential logs in");
+}
+
+/// The API server stalls on the rollout patch: the restart fails within the consumer's
+/// timeout and the run rolls back, instead of hanging.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_rollout_patch_fails_within_the_consumer_timeout() {
+    let cluster = LlmtraceCluster::start(Rollout::ReadyAfter(Duration::from_millis(100))).await;
+    let config = std::fs::read_to_string(&cluster.rotator.config)
+        .unwrap()
+        .replace("timeout = \"20s\"", "timeout = \"2s\"");
+    cluster.rotator.write_config(&config);
+    cluster.kube.stall(
+        Fault::new(0).method("PATCH").resource("deployments"),
+        Duration::from_secs(15),
+    );
+    let clock = Instant::now();
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    eprintln!(
+        "stalled rollout patch: rolled back in {} ms",
+        clock.elapsed().as_millis()
+    );
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back");
+    assert!(
+        clock.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        clock.elapsed()
+    );
+    assert_eq!(cluster.url_password(), cluster.old_password);
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.url_password(), "llmtrace")
+        .await
+        .expect("the stored credential logs in");
 }

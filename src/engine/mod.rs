@@ -103,9 +103,16 @@ impl Deps {
     /// Connects a Kubernetes client (KUBECONFIG or in-cluster) only when the config needs one.
     pub async fn new(config: Config) -> Result<Arc<Deps>, EngineError> {
         let kube = if config.uses_kubernetes() {
+            let mut settings = kube::Config::infer()
+                .await
+                .map_err(|e| EngineError::Kubernetes(e.to_string()))?;
+            // A stalled API server fails the step instead of holding the run (and SIGTERM).
+            let timeout = Some(config.rotator.kubernetes_timeout);
+            settings.connect_timeout = timeout;
+            settings.read_timeout = timeout;
+            settings.write_timeout = timeout;
             Some(
-                kube::Client::try_default()
-                    .await
+                kube::Client::try_from(settings)
                     .map_err(|e| EngineError::Kubernetes(e.to_string()))?,
             )
         } else {

@@ -356,6 +356,11 @@ impl<'a> RunContext<'a> {
     /// when that record is durable and the run is still ours (write-ahead). A step that may not
     /// is closed as `skipped` and the caller acts on nothing.
     async fn begin_effect(&mut self, step: &str, subject: &str) -> Result<StepId, Stop> {
+        if let Some(lock) = &self.lock {
+            if !lock.check().await {
+                self.lock_lost.cancel();
+            }
+        }
         self.may_continue()?;
         let id = self.rec.begin(step, subject).await;
         if let Err(stop) = self.may_continue() {

@@ -37,6 +37,8 @@ pub enum TargetLock {
 pub struct PgLock {
     lost: CancellationToken,
     release: CancellationToken,
+    /// Asks the watcher to check the session now; it answers whether the locks are still held.
+    check: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<bool>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -55,6 +57,19 @@ impl TargetLock {
         }
     }
 
+    /// Whether the locks are still held, checked now (a round trip for PostgreSQL): called
+    /// before each side effect.
+    pub async fn check(&self) -> bool {
+        let TargetLock::Postgres(lock) = self else {
+            return true;
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if lock.check.send(answer).await.is_err() {
+            return false;
+        }
+        answered.await.unwrap_or(false)
+    }
+
     /// Releases the locks and waits until they are free for the next taker.
     pub async fn release(mut self) {
         if let TargetLock::Postgres(lock) = &mut self {
@@ -66,24 +81,34 @@ impl TargetLock {
     }
 }
 
+type CheckRequests = tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<bool>>;
+
 async fn watch_session(
     mut conn: PgConnection,
     release: CancellationToken,
     lost: CancellationToken,
+    mut checks: CheckRequests,
 ) {
     const ANSWER_WITHIN: Duration = Duration::from_secs(2);
     loop {
-        tokio::select! {
+        let asked = tokio::select! {
+            biased;
             _ = release.cancelled() => {
                 let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut conn);
                 let _ = tokio::time::timeout(ANSWER_WITHIN, unlock).await;
                 let _ = tokio::time::timeout(ANSWER_WITHIN, conn.close()).await;
                 return;
             }
-            _ = tokio::time::sleep(LOCK_CHECK_INTERVAL) => {}
-        }
+            _ = tokio::time::sleep(LOCK_CHECK_INTERVAL) => None,
+            asked = checks.recv() => asked,
+        };
+        // Session-level advisory locks are held exactly as long as the session lives.
         let ping = sqlx::query("SELECT 1").execute(&mut conn);
-        if !matches!(tokio::time::timeout(ANSWER_WITHIN, ping).await, Ok(Ok(_))) {
+        let alive = matches!(tokio::time::timeout(ANSWER_WITHIN, ping).await, Ok(Ok(_)));
+        if let Some(answer) = asked {
+            let _ = answer.send(alive);
+        }
+        if !alive {
             tracing::error!(
                 "the journal session holding the target locks is gone: the locks are lost"
             );
@@ -168,10 +193,13 @@ impl Locker {
                     }
                 }
                 let (release, lost) = (CancellationToken::new(), CancellationToken::new());
-                let watcher = tokio::spawn(watch_session(conn, release.clone(), lost.clone()));
+                let (check, checks) = tokio::sync::mpsc::channel(1);
+                let watcher =
+                    tokio::spawn(watch_session(conn, release.clone(), lost.clone(), checks));
                 Ok(TargetLock::Postgres(PgLock {
                     lost,
                     release,
+                    check,
                     watcher: Some(watcher),
                 }))
             }

@@ -126,4 +126,32 @@ impl Store for SecretStore {
         }
         unreachable!("the last attempt returns")
     }
+
+    /// A write whose answer never came (the call timed out) may still be applied by the API
+    /// server later, after the rollback. Changing the Secret once more moves its
+    /// resourceVersion, so such a late write carries a stale one and is refused (409).
+    async fn settle(&self, value: Option<&Secret>) -> Result<(), StoreError> {
+        let mut secret = self.get().await?;
+        if self.value_of(&secret)?.as_ref() != value {
+            return Err(StoreError::Conflict {
+                store: self.describe(),
+            });
+        }
+        secret
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                SETTLED_ANNOTATION.to_string(),
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            );
+        self.api
+            .replace(&self.name, &PostParams::default(), &secret)
+            .await
+            .map_err(|e| self.api_error(e))?;
+        Ok(())
+    }
 }
+
+/// Set on a Secret a rollback restored, to fence off late writes (see `settle`).
+pub const SETTLED_ANNOTATION: &str = "llmtrace-rotator/settled-at";

@@ -346,6 +346,12 @@ impl KubeFake {
     /// The next `fault.times` matching requests are handled (a write is persisted) and
     /// then answered with the error anyway, like a timeout after commit. Only applied to
     /// requests that would otherwise have succeeded.
+    /// Holds matching requests for `delay` before handling them (the status of `fault` is
+    /// unused): the client may give up, the request is still applied afterwards.
+    pub fn stall(&self, fault: Fault, delay: Duration) {
+        self.lock().stalls.push((fault, delay));
+    }
+
     pub fn inject_fault_after(&self, fault: Fault) {
         self.lock().faults_after.push(fault);
     }
@@ -791,6 +797,17 @@ async fn handle(
         content_type,
         body,
     };
+    // A stalled API server: the request is applied late, as a real one under load may apply a
+    // write whose client has given up waiting.
+    // It runs in a task of its own: the client hanging up does not stop it.
+    let stall = take_stall(&mut lock(&state).stalls, &record);
+    if let Some(delay) = stall {
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            lock(&state).serve(record, incoming)
+        });
+        return late.await.expect("the stalled request is served");
+    }
     let mut st = lock(&state);
     if incoming.method == Method::POST && uri.path() == TOKEN_REVIEWS {
         return st.token_review(record, &incoming.body);
@@ -1003,6 +1020,7 @@ struct State {
     requests: Vec<RequestRecord>,
     faults_before: Vec<Fault>,
     faults_after: Vec<Fault>,
+    stalls: Vec<(Fault, Duration)>,
     controller_lag: Duration,
     /// Service account tokens this fake issued: token -> (namespace, service account, uid).
     service_account_tokens: BTreeMap<String, (String, String, String)>,
@@ -1024,6 +1042,7 @@ impl State {
             workloads: BTreeMap::new(),
             requests: Vec::new(),
             faults_before: Vec::new(),
+            stalls: Vec::new(),
             service_account_tokens: BTreeMap::new(),
             faults_after: Vec::new(),
             controller_lag: Duration::ZERO,
@@ -1781,6 +1800,14 @@ impl State {
 }
 
 /// Consumes one use of the first matching fault; returns its status code.
+fn take_stall(stalls: &mut Vec<(Fault, Duration)>, record: &RequestRecord) -> Option<Duration> {
+    let (fault, delay) = stalls.iter_mut().find(|(f, _)| f.matches(record))?;
+    fault.times -= 1;
+    let delay = *delay;
+    stalls.retain(|(f, _)| f.times > 0);
+    Some(delay)
+}
+
 fn take_fault(faults: &mut Vec<Fault>, record: &RequestRecord) -> Option<u16> {
     let fault = faults.iter_mut().find(|f| f.matches(record))?;
     fault.times -= 1;
