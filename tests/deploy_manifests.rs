@@ -211,6 +211,7 @@ fn every_rendered_object_parses_into_its_kubernetes_type_with_nothing_dropped() 
             &[
                 "ConfigMap",
                 "CronJob",
+                "NetworkPolicy",
                 "Role",
                 "RoleBinding",
                 "ServiceAccount",
@@ -449,7 +450,7 @@ fn cronjob_rotates_weekly_once_without_retries_within_a_sized_deadline() {
 }
 
 #[test]
-fn daemon_is_a_probed_singleton_with_its_service_monitor_budget_and_network_policy() {
+fn daemon_runs_two_spread_replicas_with_its_service_monitor_budget_and_network_policy() {
     let objects = render("overlays/daemon");
     let (_, config) = shipped_config(&objects);
     let config_map = name(find(&objects, "ConfigMap")).to_string();
@@ -460,8 +461,18 @@ fn daemon_is_a_probed_singleton_with_its_service_monitor_budget_and_network_poli
         ["serve", "--config", "/etc/rotator/rotator.toml"]
     );
     let spec = &deployment["spec"];
-    assert_eq!(spec["replicas"], 1);
-    assert_eq!(spec["strategy"]["type"], "Recreate");
+    // Two replicas on a PostgreSQL journal (fire claims and locks live there), rolled one at a
+    // time, preferably on different nodes.
+    assert_eq!(spec["replicas"], 2);
+    assert!(matches!(
+        config.rotator.journal,
+        JournalLocation::Reference(_)
+    ));
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 1);
+    let spread = &pod_template(deployment)["spec"]["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
     let pod = &pod_template(deployment)["spec"];
     let grace = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
     assert!(
@@ -534,7 +545,7 @@ fn daemon_is_a_probed_singleton_with_its_service_monitor_budget_and_network_poli
     assert!(selects_pod(&pdb["spec"]["selector"]["matchLabels"]));
     assert_eq!(
         pdb["spec"]["maxUnavailable"], 1,
-        "a singleton must not block drains"
+        "a drain may take one replica at a time, and never blocks"
     );
     assert!(pdb["spec"]["minAvailable"].is_null());
 
@@ -550,6 +561,11 @@ fn daemon_is_a_probed_singleton_with_its_service_monitor_budget_and_network_poli
     let from = ingress[0]["from"].as_array().unwrap();
     assert!(from.contains(&json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})));
     assert!(from.contains(&json!({"podSelector": {}})));
+    assert_egress_is_backends_api_and_dns(policy);
+}
+
+/// Egress to the backends' ports, the API server and DNS, and nothing else.
+fn assert_egress_is_backends_api_and_dns(policy: &Value) {
     let mut egress_ports = BTreeSet::new();
     for rule in policy["spec"]["egress"].as_array().unwrap() {
         for port in rule["ports"]
@@ -576,6 +592,23 @@ fn daemon_is_a_probed_singleton_with_its_service_monitor_budget_and_network_poli
     .into_iter()
     .collect();
     assert_eq!(egress_ports, wanted);
+}
+
+#[test]
+fn cronjob_pods_accept_no_connections_and_reach_only_backends_api_and_dns() {
+    let objects = render("overlays/cronjob");
+    let cron = find(&objects, "CronJob");
+    let labels = pod_template(cron)["metadata"]["labels"]
+        .as_object()
+        .unwrap();
+    let policy = find(&objects, "NetworkPolicy");
+    let selector = policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(!selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(policy["spec"]["ingress"], json!([]), "no ingress at all");
+    assert_egress_is_backends_api_and_dns(policy);
 }
 
 #[test]

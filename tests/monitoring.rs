@@ -92,6 +92,7 @@ fn every_alert_has_severity_summary_description_and_its_runbook() {
             "RotatorCredentialInvalid",
             "RotatorCredentialTooOld",
             "RotatorDown",
+            "RotatorNoLeader",
             "RotatorRollbackFailed",
             "RotatorRotationFailed",
             "RotatorScheduleSkipped",

@@ -281,6 +281,36 @@ impl Journal {
         Ok(())
     }
 
+    /// Claims one scheduled fire of `target` for `replica`; `false` when another replica has.
+    /// Claims older than `keep_ms` are pruned on the way.
+    pub async fn claim_fire(
+        &self,
+        target: &str,
+        scheduled_at_ms: i64,
+        replica: &str,
+        keep_ms: i64,
+    ) -> Result<bool, JournalError> {
+        let now = now_ms();
+        let inserted = sqlx::query(
+            "INSERT INTO rotator_fires (target, scheduled_at, replica, claimed_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (target, scheduled_at) DO NOTHING",
+        )
+        .bind(target)
+        .bind(scheduled_at_ms)
+        .bind(replica)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        sqlx::query("DELETE FROM rotator_fires WHERE target = $1 AND claimed_at < $2")
+            .bind(target)
+            .bind(now - keep_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
     /// Makes `owner` the run's driver: from now on the previous owner's checkpoints fail.
     /// Called by recovery while it holds the run's target locks.
     pub async fn claim(&self, id: &str, owner: &str) -> Result<(), JournalError> {

@@ -34,6 +34,7 @@ pub struct Metrics {
     in_progress: IntGaugeVec,
     skipped: IntCounterVec,
     warnings: IntCounterVec,
+    leader: prometheus::IntGauge,
     /// Unix seconds of each target's last success, to compute the credential's age at scrape time.
     successes: Mutex<HashMap<String, f64>>,
 }
@@ -158,6 +159,17 @@ impl Metrics {
                 &["target", "reason"],
             ),
             warnings: counter(r, "rotator_warnings_total", "Changes that worked but need attention, by kind (not_persisted, dual_unsupported).", &["target", "kind"]),
+            leader: {
+                let metric = prometheus::IntGauge::new(
+                    "rotator_leader",
+                    "1 while this replica schedules: its scheduler runs and can claim fires in the journal.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                metric
+            },
             successes: Mutex::new(HashMap::new()),
             registry,
         };
@@ -236,6 +248,10 @@ impl Metrics {
         self.credential_valid
             .with_label_values(&[target])
             .set(i64::from(valid));
+    }
+
+    pub fn set_leader(&self, scheduling: bool) {
+        self.leader.set(i64::from(scheduling));
     }
 
     pub fn skipped(&self, target: &str, reason: &str) {

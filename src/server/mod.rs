@@ -49,6 +49,8 @@ pub struct Daemon {
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: runs in flight stop and roll back.
     pub cancel_runs: CancellationToken,
+    /// This replica's name in fire claims: replicas share one PostgreSQL journal.
+    pub replica: String,
     /// Each scheduled target's next fire.
     pub next_fires: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Each target's last drift check result.
@@ -139,6 +141,13 @@ impl Daemon {
     }
 }
 
+/// The pod name (HOSTNAME in Kubernetes) plus a random suffix: unique even across restarts.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "serve".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
+
 /// Runs the daemon until `shutdown` resolves, then stops taking requests, cancels the runs in
 /// flight and gives them `shutdown_grace` to roll back; what is left then is for recovery.
 pub async fn serve(
@@ -181,6 +190,7 @@ pub async fn serve(
         tokens,
         tracker: TaskTracker::new(),
         cancel_runs: CancellationToken::new(),
+        replica: replica_name(),
         next_fires: Mutex::new(HashMap::new()),
         valid: Mutex::new(HashMap::new()),
     });

@@ -41,7 +41,42 @@ fn jittered(target: &Target, scheduled: DateTime<Utc>) -> Fire {
     }
 }
 
+/// How long fire claims are kept: longer than any window, so a late replica still finds them.
+const KEEP_CLAIMS: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Takes one fire for this replica. Every replica schedules every target; the journal's
+/// unique (target, fire time) key lets exactly one of them run each fire, so the others stay
+/// silent instead of counting a `busy` skip, and a replica that dies costs no fire after it.
+async fn claim(daemon: &Daemon, target: &str, fire: Fire) -> bool {
+    let claimed = daemon
+        .engine
+        .journal
+        .claim_fire(
+            target,
+            fire.scheduled.timestamp_millis(),
+            &daemon.replica,
+            KEEP_CLAIMS.as_millis() as i64,
+        )
+        .await;
+    match claimed {
+        Ok(mine) => {
+            daemon.metrics.set_leader(true);
+            if !mine {
+                tracing::debug!(target, "another replica runs this fire");
+            }
+            mine
+        }
+        Err(error) => {
+            tracing::error!(target, cause = %error, "cannot claim a scheduled fire: the journal failed; skipped");
+            daemon.metrics.set_leader(false);
+            daemon.metrics.skipped(target, "journal_unavailable");
+            false
+        }
+    }
+}
+
 pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
+    daemon.metrics.set_leader(true);
     let checker = tokio::spawn(drift_checks(daemon.clone(), stop.clone()));
     let recoverer = tokio::spawn(recoveries(daemon.clone(), stop.clone()));
     let mut fires = first_fires(&daemon).await;
@@ -71,25 +106,29 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
             let Some(target) = daemon.engine.deps.config.target(&name) else {
                 continue;
             };
-            let late = (now - fire.at).to_std().unwrap_or_default();
-            if late > target.window {
-                tracing::warn!(target = %name, late_seconds = late.as_secs(), "scheduled rotation missed its window; skipped");
-                daemon.metrics.skipped(&name, "missed_window");
-            } else {
-                runnable.push(name.clone());
-            }
             let schedule = target
                 .schedule
                 .as_ref()
                 .expect("only scheduled targets have fires");
             if let Some(next) = schedule.next_after(fire.scheduled.max(now)) {
-                fires.insert(name, jittered(target, next));
+                fires.insert(name.clone(), jittered(target, next));
+            }
+            if !claim(&daemon, &name, fire).await {
+                continue;
+            }
+            let late = (now - fire.at).to_std().unwrap_or_default();
+            if late > target.window {
+                tracing::warn!(target = %name, late_seconds = late.as_secs(), "scheduled rotation missed its window; skipped");
+                daemon.metrics.skipped(&name, "missed_window");
+            } else {
+                runnable.push(name);
             }
         }
         for group in group_by_consumer(&daemon.engine.deps.config, &runnable) {
             launch(&daemon, group).await;
         }
     }
+    daemon.metrics.set_leader(false);
     let _ = checker.await;
     let _ = recoverer.await;
 }

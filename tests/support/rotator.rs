@@ -117,11 +117,15 @@ impl Rotator {
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
+        self.command_with(args, &self.config)
+    }
+
+    fn command_with(&self, args: &[&str], config: &Path) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(bin());
         command
             .args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .current_dir(self.dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -524,8 +528,13 @@ impl Rotator {
     /// Starts `serve` (the config must listen on `port` and read tokens from ROTATOR_API_TOKENS)
     /// and waits until /healthz answers.
     pub async fn serve(&self, port: u16) -> Server {
+        self.serve_with(&self.config, port).await
+    }
+
+    /// [`Rotator::serve`] with another config file (a second replica in the same directory).
+    pub async fn serve_with(&self, config: &Path, port: u16) -> Server {
         let token = random_password();
-        let mut command = self.command(&["serve"]);
+        let mut command = self.command_with(&["serve"], config);
         command.env(
             "ROTATOR_API_TOKENS",
             format!("# operators\n{token}\nsecond-token-{token}\n"),
