@@ -1,5 +1,6 @@
 //! Journals every step boundary (state and step row in one transaction) and times each step.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use super::state::RunState;
@@ -21,6 +22,11 @@ pub struct Recorder<'j> {
     pub fenced: bool,
     /// Every failed step with its error label, for the failure counters.
     pub failures: Vec<Failure>,
+    /// The part each step changes, aligned with `steps`.
+    step_parts: Vec<Part>,
+    /// Parts changed since the last durable checkpoint.
+    run_dirty: bool,
+    dirty_targets: BTreeSet<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -32,6 +38,14 @@ pub struct Failure {
 
 pub type StepId = usize;
 
+/// Which part of the run state a step changes: the run's own (consumers, rollback flag) or one
+/// target's. A checkpoint writes only the parts that changed since the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Run,
+    Target(usize),
+}
+
 impl<'j> Recorder<'j> {
     pub fn new(
         journal: &'j Journal,
@@ -41,6 +55,7 @@ impl<'j> Recorder<'j> {
         steps: Vec<StepRecord>,
     ) -> Self {
         let clocks = steps.iter().map(|_| Instant::now()).collect();
+        let step_parts = steps.iter().map(|_| Part::Run).collect();
         Recorder {
             journal,
             id,
@@ -50,6 +65,9 @@ impl<'j> Recorder<'j> {
             clocks,
             journal_failed: false,
             fenced: false,
+            step_parts,
+            run_dirty: false,
+            dirty_targets: BTreeSet::new(),
             failures: Vec::new(),
         }
     }
@@ -63,20 +81,50 @@ impl<'j> Recorder<'j> {
         !self.journal_failed && !self.fenced
     }
 
+    /// Marks a part as changed: the next checkpoint writes it.
+    pub fn touch(&mut self, part: Part) {
+        match part {
+            Part::Run => self.run_dirty = true,
+            Part::Target(i) => {
+                self.dirty_targets.insert(i);
+            }
+        }
+    }
+
     async fn checkpoint(&mut self, index: StepId) {
+        self.touch(self.step_parts[index]);
         let step = &self.steps[index];
         let result = if failpoint::journal_down(&step.step, &step.subject, &step.status) {
             Err(JournalError::Open(
                 "journal made unavailable by a failpoint".into(),
             ))
         } else {
-            let bytes = self.state.to_bytes();
+            let header = self.run_dirty.then(|| self.state.header_bytes());
+            let parts: Vec<_> = self
+                .dirty_targets
+                .iter()
+                .map(|&i| {
+                    (
+                        self.state.targets[i].name.clone(),
+                        self.state.target_bytes(i),
+                    )
+                })
+                .collect();
             self.journal
-                .checkpoint(&self.id, &self.owner, &bytes, step)
+                .checkpoint(
+                    &self.id,
+                    &self.owner,
+                    header.as_ref().map(|h| h.as_slice()),
+                    &parts,
+                    step,
+                )
                 .await
         };
         match result {
-            Ok(()) => {}
+            Ok(()) => {
+                self.run_dirty = false;
+                self.dirty_targets.clear();
+            }
             Err(JournalError::Fenced(_)) => {
                 tracing::error!(run = %self.id, "another process has taken over this run; stopping");
                 self.fenced = true;
@@ -90,8 +138,8 @@ impl<'j> Recorder<'j> {
         failpoint::boundary(&step.step, &step.subject, &step.status).await;
     }
 
-    /// Records that `step` on `subject` starts, with the state as it is now.
-    pub async fn begin(&mut self, step: &str, subject: &str) -> StepId {
+    /// Records that `step` on `subject` starts, with the state of `part` as it is now.
+    pub async fn begin(&mut self, part: Part, step: &str, subject: &str) -> StepId {
         tracing::info!(run = %self.id, step, subject, "step started");
         self.steps.push(StepRecord {
             seq: self.steps.len() as i64 + 1,
@@ -103,6 +151,7 @@ impl<'j> Recorder<'j> {
             error: None,
         });
         self.clocks.push(Instant::now());
+        self.step_parts.push(part);
         let index = self.steps.len() - 1;
         self.checkpoint(index).await;
         index

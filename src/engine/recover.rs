@@ -1,7 +1,7 @@
 //! Resumes runs a crash left unfinished: roll forward when every store already holds the new
 //! credential and it logs in, otherwise roll back.
 
-use super::recorder::Recorder;
+use super::recorder::{Part, Recorder};
 use super::report::{Outcome, RunReport};
 use super::run::RunContext;
 use super::state::{Progress, RunState};
@@ -42,10 +42,11 @@ pub async fn recover_all(engine: &Engine) -> Result<Vec<RunReport>, EngineError>
             tracing::warn!(run = %run.id, "run needs recovery but holds no state; see its report");
             continue;
         }
-        let state = RunState::from_bytes(&run.state).map_err(|message| JournalError::State {
-            run: run.id.clone(),
-            message,
-        })?;
+        let state =
+            RunState::assemble(&run.state, &run.parts).map_err(|message| JournalError::State {
+                run: run.id.clone(),
+                message,
+            })?;
         let owner = super::run::new_owner();
         engine.journal.claim(&run.id, &owner).await?;
         if engine.journal.is_postgres() {
@@ -92,7 +93,7 @@ async fn recover_run(
     let rec = Recorder::new(&engine.journal, id, owner, state, steps);
     let mut run = RunContext::resume(engine, rec, targets, consumers, notes, lock);
 
-    let step = run.rec.begin("recover", "decide").await;
+    let step = run.rec.begin(Part::Run, "recover", "decide").await;
     let roll_forward = !run.rec.state.rolling_back && new_credential_is_everywhere(&run).await;
     let decision = if roll_forward {
         "roll forward: every store holds the new credential and it logs in"

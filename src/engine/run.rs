@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use super::plan::Plan;
-use super::recorder::{Recorder, StepId};
+use super::recorder::{Part, Recorder, StepId};
 use super::report::{Outcome, RunReport};
 use super::state::{Progress, RunState, SavedCredential, StoreState};
 use super::{Deps, Engine, EngineError, StepError, TargetRuntime};
@@ -166,7 +166,14 @@ pub async fn start<'e>(
     let state = RunState::new(&names, &plan.consumers);
     engine
         .journal
-        .begin_run(&id, &owner, trigger, &names, &state.to_bytes())
+        .begin_run(
+            &id,
+            &owner,
+            trigger,
+            &names,
+            &state.header_bytes(),
+            &state.all_target_parts(),
+        )
         .await?;
     tracing::info!(run = %id, trigger, targets = ?names, "rotation started");
     Ok(RunContext {
@@ -355,14 +362,19 @@ impl<'a> RunContext<'a> {
     /// Journals that `step` may now change `subject` and says whether it may go ahead: only
     /// when that record is durable and the run is still ours (write-ahead). A step that may not
     /// is closed as `skipped` and the caller acts on nothing.
-    async fn begin_effect(&mut self, step: &str, subject: &str) -> Result<StepId, Stop> {
+    async fn begin_effect(
+        &mut self,
+        part: Part,
+        step: &str,
+        subject: &str,
+    ) -> Result<StepId, Stop> {
         if let Some(lock) = &self.lock {
             if !lock.check().await {
                 self.lock_lost.cancel();
             }
         }
         self.may_continue()?;
-        let id = self.rec.begin(step, subject).await;
+        let id = self.rec.begin(part, step, subject).await;
         if let Err(stop) = self.may_continue() {
             self.rec
                 .end(
@@ -399,7 +411,7 @@ impl<'a> RunContext<'a> {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin("preflight", &name).await;
+            let step = self.rec.begin(Part::Target(i), "preflight", &name).await;
             let result = match self.deps.config.target(&name) {
                 Some(target) => preflight(self.deps, target).await,
                 None => Err(StepError::new(
@@ -433,7 +445,7 @@ impl<'a> RunContext<'a> {
             let name = self.rec.state.consumers[k].name.clone();
             let step = self
                 .rec
-                .begin("preflight", &format!("consumer/{name}"))
+                .begin(Part::Run, "preflight", &format!("consumer/{name}"))
                 .await;
             let result = match self.deps.consumer(&name) {
                 Ok(handle) => {
@@ -495,7 +507,7 @@ impl<'a> RunContext<'a> {
     async fn generate(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin("generate", &name).await;
+            let step = self.rec.begin(Part::Target(i), "generate", &name).await;
             let runtime = self.runtime(i).map_err(|_| Stop::Failed)?;
             let current: Credential = self.rec.state.targets[i]
                 .current
@@ -518,7 +530,7 @@ impl<'a> RunContext<'a> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             self.rec.state.targets[i].apply = Progress::Started;
-            let step = match self.begin_effect("apply", &name).await {
+            let step = match self.begin_effect(Part::Target(i), "apply", &name).await {
                 Ok(step) => step,
                 Err(stop) => {
                     self.rec.state.targets[i].apply = Progress::NotStarted;
@@ -546,7 +558,10 @@ impl<'a> RunContext<'a> {
     async fn verify_backend(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin("verify-backend", &name).await;
+            let step = self
+                .rec
+                .begin(Part::Target(i), "verify-backend", &name)
+                .await;
             let result = match (self.runtime(i), self.credentials(i)) {
                 (Ok(runtime), Ok((_, next))) => {
                     runtime.backend.login(&next).await.map_err(StepError::from)
@@ -573,7 +588,10 @@ impl<'a> RunContext<'a> {
                 let store_state = &mut self.rec.state.targets[i].stores[j];
                 store_state.written = written.as_ref().ok().cloned();
                 store_state.publish = Progress::Started;
-                let step = match self.begin_effect("publish", &store_subject(&name, j)).await {
+                let step = match self
+                    .begin_effect(Part::Target(i), "publish", &store_subject(&name, j))
+                    .await
+                {
                     Ok(step) => step,
                     Err(stop) => {
                         self.rec.state.targets[i].stores[j].publish = Progress::NotStarted;
@@ -623,7 +641,9 @@ impl<'a> RunContext<'a> {
             let name = self.rec.state.targets[i].name.clone();
             self.rec.state.targets[i].sync = Progress::Started;
             for k in 0..entries {
-                let step = self.begin_effect("sync", &sync_subject(&name, k)).await?;
+                let step = self
+                    .begin_effect(Part::Target(i), "sync", &sync_subject(&name, k))
+                    .await?;
                 let result = match (self.runtime(i), self.credentials(i)) {
                     (Ok(runtime), Ok((_, next))) => {
                         self.interruptible(async {
@@ -653,7 +673,7 @@ impl<'a> RunContext<'a> {
             let name = self.rec.state.consumers[k].name.clone();
             let previous = self.rec.state.consumers[k].restart;
             self.rec.state.consumers[k].restart = Progress::Started;
-            let step = match self.begin_effect("restart", &name).await {
+            let step = match self.begin_effect(Part::Run, "restart", &name).await {
                 Ok(step) => step,
                 Err(stop) => {
                     self.rec.state.consumers[k].restart = previous;
@@ -784,7 +804,7 @@ impl<'a> RunContext<'a> {
     async fn verify(&mut self) -> Result<(), Stop> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin("verify", &name).await;
+            let step = self.rec.begin(Part::Target(i), "verify", &name).await;
             let result = match self.credentials(i) {
                 Ok((_, next)) => self.verify_stores(i, Some(&next)).await,
                 Err(e) => Err(e),
@@ -800,7 +820,7 @@ impl<'a> RunContext<'a> {
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
             self.rec.state.targets[i].retire = Progress::Started;
-            let step = match self.begin_effect("retire", &name).await {
+            let step = match self.begin_effect(Part::Target(i), "retire", &name).await {
                 Ok(step) => step,
                 Err(stop) => {
                     self.rec.state.targets[i].retire = Progress::NotStarted;
@@ -832,6 +852,7 @@ impl<'a> RunContext<'a> {
     pub async fn rollback(&mut self) -> Outcome {
         tracing::warn!(run = %self.rec.id, "rolling back");
         self.rec.state.rolling_back = true;
+        self.rec.touch(Part::Run);
         let mut ok = self.undo_publish().await;
         ok &= self.undo_sync().await;
         ok &= self.undo_apply(false).await;
@@ -866,7 +887,7 @@ impl<'a> RunContext<'a> {
                 }
                 let step = self
                     .rec
-                    .begin("undo-publish", &store_subject(&name, j))
+                    .begin(Part::Target(i), "undo-publish", &store_subject(&name, j))
                     .await;
                 let result = match self.runtime(i) {
                     Ok(runtime) => restore_store(runtime.stores[j].as_ref(), &store_state).await,
@@ -918,7 +939,10 @@ impl<'a> RunContext<'a> {
             let name = state.name.clone();
             let mut synced = entries > 0;
             for k in 0..entries.max(1) {
-                let step = self.rec.begin("undo-sync", &sync_subject(&name, k)).await;
+                let step = self
+                    .rec
+                    .begin(Part::Target(i), "undo-sync", &sync_subject(&name, k))
+                    .await;
                 let old: Option<Credential> =
                     self.rec.state.targets[i].current.as_ref().map(Into::into);
                 let result = match (self.runtime(i), old) {
@@ -959,7 +983,7 @@ impl<'a> RunContext<'a> {
                 continue;
             }
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin("undo-apply", &name).await;
+            let step = self.rec.begin(Part::Target(i), "undo-apply", &name).await;
             let result = match (self.runtime(i), self.credentials(i)) {
                 (Ok(runtime), Ok((current, next))) => {
                     match undo_needed(runtime, &current, &next).await {
@@ -1000,7 +1024,7 @@ impl<'a> RunContext<'a> {
                 continue;
             }
             let name = self.rec.state.consumers[k].name.clone();
-            let step = self.rec.begin("undo-restart", &name).await;
+            let step = self.rec.begin(Part::Run, "undo-restart", &name).await;
             let result = match self.consumers.get(k).and_then(Option::as_ref) {
                 Some(handle) => handle.restart_and_wait().await.map_err(StepError::from),
                 None => Err(StepError::new(
@@ -1025,7 +1049,7 @@ impl<'a> RunContext<'a> {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin("verify-old", &name).await;
+            let step = self.rec.begin(Part::Target(i), "verify-old", &name).await;
             let next: Option<Credential> = self.rec.state.targets[i].next.as_ref().map(Into::into);
             let result = self.verify_stores_not(i, next.as_ref()).await;
             ok &= result.is_ok();

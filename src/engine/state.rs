@@ -3,6 +3,7 @@
 //! Serialized into the journal only after AES-256-GCM sealing: it holds passwords.
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::secret::{sealed_serde, Credential, Secret};
 
@@ -112,18 +113,65 @@ impl RunState {
         }
     }
 
-    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
-        zeroize::Zeroizing::new(serde_json::to_vec(self).expect("run state serializes"))
+    /// The run's own part: consumers, the rollback flag and the order of the targets.
+    pub fn header_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let header = Header {
+            consumers: self.consumers.clone(),
+            rolling_back: self.rolling_back,
+            order: self.targets.iter().map(|t| t.name.clone()).collect(),
+        };
+        Zeroizing::new(serde_json::to_vec(&header).expect("run header serializes"))
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<RunState, String> {
-        serde_json::from_slice(bytes).map_err(|e| {
+    /// One target's part, stored in a row of its own.
+    pub fn target_bytes(&self, index: usize) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(serde_json::to_vec(&self.targets[index]).expect("target state serializes"))
+    }
+
+    /// Every target's part, keyed by target name.
+    pub fn all_target_parts(&self) -> Vec<(String, Zeroizing<Vec<u8>>)> {
+        (0..self.targets.len())
+            .map(|i| (self.targets[i].name.clone(), self.target_bytes(i)))
+            .collect()
+    }
+
+    /// Puts a run state back together from its header and target parts. A header written
+    /// before targets had rows of their own holds the whole state.
+    pub fn assemble(
+        header: &[u8],
+        parts: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<RunState, String> {
+        let unreadable = |e: serde_json::Error| {
             format!(
                 "the stored run state is not readable: {}",
                 e.classify_name()
             )
+        };
+        if parts.is_empty() {
+            return serde_json::from_slice(header).map_err(unreadable);
+        }
+        let header: Header = serde_json::from_slice(header).map_err(unreadable)?;
+        let mut targets = Vec::with_capacity(header.order.len());
+        for name in &header.order {
+            let (_, bytes) = parts
+                .iter()
+                .find(|(part, _)| part == name)
+                .ok_or_else(|| format!("the stored run state has no part for target {name:?}"))?;
+            targets.push(serde_json::from_slice(bytes).map_err(unreadable)?);
+        }
+        Ok(RunState {
+            targets,
+            consumers: header.consumers,
+            rolling_back: header.rolling_back,
         })
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    consumers: Vec<ConsumerState>,
+    rolling_back: bool,
+    order: Vec<String>,
 }
 
 trait ClassifyName {

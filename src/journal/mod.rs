@@ -94,11 +94,18 @@ pub struct TargetHistory {
     pub last_success: Option<i64>,
 }
 
-/// An interrupted run: its decrypted state, for recovery.
+/// An interrupted run: its decrypted state (the run's own part, and one per target), for
+/// recovery.
 pub struct Unfinished {
     pub id: String,
     pub targets: Vec<String>,
     pub state: Zeroizing<Vec<u8>>,
+    pub parts: Vec<(String, Zeroizing<Vec<u8>>)>,
+}
+
+/// A part's sealing binds it to its run and slot: a part copied to another row does not open.
+fn part_aad(run: &str, part: &str) -> String {
+    format!("{run}/{part}")
 }
 
 pub struct Journal {
@@ -133,10 +140,14 @@ impl Journal {
             .await
             .map_err(|e| JournalError::Open(e.to_string()))?;
         if is_sqlite {
-            sqlx::query("PRAGMA foreign_keys = ON")
-                .execute(&pool)
-                .await
-                .map_err(JournalError::Query)?;
+            // WAL: one fsync per committed checkpoint instead of a rollback journal's several;
+            // `synchronous` stays FULL (SQLite's default), so each commit is durable on return.
+            for pragma in ["PRAGMA foreign_keys = ON", "PRAGMA journal_mode = WAL"] {
+                sqlx::query(pragma)
+                    .execute(&pool)
+                    .await
+                    .map_err(JournalError::Query)?;
+            }
         }
         let migrator = if is_sqlite {
             sqlx::migrate!("migrations/sqlite")
@@ -175,6 +186,7 @@ impl Journal {
         trigger: &str,
         targets: &[String],
         state: &[u8],
+        parts: &[(String, Zeroizing<Vec<u8>>)],
     ) -> Result<(), JournalError> {
         let sealed = self.cipher.seal(state, id);
         let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
@@ -195,30 +207,63 @@ impl Journal {
                 .await
                 .map_err(JournalError::Query)?;
         }
+        for (part, bytes) in parts {
+            sqlx::query("INSERT INTO rotator_run_parts (run_id, part, state) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(part)
+                .bind(self.cipher.seal(bytes, &part_aad(id, part)))
+                .execute(&mut *tx)
+                .await
+                .map_err(JournalError::Query)?;
+        }
         tx.commit().await.map_err(JournalError::Query)
     }
 
-    /// Saves the run state and one step record together, so recovery sees both or neither.
+    /// Saves what changed of the run state (the run's own part if given, and the given target
+    /// parts) and one step record together, so recovery sees all or none of it.
     /// Fails with `Fenced` when `owner` no longer drives the run.
     pub async fn checkpoint(
         &self,
         id: &str,
         owner: &str,
-        state: &[u8],
+        header: Option<&[u8]>,
+        parts: &[(String, Zeroizing<Vec<u8>>)],
         step: &StepRecord,
     ) -> Result<(), JournalError> {
-        let sealed = self.cipher.seal(state, id);
         let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
-        let updated =
-            sqlx::query("UPDATE rotator_runs SET state = $1 WHERE id = $2 AND owner = $3")
-                .bind(sealed)
-                .bind(id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(JournalError::Query)?;
+        // The owner check comes first in every checkpoint, whatever else it writes.
+        let updated = match header {
+            Some(state) => {
+                sqlx::query("UPDATE rotator_runs SET state = $1 WHERE id = $2 AND owner = $3")
+                    .bind(self.cipher.seal(state, id))
+                    .bind(id)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await
+            }
+            None => {
+                sqlx::query("UPDATE rotator_runs SET owner = owner WHERE id = $1 AND owner = $2")
+                    .bind(id)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await
+            }
+        }
+        .map_err(JournalError::Query)?;
         if updated.rows_affected() == 0 {
             return Err(JournalError::Fenced(id.to_string()));
+        }
+        for (part, bytes) in parts {
+            sqlx::query(
+                "INSERT INTO rotator_run_parts (run_id, part, state) VALUES ($1, $2, $3) \
+                 ON CONFLICT (run_id, part) DO UPDATE SET state = excluded.state",
+            )
+            .bind(id)
+            .bind(part)
+            .bind(self.cipher.seal(bytes, &part_aad(id, part)))
+            .execute(&mut *tx)
+            .await
+            .map_err(JournalError::Query)?;
         }
         sqlx::query(
             "INSERT INTO rotator_steps (run_id, seq, step, subject, status, started_at, duration_ms, error) \
@@ -251,7 +296,8 @@ impl Journal {
         settled: bool,
     ) -> Result<(), JournalError> {
         let updated = if settled {
-            sqlx::query(
+            let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
+            let updated = sqlx::query(
                 "UPDATE rotator_runs SET outcome = $1, finished_at = $2, state = $3, needs_recovery = 0 \
                  WHERE id = $4 AND owner = $5",
             )
@@ -260,8 +306,16 @@ impl Journal {
             .bind(self.cipher.seal(b"{}", id))
             .bind(id)
             .bind(owner)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
+            .map_err(JournalError::Query)?;
+            sqlx::query("DELETE FROM rotator_run_parts WHERE run_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(JournalError::Query)?;
+            tx.commit().await.map_err(JournalError::Query)?;
+            Ok(updated)
         } else {
             sqlx::query(
                 "UPDATE rotator_runs SET outcome = $1, finished_at = $2, needs_recovery = 1 \
@@ -273,8 +327,8 @@ impl Journal {
             .bind(owner)
             .execute(&self.pool)
             .await
-        }
-        .map_err(JournalError::Query)?;
+            .map_err(JournalError::Query)
+        }?;
         if updated.rows_affected() == 0 {
             return Err(JournalError::Fenced(id.to_string()));
         }
@@ -380,9 +434,37 @@ impl Journal {
                     message,
                 })?;
             let targets = self.run_targets(&id).await?;
-            runs.push(Unfinished { id, targets, state });
+            let parts = self.run_parts(&id).await?;
+            runs.push(Unfinished {
+                id,
+                targets,
+                state,
+                parts,
+            });
         }
         Ok(runs)
+    }
+
+    async fn run_parts(&self, id: &str) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, JournalError> {
+        let rows = sqlx::query("SELECT part, state FROM rotator_run_parts WHERE run_id = $1")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        let mut parts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let part: String = row.try_get("part").map_err(JournalError::Query)?;
+            let sealed: Vec<u8> = row.try_get("state").map_err(JournalError::Query)?;
+            let state = self
+                .cipher
+                .open(&sealed, &part_aad(id, &part))
+                .map_err(|message| JournalError::State {
+                    run: id.to_string(),
+                    message,
+                })?;
+            parts.push((part, state));
+        }
+        Ok(parts)
     }
 
     async fn run_targets(&self, id: &str) -> Result<Vec<String>, JournalError> {
