@@ -72,6 +72,8 @@ pub struct RotatorSection {
     pub recover_interval: Duration,
     /// Every Kubernetes API call (connect, send, answer) ends within this.
     pub kubernetes_timeout: Duration,
+    /// How many targets of one run take a backend step at once.
+    pub max_parallel: usize,
 }
 
 /// `serve` listens on every interface, port 8080, as the Service and probes expect.
@@ -83,6 +85,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// A run left unfinished (journal outage, failed rollback) blocks its targets until recovered:
 /// retry soon, but not so often that a down backend is hammered.
 pub const DEFAULT_RECOVER_INTERVAL: Duration = Duration::from_secs(60);
+/// Backend steps are mostly waiting on the network: a few at once cut a fleet's run time
+/// without crowding one database server with logins.
+pub const DEFAULT_MAX_PARALLEL: usize = 8;
 /// Long enough for a loaded API server, short enough that a stalled one fails the step.
 pub const DEFAULT_KUBERNETES_TIMEOUT: Duration = Duration::from_secs(30);
 /// Without a schedule to go by, a credential is overdue after 90 days (a common audit period).
@@ -813,6 +818,14 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
     let recover_interval = section.duration("recover_interval", DEFAULT_RECOVER_INTERVAL, errors);
     let kubernetes_timeout =
         section.duration("kubernetes_timeout", DEFAULT_KUBERNETES_TIMEOUT, errors);
+    let max_parallel = match section.integer("max_parallel", errors) {
+        None => DEFAULT_MAX_PARALLEL,
+        Some(n @ 1..=256) => n as usize,
+        Some(_) => {
+            errors.push(section.path_of("max_parallel"), "must be from 1 to 256");
+            DEFAULT_MAX_PARALLEL
+        }
+    };
     if kubernetes_timeout.is_zero() {
         errors.push(
             section.path_of("kubernetes_timeout"),
@@ -839,6 +852,7 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
         shutdown_grace,
         recover_interval,
         kubernetes_timeout,
+        max_parallel,
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
@@ -409,35 +410,52 @@ impl<'a> RunContext<'a> {
     #[instrument(skip_all, fields(run = %self.rec.id))]
     async fn preflight(&mut self) -> bool {
         let mut ok = true;
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin(Part::Target(i), "preflight", &name).await;
-            let result = match self.deps.config.target(&name) {
-                Some(target) => preflight(self.deps, target).await,
-                None => Err(StepError::new(
-                    "config",
-                    format!("target {name:?} is not in the config"),
-                )),
-            };
-            match result {
-                Ok(found) => {
-                    let state = &mut self.rec.state.targets[i];
-                    state.current = Some(SavedCredential::from(&found.current));
-                    state.stores = found
-                        .originals
-                        .into_iter()
-                        .map(|original| StoreState {
-                            original,
-                            ..Default::default()
-                        })
-                        .collect();
-                    self.targets.push(Some(found.runtime));
-                    self.rec.end(step, "ok", None).await;
+        let count = self.rec.state.targets.len();
+        let chunk = self.deps.config.rotator.max_parallel;
+        let deps = self.deps;
+        // Read-only: the targets of a chunk are checked concurrently.
+        for start in (0..count).step_by(chunk) {
+            let indexes: Vec<usize> = (start..(start + chunk).min(count)).collect();
+            let mut steps = Vec::with_capacity(indexes.len());
+            for &i in &indexes {
+                let name = self.rec.state.targets[i].name.clone();
+                steps.push(self.rec.begin(Part::Target(i), "preflight", &name).await);
+            }
+            let names: Vec<String> = indexes
+                .iter()
+                .map(|&i| self.rec.state.targets[i].name.clone())
+                .collect();
+            let found = join_all(names.iter().map(|name| async move {
+                match deps.config.target(name) {
+                    Some(target) => preflight(deps, target).await,
+                    None => Err(StepError::new(
+                        "config",
+                        format!("target {name:?} is not in the config"),
+                    )),
                 }
-                Err(message) => {
-                    self.targets.push(None);
-                    self.rec.fail(step, &message).await;
-                    ok = false;
+            }))
+            .await;
+            for ((i, step), result) in indexes.into_iter().zip(steps).zip(found) {
+                match result {
+                    Ok(found) => {
+                        let state = &mut self.rec.state.targets[i];
+                        state.current = Some(SavedCredential::from(&found.current));
+                        state.stores = found
+                            .originals
+                            .into_iter()
+                            .map(|original| StoreState {
+                                original,
+                                ..Default::default()
+                            })
+                            .collect();
+                        self.targets.push(Some(found.runtime));
+                        self.rec.end(step, "ok", None).await;
+                    }
+                    Err(message) => {
+                        self.targets.push(None);
+                        self.rec.fail(step, &message).await;
+                        ok = false;
+                    }
                 }
             }
         }
@@ -527,51 +545,90 @@ impl<'a> RunContext<'a> {
     /// Not interruptible: a password change abandoned mid-statement could still commit after
     /// the rollback; it ends within the backend's statement timeout instead.
     async fn apply(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            self.rec.state.targets[i].apply = Progress::Started;
-            let step = match self.begin_effect(Part::Target(i), "apply", &name).await {
-                Ok(step) => step,
-                Err(stop) => {
-                    self.rec.state.targets[i].apply = Progress::NotStarted;
-                    return Err(stop);
-                }
-            };
-            let result = match (self.runtime(i), self.credentials(i)) {
-                (Ok(runtime), Ok((current, next))) => runtime
-                    .backend
-                    .apply(&current, &next)
-                    .await
-                    .map_err(StepError::from),
-                (Err(e), _) | (_, Err(e)) => Err(e),
-            };
-            if result.is_ok() {
-                self.rec.state.targets[i].apply = Progress::Done;
-            }
-            self.rec.finish(step, &result).await;
-            result.map_err(|_| Stop::Failed)?;
-            self.may_continue()?;
-        }
-        Ok(())
+        let results = self
+            .each_target("apply", Mark::Apply, true, |this, i| {
+                Box::pin(async move {
+                    let (runtime, (current, next)) = (this.runtime(i)?, this.credentials(i)?);
+                    runtime
+                        .backend
+                        .apply(&current, &next)
+                        .await
+                        .map_err(StepError::from)
+                })
+            })
+            .await?;
+        all_ok(&results)?;
+        self.may_continue()
     }
 
     async fn verify_backend(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            let step = self
-                .rec
-                .begin(Part::Target(i), "verify-backend", &name)
-                .await;
-            let result = match (self.runtime(i), self.credentials(i)) {
-                (Ok(runtime), Ok((_, next))) => {
+        let results = self
+            .each_target("verify-backend", Mark::None, true, |this, i| {
+                Box::pin(async move {
+                    let (runtime, (_, next)) = (this.runtime(i)?, this.credentials(i)?);
                     runtime.backend.login(&next).await.map_err(StepError::from)
-                }
-                (Err(e), _) | (_, Err(e)) => Err(e),
-            };
-            self.rec.finish(step, &result).await;
-            result.map_err(|_| Stop::Failed)?;
-        }
+                })
+            })
+            .await?;
+        all_ok(&results)?;
         self.may_continue()
+    }
+
+    /// One step over every target, `max_parallel` targets at a time. Every target of a chunk
+    /// has its start journaled (durably, for a side effect: write-ahead) before any of them
+    /// acts; the actions run concurrently; each end is journaled after. With `stop_on_failure`
+    /// no further chunk starts once one target failed.
+    async fn each_target(
+        &mut self,
+        step: &str,
+        mark: Mark,
+        stop_on_failure: bool,
+        act: for<'s> fn(&'s Self, usize) -> StepFuture<'s>,
+    ) -> Result<Vec<(usize, Result<(), StepError>)>, Stop> {
+        let count = self.rec.state.targets.len();
+        let chunk = self.deps.config.rotator.max_parallel;
+        let mut results = Vec::with_capacity(count);
+        for start in (0..count).step_by(chunk) {
+            let mut begun = Vec::new();
+            for i in start..(start + chunk).min(count) {
+                let name = self.rec.state.targets[i].name.clone();
+                if mark == Mark::None {
+                    begun.push((i, self.rec.begin(Part::Target(i), step, &name).await));
+                    continue;
+                }
+                mark.set(&mut self.rec.state.targets[i], Progress::Started);
+                match self.begin_effect(Part::Target(i), step, &name).await {
+                    Ok(id) => begun.push((i, id)),
+                    Err(stop) => {
+                        mark.set(&mut self.rec.state.targets[i], Progress::NotStarted);
+                        // Journaled but not acted on: close them, nothing happened.
+                        for (j, id) in begun {
+                            mark.set(&mut self.rec.state.targets[j], Progress::NotStarted);
+                            let why = format!("not started: {}", stop.reason());
+                            self.rec.end(id, "skipped", Some(why)).await;
+                        }
+                        return Err(stop);
+                    }
+                }
+            }
+            let outcomes = {
+                let this = &*self;
+                join_all(begun.iter().map(|&(i, _)| act(this, i))).await
+            };
+            let mut failed = false;
+            for ((i, id), outcome) in begun.into_iter().zip(outcomes) {
+                if outcome.is_ok() {
+                    mark.set(&mut self.rec.state.targets[i], Progress::Done);
+                }
+                self.rec.finish(id, &outcome).await;
+                failed |= outcome.is_err();
+                results.push((i, outcome));
+            }
+            if failed && stop_on_failure {
+                break;
+            }
+        }
+        Ok(results)
     }
 
     async fn publish(&mut self) -> Result<(), Stop> {
@@ -802,46 +859,39 @@ impl<'a> RunContext<'a> {
     }
 
     async fn verify(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin(Part::Target(i), "verify", &name).await;
-            let result = match self.credentials(i) {
-                Ok((_, next)) => self.verify_stores(i, Some(&next)).await,
-                Err(e) => Err(e),
-            };
-            self.rec.finish(step, &result).await;
-            result.map_err(|_| Stop::Failed)?;
-        }
+        let results = self
+            .each_target("verify", Mark::None, true, |this, i| {
+                Box::pin(async move {
+                    let (_, next) = this.credentials(i)?;
+                    this.verify_stores(i, Some(&next)).await
+                })
+            })
+            .await?;
+        all_ok(&results)?;
         self.may_continue()
     }
 
     /// A failed retire leaves the old credential usable beside the new one: reported, not undone.
     async fn retire(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            self.rec.state.targets[i].retire = Progress::Started;
-            let step = match self.begin_effect(Part::Target(i), "retire", &name).await {
-                Ok(step) => step,
-                Err(stop) => {
-                    self.rec.state.targets[i].retire = Progress::NotStarted;
-                    return Err(stop);
-                }
-            };
-            let result = match (self.runtime(i), self.credentials(i)) {
-                (Ok(runtime), Ok((current, next))) => runtime
-                    .backend
-                    .retire(&current, &next)
-                    .await
-                    .map_err(StepError::from),
-                (Err(e), _) | (_, Err(e)) => Err(e),
-            };
-            match &result {
-                Ok(()) => self.rec.state.targets[i].retire = Progress::Done,
-                Err(e) => self.notes.push(format!(
+        let results = self
+            .each_target("retire", Mark::Retire, false, |this, i| {
+                Box::pin(async move {
+                    let (runtime, (current, next)) = (this.runtime(i)?, this.credentials(i)?);
+                    runtime
+                        .backend
+                        .retire(&current, &next)
+                        .await
+                        .map_err(StepError::from)
+                })
+            })
+            .await?;
+        for (i, result) in results {
+            if let Err(e) = result {
+                let name = &self.rec.state.targets[i].name;
+                self.notes.push(format!(
                     "target {name}: the old credential still logs in, retire failed: {e}"
-                )),
+                ));
             }
-            self.rec.finish(step, &result).await;
         }
         Ok(())
     }
@@ -1113,6 +1163,35 @@ impl<'a> RunContext<'a> {
             }
         }
         self.notes.extend(notes);
+    }
+}
+
+type StepFuture<'s> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StepError>> + Send + 's>>;
+
+/// The progress field a backend step moves, so a rollback knows what may need undoing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    None,
+    Apply,
+    Retire,
+}
+
+impl Mark {
+    fn set(self, target: &mut super::state::TargetState, progress: Progress) {
+        match self {
+            Mark::None => {}
+            Mark::Apply => target.apply = progress,
+            Mark::Retire => target.retire = progress,
+        }
+    }
+}
+
+fn all_ok(results: &[(usize, Result<(), StepError>)]) -> Result<(), Stop> {
+    if results.iter().all(|(_, r)| r.is_ok()) {
+        Ok(())
+    } else {
+        Err(Stop::Failed)
     }
 }
 
