@@ -326,7 +326,8 @@ pub struct ConsumerConfig {
 pub enum ConsumerKind {
     Deployment { namespace: String, object: String },
     StatefulSet { namespace: String, object: String },
-    Command { argv: Vec<String> },
+    /// `env`: names passed through besides PATH, HOME, LANG and TZ (the rest is cleared).
+    Command { argv: Vec<String>, env: Vec<String> },
 }
 
 /// Where a credential is read from. `Debug` never shows a literal value.
@@ -1452,7 +1453,10 @@ fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<
         Some("statefulset") => workload(errors)
             .map(|(namespace, object)| ConsumerKind::StatefulSet { namespace, object }),
         Some("command") => match fields.strings("command", errors) {
-            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command { argv }),
+            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command {
+                argv,
+                env: parse_env_names(fields, errors),
+            }),
             Some(_) => {
                 errors.push(
                     fields.path_of("command"),
@@ -1507,6 +1511,25 @@ fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<
         timeout: timeout?,
         health,
     })
+}
+
+/// `env = ["NAME", ...]` of a command consumer: variable names, nothing else.
+fn parse_env_names(fields: &Fields, errors: &mut Errors) -> Vec<String> {
+    let names = fields.strings("env", errors).unwrap_or_default();
+    for (i, name) in names.iter().enumerate() {
+        let mut chars = name.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            errors.push(
+                format!("{}[{i}]", fields.path_of("env")),
+                format!("{name:?} is not a variable name (letters, digits and _)"),
+            );
+        }
+    }
+    names
 }
 
 #[cfg(test)]

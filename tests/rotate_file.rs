@@ -324,3 +324,47 @@ async fn sigterm_during_the_restart_rolls_back_before_exiting() {
         .await
         .expect("old password logs in");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_command_sees_only_allowed_environment_variables() {
+    let mut host = ComposeHost::start().await;
+    let dump = host.rotator.path("command-env.txt");
+    let command = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        format!("env > {}", dump.display()),
+    ];
+    // The consumer is the config's last table: `env` lands in it.
+    host.rotator.write_config(&format!(
+        "{}env = [\"COMPOSE_PROJECT_NAME\"]\n",
+        support::rotator::file_config(&host.pg.address(), &command)
+    ));
+    for (name, value) in [
+        ("COMPOSE_PROJECT_NAME", "llmtrace-proxy"),
+        ("UNRELATED_TOKEN", "not-for-the-command"),
+        ("HOME", "/home/operator"),
+    ] {
+        host.rotator.env.insert(name.into(), value.into());
+    }
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let seen = std::fs::read_to_string(&dump).unwrap();
+    let names: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(name, _)| name))
+        .collect();
+    assert!(seen.contains("COMPOSE_PROJECT_NAME=llmtrace-proxy\n"), "{names:?}");
+    assert!(seen.contains("HOME=/home/operator\n"), "{names:?}");
+    assert!(names.contains(&"PATH"), "{names:?}");
+    for hidden in ["ROTATOR_JOURNAL_KEY", "PG_ADMIN_PASSWORD", "UNRELATED_TOKEN", "RUST_LOG"] {
+        assert!(!names.contains(&hidden), "{hidden} reached the command: {names:?}");
+    }
+    assert_no_secret(
+        &seen,
+        &[host.pg.admin_password(), &host.rotator.env["ROTATOR_JOURNAL_KEY"]],
+        "the command's environment",
+    );
+    host.assert_stores_log_in().await;
+}
