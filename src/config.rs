@@ -324,10 +324,19 @@ pub struct ConsumerConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerKind {
-    Deployment { namespace: String, object: String },
-    StatefulSet { namespace: String, object: String },
+    Deployment {
+        namespace: String,
+        object: String,
+    },
+    StatefulSet {
+        namespace: String,
+        object: String,
+    },
     /// `env`: names passed through besides PATH, HOME, LANG and TZ (the rest is cleared).
-    Command { argv: Vec<String>, env: Vec<String> },
+    Command {
+        argv: Vec<String>,
+        env: Vec<String>,
+    },
 }
 
 /// Where a credential is read from. `Debug` never shows a literal value.

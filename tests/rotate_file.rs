@@ -355,15 +355,29 @@ async fn restart_command_sees_only_allowed_environment_variables() {
         .lines()
         .filter_map(|l| l.split_once('=').map(|(name, _)| name))
         .collect();
-    assert!(seen.contains("COMPOSE_PROJECT_NAME=llmtrace-proxy\n"), "{names:?}");
+    assert!(
+        seen.contains("COMPOSE_PROJECT_NAME=llmtrace-proxy\n"),
+        "{names:?}"
+    );
     assert!(seen.contains("HOME=/home/operator\n"), "{names:?}");
     assert!(names.contains(&"PATH"), "{names:?}");
-    for hidden in ["ROTATOR_JOURNAL_KEY", "PG_ADMIN_PASSWORD", "UNRELATED_TOKEN", "RUST_LOG"] {
-        assert!(!names.contains(&hidden), "{hidden} reached the command: {names:?}");
+    for hidden in [
+        "ROTATOR_JOURNAL_KEY",
+        "PG_ADMIN_PASSWORD",
+        "UNRELATED_TOKEN",
+        "RUST_LOG",
+    ] {
+        assert!(
+            !names.contains(&hidden),
+            "{hidden} reached the command: {names:?}"
+        );
     }
     assert_no_secret(
         &seen,
-        &[host.pg.admin_password(), &host.rotator.env["ROTATOR_JOURNAL_KEY"]],
+        &[
+            host.pg.admin_password(),
+            &host.rotator.env["ROTATOR_JOURNAL_KEY"],
+        ],
         "the command's environment",
     );
     host.assert_stores_log_in().await;
