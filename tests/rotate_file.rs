@@ -382,3 +382,25 @@ async fn restart_command_sees_only_allowed_environment_variables() {
     );
     host.assert_stores_log_in().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sqlite_journal_and_its_lock_directory_are_private() {
+    use std::os::unix::fs::MetadataExt;
+    let host = ComposeHost::start().await;
+    let out = host.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let mode = |name: &str| {
+        std::fs::metadata(host.rotator.path(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("journal.db"), 0o600, "journal file");
+    assert_eq!(mode("journal.db.locks"), 0o700, "lock directory");
+    assert_eq!(mode("journal.db.locks/postgres.lock"), 0o600, "lock file");
+    for companion in ["journal.db-wal", "journal.db-shm"] {
+        if host.rotator.path(companion).exists() {
+            assert_eq!(mode(companion), 0o600, "{companion}");
+        }
+    }
+}
