@@ -404,3 +404,63 @@ async fn the_sqlite_journal_and_its_lock_directory_are_private() {
         }
     }
 }
+
+/// Moves the host's `.env` into another directory and leaves a symlink to it in its place.
+fn link_env_file_elsewhere(host: &ComposeHost) -> (tempfile::TempDir, std::path::PathBuf) {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let real = elsewhere.path().join("proxy.env");
+    std::fs::copy(&host.env_file, &real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::remove_file(&host.env_file).unwrap();
+    std::os::unix::fs::symlink(&real, &host.env_file).unwrap();
+    (elsewhere, real)
+}
+
+fn assert_still_a_link(host: &ComposeHost, real: &std::path::Path) {
+    let meta = std::fs::symlink_metadata(&host.env_file).unwrap();
+    assert!(meta.file_type().is_symlink(), ".env is still a symlink");
+    assert_eq!(std::fs::read_link(&host.env_file).unwrap(), real);
+    let real_meta = std::fs::symlink_metadata(real).unwrap();
+    assert!(real_meta.file_type().is_file());
+    assert_eq!(real_meta.permissions().mode() & 0o777, 0o640);
+    let dir = real.parent().unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir).unwrap().count(),
+        1,
+        "no temp file left beside it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_env_file_is_replaced_where_it_points_and_stays_a_link() {
+    let host = ComposeHost::start().await;
+    let (_elsewhere, real) = link_env_file_elsewhere(&host);
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_still_a_link(&host, &real);
+    let (new, _) = host.stored_passwords();
+    assert_ne!(new, host.old_password);
+    assert_eq!(
+        std::fs::read_to_string(&real).unwrap(),
+        before.replace(&host.old_password, &new)
+    );
+    host.assert_stores_log_in().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_env_file_is_rolled_back_where_it_points() {
+    let host = ComposeHost::start_with_command(Some(vec!["false".into()])).await;
+    let (_elsewhere, real) = link_env_file_elsewhere(&host);
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back");
+    assert_still_a_link(&host, &real);
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), before);
+    host.assert_stores_log_in().await;
+}

@@ -59,7 +59,10 @@ impl FileStore {
 }
 
 /// Writes a sibling temp file with the original's mode and owner, syncs it, then renames it over.
+/// A symlink is followed: the file it points to is replaced in its own directory, and the link
+/// stays a link (replacing the link would leave the real file with the old credential).
 fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let path = &std::fs::canonicalize(path)?;
     let metadata = std::fs::metadata(path)?;
     let dir = path
         .parent()
