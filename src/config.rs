@@ -1112,6 +1112,12 @@ fn parse_target(
             }
         }
     }
+    if let Some(user) = &user {
+        let logins: Vec<&str> = std::iter::once(user.as_str())
+            .chain(users.iter().map(String::as_str))
+            .collect();
+        check_file_stores(fields, &password, &logins, &stores, &store_fields, errors);
+    }
     let (admin_user, admin_password) = admin?;
     Some(Target {
         name: name?,
@@ -1138,6 +1144,86 @@ fn parse_target(
         sync,
         sync_timeout,
     })
+}
+
+/// A file store must be able to write every value the target can produce so that bash and
+/// python-dotenv read it back unchanged (see [`crate::store::dotenv`]); refused here otherwise.
+fn check_file_stores(
+    fields: &Fields,
+    policy: &PasswordPolicy,
+    logins: &[&str],
+    stores: &[StoreConfig],
+    store_fields: &[Fields],
+    errors: &mut Errors,
+) {
+    let alphabet: BTreeSet<char> = policy
+        .alphabet
+        .characters()
+        .into_iter()
+        .map(char::from)
+        .collect();
+    // Percent-encoding leaves only unreserved characters and `%`.
+    let encoded: BTreeSet<char> = ('a'..='z')
+        .chain('A'..='Z')
+        .chain('0'..='9')
+        .chain("-._~%".chars())
+        .collect();
+    let target_sets_alphabet = fields
+        .table
+        .get("password")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|t| t.contains_key("alphabet"));
+    let alphabet_path = if target_sets_alphabet {
+        fields.path_of("password.alphabet")
+    } else {
+        "password.alphabet".to_string()
+    };
+    for (store, store_fields) in stores.iter().zip(store_fields) {
+        if !matches!(store.kind, StoreKind::File { .. }) {
+            continue;
+        }
+        let (literal, generated): (BTreeSet<char>, BTreeSet<char>) = match &store.format {
+            Format::Url => continue,
+            Format::Password => (BTreeSet::new(), alphabet.clone()),
+            Format::Template(template) if template.contains("://") => (
+                template
+                    .replace("{user}", "")
+                    .replace("{password}", "")
+                    .chars()
+                    .collect(),
+                encoded.clone(),
+            ),
+            Format::Template(template) => {
+                let mut generated = alphabet.clone();
+                if template.contains("{user}") {
+                    generated.extend(logins.iter().flat_map(|l| l.chars()));
+                }
+                (
+                    template
+                        .replace("{user}", "")
+                        .replace("{password}", "")
+                        .chars()
+                        .collect(),
+                    generated,
+                )
+            }
+        };
+        if let Some(why) = crate::store::dotenv::unwritable(&literal) {
+            errors.push(
+                store_fields.path_of("template"),
+                format!("cannot be written to a dotenv file so that bash and python-dotenv read it back unchanged: it holds {why}"),
+            );
+        } else if let Some(why) = crate::store::dotenv::unwritable(&(&literal | &generated)) {
+            errors.push(
+                alphabet_path.clone(),
+                format!(
+                    "{:?} can generate values the file store {} cannot write so that bash and python-dotenv read them back unchanged (they may hold {why}): use alphanumeric or urlsafe, or format = \"url\"",
+                    format!("{:?}", policy.alphabet).to_lowercase(),
+                    store_fields.path,
+                ),
+            );
+        }
+    }
 }
 
 fn parse_clickhouse_mode(

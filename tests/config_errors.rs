@@ -137,3 +137,44 @@ async fn huge_or_negative_durations_exit_2_naming_the_field() {
     }
     assert!(!rotator.path("journal.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_store_with_an_alphabet_dotenv_readers_disagree_on_exits_2() {
+    // PGPASSWORD holds the bare password: a printable one may hold both ' and $.
+    let config = support::rotator::file_config_with(
+        "127.0.0.1:1",
+        &["true".into()],
+        "",
+        "password = { alphabet = \"printable\" }",
+    );
+    let rotator = Rotator::new(&config);
+    let out = rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("target[0].password.alphabet: \"printable\"")
+            && out.stderr.contains("target[0].store[1]"),
+        "{}",
+        out.stderr
+    );
+    // The URL store percent-encodes the password: printable is fine there.
+    assert!(!out.stderr.contains("target[0].store[0]"), "{}", out.stderr);
+
+    // The same from the [password] defaults names that field.
+    rotator.write_config(
+        &config
+            .replace("password = { alphabet = \"printable\" }", "")
+            .replace(
+                "[[target]]",
+                "[password]\nalphabet = \"printable\"\n\n[[target]]",
+            ),
+    );
+    let out = rotator.run(&["check"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("  password.alphabet: \"printable\""),
+        "{}",
+        out.stderr
+    );
+    assert!(!rotator.path("journal.db").exists());
+}

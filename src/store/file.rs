@@ -52,8 +52,14 @@ impl FileStore {
                 store: self.describe(),
             });
         }
-        let updated =
-            zeroize::Zeroizing::new(dotenv::replace(&text, &self.key, new.map(Secret::expose)));
+        let updated = dotenv::replace(&text, &self.key, new.map(Secret::expose))
+            .map(zeroize::Zeroizing::new)
+            .ok_or_else(|| StoreError::Format {
+                store: self.describe(),
+                message: "the value holds characters that bash and python-dotenv would read \
+                          differently under any quoting (' or \\ with $ or `, or ${)"
+                    .into(),
+            })?;
         write_atomically(&self.path, updated.as_bytes()).map_err(|e| self.error(e))
     }
 }
