@@ -2044,4 +2044,36 @@ sync_timeout = "30s"
         );
         assert!(errors_of(&url)[0].starts_with("target[0].store[0].certificate_url: "));
     }
+
+    #[test]
+    fn command_env_names_are_checked_and_only_for_commands() {
+        let command = VALID.replace(
+            "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"",
+            "kind = \"command\"\ncommand = [\"true\"]\nenv = [\"DOCKER_HOST\", \"BAD-NAME\", \"1X\"]",
+        );
+        let errors = errors_of(&command);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("consumer[0].env[1]: \"BAD-NAME\""),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].starts_with("consumer[0].env[2]: \"1X\""),
+            "{errors:#?}"
+        );
+        let config = Config::parse(
+            &command.replace(", \"BAD-NAME\", \"1X\"", ""),
+            Path::new("/etc/rotator"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.consumers[0].kind,
+            ConsumerKind::Command {
+                argv: vec!["true".into()],
+                env: vec!["DOCKER_HOST".into()],
+            }
+        );
+        let deployment = VALID.replace("timeout = \"2m\"", "timeout = \"2m\"\nenv = [\"X\"]");
+        assert_eq!(errors_of(&deployment), ["consumer[0].env: unknown key"]);
+    }
 }

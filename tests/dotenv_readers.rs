@@ -219,3 +219,37 @@ fn every_written_value_reads_back_the_same_in_bash_and_python_dotenv() {
         ],
     );
 }
+
+#[test]
+fn every_pair_of_printable_characters_reads_back_the_same_or_is_refused() {
+    let printable: Vec<char> = (' '..='~').collect();
+    let mut text = String::new();
+    let mut keys = Vec::new();
+    let mut expected = Vec::new();
+    for &a in &printable {
+        for &b in &printable {
+            for value in [format!("{a}{b}"), format!("x{a}{b}y")] {
+                let key = format!("P{}", keys.len());
+                // One line per key, starting from each quoting style in turn.
+                let before = ["=old\n", "='old'\n", "=\"old\"\n"][keys.len() % 3];
+                if let Some(line) = dotenv::replace(&format!("{key}{before}"), &key, Some(&value)) {
+                    assert_eq!(dotenv::find(&line, &key).unwrap().value, value);
+                    text.push_str(&line);
+                    keys.push(key);
+                    expected.push(value);
+                }
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pairs.env");
+    std::fs::write(&file, &text).unwrap();
+    let by_bash = bash_reads(&file, &keys);
+    let by_python = python_reads(&file, &keys);
+    for i in 0..keys.len() {
+        assert_eq!(by_bash[i], expected[i], "bash");
+        assert_eq!(by_python[i], expected[i], "python-dotenv");
+    }
+    // Most pairs are writable; only the combinations no quoting can hold are refused.
+    assert!(keys.len() > 17_000, "{} of 18050 written", keys.len());
+}

@@ -91,7 +91,8 @@ fn read_double_quoted(text: &str) -> Option<(usize, String)> {
 // What the file holds must read back byte-identical in bash (`set -a; . ./.env`), in
 // python-dotenv (and tools that follow it) and in [`find`]. python-dotenv
 // (theskumar/python-dotenv, src/dotenv/parser.py) takes an unquoted value raw up to ` #`; inside
-// '...' it decodes only \\ and \'; inside "..." it decodes \\, \", \' and \a\b\f\n\r\t\v; and
+// '...' it decodes only \\ and \'; inside "..." it decodes \\, \", \' and \a\b\f\n\r\t\v; its quoted
+// patterns take a \ before the closing quote as escaping it, so no quoted value may end in \; and
 // (src/dotenv/main.py resolve_variables, variables.py) it expands `${NAME}` in every value
 // whatever its quoting. bash takes '...' literally, and inside "..." expands $ and ` while
 // a backslash escapes only $ ` " \ and newline.
@@ -106,7 +107,8 @@ fn fits(value: &str, quote: Quote) -> bool {
     match quote {
         Quote::None => !value.is_empty() && value.chars().all(is_bare_safe),
         Quote::Single => !value.contains(['\'', '\\']),
-        Quote::Double => !value.contains(['$', '`']),
+        // python-dotenv's "..." pattern takes the \" of an escaped trailing \ for a quote.
+        Quote::Double => !value.contains(['$', '`']) && !value.ends_with('\\'),
     }
 }
 
@@ -118,8 +120,10 @@ pub fn unwritable(chars: &std::collections::BTreeSet<char>) -> Option<&'static s
         Some("a control character, which a line-based file cannot hold")
     } else if any("$") && any("{") {
         Some("${, which python-dotenv expands whatever the quoting")
-    } else if any("'\\") && any("$`") {
-        Some("' or \\ together with $ or `, which no quoting reads back the same in bash and python-dotenv")
+    } else if any("\\") {
+        Some("a trailing \\, which python-dotenv takes as escaping the closing quote")
+    } else if any("'") && any("$`") {
+        Some("' together with $ or `, which no quoting reads back the same in bash and python-dotenv")
     } else {
         None
     }
@@ -201,7 +205,7 @@ mod tests {
 
     #[test]
     fn values_needing_quotes_round_trip() {
-        for value in ["a b", "x#y", "it's", "q\"uote\\", "$HOME", "plain"] {
+        for value in ["a b", "x#y", "it's", "q\"uo\\te", "$HOME", "plain"] {
             let out = replace("K=old\n", "K", Some(value)).unwrap();
             assert_eq!(find(&out, "K").unwrap().value, value, "{out}");
         }
@@ -220,18 +224,20 @@ mod tests {
         assert_eq!(encode("a&b", Quote::None).unwrap(), "'a&b'");
         assert_eq!(encode("~x", Quote::None).unwrap(), "'~x'");
         assert_eq!(encode("a$b`c", Quote::Double).unwrap(), "'a$b`c'");
-        assert_eq!(encode("it's\\", Quote::Single).unwrap(), "\"it's\\\\\"");
-        for unwritable in ["'$", "\\`", "${HOME}", "a\nb"] {
+        assert_eq!(encode("it's\\a", Quote::Single).unwrap(), "\"it's\\\\a\"");
+        assert_eq!(encode("a\\b", Quote::None).unwrap(), "\"a\\\\b\"");
+        for unwritable in ["'$", "'`", "${HOME}", "a\nb", "it's\\", "ab\\"] {
             assert_eq!(encode(unwritable, Quote::None), None, "{unwritable:?}");
         }
     }
 
     #[test]
-    fn alphabets_with_quote_and_dollar_are_unwritable() {
+    fn alphabets_that_can_produce_unwritable_values_are_named() {
         let set = |s: &str| s.chars().collect::<std::collections::BTreeSet<char>>();
         assert_eq!(unwritable(&set("abcXYZ019-_%.~")), None);
-        assert_eq!(unwritable(&set("ab'\"\\!")), None);
+        assert_eq!(unwritable(&set("ab'\"!")), None);
         assert_eq!(unwritable(&set("ab$`\"!")), None);
+        assert!(unwritable(&set("ab\\")).is_some());
         assert!(unwritable(&set("a'$")).is_some());
         assert!(unwritable(&set("a${}")).is_some());
     }

@@ -57,7 +57,7 @@ impl FileStore {
             .ok_or_else(|| StoreError::Format {
                 store: self.describe(),
                 message: "the value holds characters that bash and python-dotenv would read \
-                          differently under any quoting (' or \\ with $ or `, or ${)"
+                          differently under any quoting (' with $ or `, a trailing \\, or ${)"
                     .into(),
             })?;
         write_atomically(&self.path, updated.as_bytes()).map_err(|e| self.error(e))
