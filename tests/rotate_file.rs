@@ -123,8 +123,11 @@ async fn failed_verification_rolls_back_the_file_and_password() {
     host.rotator
         .env
         .insert("PGPASSWORD".into(), host.pg.admin_password().into());
-    let config =
-        support::rotator::file_config(&host.pg.address(), &["sh".into(), "-c".into(), tamper_once]);
+    // psql reads the admin password from PGPASSWORD, passed through by name.
+    let config = format!(
+        "{}env = [\"PGPASSWORD\"]\n",
+        support::rotator::file_config(&host.pg.address(), &["sh".into(), "-c".into(), tamper_once])
+    );
     host.rotator.write_config(&config);
     let before = host.env_text();
 
