@@ -360,7 +360,6 @@ impl Journal {
     }
 }
 
-/// The pool URL (created if missing) and a lock directory beside the database file.
 /// The journal holds sealed credentials and run history: only its owner may read it. SQLite
 /// gives its -wal and -shm files the database file's mode. An existing file is left as it is.
 fn create_private_file(path: &std::path::Path) -> Result<(), JournalError> {
@@ -380,6 +379,7 @@ fn create_private_file(path: &std::path::Path) -> Result<(), JournalError> {
     }
 }
 
+/// The pool URL (created if missing) and a lock directory beside the database file.
 fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));

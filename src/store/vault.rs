@@ -202,6 +202,49 @@ impl VaultKv {
         }
     }
 
+    /// Check-and-set on the version read, retried while someone else writes in between.
+    async fn swap_with(
+        &self,
+        token: &Secret,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        for attempt in 1..=CAS_RETRIES {
+            let mut secret = self.read_versioned(token).await?;
+            if self.value_of(&secret)?.as_ref() != expected {
+                return Err(StoreError::Conflict {
+                    store: self.describe(),
+                });
+            }
+            match new {
+                Some(value) => secret.data.insert(
+                    self.property.clone(),
+                    Value::String(value.expose().to_string()),
+                ),
+                None => secret.data.remove(&self.property),
+            };
+            let body = json!({ "options": { "cas": secret.version }, "data": secret.data });
+            let request = self
+                .request(
+                    reqwest::Method::POST,
+                    &format!("{}/data/{}", self.config.mount, self.config.path),
+                )?
+                .header("X-Vault-Token", token.expose())
+                .json(&body);
+            let (status, answer) = self.send(request).await?;
+            if status.is_success() {
+                return Ok(());
+            }
+            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
+                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                continue;
+            }
+            return Err(self.error(vault_errors(status, &answer)));
+        }
+        unreachable!("the last attempt returns")
+    }
+
     fn value_of(&self, secret: &Versioned) -> Result<Option<Secret>, StoreError> {
         match secret.data.get(&self.property) {
             None => Ok(None),
@@ -271,49 +314,5 @@ impl Store for VaultKv {
         let result = self.swap_with(&session.token, expected, new).await;
         self.end(session).await;
         result
-    }
-}
-
-impl VaultKv {
-    async fn swap_with(
-        &self,
-        token: &Secret,
-        expected: Option<&Secret>,
-        new: Option<&Secret>,
-    ) -> Result<(), StoreError> {
-        for attempt in 1..=CAS_RETRIES {
-            let mut secret = self.read_versioned(token).await?;
-            if self.value_of(&secret)?.as_ref() != expected {
-                return Err(StoreError::Conflict {
-                    store: self.describe(),
-                });
-            }
-            match new {
-                Some(value) => secret.data.insert(
-                    self.property.clone(),
-                    Value::String(value.expose().to_string()),
-                ),
-                None => secret.data.remove(&self.property),
-            };
-            let body = json!({ "options": { "cas": secret.version }, "data": secret.data });
-            let request = self
-                .request(
-                    reqwest::Method::POST,
-                    &format!("{}/data/{}", self.config.mount, self.config.path),
-                )?
-                .header("X-Vault-Token", token.expose())
-                .json(&body);
-            let (status, answer) = self.send(request).await?;
-            if status.is_success() {
-                return Ok(());
-            }
-            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
-                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
-                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                continue;
-            }
-            return Err(self.error(vault_errors(status, &answer)));
-        }
-        unreachable!("the last attempt returns")
     }
 }
