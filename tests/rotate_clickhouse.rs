@@ -288,3 +288,57 @@ async fn sql_mode_on_a_server_without_sql_users_is_refused_pointing_at_users_xml
         "rotator output",
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_d_file_is_created_0640_exclusively_and_keeps_mode_and_owner_when_replaced() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(host) = Host::start("single", &["true"]).await else {
+        return;
+    };
+    let file = host.ch.users_d().join("llmtrace-rotator.xml");
+    // Something planted at a predictable temp name is neither followed nor overwritten.
+    let victim = host.rotator.path("victim.txt");
+    std::fs::write(&victim, "untouched").unwrap();
+    let planted = host.ch.users_d().join(".llmtrace-rotator.xml.rotator-tmp");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+
+    let out = host.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let meta = std::fs::symlink_metadata(&file).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(
+        meta.mode() & 0o777,
+        0o640,
+        "a new users.d file is not world-readable"
+    );
+    assert_eq!(
+        meta.gid(),
+        std::fs::metadata(host.ch.users_d()).unwrap().gid()
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+
+    // Replacing keeps what the operator set: mode, and owner where we may (as root).
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+    }
+    let again = host.rotator.run(&["rotate"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    let meta = std::fs::symlink_metadata(&file).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    if root {
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    }
+    host.ch
+        .try_login("llmtrace", &host.stored())
+        .await
+        .expect("the stored password logs in");
+    let leftovers: Vec<String> = std::fs::read_dir(host.ch.users_d())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".rotator-") && n != ".llmtrace-rotator.xml.rotator-tmp")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -123,8 +123,11 @@ async fn failed_verification_rolls_back_the_file_and_password() {
     host.rotator
         .env
         .insert("PGPASSWORD".into(), host.pg.admin_password().into());
-    let config =
-        support::rotator::file_config(&host.pg.address(), &["sh".into(), "-c".into(), tamper_once]);
+    // psql reads the admin password from PGPASSWORD, passed through by name.
+    let config = format!(
+        "{}env = [\"PGPASSWORD\"]\n",
+        support::rotator::file_config(&host.pg.address(), &["sh".into(), "-c".into(), tamper_once])
+    );
     host.rotator.write_config(&config);
     let before = host.env_text();
 
@@ -323,4 +326,144 @@ async fn sigterm_during_the_restart_rolls_back_before_exiting() {
         .try_login("llmtrace", &host.old_password, "llmtrace")
         .await
         .expect("old password logs in");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_command_sees_only_allowed_environment_variables() {
+    let mut host = ComposeHost::start().await;
+    let dump = host.rotator.path("command-env.txt");
+    let command = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        format!("env > {}", dump.display()),
+    ];
+    // The consumer is the config's last table: `env` lands in it.
+    host.rotator.write_config(&format!(
+        "{}env = [\"COMPOSE_PROJECT_NAME\"]\n",
+        support::rotator::file_config(&host.pg.address(), &command)
+    ));
+    for (name, value) in [
+        ("COMPOSE_PROJECT_NAME", "llmtrace-proxy"),
+        ("UNRELATED_TOKEN", "not-for-the-command"),
+        ("HOME", "/home/operator"),
+    ] {
+        host.rotator.env.insert(name.into(), value.into());
+    }
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let seen = std::fs::read_to_string(&dump).unwrap();
+    let names: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(name, _)| name))
+        .collect();
+    assert!(
+        seen.contains("COMPOSE_PROJECT_NAME=llmtrace-proxy\n"),
+        "{names:?}"
+    );
+    assert!(seen.contains("HOME=/home/operator\n"), "{names:?}");
+    assert!(names.contains(&"PATH"), "{names:?}");
+    for hidden in [
+        "ROTATOR_JOURNAL_KEY",
+        "PG_ADMIN_PASSWORD",
+        "UNRELATED_TOKEN",
+        "RUST_LOG",
+    ] {
+        assert!(
+            !names.contains(&hidden),
+            "{hidden} reached the command: {names:?}"
+        );
+    }
+    assert_no_secret(
+        &seen,
+        &[
+            host.pg.admin_password(),
+            &host.rotator.env["ROTATOR_JOURNAL_KEY"],
+        ],
+        "the command's environment",
+    );
+    host.assert_stores_log_in().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sqlite_journal_and_its_lock_directory_are_private() {
+    use std::os::unix::fs::MetadataExt;
+    let host = ComposeHost::start().await;
+    let out = host.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let mode = |name: &str| {
+        std::fs::metadata(host.rotator.path(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("journal.db"), 0o600, "journal file");
+    assert_eq!(mode("journal.db.locks"), 0o700, "lock directory");
+    assert_eq!(mode("journal.db.locks/postgres.lock"), 0o600, "lock file");
+    for companion in ["journal.db-wal", "journal.db-shm"] {
+        if host.rotator.path(companion).exists() {
+            assert_eq!(mode(companion), 0o600, "{companion}");
+        }
+    }
+}
+
+/// Moves the host's `.env` into another directory and leaves a symlink to it in its place.
+fn link_env_file_elsewhere(host: &ComposeHost) -> (tempfile::TempDir, std::path::PathBuf) {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let real = elsewhere.path().join("proxy.env");
+    std::fs::copy(&host.env_file, &real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::remove_file(&host.env_file).unwrap();
+    std::os::unix::fs::symlink(&real, &host.env_file).unwrap();
+    (elsewhere, real)
+}
+
+fn assert_still_a_link(host: &ComposeHost, real: &std::path::Path) {
+    let meta = std::fs::symlink_metadata(&host.env_file).unwrap();
+    assert!(meta.file_type().is_symlink(), ".env is still a symlink");
+    assert_eq!(std::fs::read_link(&host.env_file).unwrap(), real);
+    let real_meta = std::fs::symlink_metadata(real).unwrap();
+    assert!(real_meta.file_type().is_file());
+    assert_eq!(real_meta.permissions().mode() & 0o777, 0o640);
+    let dir = real.parent().unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir).unwrap().count(),
+        1,
+        "no temp file left beside it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_env_file_is_replaced_where_it_points_and_stays_a_link() {
+    let host = ComposeHost::start().await;
+    let (_elsewhere, real) = link_env_file_elsewhere(&host);
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_still_a_link(&host, &real);
+    let (new, _) = host.stored_passwords();
+    assert_ne!(new, host.old_password);
+    assert_eq!(
+        std::fs::read_to_string(&real).unwrap(),
+        before.replace(&host.old_password, &new)
+    );
+    host.assert_stores_log_in().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlinked_env_file_is_rolled_back_where_it_points() {
+    let host = ComposeHost::start_with_command(Some(vec!["false".into()])).await;
+    let (_elsewhere, real) = link_env_file_elsewhere(&host);
+    let before = host.env_text();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back");
+    assert_still_a_link(&host, &real);
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), before);
+    host.assert_stores_log_in().await;
 }

@@ -499,3 +499,65 @@ async fn sigterm_past_the_grace_leaves_the_run_to_recovery() {
     assert!(sample(&metrics, "rotator_last_attempt_timestamp_seconds", &TARGET).is_some());
     assert_clean(&host, &server, &[&metrics]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_hides_the_journal_error_and_logs_it() {
+    let host = ComposeHost::start().await;
+    let journal_password = support::rotator::random_password();
+    host.pg
+        .create_login("rotator_journal", &journal_password, "rotator_journal")
+        .await;
+    let port = free_port();
+    let rotator = format!(
+        "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\ncheck_interval = \"0s\""
+    );
+    let config = file_config_with(&host.pg.address(), &["true".into()], &rotator, "").replace(
+        "journal = \"sqlite://journal.db\"",
+        &format!(
+            "journal = \"{}\"",
+            host.pg
+                .url("rotator_journal", &journal_password, "rotator_journal")
+        ),
+    );
+    host.rotator.write_config(&config);
+    let server = host.rotator.serve(port).await;
+    let (status, _) = server.get("/readyz").await;
+    assert_eq!(status, 200);
+
+    // The journal's role can no longer log in and its sessions are gone.
+    host.pg
+        .exec(
+            "ALTER ROLE rotator_journal NOLOGIN; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotator_journal'",
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let response = server.http.get(server.url("/readyz")).send().await.unwrap();
+        if response.status().as_u16() == 503 {
+            break response.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "/readyz never failed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"error": "the journal is not reachable (the log says why)"})
+    );
+    for detail in ["rotator_journal", "127.0.0.1", "role", "permitted"] {
+        assert!(!body.contains(detail), "{detail:?} in {body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server
+        .log()
+        .contains("readiness check: the journal is not reachable")
+    {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_no_secret(
+        &server.log(),
+        &[journal_password.as_str(), host.pg.admin_password()],
+        "serve log",
+    );
+}

@@ -295,3 +295,63 @@ async fn kubernetes_auth_logs_in_with_the_service_account_token() {
     assert_eq!(s.bao.get_kv("llmtrace/proxy").await.0, after);
     assert_no_secret(&out.all(), &[&stranger], "rotator output");
 }
+
+/// Live tokens made by logins through the Kubernetes auth mount, as root sees them.
+/// OpenBao lists live tokens' accessors at `auth/token/accessors`, root only (openbao/openbao
+/// vault/token_store.go, tokenStoreAccessorList); `lookup-accessor` tells each one's login path.
+async fn kubernetes_tokens(bao: &OpenBao) -> usize {
+    let (status, list) = bao
+        .call("GET", "auth/token/accessors?list=true", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let mut count = 0;
+    for accessor in list["data"]["keys"].as_array().unwrap() {
+        let (status, token) = bao
+            .call(
+                "POST",
+                "auth/token/lookup-accessor",
+                Some(json!({ "accessor": accessor })),
+            )
+            .await;
+        assert_eq!(status, 200, "{token}");
+        if token["data"]["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("auth/kubernetes/"))
+        {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_logins_leave_no_live_token_behind() {
+    let s = setup("true").await;
+    let kube = support::kube_fake::KubeFake::start().await;
+    enable_kubernetes_auth(&s.bao, &kube).await;
+    let token = kube.issue_service_account_token("llmtrace", "llmtrace-rotator");
+    std::fs::write(s.rotator.path("sa-token"), &token).unwrap();
+    let auth = "auth = { kubernetes = { role = \"rotator\", token_file = \"sa-token\" } }";
+    s.rotator.write_config(&config(&s.pg, &s.bao, "true", auth));
+    assert_eq!(kubernetes_tokens(&s.bao).await, 0);
+
+    let out = s.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    for _ in 0..3 {
+        let out = s.rotator.run(&["check"]).await;
+        assert_eq!(out.code, 0, "{}", out.all());
+    }
+
+    let logins = kube
+        .requests()
+        .iter()
+        .filter(|r| r.resource == "tokenreviews")
+        .count();
+    assert!(logins >= 4, "one login per operation at least: {logins}");
+    assert_eq!(
+        kubernetes_tokens(&s.bao).await,
+        0,
+        "every login's token was revoked after use"
+    );
+    assert!(!out.all().contains("could not revoke"), "{}", out.all());
+}

@@ -168,30 +168,56 @@ fn is_xml_name(user: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
+/// A users.d file the rotator creates: the server reads it through its group; it holds a
+/// password hash, which no one else needs to see.
+const NEW_USERS_XML_MODE: u32 = 0o640;
+
 /// Replaces `path` atomically: a temp file beside it (not `*.xml`, which the server would
-/// read), synced, renamed over it. Keeps the mode of the file it replaces.
+/// read), created exclusively, synced, renamed over it.
 async fn write_atomically(path: &Path, contents: &Secret) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let path = path.to_path_buf();
+    let contents = contents.clone();
+    tokio::task::spawn_blocking(move || write_atomically_blocking(&path, contents.expose()))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Keeps the mode and owner of the file it replaces; a new file gets [`NEW_USERS_XML_MODE`]
+/// and the directory's group (the server's, on a packaged install).
+fn write_atomically_blocking(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("users");
-    let temp = dir.join(format!(".{name}.rotator-tmp"));
-    let mode = match tokio::fs::metadata(path).await {
-        Ok(meta) => meta.permissions().mode() & 0o7777,
-        // Holds a hash, not a password; the server's user must be able to read it.
-        Err(_) => 0o644,
+    let temp = dir.join(format!(".{name}.rotator-{}", uuid::Uuid::new_v4().simple()));
+    let (mode, owner, group) = match std::fs::metadata(path) {
+        Ok(meta) => (meta.mode() & 0o7777, Some(meta.uid()), meta.gid()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            (NEW_USERS_XML_MODE, None, std::fs::metadata(dir)?.gid())
+        }
+        Err(e) => return Err(e),
     };
-    let write = async {
-        let mut file = tokio::fs::File::create(&temp).await?;
-        tokio::io::AsyncWriteExt::write_all(&mut file, contents.expose().as_bytes()).await?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .await?;
-        file.sync_all().await?;
-        tokio::fs::rename(&temp, path).await?;
-        tokio::fs::File::open(dir).await?.sync_all().await
-    };
-    let result = write.await;
+    let result = (|| {
+        // Exclusive, and private until the owner and mode are in place: nothing planted at the
+        // temp name is followed, and the file is never readable more widely than intended.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        // Ownership can only be kept when allowed (root, or a member of the group).
+        let _ = std::os::unix::fs::fchown(&file, owner, Some(group));
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
     if result.is_err() {
-        let _ = tokio::fs::remove_file(&temp).await;
+        let _ = std::fs::remove_file(&temp);
     }
     result
 }

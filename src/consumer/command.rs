@@ -7,13 +7,28 @@ use std::time::Duration;
 
 use super::{Consumer, ConsumerError};
 
+/// Variables every command gets when set: enough to find programs and speak the locale.
+pub const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];
+
 pub struct CommandConsumer {
     argv: Vec<String>,
+    /// Names passed through from our environment besides [`BASE_ENV`].
+    env: Vec<String>,
 }
 
 impl CommandConsumer {
-    pub fn new(argv: Vec<String>) -> Self {
-        CommandConsumer { argv }
+    pub fn new(argv: Vec<String>, env: Vec<String>) -> Self {
+        CommandConsumer { argv, env }
+    }
+
+    /// Only allowed names: our environment holds the journal key and often admin passwords.
+    fn allowed_env(&self) -> Vec<(String, std::ffi::OsString)> {
+        BASE_ENV
+            .iter()
+            .copied()
+            .chain(self.env.iter().map(String::as_str))
+            .filter_map(|name| std::env::var_os(name).map(|value| (name.to_string(), value)))
+            .collect()
     }
 }
 
@@ -56,10 +71,13 @@ impl Consumer for CommandConsumer {
             consumer: self.describe(),
             message,
         };
-        // The command's output goes to our stderr so it never mixes into a JSON report on stdout.
+        // A cleared environment plus the allow-list, so no secret of ours leaks into it.
+        // Its output goes to our stderr so it never mixes into a JSON report on stdout.
         // Its own process group lets a timeout or a cancelled run stop it and all it started.
         let mut child = tokio::process::Command::new(&self.argv[0])
             .args(&self.argv[1..])
+            .env_clear()
+            .envs(self.allowed_env())
             .stdin(Stdio::null())
             .stdout(Stdio::from(std::io::stderr()))
             .stderr(Stdio::from(std::io::stderr()))

@@ -80,7 +80,9 @@ impl ConsumerHandle {
         kube: Option<&kube::Client>,
     ) -> Result<Self, ConsumerError> {
         let consumer: Box<dyn Consumer> = match &config.kind {
-            ConsumerKind::Command { argv } => Box::new(command::CommandConsumer::new(argv.clone())),
+            ConsumerKind::Command { argv, env } => {
+                Box::new(command::CommandConsumer::new(argv.clone(), env.clone()))
+            }
             kind => {
                 let client = kube.ok_or_else(|| ConsumerError::Api {
                     consumer: config.name.clone(),

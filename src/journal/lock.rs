@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, TryLockError};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -140,9 +141,14 @@ impl Locker {
     pub async fn lock(&self, targets: &[String]) -> Result<TargetLock, JournalError> {
         match self {
             Locker::Files(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    JournalError::Lock(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                // Private like the journal beside it: target names are all they hold.
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| {
+                        JournalError::Lock(format!("cannot create {}: {e}", dir.display()))
+                    })?;
                 let mut files = Vec::new();
                 for target in targets {
                     let path = dir.join(format!("{target}.lock"));
@@ -150,6 +156,7 @@ impl Locker {
                         .create(true)
                         .truncate(false)
                         .write(true)
+                        .mode(0o600)
                         .open(&path)
                         .map_err(|e| {
                             JournalError::Lock(format!("cannot open {}: {e}", path.display()))

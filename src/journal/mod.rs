@@ -570,6 +570,25 @@ impl Journal {
     }
 }
 
+/// The journal holds sealed credentials and run history: only its owner may read it. SQLite
+/// gives its -wal and -shm files the database file's mode. An existing file is left as it is.
+fn create_private_file(path: &std::path::Path) -> Result<(), JournalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(JournalError::Open(format!(
+            "cannot create {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// The pool URL (created if missing) and a lock directory beside the database file.
 fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
@@ -585,6 +604,7 @@ fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
     } else {
         query.to_string()
     };
+    create_private_file(std::path::Path::new(path))?;
     let lock_dir = PathBuf::from(format!("{path}.locks"));
     Ok((
         Secret::new(format!("sqlite://{path}?{query}")),

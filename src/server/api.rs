@@ -101,13 +101,15 @@ async fn require_token(
     }
 }
 
+/// Unauthenticated: the driver's error (host names, roles, paths) goes to the log, not the answer.
 async fn readyz(State(daemon): State<Arc<Daemon>>) -> Result<Json<serde_json::Value>, ApiError> {
-    daemon
-        .engine
-        .journal
-        .ping()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    daemon.engine.journal.ping().await.map_err(|e| {
+        tracing::warn!(cause = %e, "readiness check: the journal is not reachable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the journal is not reachable (the log says why)",
+        )
+    })?;
     Ok(Json(json!({"status": "ready"})))
 }
 

@@ -88,30 +88,69 @@ fn read_double_quoted(text: &str) -> Option<(usize, String)> {
     None
 }
 
-fn is_bare_safe(value: &str) -> bool {
-    !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.~:/@%+=,?&".contains(&b))
+// What the file holds must read back byte-identical in bash (`set -a; . ./.env`), in
+// python-dotenv (and tools that follow it) and in [`find`]. python-dotenv
+// (theskumar/python-dotenv, src/dotenv/parser.py) takes an unquoted value raw up to ` #`; inside
+// '...' it decodes only \\ and \'; inside "..." it decodes \\, \", \' and \a\b\f\n\r\t\v; its quoted
+// patterns take a \ before the closing quote as escaping it, so no quoted value may end in \; and
+// (src/dotenv/main.py resolve_variables, variables.py) it expands `${NAME}` in every value
+// whatever its quoting. bash takes '...' literally, and inside "..." expands $ and ` while
+// a backslash escapes only $ ` " \ and newline.
+
+/// Characters bash and python-dotenv both leave alone in an unquoted value (an assignment is
+/// not globbed; `~` and `&` are left out: tilde expansion, a background job).
+fn is_bare_safe(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-_.:/@%+=,?".contains(c)
 }
 
-/// Writes `value` for a dotenv file, keeping the quoting already used when it can hold the value.
-pub fn encode(value: &str, preferred: Quote) -> String {
-    let double = || format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""));
-    match preferred {
-        Quote::Double => double(),
-        Quote::Single if !value.contains('\'') => format!("'{value}'"),
-        Quote::None if is_bare_safe(value) => value.to_string(),
-        _ if !value.contains('\'') => format!("'{value}'"),
-        _ => double(),
+fn fits(value: &str, quote: Quote) -> bool {
+    match quote {
+        Quote::None => !value.is_empty() && value.chars().all(is_bare_safe),
+        Quote::Single => !value.contains(['\'', '\\']),
+        // python-dotenv's "..." pattern takes the \" of an escaped trailing \ for a quote.
+        Quote::Double => !value.contains(['$', '`']) && !value.ends_with('\\'),
     }
 }
 
-/// The file text with `key` set to `value` (appended when absent) or removed (`None`).
-pub fn replace(text: &str, key: &str, value: Option<&str>) -> String {
-    match (find(text, key), value) {
+/// Why no quoting holds a value made of `chars` the same for bash and python-dotenv; `None`
+/// when every value over `chars` can be written. Used on an alphabet at config time.
+pub fn unwritable(chars: &std::collections::BTreeSet<char>) -> Option<&'static str> {
+    let any = |set: &str| set.chars().any(|c| chars.contains(&c));
+    if chars.iter().any(|c| c.is_control()) {
+        Some("a control character, which a line-based file cannot hold")
+    } else if any("$") && any("{") {
+        Some("${, which python-dotenv expands whatever the quoting")
+    } else if any("\\") {
+        Some("a trailing \\, which python-dotenv takes as escaping the closing quote")
+    } else if any("'") && any("$`") {
+        Some("' together with $ or `, which no quoting reads back the same in bash and python-dotenv")
+    } else {
+        None
+    }
+}
+
+/// Writes `value` for a dotenv file, keeping the quoting already used when it can hold the
+/// value; `None` when no quoting reads back the same everywhere (see [`unwritable`]).
+pub fn encode(value: &str, preferred: Quote) -> Option<String> {
+    if value.chars().any(char::is_control) || value.contains("${") {
+        return None;
+    }
+    let quote = [preferred, Quote::None, Quote::Single, Quote::Double]
+        .into_iter()
+        .find(|&q| fits(value, q))?;
+    Some(match quote {
+        Quote::None => value.to_string(),
+        Quote::Single => format!("'{value}'"),
+        Quote::Double => format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\"")),
+    })
+}
+
+/// The file text with `key` set to `value` (appended when absent) or removed (`None`); `None`
+/// when the value cannot be written (see [`encode`]).
+pub fn replace(text: &str, key: &str, value: Option<&str>) -> Option<String> {
+    Some(match (find(text, key), value) {
         (Some(entry), Some(value)) => {
-            let encoded = encode(value, entry.quote);
+            let encoded = encode(value, entry.quote)?;
             format!(
                 "{}{}{}",
                 &text[..entry.span.start],
@@ -132,10 +171,10 @@ pub fn replace(text: &str, key: &str, value: Option<&str>) -> String {
             } else {
                 "\n"
             };
-            format!("{text}{separator}{key}={}\n", encode(value, Quote::None))
+            format!("{text}{separator}{key}={}\n", encode(value, Quote::None)?)
         }
         (None, None) => text.to_string(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -158,24 +197,48 @@ mod tests {
 
     #[test]
     fn replace_changes_only_that_value() {
-        let out = replace(FILE, "LLMTRACE_POSTGRES_URL", Some("postgres://u:new@db/x"));
+        let out = replace(FILE, "LLMTRACE_POSTGRES_URL", Some("postgres://u:new@db/x")).unwrap();
         assert_eq!(out, FILE.replace("u:old@db", "u:new@db"));
-        let out = replace(FILE, "PGPASSWORD", Some("n'ew"));
+        let out = replace(FILE, "PGPASSWORD", Some("n'ew")).unwrap();
         assert_eq!(out, FILE.replace("'old pw'", "\"n'ew\""));
     }
 
     #[test]
     fn values_needing_quotes_round_trip() {
-        for value in ["a b", "x#y", "it's", "q\"uote\\", "$HOME", "plain"] {
-            let out = replace("K=old\n", "K", Some(value));
+        for value in ["a b", "x#y", "it's", "q\"uo\\te", "$HOME", "plain"] {
+            let out = replace("K=old\n", "K", Some(value)).unwrap();
             assert_eq!(find(&out, "K").unwrap().value, value, "{out}");
         }
     }
 
     #[test]
     fn appends_and_removes_keys() {
-        let out = replace("A=1", "B", Some("2"));
+        let out = replace("A=1", "B", Some("2")).unwrap();
         assert_eq!(out, "A=1\nB=2\n");
-        assert_eq!(replace(&out, "B", None), "A=1\n");
+        assert_eq!(replace(&out, "B", None).unwrap(), "A=1\n");
+    }
+
+    #[test]
+    fn quoting_is_chosen_per_value() {
+        assert_eq!(encode("abc-1.2:3", Quote::None).unwrap(), "abc-1.2:3");
+        assert_eq!(encode("a&b", Quote::None).unwrap(), "'a&b'");
+        assert_eq!(encode("~x", Quote::None).unwrap(), "'~x'");
+        assert_eq!(encode("a$b`c", Quote::Double).unwrap(), "'a$b`c'");
+        assert_eq!(encode("it's\\a", Quote::Single).unwrap(), "\"it's\\\\a\"");
+        assert_eq!(encode("a\\b", Quote::None).unwrap(), "\"a\\\\b\"");
+        for unwritable in ["'$", "'`", "${HOME}", "a\nb", "it's\\", "ab\\"] {
+            assert_eq!(encode(unwritable, Quote::None), None, "{unwritable:?}");
+        }
+    }
+
+    #[test]
+    fn alphabets_that_can_produce_unwritable_values_are_named() {
+        let set = |s: &str| s.chars().collect::<std::collections::BTreeSet<char>>();
+        assert_eq!(unwritable(&set("abcXYZ019-_%.~")), None);
+        assert_eq!(unwritable(&set("ab'\"!")), None);
+        assert_eq!(unwritable(&set("ab$`\"!")), None);
+        assert!(unwritable(&set("ab\\")).is_some());
+        assert!(unwritable(&set("a'$")).is_some());
+        assert!(unwritable(&set("a${}")).is_some());
     }
 }

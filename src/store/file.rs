@@ -52,14 +52,23 @@ impl FileStore {
                 store: self.describe(),
             });
         }
-        let updated =
-            zeroize::Zeroizing::new(dotenv::replace(&text, &self.key, new.map(Secret::expose)));
+        let updated = dotenv::replace(&text, &self.key, new.map(Secret::expose))
+            .map(zeroize::Zeroizing::new)
+            .ok_or_else(|| StoreError::Format {
+                store: self.describe(),
+                message: "the value holds characters that bash and python-dotenv would read \
+                          differently under any quoting (' with $ or `, a trailing \\, or ${)"
+                    .into(),
+            })?;
         write_atomically(&self.path, updated.as_bytes()).map_err(|e| self.error(e))
     }
 }
 
 /// Writes a sibling temp file with the original's mode and owner, syncs it, then renames it over.
+/// A symlink is followed: the file it points to is replaced in its own directory, and the link
+/// stays a link (replacing the link would leave the real file with the old credential).
 fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let path = &std::fs::canonicalize(path)?;
     let metadata = std::fs::metadata(path)?;
     let dir = path
         .parent()

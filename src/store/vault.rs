@@ -21,7 +21,15 @@ pub struct VaultKv {
     property: String,
     kube: Option<kube::Client>,
     http: Result<reqwest::Client, String>,
+    /// The configured token, resolved once. Kubernetes logins are never cached: see [`Session`].
     token: OnceCell<Secret>,
+}
+
+/// The token one operation uses. A Kubernetes login's token is revoked when the operation
+/// ends: otherwise every drift check would leave a live token behind until its TTL.
+struct Session {
+    token: Secret,
+    revoke: bool,
 }
 
 /// The secret's properties and the version they were read at.
@@ -66,54 +74,81 @@ impl VaultKv {
         Ok(request)
     }
 
-    /// A Vault token: resolved from its reference, or from a Kubernetes login; kept for the run.
-    async fn token(&self) -> Result<&Secret, StoreError> {
-        self.token
-            .get_or_try_init(|| async {
-                match &self.config.auth {
-                    VaultAuth::Token(reference) => {
+    /// A token for one operation: the configured one, or a fresh Kubernetes login.
+    async fn session(&self) -> Result<Session, StoreError> {
+        match &self.config.auth {
+            VaultAuth::Token(reference) => {
+                let token = self
+                    .token
+                    .get_or_try_init(|| async {
                         resolve(reference, "vault token", self.kube.as_ref())
                             .await
                             .map_err(|e| self.error(e.to_string()))
-                    }
-                    VaultAuth::Kubernetes {
-                        role,
-                        mount,
-                        token_file,
-                    } => {
-                        let jwt = std::fs::read_to_string(token_file).map_err(|e| {
-                            self.error(format!(
-                                "cannot read the service account token {}: {e}",
-                                token_file.display()
-                            ))
-                        })?;
-                        let body = json!({ "role": role, "jwt": jwt.trim() });
-                        let answer = self
-                            .send(
-                                self.request(
-                                    reqwest::Method::POST,
-                                    &format!("auth/{mount}/login"),
-                                )?
-                                .json(&body),
-                            )
-                            .await?;
-                        let (status, value) = answer;
-                        if !status.is_success() {
-                            return Err(self.error(format!(
-                                "Kubernetes login to Vault as role {role:?} failed: {}",
-                                vault_errors(status, &value)
-                            )));
-                        }
-                        value["auth"]["client_token"]
-                            .as_str()
-                            .map(Secret::new)
-                            .ok_or_else(|| {
-                                self.error("the Kubernetes login answered no client_token")
-                            })
-                    }
-                }
-            })
-            .await
+                    })
+                    .await?;
+                Ok(Session {
+                    token: token.clone(),
+                    revoke: false,
+                })
+            }
+            VaultAuth::Kubernetes {
+                role,
+                mount,
+                token_file,
+            } => Ok(Session {
+                token: self.kubernetes_login(role, mount, token_file).await?,
+                revoke: true,
+            }),
+        }
+    }
+
+    async fn kubernetes_login(
+        &self,
+        role: &str,
+        mount: &str,
+        token_file: &std::path::Path,
+    ) -> Result<Secret, StoreError> {
+        let jwt = std::fs::read_to_string(token_file).map_err(|e| {
+            self.error(format!(
+                "cannot read the service account token {}: {e}",
+                token_file.display()
+            ))
+        })?;
+        let body = json!({ "role": role, "jwt": jwt.trim() });
+        let request = self.request(reqwest::Method::POST, &format!("auth/{mount}/login"))?;
+        let (status, value) = self.send(request.json(&body)).await?;
+        if !status.is_success() {
+            return Err(self.error(format!(
+                "Kubernetes login to Vault as role {role:?} failed: {}",
+                vault_errors(status, &value)
+            )));
+        }
+        value["auth"]["client_token"]
+            .as_str()
+            .map(Secret::new)
+            .ok_or_else(|| self.error("the Kubernetes login answered no client_token"))
+    }
+
+    /// Revokes a login's token (the `default` policy allows `auth/token/revoke-self`: openbao
+    /// vault/policy_store.go). A failure is only logged: the operation is done, and the token
+    /// still expires with its TTL.
+    async fn end(&self, session: Session) {
+        if !session.revoke {
+            return;
+        }
+        let answer = match self.request(reqwest::Method::POST, "auth/token/revoke-self") {
+            Ok(request) => {
+                self.send(request.header("X-Vault-Token", session.token.expose()))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let cause = match answer {
+            Ok((status, _)) if status.is_success() => return,
+            Ok((status, value)) => vault_errors(status, &value),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(store = %self.describe(), %cause, "could not revoke the token of the Kubernetes login; it expires with its TTL");
     }
 
     async fn send(
@@ -129,8 +164,7 @@ impl VaultKv {
         Ok((status, value))
     }
 
-    async fn read_versioned(&self) -> Result<Versioned, StoreError> {
-        let token = self.token().await?;
+    async fn read_versioned(&self, token: &Secret) -> Result<Versioned, StoreError> {
         let request = self
             .request(
                 reqwest::Method::GET,
@@ -166,6 +200,49 @@ impl VaultKv {
             store: self.describe(),
             message: message.into(),
         }
+    }
+
+    /// Check-and-set on the version read, retried while someone else writes in between.
+    async fn swap_with(
+        &self,
+        token: &Secret,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        for attempt in 1..=CAS_RETRIES {
+            let mut secret = self.read_versioned(token).await?;
+            if self.value_of(&secret)?.as_ref() != expected {
+                return Err(StoreError::Conflict {
+                    store: self.describe(),
+                });
+            }
+            match new {
+                Some(value) => secret.data.insert(
+                    self.property.clone(),
+                    Value::String(value.expose().to_string()),
+                ),
+                None => secret.data.remove(&self.property),
+            };
+            let body = json!({ "options": { "cas": secret.version }, "data": secret.data });
+            let request = self
+                .request(
+                    reqwest::Method::POST,
+                    &format!("{}/data/{}", self.config.mount, self.config.path),
+                )?
+                .header("X-Vault-Token", token.expose())
+                .json(&body);
+            let (status, answer) = self.send(request).await?;
+            if status.is_success() {
+                return Ok(());
+            }
+            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
+                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                continue;
+            }
+            return Err(self.error(vault_errors(status, &answer)));
+        }
+        unreachable!("the last attempt returns")
     }
 
     fn value_of(&self, secret: &Versioned) -> Result<Option<Secret>, StoreError> {
@@ -219,8 +296,13 @@ impl Store for VaultKv {
     }
 
     async fn read(&self) -> Result<Option<Secret>, StoreError> {
-        let secret = self.read_versioned().await?;
-        self.value_of(&secret)
+        let session = self.session().await?;
+        let result = self
+            .read_versioned(&session.token)
+            .await
+            .and_then(|secret| self.value_of(&secret));
+        self.end(session).await;
+        result
     }
 
     async fn compare_and_swap(
@@ -228,40 +310,9 @@ impl Store for VaultKv {
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
-        for attempt in 1..=CAS_RETRIES {
-            let mut secret = self.read_versioned().await?;
-            if self.value_of(&secret)?.as_ref() != expected {
-                return Err(StoreError::Conflict {
-                    store: self.describe(),
-                });
-            }
-            match new {
-                Some(value) => secret.data.insert(
-                    self.property.clone(),
-                    Value::String(value.expose().to_string()),
-                ),
-                None => secret.data.remove(&self.property),
-            };
-            let body = json!({ "options": { "cas": secret.version }, "data": secret.data });
-            let token = self.token().await?;
-            let request = self
-                .request(
-                    reqwest::Method::POST,
-                    &format!("{}/data/{}", self.config.mount, self.config.path),
-                )?
-                .header("X-Vault-Token", token.expose())
-                .json(&body);
-            let (status, answer) = self.send(request).await?;
-            if status.is_success() {
-                return Ok(());
-            }
-            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
-                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
-                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                continue;
-            }
-            return Err(self.error(vault_errors(status, &answer)));
-        }
-        unreachable!("the last attempt returns")
+        let session = self.session().await?;
+        let result = self.swap_with(&session.token, expected, new).await;
+        self.end(session).await;
+        result
     }
 }
