@@ -52,7 +52,7 @@ use serde_json::{json, Map, Value};
 #[path = "kube_fake/custom.rs"]
 mod custom;
 #[allow(unused_imports)]
-pub use custom::{unseal, Unsealer};
+pub use custom::{unseal, EsoRelease, Unsealer};
 
 // ---------------------------------------------------------------------------
 // Public API
@@ -844,9 +844,10 @@ enum Route {
         name: Option<String>,
         subresource: Option<String>,
     },
-    /// An ExternalSecret or SealedSecret.
+    /// An ExternalSecret or SealedSecret, at one of the versions its kind is known under.
     Custom {
         kind: &'static custom::CustomKind,
+        version: String,
         namespace: Option<String>,
         name: Option<String>,
         subresource: Option<String>,
@@ -878,7 +879,11 @@ impl Route {
             ["apis", group, version, rest @ ..]
                 if custom::CustomKind::lookup(group, version).is_some() =>
             {
-                Route::custom(custom::CustomKind::lookup(group, version).unwrap(), rest)
+                Route::custom(
+                    custom::CustomKind::lookup(group, version).unwrap(),
+                    version,
+                    rest,
+                )
             }
             ["apis", _, _, rest @ ..] => Route::resource("(unknown group)", rest),
             _ => Route::Unknown {
@@ -924,11 +929,12 @@ impl Route {
     }
 
     /// `namespaces/{ns}/{plural}/{name}[/{sub}]` of a custom resource.
-    fn custom(kind: &'static custom::CustomKind, rest: &[&str]) -> Route {
+    fn custom(kind: &'static custom::CustomKind, version: &str, rest: &[&str]) -> Route {
         match rest {
             ["namespaces", ns, plural, tail @ ..] if *plural == kind.plural && tail.len() <= 2 => {
                 Route::Custom {
                     kind,
+                    version: version.to_string(),
                     namespace: Some(ns.to_string()),
                     name: tail.first().map(|s| s.to_string()),
                     subresource: tail.get(1).map(|s| s.to_string()),
@@ -1116,12 +1122,14 @@ impl State {
             Route::Unknown { .. } => return Err(ApiError::no_route()),
             Route::Custom {
                 kind,
+                version,
                 namespace,
                 name,
                 subresource,
             } => {
                 return self.custom_request(
                     kind,
+                    version,
                     namespace.as_deref(),
                     name.as_deref(),
                     subresource.as_deref(),
@@ -1263,7 +1271,11 @@ impl State {
             "api/v1" => json!({
                 "kind": "APIResourceList", "groupVersion": "v1", "resources": [resource(&SECRETS)],
             }),
-            "apis" => json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [apps] }),
+            "apis" => {
+                let mut groups = vec![apps];
+                groups.extend(self.custom_groups());
+                json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": groups })
+            }
             "apis/apps" => {
                 let mut g = apps;
                 g["kind"] = json!("APIGroup");
