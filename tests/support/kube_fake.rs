@@ -290,6 +290,14 @@ impl KubeFake {
             });
     }
 
+    /// Sets a StatefulSet's `spec.updateStrategy.rollingUpdate.partition` as a client would.
+    pub fn set_partition(&self, ns: &str, name: &str, partition: i32) {
+        self.lock()
+            .mutate_workload(WorkloadKind::StatefulSet, ns, name, |obj| {
+                obj["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = json!(partition);
+            });
+    }
+
     /// Sets `spec.replicas` as a client would.
     pub fn set_replicas(&self, kind: WorkloadKind, ns: &str, name: &str, replicas: i32) {
         self.lock().mutate_workload(kind, ns, name, |obj| {
