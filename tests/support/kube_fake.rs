@@ -52,7 +52,7 @@ use serde_json::{json, Map, Value};
 #[path = "kube_fake/custom.rs"]
 mod custom;
 #[allow(unused_imports)]
-pub use custom::{unseal, EsoRelease, Unsealer};
+pub use custom::{label_for, unseal, unseal_with_label, EsoRelease, Unsealer};
 
 // ---------------------------------------------------------------------------
 // Public API

@@ -215,16 +215,41 @@ impl KubeFake {
 
     /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData`.
     pub fn add_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
+        self.add_scoped_sealed_secret(ns, name, &[], encrypted);
+    }
+
+    /// The same with annotations on the SealedSecret (and its template, as kubeseal writes
+    /// them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
+    pub fn add_scoped_sealed_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        encrypted: &[(&str, &str)],
+    ) {
         let data: Map<String, Value> = encrypted
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
-        self.lock().insert_custom(
+        let annotations: Map<String, Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        let mut st = self.lock();
+        st.insert_custom(
             &SEALED_SECRETS,
             ns,
             name,
-            json!({ "spec": { "encryptedData": data, "template": { "metadata": { "name": name, "namespace": ns } } } }),
+            json!({ "spec": { "encryptedData": data, "template": { "metadata": { "name": name, "namespace": ns, "annotations": annotations } } } }),
         );
+        if !annotations.is_empty() {
+            let obj = st
+                .custom
+                .objects
+                .get_mut(&(SEALED_SECRETS.plural, ns.into(), name.into()))
+                .unwrap();
+            obj["metadata"]["annotations"] = Value::Object(annotations);
+        }
     }
 
     pub fn sealed_secret(&self, ns: &str, name: &str) -> Option<Value> {
@@ -430,8 +455,9 @@ impl State {
                 .unwrap_or_default();
             let mut data = Map::new();
             let mut failure = None;
+            let label = label_for(&obj);
             for (k, v) in &encrypted {
-                match unseal(&private_key, &ns, &name, v.as_str().unwrap_or("")) {
+                match unseal_with_label(&private_key, &label, v.as_str().unwrap_or("")) {
                     Ok(plain) => {
                         data.insert(k.clone(), json!(b64_encode(&plain)));
                     }
@@ -466,9 +492,30 @@ impl State {
     }
 }
 
+/// The controller's `labelFor` (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go:
+/// `SecretScope` of the SealedSecret's own metadata, then `EncryptionLabel`): cluster-wide
+/// wins over namespace-wide, and only the value "true" counts.
+pub fn label_for(sealed_secret: &Value) -> String {
+    let meta = &sealed_secret["metadata"];
+    let on = |key: &str| meta["annotations"][key] == json!("true");
+    let ns = meta["namespace"].as_str().unwrap_or("");
+    if on("sealedsecrets.bitnami.com/cluster-wide") {
+        String::new()
+    } else if on("sealedsecrets.bitnami.com/namespace-wide") {
+        ns.to_string()
+    } else {
+        format!("{ns}/{}", meta["name"].as_str().unwrap_or(""))
+    }
+}
+
+/// [`unseal_with_label`] for the strict scope.
+pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Vec<u8>, String> {
+    unseal_with_label(key, &format!("{ns}/{name}"), b64)
+}
+
 /// The controller's HybridDecrypt (pkg/crypto/crypto.go), written independently of the rotator's
 /// sealing of one `spec.encryptedData` value.
-pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Vec<u8>, String> {
+pub fn unseal_with_label(key: &RsaPrivateKey, label: &str, b64: &str) -> Result<Vec<u8>, String> {
     let data = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|e| format!("not base64: {e}"))?;
@@ -479,7 +526,7 @@ pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Ve
     let rsa = data.get(2..2 + rsa_len).ok_or("too short")?;
     let session = key
         .decrypt(
-            Oaep::new_with_label::<sha2::Sha256, _>(format!("{ns}/{name}")),
+            Oaep::new_with_label::<sha2::Sha256, _>(label.to_string()),
             rsa,
         )
         .map_err(|e| format!("RSA-OAEP: {e}"))?;
