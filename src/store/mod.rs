@@ -57,6 +57,12 @@ pub trait Store: Send + Sync {
         new: Option<&Secret>,
     ) -> Result<(), StoreError>;
 
+    /// Checks, before a run changes anything, that the store can take part (preflight calls it
+    /// before reading). Nothing to check for most stores.
+    async fn preflight(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Cleans up what an interrupted write may have left (a stale staging label); recovery
     /// calls it. Nothing to do for most stores.
     async fn tidy(&self) -> Result<(), StoreError> {
