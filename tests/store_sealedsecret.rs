@@ -506,3 +506,59 @@ async fn a_pinned_certificate_url_refuses_any_other_certificate() {
     assert_ne!(new, s.old_password);
     assert_eq!(unsealed(&s, "password"), new);
 }
+
+/// `check` compares the SealedSecret with its Secret through the controller's own report
+/// (bitnami-labs/sealed-secrets pkg/controller/controller.go `updateSealedSecretStatus`: a
+/// `Synced` condition and `observedGeneration`): a spec the controller has not unsealed (a
+/// GitOps revert while it is down: the Secret still logs in, but the next start of the
+/// controller brings the old password) or one it cannot decrypt is drift.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_a_sealed_secret_its_controller_has_not_or_cannot_unseal() {
+    let s = setup("20s", true).await;
+    let public = s.key.to_public_key();
+    let out = s.rotator.run(&["check"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+
+    // The controller is down; Git brings back a value sealed before.
+    s.kube.set_unsealer(Unsealer::Stopped);
+    let reverted = sealed::seal(&public, NS, NAME, b"an-older-password");
+    s.kube
+        .apply_sealed_secret(NS, NAME, &[("password", &reverted)]);
+    let out = s.rotator.run(&["check", "--output", "json"]).await;
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("the controller has not unsealed the SealedSecret's current spec"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        s.kube.secret(NS, NAME).unwrap()["password"],
+        s.old_password,
+        "the Secret still logs in: only the comparison finds it"
+    );
+
+    // Back up, but the value was sealed for another name (strict scope): no key decrypts it.
+    s.kube.set_unsealer(Unsealer::Running {
+        private_key: Box::new(s.key.clone()),
+        delay: Duration::ZERO,
+    });
+    let foreign = sealed::seal(&public, NS, "another-name", s.old_password.as_bytes());
+    s.kube
+        .apply_sealed_secret(NS, NAME, &[("password", &foreign)]);
+    let out = s.rotator.run(&["check", "--output", "json"]).await;
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("the controller cannot unseal the SealedSecret"),
+        "{}",
+        out.stdout
+    );
+
+    // Sealed right again: no drift.
+    let good = sealed::seal(&public, NS, NAME, s.old_password.as_bytes());
+    s.kube.apply_sealed_secret(NS, NAME, &[("password", &good)]);
+    let out = s.rotator.run(&["check"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_no_secret(&out.all(), &[s.old_password.as_str()], "check output");
+}

@@ -63,6 +63,12 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
+    /// `check`: whether the copy pods read agrees with the source behind it (a SealedSecret and
+    /// the Secret its controller unseals). Nothing to compare for most stores.
+    async fn check_source(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Cleans up what an interrupted write may have left (a stale staging label); recovery
     /// calls it. Nothing to do for most stores.
     async fn tidy(&self) -> Result<(), StoreError> {

@@ -203,6 +203,59 @@ impl Store for SealedStore {
         self.wait_for(new).await
     }
 
+    /// The Secret must hold what the SealedSecret holds. Without the controller's private key
+    /// that is judged from the controller's own report (`status`, written by
+    /// `updateSealedSecretStatus` in pkg/controller/controller.go): a failed unseal, or a spec
+    /// the controller has not unsealed (a GitOps revert while it is down), is drift.
+    async fn check_source(&self) -> Result<(), StoreError> {
+        let object = self
+            .api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| self.error(describe_kube_error(&e)))?
+            .ok_or_else(|| StoreError::Missing {
+                store: self.describe(),
+                what: format!(
+                    "the SealedSecret {}/{}",
+                    self.config.namespace, self.config.name
+                ),
+            })?;
+        let drift = |message: String| Err(self.error(message));
+        if object.data["spec"]["encryptedData"][&self.key].is_null() {
+            if self.secret.read().await?.is_some() {
+                return drift(format!(
+                    "the SealedSecret has no encryptedData.{} but the Secret has the key; the next unseal removes it",
+                    self.key
+                ));
+            }
+            return Ok(());
+        }
+        let status = &object.data["status"];
+        // A controller started with --update-status=false reports nothing to compare.
+        if status.is_null() {
+            return Ok(());
+        }
+        let synced = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Synced");
+        if let Some(condition) = synced.filter(|c| c["status"] == "False") {
+            return drift(format!(
+                "the controller cannot unseal the SealedSecret ({}), so the Secret does not hold what it holds; reseal it with the controller's current certificate",
+                condition["message"].as_str().unwrap_or("no message")
+            ));
+        }
+        let generation = object.metadata.generation.unwrap_or(0);
+        let observed = status["observedGeneration"].as_i64().unwrap_or(0);
+        if observed < generation {
+            return drift(format!(
+                "the controller has not unsealed the SealedSecret's current spec (generation {generation}, last unsealed {observed}), so the Secret holds an older value; is the sealed-secrets controller running?"
+            ));
+        }
+        Ok(())
+    }
+
     /// The SealedSecret may hold this run's value even though the Secret does not show it yet
     /// (a crash while waiting for the controller): seal `value` again so nothing unseals later.
     async fn settle(&self, value: Option<&Secret>) -> Result<(), StoreError> {

@@ -250,6 +250,35 @@ impl KubeFake {
                 .unwrap();
             obj["metadata"]["annotations"] = Value::Object(annotations);
         }
+        // The controller sees the new object like any change.
+        st.custom
+            .pending
+            .push((Instant::now(), ns.into(), name.into()));
+    }
+
+    /// Replaces `spec.encryptedData` as `kubectl apply` of another manifest would (a GitOps
+    /// sync): the spec changes, so the generation moves and the controller unseals it.
+    pub fn apply_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
+        let mut st = self.lock();
+        let rv = st.next_rv();
+        let obj = st
+            .custom
+            .objects
+            .get_mut(&(SEALED_SECRETS.plural, ns.into(), name.into()))
+            .unwrap_or_else(|| panic!("no SealedSecret {ns}/{name}"));
+        for (k, v) in encrypted {
+            obj["spec"]["encryptedData"][*k] = json!(v);
+        }
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        obj["metadata"]["generation"] = json!(generation);
+        obj["metadata"]["resourceVersion"] = json!(rv);
+        let delay = match &st.custom.unsealer {
+            Some(Unsealer::Running { delay, .. }) => *delay,
+            _ => Duration::ZERO,
+        };
+        st.custom
+            .pending
+            .push((Instant::now() + delay, ns.into(), name.into()));
     }
 
     pub fn sealed_secret(&self, ns: &str, name: &str) -> Option<Value> {
