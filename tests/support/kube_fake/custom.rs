@@ -555,7 +555,7 @@ pub fn unseal_with_label(key: &RsaPrivateKey, label: &str, b64: &str) -> Result<
     let rsa = data.get(2..2 + rsa_len).ok_or("too short")?;
     let session = key
         .decrypt(
-            Oaep::new_with_label::<sha2::Sha256, _>(label.to_string()),
+            Oaep::new_with_label::<sha2::Sha256, _>(label),
             rsa,
         )
         .map_err(|e| format!("RSA-OAEP: {e}"))?;
