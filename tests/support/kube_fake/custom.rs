@@ -554,10 +554,7 @@ pub fn unseal_with_label(key: &RsaPrivateKey, label: &str, b64: &str) -> Result<
     let rsa_len = u16::from_be_bytes([data[0], data[1]]) as usize;
     let rsa = data.get(2..2 + rsa_len).ok_or("too short")?;
     let session = key
-        .decrypt(
-            Oaep::new_with_label::<sha2::Sha256, _>(label),
-            rsa,
-        )
+        .decrypt(Oaep::new_with_label::<sha2::Sha256, _>(label), rsa)
         .map_err(|e| format!("RSA-OAEP: {e}"))?;
     Aes256Gcm::new_from_slice(&session)
         .map_err(|_| "session key is not 32 bytes".to_string())?
