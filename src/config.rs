@@ -271,6 +271,9 @@ pub struct SealedSecretStore {
     pub namespace: String,
     pub name: String,
     pub certificate: Certificate,
+    /// SHA-256 of the certificate (DER, as `openssl x509 -noout -fingerprint -sha256` prints
+    /// it), lower-case hex: a fetched certificate must match it.
+    pub certificate_sha256: Option<String>,
     /// How long to wait for the controller to unseal a write into the Secret.
     pub timeout: Duration,
 }
@@ -1485,11 +1488,27 @@ fn parse_sealed_secret(
             None
         }
     };
+    let certificate_sha256 = fields
+        .string("certificate_sha256", errors)
+        .and_then(|pin| {
+            // openssl prints `AB:CD:...`; `sha256sum` prints plain hex.
+            let hex: String = pin.chars().filter(|c| *c != ':').collect();
+            if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                Some(hex.to_ascii_lowercase())
+            } else {
+                errors.push(
+                    fields.path_of("certificate_sha256"),
+                    "is not a SHA-256 fingerprint (64 hex digits, colons allowed: openssl x509 -noout -fingerprint -sha256 -in cert.pem)",
+                );
+                None
+            }
+        });
     let timeout = fields.duration("timeout", DEFAULT_SEALED_TIMEOUT, errors);
     Some(SealedSecretStore {
         namespace: namespace?,
         name: name?,
         certificate: certificate?,
+        certificate_sha256,
         timeout,
     })
 }
@@ -2029,6 +2048,7 @@ sync_timeout = "30s"
                 namespace: "llmtrace".into(),
                 name: "llmtrace-postgresql".into(),
                 certificate: Certificate::File("/etc/rotator/cert.pem".into()),
+                certificate_sha256: None,
                 timeout: Duration::from_secs(20),
             })
         );
@@ -2069,6 +2089,25 @@ sync_timeout = "30s"
                 "target[0].store[0].certificate",
             ],
             "{errors:#?}"
+        );
+        let pinned = UPSTREAM.replace(
+            "certificate = \"cert.pem\"",
+            &format!(
+                "certificate = \"cert.pem\"\n  certificate_sha256 = \"{}\"",
+                ["AB"; 32].join(":")
+            ),
+        );
+        assert!(matches!(
+            &Config::parse(&pinned, Path::new("/etc/rotator")).unwrap().targets[0].stores[0].kind,
+            StoreKind::SealedSecret(s) if s.certificate_sha256.as_deref() == Some("ab".repeat(32).as_str())
+        ));
+        let bad_pin = UPSTREAM.replace(
+            "certificate = \"cert.pem\"",
+            "certificate = \"cert.pem\"\n  certificate_sha256 = \"abc\"",
+        );
+        assert_eq!(
+            errors_of(&bad_pin),
+            ["target[0].store[0].certificate_sha256: is not a SHA-256 fingerprint (64 hex digits, colons allowed: openssl x509 -noout -fingerprint -sha256 -in cert.pem)"]
         );
         let both = UPSTREAM.replace(
             "certificate = \"cert.pem\"",

@@ -734,11 +734,37 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
     }
     for target in &config.targets {
         for store in &target.stores {
-            if let StoreKind::Kubernetes { namespace, secret } = &store.kind {
-                namespaces.insert(namespace.clone());
-                grants.insert(grant("", "secrets", secret, "get"));
-                grants.insert(grant("", "secrets", secret, "update"));
+            match &store.kind {
+                StoreKind::Kubernetes { namespace, secret } => {
+                    namespaces.insert(namespace.clone());
+                    grants.insert(grant("", "secrets", secret, "get"));
+                    grants.insert(grant("", "secrets", secret, "update"));
+                }
+                // Read (resourceVersion, scope annotations) and merge-patch the SealedSecret;
+                // poll the Secret the controller unseals into.
+                StoreKind::SealedSecret(sealed) => {
+                    namespaces.insert(sealed.namespace.clone());
+                    for verb in ["get", "patch"] {
+                        grants.insert(grant("bitnami.com", "sealedsecrets", &sealed.name, verb));
+                    }
+                    grants.insert(grant("", "secrets", &sealed.name, "get"));
+                }
+                _ => {}
             }
+        }
+        // Preflight reads the ExternalSecret (refresh policy), sync merge-patches force-sync,
+        // and both poll the Secret it writes.
+        for sync in &target.sync {
+            namespaces.insert(sync.namespace.clone());
+            for verb in ["get", "patch"] {
+                grants.insert(grant(
+                    "external-secrets.io",
+                    "externalsecrets",
+                    &sync.external_secret,
+                    verb,
+                ));
+            }
+            grants.insert(grant("", "secrets", &sync.secret, "get"));
         }
     }
     for consumer in &config.consumers {
@@ -798,6 +824,41 @@ fn role_grants_exactly_what_the_shipped_config_needs_by_name() {
         );
         assert_eq!(name(find(&objects, "ServiceAccount")), SERVICE_ACCOUNT);
     }
+}
+
+/// Each example config with a Role beside it (`deploy/examples/NAME.role.yaml`): the Role
+/// grants exactly what that config needs, by name, in its namespace.
+#[test]
+fn example_roles_grant_exactly_what_their_configs_need() {
+    let examples = root().join("deploy/examples");
+    let mut checked = BTreeSet::new();
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(name) = path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .strip_suffix(".role.yaml")
+        else {
+            continue;
+        };
+        let role: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        round_trip::<Role>(&role).unwrap();
+        let config = Config::load(&examples.join(format!("{name}.toml"))).unwrap();
+        let (needed, namespaces) = needed_grants(&config);
+        assert_eq!(role_grants(&role), needed, "{name}");
+        assert_eq!(
+            namespaces,
+            BTreeSet::from([role["metadata"]["namespace"].as_str().unwrap().to_string()]),
+            "{name}"
+        );
+        checked.insert(name.to_string());
+    }
+    assert_eq!(
+        checked,
+        BTreeSet::from(["eso-aws", "eso-vault", "sealed-secrets"].map(String::from))
+    );
 }
 
 /// The API group of a resource the fake served.

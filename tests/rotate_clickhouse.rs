@@ -18,7 +18,7 @@ struct Host {
     env_file: PathBuf,
 }
 
-fn config(address: &str, users_xml: &str, strategy: &str, command: &[&str]) -> String {
+fn config(user: &str, address: &str, users_xml: &str, strategy: &str, command: &[&str]) -> String {
     let argv = command
         .iter()
         .map(|a| format!("{a:?}"))
@@ -34,7 +34,7 @@ journal_key = "env:ROTATOR_JOURNAL_KEY"
 name = "clickhouse"
 kind = "clickhouse"
 address = "{address}"
-user = "llmtrace"
+user = "{user}"
 mode = "users_xml"
 users_xml = {{ path = "{users_xml}" }}
 strategy = "{strategy}"
@@ -64,10 +64,15 @@ timeout = "20s"
 impl Host {
     /// `None` (the test skips) where clickhouse-server is not installed.
     async fn start(strategy: &str, command: &[&str]) -> Option<Host> {
+        Host::start_as("llmtrace", strategy, command).await
+    }
+
+    async fn start_as(user: &str, strategy: &str, command: &[&str]) -> Option<Host> {
         let old = random_password();
-        let ch = ClickHouse::start("llmtrace", &old).await?;
+        let ch = ClickHouse::start(user, &old).await?;
         let users_xml = ch.users_d().join("llmtrace-rotator.xml");
         let rotator = Rotator::new(&config(
+            user,
             &ch.address(),
             &users_xml.display().to_string(),
             strategy,
@@ -77,7 +82,7 @@ impl Host {
         std::fs::write(
             &env_file,
             format!(
-                "LLMTRACE_CLICKHOUSE_URL=http://llmtrace:{old}@{}\nLLMTRACE_CLICKHOUSE_DATABASE=default\nCLICKHOUSE_ADMIN_PASSWORD={old}\n",
+                "LLMTRACE_CLICKHOUSE_URL=http://{user}:{old}@{}\nLLMTRACE_CLICKHOUSE_DATABASE=default\nCLICKHOUSE_ADMIN_PASSWORD={old}\n",
                 ch.address()
             ),
         )
@@ -165,6 +170,27 @@ async fn users_xml_rotation_writes_the_users_d_file_and_waits_for_the_reload() {
         &[new.as_str()],
         "ClickHouse's files and logs",
     );
+}
+
+/// "--" may not occur inside an XML comment (XML 1.0 §2.5); the server's parser refuses the
+/// whole users.d file, so a user name with "--" must not be copied into the comment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_name_with_a_double_hyphen_keeps_the_users_d_file_well_formed() {
+    let Some(host) = Host::start_as("svc--ro", "single", &["true"]).await else {
+        return;
+    };
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = host.stored();
+    assert_ne!(new, host.old);
+    host.ch
+        .try_login("svc--ro", &new)
+        .await
+        .expect("new password logs in");
+    assert!(host.ch.try_login("svc--ro", &host.old).await.is_err());
+    host.assert_clean(&out.all());
 }
 
 #[tokio::test(flavor = "multi_thread")]

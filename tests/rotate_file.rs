@@ -467,3 +467,55 @@ async fn a_symlinked_env_file_is_rolled_back_where_it_points() {
     assert_eq!(std::fs::read_to_string(&real).unwrap(), before);
     host.assert_stores_log_in().await;
 }
+
+/// PostgreSQL SASLpreps a password before PBKDF2 (`pg_be_scram_build_secret` in
+/// src/common/scram-common.c, `pg_saslprep` in src/common/saslprep.c), and libpq and sqlx
+/// SASLprep what they send. A rollback re-hashes the original password on the client: with
+/// raw bytes, an original that SASLprep changes (a no-break space, a soft hyphen) would get a
+/// verifier nobody can log in with. The rotator's own logins (sqlx, which hashes raw bytes)
+/// must send the SASLprepped form too, or preflight refuses such a password.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_original_password_that_saslprep_changes_logs_in_after_a_rollback() {
+    const ORIGINAL: &str = "p\u{e9}\u{a0}ncil\u{ad}";
+    let host = ComposeHost::start_with_command(Some(vec!["false".into()])).await;
+    // The server hashes it (SASLprep included), as `ALTER ROLE ... PASSWORD` does.
+    host.pg.create_login("llmtrace", ORIGINAL, "llmtrace").await;
+    let encoded =
+        percent_encoding::utf8_percent_encode(ORIGINAL, percent_encoding::NON_ALPHANUMERIC);
+    std::fs::write(
+        &host.env_file,
+        format!(
+            "LLMTRACE_POSTGRES_URL=postgres://llmtrace:{encoded}@{}/llmtrace?sslmode=disable\nPGPASSWORD='{ORIGINAL}'\n",
+            host.pg.address()
+        ),
+    )
+    .unwrap();
+    let verifier = host.pg.rolpassword("llmtrace").await.unwrap();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back", "{}", out.stdout);
+    assert_ne!(
+        host.pg.rolpassword("llmtrace").await.unwrap(),
+        verifier,
+        "the rollback wrote a verifier of its own"
+    );
+    // libpq SASLpreps the password (src/interfaces/libpq/fe-auth-scram.c); sqlx does not, so
+    // it is psql that proves what every other client sees.
+    let psql = std::process::Command::new("psql")
+        .args(["-X", "-At", "-c", "SELECT 1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=llmtrace dbname=llmtrace sslmode=disable",
+            host.pg.port()
+        ))
+        .env("PGPASSWORD", ORIGINAL)
+        .output()
+        .expect("psql runs");
+    assert!(
+        psql.status.success(),
+        "psql logs in with the original: {}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    assert_no_secret(&out.all(), &[ORIGINAL], "rotator output");
+}

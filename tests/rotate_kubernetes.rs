@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::kube_fake::{Fault, Rollout};
+use support::kube_fake::{Fault, Rollout, WorkloadKind};
 use support::rotator::{assert_no_secret, kubernetes_config, LlmtraceCluster, NS};
 
 fn quick() -> Rollout {
@@ -365,4 +365,57 @@ async fn a_second_run_on_the_same_target_exits_4() {
         .try_login("llmtrace", &cluster.url_password(), "llmtrace")
         .await
         .unwrap();
+}
+
+/// A StatefulSet with `partition > 0` restarts only the pods at or above the partition, and
+/// `kubectl rollout status` still reports the rollout complete (kubernetes
+/// pkg/controller/statefulset/stateful_set_control.go updates ordinals >= partition only;
+/// staging/src/k8s.io/kubectl/pkg/polymorphichelpers/rollout_status.go StatefulSetStatusViewer
+/// reports "partitioned roll out complete"): the pods below would keep the old credential.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_statefulset_is_refused_naming_the_partition() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster
+        .kube
+        .add_statefulset(NS, "llmtrace-worker", 3, quick());
+    cluster.kube.set_partition(NS, "llmtrace-worker", 2);
+    let config = kubernetes_config(&cluster.pg.address(), "20s", "")
+        .replace("consumers = [\"proxy\"]", "consumers = [\"proxy\", \"worker\"]")
+        + "\n[[consumer]]\nname = \"worker\"\nkind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"\n";
+    cluster.rotator.write_config(&config);
+    let before = secrets(&cluster);
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout
+            .contains("spec.updateStrategy.rollingUpdate.partition is 2"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(secrets(&cluster), before);
+    assert_eq!(cluster.restarts(), 0);
+    assert!(cluster
+        .kube
+        .restarts(WorkloadKind::StatefulSet, NS, "llmtrace-worker")
+        .is_empty());
+    cluster
+        .pg
+        .try_login("llmtrace", &cluster.old_password, "llmtrace")
+        .await
+        .unwrap();
+
+    // With the partition back at 0 the same config rotates and restarts both.
+    cluster.kube.set_partition(NS, "llmtrace-worker", 0);
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(
+        cluster
+            .kube
+            .restarts(WorkloadKind::StatefulSet, NS, "llmtrace-worker")
+            .len(),
+        1
+    );
 }

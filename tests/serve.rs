@@ -89,6 +89,16 @@ async fn api_requires_a_token_and_answers_every_error_as_json() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
+    // RFC 7235 §2.1: the auth-scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let response = http
+            .get(server.url("/v1/targets"))
+            .header("authorization", format!("{scheme} {}", server.token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{scheme}");
+    }
 
     let (status, body) = server
         .post("/v1/rotations", r#"{"targets": ["mysql"]}"#)

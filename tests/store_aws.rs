@@ -275,3 +275,120 @@ async fn a_missing_secret_is_refused_by_name() {
         out.stdout
     );
 }
+
+/// With Secrets Manager rotation on, a rotation Lambda writes AWSPENDING and moves AWSCURRENT on
+/// its own (moto's RotateSecret leaves AWSPENDING on a new version, RotationEnabled true):
+/// preflight refuses the secret, saying why, before anything changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_with_aws_rotation_enabled_is_refused() {
+    let s = setup("true").await;
+    s.moto
+        .secretsmanager(
+            "RotateSecret",
+            json!({ "SecretId": SECRET, "RotationRules": { "AutomaticallyAfterDays": 30 }, "RotateImmediately": false }),
+        )
+        .await;
+    let stages = s.stages().await;
+    let described = s
+        .moto
+        .secretsmanager("DescribeSecret", json!({ "SecretId": SECRET }))
+        .await;
+    assert_eq!(described["RotationEnabled"], true);
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout
+            .contains("rotation is enabled on this secret (RotationEnabled)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("cancel-rotate-secret"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        s.stages().await,
+        stages,
+        "AWSPENDING of the AWS rotation left alone"
+    );
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+}
+
+/// PutSecretValue is idempotent for one ClientRequestToken (the same token and value answer the
+/// version already made; moto's put_secret_value follows that). A proxy that loses the answer
+/// of the first PutSecretValue (after moto made the version): the rotator repeats it with the
+/// same token, and no second version appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_put_answer_is_repeated_with_the_same_token() {
+    use std::sync::{Arc, Mutex};
+
+    let s = setup("true").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    let tokens = Arc::new(Mutex::new(Vec::<String>::new()));
+    let upstream = s.moto.endpoint.clone();
+    let seen = tokens.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: String| {
+        let (upstream, seen) = (upstream.clone(), seen.clone());
+        async move {
+            let target = headers["x-amz-target"].to_str().unwrap().to_string();
+            let mut request = reqwest::Client::new().post(&upstream).body(body.clone());
+            for (name, value) in &headers {
+                if name != "host" && name != "content-length" {
+                    request = request.header(name.as_str(), value.as_bytes());
+                }
+            }
+            let answer = request.send().await.unwrap();
+            let status = answer.status().as_u16();
+            let text = answer.text().await.unwrap();
+            if target == "secretsmanager.PutSecretValue" {
+                let sent: Value = serde_json::from_str(&body).unwrap();
+                let mut seen = seen.lock().unwrap();
+                seen.push(sent["ClientRequestToken"].as_str().unwrap().to_string());
+                if seen.len() == 1 {
+                    // The version exists now; the caller never hears of it.
+                    return (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        r#"{"__type":"InternalServiceError","message":"answer lost"}"#.to_string(),
+                    );
+                }
+            }
+            (axum::http::StatusCode::from_u16(status).unwrap(), text)
+        }
+    });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    s.rotator
+        .write_config(&config(&s.pg, &s.moto, "true").replace(&s.moto.endpoint, &proxy));
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    server.abort();
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert_eq!(tokens[0], tokens[1], "the repeat carries the same token");
+    let versions = s
+        .moto
+        .secretsmanager("ListSecretVersionIds", json!({ "SecretId": SECRET }))
+        .await;
+    assert_eq!(
+        versions["Versions"].as_array().unwrap().len(),
+        2,
+        "the original and one new version: {versions}"
+    );
+    let (current, after) = s.current().await;
+    assert_eq!(current, tokens[0], "the token is the new version's id");
+    s.pg.try_login(
+        "llmtrace",
+        &password_in(after["postgres_url"].as_str().unwrap()),
+        "llmtrace",
+    )
+    .await
+    .expect("new password logs in");
+}

@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use base64::Engine as _;
+use serde_json::json;
 use support::kube_fake::{KubeFake, Rollout, Unsealer, WorkloadKind};
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator, NS};
@@ -63,6 +64,16 @@ async fn setup(timeout: &str, unsealer_running: bool) -> Setup {
 }
 
 async fn setup_with(timeout: &str, unsealer_running: bool, certificate: &str) -> Setup {
+    setup_scoped(timeout, unsealer_running, certificate, &[]).await
+}
+
+/// `annotations` on the SealedSecret select its scope; the committed values are sealed for it.
+async fn setup_scoped(
+    timeout: &str,
+    unsealer_running: bool,
+    certificate: &str,
+    annotations: &[(&str, &str)],
+) -> Setup {
     let pg = Postgres::start().await;
     let old_password = random_password();
     pg.create_login("llmtrace", &old_password, "llmtrace").await;
@@ -70,18 +81,23 @@ async fn setup_with(timeout: &str, unsealer_running: bool, certificate: &str) ->
     let (_cert, key) = sealed::keypair(rotator.dir.path());
     let public = key.to_public_key();
     let kube = KubeFake::start().await;
+    let label = sealed::label_for(&json!({ "metadata": {
+        "namespace": NS, "name": NAME,
+        "annotations": annotations.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    }}));
     // What the controller made of the SealedSecret committed to Git.
-    kube.add_sealed_secret(
+    kube.add_scoped_sealed_secret(
         NS,
         NAME,
+        annotations,
         &[
             (
                 "password",
-                &sealed::seal(&public, NS, NAME, old_password.as_bytes()),
+                &sealed::seal_with_label(&public, &label, old_password.as_bytes()),
             ),
             (
                 "postgres-password",
-                &sealed::seal(&public, NS, NAME, pg.admin_password().as_bytes()),
+                &sealed::seal_with_label(&public, &label, pg.admin_password().as_bytes()),
             ),
         ],
     );
@@ -293,4 +309,256 @@ async fn killed_while_waiting_for_the_controller_then_recovered() {
     s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
         .await
         .expect("old password logs in");
+}
+
+/// The password as the controller would unseal it, with the label it derives from the object.
+fn unsealed_as_controller(s: &Setup, key: &str) -> Result<String, String> {
+    let object = s.kube.sealed_secret(NS, NAME).unwrap();
+    let label = sealed::label_for(&object);
+    sealed::unseal_with_label(&s.key, &label, &encrypted(&s.kube, key))
+        .map(|p| String::from_utf8(p).unwrap())
+}
+
+/// The controller decrypts with `labelFor` of the SealedSecret's annotations: strict
+/// `namespace/name`, `namespace-wide: "true"` the namespace, `cluster-wide: "true"` empty
+/// (bitnami-labs/sealed-secrets pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go
+/// `labelFor`, `SecretScope`, `EncryptionLabel`; `Unseal` fails the object if one key fails).
+/// The write and the rollback's write-back both seal for the object's scope.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_scope_is_sealed_with_the_label_the_controller_derives() {
+    for (annotations, label) in [
+        (vec![], "llmtrace/llmtrace-postgresql"),
+        (
+            vec![("sealedsecrets.bitnami.com/namespace-wide", "true")],
+            "llmtrace",
+        ),
+        (vec![("sealedsecrets.bitnami.com/cluster-wide", "true")], ""),
+    ] {
+        let s = setup_scoped("5s", true, "certificate = \"cert.pem\"", &annotations).await;
+        let object = s.kube.sealed_secret(NS, NAME).unwrap();
+        assert_eq!(sealed::label_for(&object), label);
+
+        let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+        assert_eq!(out.code, 0, "{label:?}: {}", out.all());
+        let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+        assert_ne!(new, s.old_password, "{label:?}");
+        assert_eq!(
+            unsealed_as_controller(&s, "password").unwrap(),
+            new,
+            "{label:?}"
+        );
+        s.pg.try_login("llmtrace", &new, "llmtrace")
+            .await
+            .expect("new password logs in");
+
+        // A rollback seals the previous value back for the same scope, and the controller
+        // unseals it.
+        s.kube.set_rollout(
+            WorkloadKind::Deployment,
+            NS,
+            "llmtrace",
+            Rollout::Stuck {
+                deadline: Duration::from_secs(1),
+            },
+        );
+        let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+        assert_eq!(out.code, 1, "{label:?}: {}", out.all());
+        assert_eq!(
+            out.json()["outcome"],
+            "rolled_back",
+            "{label:?}: {}",
+            out.stdout
+        );
+        assert_eq!(
+            unsealed_as_controller(&s, "password").unwrap(),
+            new,
+            "{label:?}"
+        );
+        assert_eq!(
+            s.kube.secret(NS, NAME).unwrap()["password"],
+            new,
+            "{label:?}"
+        );
+        let status = &s.kube.sealed_secret(NS, NAME).unwrap()["status"]["conditions"][0];
+        assert_eq!(status["status"], "True", "{label:?}: {status}");
+        s.pg.try_login("llmtrace", &new, "llmtrace")
+            .await
+            .expect("the previous password logs in again");
+    }
+}
+
+/// kubeseal's `ParseKey` (pkg/kubeseal/kubeseal.go) takes the first certificate of a chain
+/// and refuses an expired one; so does the store, at preflight, before anything changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn takes_the_first_certificate_of_a_chain_and_refuses_an_expired_one() {
+    let s = setup("20s", true).await;
+    let cert = s.rotator.path("cert.pem");
+    let controller = std::fs::read_to_string(&cert).unwrap();
+    // An unrelated CA certificate after the controller's.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other, _) = sealed::keypair(other_dir.path());
+    std::fs::write(
+        &cert,
+        format!("{controller}{}", std::fs::read_to_string(other).unwrap()),
+    )
+    .unwrap();
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+    assert_eq!(unsealed(&s, "password"), new);
+
+    // The same key in a certificate that expired yesterday.
+    let key = s.rotator.path("key.pem");
+    let expired = s.rotator.path("expired.pem");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl req -new -key {key} -subj /CN=expired | openssl x509 -req -signkey {key} -days -1 -out {expired}",
+            key = key.display(),
+            expired = expired.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(&expired, &cert).unwrap();
+    let generation = s.kube.sealed_secret(NS, NAME).unwrap()["metadata"]["generation"].clone();
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout.contains("certificate: expired on "),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("kubeseal --fetch-cert"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        s.kube.sealed_secret(NS, NAME).unwrap()["metadata"]["generation"],
+        generation,
+        "the SealedSecret is untouched"
+    );
+    s.pg.try_login("llmtrace", &new, "llmtrace")
+        .await
+        .expect("the password is untouched");
+}
+
+/// `certificate_sha256` pins a fetched certificate (certificate_url is plain HTTP in most
+/// clusters): a different one is refused at preflight; the pinned one (openssl's
+/// colon-separated fingerprint) works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_certificate_url_refuses_any_other_certificate() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/cert.pem", listener.local_addr().unwrap());
+    let s = setup_with(
+        "20s",
+        true,
+        &format!("certificate_url = \"{url}\"\n  certificate_sha256 = \"PIN\""),
+    )
+    .await;
+    let pem = std::fs::read_to_string(s.rotator.path("cert.pem")).unwrap();
+    let app = axum::Router::new().route(
+        "/v1/cert.pem",
+        axum::routing::get(move || async move { pem }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let fingerprint = |path: &std::path::Path| {
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.trim().split_once('=').unwrap().1.to_string()
+    };
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other, _) = sealed::keypair(other_dir.path());
+    let config = std::fs::read_to_string(&s.rotator.config).unwrap();
+
+    s.rotator
+        .write_config(&config.replace("PIN", &fingerprint(&other)));
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused");
+    assert!(
+        out.stdout.contains("but certificate_sha256 pins"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(s.kube.secret(NS, NAME).unwrap()["password"], s.old_password);
+
+    s.rotator
+        .write_config(&config.replace("PIN", &fingerprint(&s.rotator.path("cert.pem"))));
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    server.abort();
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+    assert_ne!(new, s.old_password);
+    assert_eq!(unsealed(&s, "password"), new);
+}
+
+/// `check` compares the SealedSecret with its Secret through the controller's own report
+/// (bitnami-labs/sealed-secrets pkg/controller/controller.go `updateSealedSecretStatus`: a
+/// `Synced` condition and `observedGeneration`): a spec the controller has not unsealed (a
+/// GitOps revert while it is down: the Secret still logs in, but the next start of the
+/// controller brings the old password) or one it cannot decrypt is drift.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_a_sealed_secret_its_controller_has_not_or_cannot_unseal() {
+    let s = setup("20s", true).await;
+    let public = s.key.to_public_key();
+    let out = s.rotator.run(&["check"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+
+    // The controller is down; Git brings back a value sealed before.
+    s.kube.set_unsealer(Unsealer::Stopped);
+    let reverted = sealed::seal(&public, NS, NAME, b"an-older-password");
+    s.kube
+        .apply_sealed_secret(NS, NAME, &[("password", &reverted)]);
+    let out = s.rotator.run(&["check", "--output", "json"]).await;
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("the controller has not unsealed the SealedSecret's current spec"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        s.kube.secret(NS, NAME).unwrap()["password"],
+        s.old_password,
+        "the Secret still logs in: only the comparison finds it"
+    );
+
+    // Back up, but the value was sealed for another name (strict scope): no key decrypts it.
+    s.kube.set_unsealer(Unsealer::Running {
+        private_key: Box::new(s.key.clone()),
+        delay: Duration::ZERO,
+    });
+    let foreign = sealed::seal(&public, NS, "another-name", s.old_password.as_bytes());
+    s.kube
+        .apply_sealed_secret(NS, NAME, &[("password", &foreign)]);
+    let out = s.rotator.run(&["check", "--output", "json"]).await;
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("the controller cannot unseal the SealedSecret"),
+        "{}",
+        out.stdout
+    );
+
+    // Sealed right again: no drift.
+    let good = sealed::seal(&public, NS, NAME, s.old_password.as_bytes());
+    s.kube.apply_sealed_secret(NS, NAME, &[("password", &good)]);
+    let out = s.rotator.run(&["check"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_no_secret(&out.all(), &[s.old_password.as_str()], "check output");
 }

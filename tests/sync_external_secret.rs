@@ -3,11 +3,12 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use support::eso::EsoController;
-use support::kube_fake::{KubeFake, Rollout, WorkloadKind};
+use support::kube_fake::{EsoRelease, KubeFake, Rollout, WorkloadKind};
 use support::openbao::OpenBao;
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator, NS};
@@ -63,6 +64,11 @@ timeout = "20s"
 }
 
 async fn setup(sync_timeout: &str) -> Setup {
+    setup_with(sync_timeout, EsoRelease::Current, json!({})).await
+}
+
+/// `spec` is merged over the ExternalSecret's spec.
+async fn setup_with(sync_timeout: &str, release: EsoRelease, spec: Value) -> Setup {
     let pg = Postgres::start().await;
     let old_password = random_password();
     pg.create_login("llmtrace", &old_password, "llmtrace").await;
@@ -74,25 +80,30 @@ async fn setup(sync_timeout: &str) -> Setup {
     )
     .await;
     let kube = KubeFake::start().await;
-    kube.add_external_secret(
-        NS,
-        "llmtrace",
-        json!({
-            "refreshInterval": "1h",
-            "secretStoreRef": { "kind": "ClusterSecretStore", "name": "openbao" },
-            "target": { "name": "llmtrace", "creationPolicy": "Owner" },
-            "dataFrom": [{ "extract": { "key": "llmtrace/proxy" } }],
-        }),
-    );
-    // What ESO wrote at its last refresh.
-    kube.put_secret(
-        NS,
-        "llmtrace",
-        &[
-            ("LLMTRACE_POSTGRES_URL", &url),
-            ("LLMTRACE_REDIS_URL", REDIS_URL),
-        ],
-    );
+    kube.serve_eso(release);
+    let mut es = json!({
+        "refreshInterval": "1h",
+        "secretStoreRef": { "kind": "ClusterSecretStore", "name": "openbao" },
+        "target": { "name": "llmtrace", "creationPolicy": "Owner" },
+        "dataFrom": [{ "extract": { "key": "llmtrace/proxy" } }],
+    });
+    for (k, v) in spec.as_object().unwrap() {
+        es[k] = v.clone();
+    }
+    kube.add_external_secret(NS, "llmtrace", es);
+    // What ESO wrote at its first reconcile.
+    EsoController {
+        kube: &kube,
+        bao: &bao,
+        namespace: NS,
+        name: "llmtrace",
+        syncing: true,
+        delay: Duration::ZERO,
+    }
+    .mark_synced(&BTreeMap::from([
+        ("LLMTRACE_POSTGRES_URL".to_string(), url.clone()),
+        ("LLMTRACE_REDIS_URL".to_string(), REDIS_URL.to_string()),
+    ]));
     kube.add_deployment(
         NS,
         "llmtrace",
@@ -347,4 +358,158 @@ async fn refuses_to_start_when_the_secret_is_not_in_sync() {
     s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
         .await
         .expect("old password logs in");
+}
+
+/// The ExternalSecret requests of a run: (method, version) for each, and that each names the
+/// object (the Role grants `get` and `patch` by name; discovery needs no grant).
+fn external_secret_requests(kube: &KubeFake) -> Vec<(String, String)> {
+    kube.requests()
+        .iter()
+        .filter(|r| r.resource == "externalsecrets")
+        .map(|r| {
+            assert_eq!((r.namespace.as_str(), r.name.as_str()), (NS, "llmtrace"));
+            let version = r.path.split('/').nth(3).unwrap().to_string();
+            (r.verb.clone(), version)
+        })
+        .collect()
+}
+
+/// ESO 0.17 and later serve only external-secrets.io/v1 (v1beta1 `served: false`, upstream
+/// "chore: unserve v1beta1 and mark it as deprecated" #4758); 0.16 serves both; 0.15 and older
+/// serve v1beta1 but no v1 (config/crds/bases/external-secrets.io_externalsecrets.yaml at
+/// v0.15.0, v0.16.2, v0.17.0). The fake serves exactly those; the rotator picks v1 when served.
+#[tokio::test(flavor = "multi_thread")]
+async fn talks_v1_when_served_and_v1beta1_only_to_an_eso_without_v1() {
+    for (release, version) in [
+        (EsoRelease::Current, "v1"),
+        (EsoRelease::V0_16, "v1"),
+        (EsoRelease::V0_15, "v1beta1"),
+    ] {
+        let s = setup_with("20s", release, json!({})).await;
+
+        let (out, stamps) = rotate(&s, true).await;
+
+        assert_eq!(out.code, 0, "{release:?}: {}", out.all());
+        assert_eq!(stamps.len(), 1, "{release:?}: one force-sync");
+        let secret = s.kube.secret(NS, "llmtrace").unwrap();
+        let new = password_in(&secret["LLMTRACE_POSTGRES_URL"]);
+        assert_ne!(new, s.old_password, "{release:?}");
+        s.pg.try_login("llmtrace", &new, "llmtrace")
+            .await
+            .expect("new password logs in");
+        let requests = external_secret_requests(&s.kube);
+        assert_eq!(
+            requests,
+            [("get", version), ("patch", version)].map(|(v, g)| (v.to_string(), g.to_string())),
+            "{release:?}: preflight reads it, sync patches it"
+        );
+    }
+}
+
+/// The rollback's force-sync (undo-sync) talks v1 to a current ESO as well.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_force_syncs_a_current_eso_through_v1() {
+    let s = setup_with("2s", EsoRelease::Current, json!({})).await;
+
+    let (out, stamps) = rotate(&s, false).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let steps = step_order(&out.json());
+    assert!(steps.contains(&"undo-sync ok".to_string()), "{steps:?}");
+    assert_eq!(stamps.len(), 2);
+    let requests = external_secret_requests(&s.kube);
+    assert_eq!(
+        requests,
+        [("get", "v1"), ("patch", "v1"), ("patch", "v1")]
+            .map(|(v, g)| (v.to_string(), g.to_string()))
+    );
+}
+
+/// ESO's `shouldRefresh` returns false without looking at annotations once synced, for
+/// `refreshPolicy: CreatedOnce` and for Periodic (the default) with `refreshInterval: 0`
+/// (pkg/controllers/externalsecret/externalsecret_controller.go): preflight refuses these,
+/// naming the field and the fix, before anything changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_an_external_secret_that_ignores_force_sync() {
+    for (spec, field) in [
+        (
+            json!({ "refreshPolicy": "CreatedOnce" }),
+            "spec.refreshPolicy is CreatedOnce",
+        ),
+        (
+            json!({ "refreshPolicy": "Periodic", "refreshInterval": "0s" }),
+            "spec.refreshInterval is 0s with spec.refreshPolicy Periodic",
+        ),
+        (
+            json!({ "refreshInterval": "0" }),
+            "spec.refreshInterval is 0:",
+        ),
+    ] {
+        let s = setup_with("3s", EsoRelease::Current, spec.clone()).await;
+        let (_, version) = s.bao.get_kv("llmtrace/proxy").await;
+
+        let (out, stamps) = rotate(&s, true).await;
+
+        assert_eq!(out.code, 1, "{spec}: {}", out.all());
+        assert_eq!(out.json()["outcome"], "refused", "{spec}");
+        assert!(out.stdout.contains(field), "{spec}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("set spec.refreshPolicy to OnChange"),
+            "{spec}: {}",
+            out.stdout
+        );
+        assert!(stamps.is_empty(), "{spec}: no force-sync");
+        assert_eq!(s.bao.get_kv("llmtrace/proxy").await.1, version, "{spec}");
+        s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+            .await
+            .expect("old password logs in");
+    }
+}
+
+/// The stand-in really ignores a force-sync for such an object (so the refusal is needed), and
+/// honours one with `refreshPolicy: OnChange` even at `refreshInterval: 0`, which rotates.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_change_policy_rotates_and_created_once_would_never_sync() {
+    let s = setup_with(
+        "20s",
+        EsoRelease::Current,
+        json!({ "refreshPolicy": "CreatedOnce" }),
+    )
+    .await;
+    let before = s.kube.secret(NS, "llmtrace").unwrap();
+    s.bao
+        .put_kv(
+            "llmtrace/proxy",
+            json!({ "LLMTRACE_POSTGRES_URL": "postgres://other", "LLMTRACE_REDIS_URL": REDIS_URL }),
+        )
+        .await;
+    let eso = EsoController {
+        kube: &s.kube,
+        bao: &s.bao,
+        namespace: NS,
+        name: "llmtrace",
+        syncing: true,
+        delay: Duration::ZERO,
+    };
+    let stop = CancellationToken::new();
+    let forcing = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.kube
+            .patch_external_secret_annotation(NS, "llmtrace", "force-sync", "now");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.cancel();
+    };
+    let (_, seen) = tokio::join!(forcing, eso.run(stop.clone()));
+    assert_eq!(seen, ["now"]);
+    assert_eq!(s.kube.secret(NS, "llmtrace").unwrap(), before, "ignored");
+
+    let s = setup_with(
+        "20s",
+        EsoRelease::Current,
+        json!({ "refreshPolicy": "OnChange", "refreshInterval": "0s" }),
+    )
+    .await;
+    let (out, stamps) = rotate(&s, true).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(stamps.len(), 1);
 }

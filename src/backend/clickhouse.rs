@@ -140,11 +140,12 @@ fn error_code(body: &str) -> Option<u32> {
 }
 
 /// The users.d file: merged over the main definition, dropping any other password field.
+/// The user name stays out of the comment: a name may contain `--`, which ends an XML comment.
 fn users_xml(user: &str, password: &Secret) -> Secret {
     let digest = Sha256::digest(password.expose().as_bytes());
     Secret::new(format!(
         r#"<?xml version="1.0"?>
-<!-- Written by llmtrace-rotator: the password of user {user}. Replaced at each rotation; do not edit. -->
+<!-- Written by llmtrace-rotator: the password of the user below. Replaced at each rotation; do not edit. -->
 <yandex>
     <users>
         <{user}>
@@ -607,6 +608,16 @@ mod tests {
         );
         assert_ne!(new_salt(), new_salt());
         assert_eq!(new_salt().len(), 32);
+    }
+
+    #[test]
+    fn users_d_comment_stays_well_formed_for_any_user_name() {
+        let xml = users_xml("svc--ro-", &Secret::new("pw"));
+        let text = xml.expose();
+        let start = text.find("<!--").unwrap() + 4;
+        let end = text.find("-->").unwrap();
+        assert!(!text[start..end].contains("--"), "{text}");
+        assert!(text.contains("<svc--ro->"), "{text}");
     }
 
     #[test]

@@ -65,7 +65,10 @@ impl Postgres {
             .port(self.port)
             .database(&self.database)
             .username(user)
-            .password(password.expose())
+            // sqlx hashes the bytes it is given, where libpq SASLpreps them first (as the
+            // server did when it stored the verifier): hand it the SASLprepped form. Only
+            // non-ASCII passwords differ; an md5-stored one of those would not log in.
+            .password(&scram::saslprep(password.expose()))
             .ssl_mode(self.sslmode)
             .application_name("llmtrace-rotator")
             .options([

@@ -1,5 +1,9 @@
-//! Redis (6.0+ ACL): passwords reach the server as SHA-256 hashes (`#<hex>` adds, `!<hex>`
-//! removes), so the plaintext never crosses the wire, `MONITOR` or the slow log.
+//! Redis (6.0+ ACL): password changes reach the server as SHA-256 hashes (`ACL SETUSER`
+//! `#<hex>` adds, `!<hex>` removes), so the change itself never shows a plaintext on the wire,
+//! in `MONITOR` or in the slow log. Logging in does: `AUTH` (the rotator's admin login and its
+//! checks of the old and new credential) sends the password in plaintext, as every client
+//! does, and so does `CONFIG SET masterauth` for replicas; only TLS (`tls = true`) protects
+//! those on the network.
 //!
 //! Every change is persisted (`ACL SAVE` with an aclfile, else `CONFIG REWRITE`), because a
 //! Redis restart would otherwise bring the old password back. Listed replicas that

@@ -91,6 +91,21 @@ impl Workload {
                         "the StatefulSet's updateStrategy is OnDelete: its pods do not restart on a template change",
                     ));
                 }
+                // Pods with an ordinal below the partition keep the old template, and the
+                // rollout still counts as complete, so they would keep the old credential.
+                let partition = set
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.update_strategy.as_ref())
+                    .and_then(|u| u.rolling_update.as_ref())
+                    .and_then(|r| r.partition)
+                    .unwrap_or(0);
+                if partition > 0 {
+                    return Err(self.refused(format!(
+                        "the StatefulSet's spec.updateStrategy.rollingUpdate.partition is {partition}: pods 0..{} would not restart and would keep the old credential; set the partition to 0 (or finish the staged rollout) first",
+                        partition - 1
+                    )));
+                }
             }
         }
         Ok(())

@@ -1,4 +1,5 @@
-//! The drift check: does the credential each store holds log in to its backend?
+//! The drift check: does the credential each store holds log in to its backend, and does each
+//! store agree with the source behind it?
 
 use std::fmt::Write;
 
@@ -88,6 +89,7 @@ pub async fn check(deps: &Deps, names: &[String]) -> CheckReport {
         let mut stores = Vec::new();
         for (store, config) in runtime.stores.iter().zip(&target.stores) {
             let result = async {
+                store.check_source().await.map_err(|e| e.to_string())?;
                 let value = store
                     .read()
                     .await

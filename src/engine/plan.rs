@@ -52,7 +52,7 @@ impl Plan {
             .iter()
             .map(|t| PlannedTarget {
                 name: t.name.clone(),
-                kind: "postgres".into(),
+                kind: t.kind.as_str().into(),
                 address: t.address.clone(),
                 user: t.user.clone(),
                 strategy: t.strategy.as_str().into(),
@@ -174,5 +174,31 @@ impl DryRun<'_> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_target_is_labelled_with_its_own_kind() {
+        let mut text = String::from(
+            "[rotator]\njournal = \"sqlite://j.db\"\njournal_key = \"literal:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n",
+        );
+        for (name, extra) in [
+            ("postgres", "database = \"llmtrace\"\nadmin = { user = \"postgres\", password = \"literal:x\" }"),
+            ("redis", "admin = { user = \"admin\", password = \"literal:x\" }"),
+            ("clickhouse", "admin = { user = \"default\", password = \"literal:x\" }"),
+        ] {
+            text.push_str(&format!(
+                "[[target]]\nname = \"{name}\"\nkind = \"{name}\"\naddress = \"127.0.0.1:1\"\nuser = \"llmtrace\"\n{extra}\n[[target.store]]\nkind = \"file\"\npath = \".env\"\nkey = \"{name}\"\nformat = \"password\"\n"
+            ));
+        }
+        let config =
+            Config::parse(&text, std::path::Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+        let plan = Plan::new(&config, &[]).unwrap();
+        let kinds: Vec<&str> = plan.targets.iter().map(|t| t.kind.as_str()).collect();
+        assert_eq!(kinds, ["postgres", "redis", "clickhouse"]);
     }
 }

@@ -34,6 +34,7 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
         .map_err(|e| StepError::new("reference", e))?;
     let mut originals = Vec::new();
     for store in &runtime.stores {
+        store.preflight().await.map_err(StepError::from)?;
         originals.push(store.read().await.map_err(StepError::from)?);
     }
     let source = &runtime.stores[0];

@@ -30,7 +30,13 @@ impl Tokens {
     /// Checks an `Authorization` header value. Every token is compared, each in constant time,
     /// so timing says nothing about which one matched or how much of it.
     pub fn allows(&self, authorization: Option<&str>) -> bool {
-        let Some(token) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+        // RFC 7235 §2.1: the auth-scheme is case-insensitive and 1*SP separates it from the
+        // credentials (RFC 6750 §2.1 for Bearer).
+        let Some(token) = authorization
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '))
+        else {
             return false;
         };
         let presented: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
@@ -67,5 +73,26 @@ mod tests {
             assert!(!tokens.allows(bad), "{bad:?}");
         }
         assert!(!Tokens::none().allows(Some("Bearer anything")));
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        let tokens = Tokens::parse(&Secret::new("alpha-token"));
+        for header in [
+            "bearer alpha-token",
+            "BEARER alpha-token",
+            "bEaReR alpha-token",
+            "Bearer  alpha-token",
+        ] {
+            assert!(tokens.allows(Some(header)), "{header:?}");
+        }
+        for header in [
+            "Bearers alpha-token",
+            "Bearer",
+            "bearer",
+            "Beare alpha-token",
+        ] {
+            assert!(!tokens.allows(Some(header)), "{header:?}");
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::sigv4::{self, Credentials};
@@ -14,6 +15,9 @@ use crate::config::AwsStore;
 use crate::secret::Secret;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Attempts of a PutSecretValue whose answer was lost or a server error: safe to repeat, since
+/// the same ClientRequestToken makes it idempotent.
+const PUT_ATTEMPTS: u32 = 3;
 const CURRENT: &str = "AWSCURRENT";
 const PENDING: &str = "AWSPENDING";
 const PREVIOUS: &str = "AWSPREVIOUS";
@@ -74,21 +78,31 @@ impl AwsSecret {
 
     /// One Secrets Manager call (JSON 1.1 protocol, SigV4 signed).
     async fn call(&self, operation: &str, body: Value) -> Result<Value, StoreError> {
+        self.call_once(operation, &body).await.map_err(|(e, _)| e)
+    }
+
+    /// [`Self::call`], with whether repeating it could succeed: no answer, or a 5xx.
+    async fn call_once(&self, operation: &str, body: &Value) -> Result<Value, (StoreError, bool)> {
+        let final_error = |e: StoreError| (e, false);
         let credentials = self
             .credentials
             .get_or_try_init(|| sigv4::credentials(&self.http, &self.config.region))
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| final_error(self.error(e)))?;
         let endpoint = self.endpoint();
         let url = url::Url::parse(&endpoint)
-            .map_err(|_| self.error(format!("endpoint {endpoint:?} is not a URL")))?;
+            .map_err(|_| final_error(self.error(format!("endpoint {endpoint:?} is not a URL"))))?;
         let host = match (url.host_str(), url.port()) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_string(),
-            _ => return Err(self.error(format!("endpoint {endpoint:?} has no host"))),
+            _ => {
+                return Err(final_error(
+                    self.error(format!("endpoint {endpoint:?} has no host")),
+                ))
+            }
         };
         let target = format!("secretsmanager.{operation}");
-        let payload = zeroize::Zeroizing::new(serde_json::to_vec(&body).expect("JSON"));
+        let payload = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("JSON"));
         let headers = [
             ("content-type", "application/x-amz-json-1.1"),
             ("x-amz-target", target.as_str()),
@@ -111,10 +125,11 @@ impl AwsSecret {
             request = request.header(name, value);
         }
         let response = request.send().await.map_err(|e| {
-            self.error(format!(
+            let error = self.error(format!(
                 "Secrets Manager could not be reached: {}",
                 e.without_url()
-            ))
+            ));
+            (error, true)
         })?;
         let status = response.status();
         let answer: Value = response.json().await.unwrap_or(Value::Null);
@@ -135,25 +150,59 @@ impl AwsSecret {
             .unwrap_or("")
             .to_string();
         if kind == "ResourceNotFoundException" {
-            return Err(StoreError::Missing {
+            return Err(final_error(StoreError::Missing {
                 store: self.describe(),
                 what: format!("the secret {}", self.config.secret_id),
-            });
+            }));
         }
-        Err(self.error(format!("{operation} answered {status} {kind}: {message}")))
+        let error = self.error(format!("{operation} answered {status} {kind}: {message}"));
+        Err((error, status.is_server_error()))
+    }
+
+    async fn describe_secret(&self) -> Result<Value, StoreError> {
+        self.call(
+            "DescribeSecret",
+            json!({ "SecretId": self.config.secret_id }),
+        )
+        .await
     }
 
     async fn versions(&self) -> Result<Versions, StoreError> {
-        let answer = self
-            .call(
-                "DescribeSecret",
-                json!({ "SecretId": self.config.secret_id }),
-            )
-            .await?;
-        match &answer["VersionIdsToStages"] {
-            Value::Object(map) => Ok(Versions(map.clone())),
-            _ => Ok(Versions(Map::new())),
-        }
+        Ok(versions_of(&self.describe_secret().await?))
+    }
+
+    /// PutSecretValue, repeated while its answer is lost or a server error. The token is the
+    /// same for every attempt, so a version the first attempt created is answered again,
+    /// not duplicated (Secrets Manager's documented idempotency; a token reused with another
+    /// value is refused).
+    async fn put_pending(
+        &self,
+        current: &str,
+        whole: &Secret,
+        target: &Secret,
+    ) -> Result<String, StoreError> {
+        let put = json!({
+            "SecretId": self.config.secret_id,
+            "ClientRequestToken": request_token(&self.describe(), current, whole, target),
+            "SecretString": target.expose(),
+            "VersionStages": [PENDING],
+        });
+        let mut attempt = 1;
+        let answer = loop {
+            match self.call_once("PutSecretValue", &put).await {
+                Ok(answer) => break answer,
+                Err((error, true)) if attempt < PUT_ATTEMPTS => {
+                    tracing::info!(store = %self.describe(), attempt, cause = %error, "PutSecretValue got no usable answer; repeating it with the same token");
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                    attempt += 1;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        };
+        answer["VersionId"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| self.error("PutSecretValue answered no VersionId"))
     }
 
     async fn secret_string(&self, version: &str) -> Result<Secret, StoreError> {
@@ -285,25 +334,34 @@ impl Store for AwsSecret {
                     .await;
             }
         }
-        let put = json!({
-            "SecretId": self.config.secret_id,
-            "ClientRequestToken": uuid::Uuid::new_v4().to_string(),
-            "SecretString": target.expose(),
-            "VersionStages": [PENDING],
-        });
-        let answer = self.call("PutSecretValue", put).await?;
-        let created = answer["VersionId"]
-            .as_str()
-            .ok_or_else(|| self.error("PutSecretValue answered no VersionId"))?
-            .to_string();
+        let created = self.put_pending(&current, &whole, &target).await?;
         self.move_label(CURRENT, Some(&created), Some(&current))
             .await?;
         self.move_label(PENDING, None, Some(&created)).await
     }
 
-    /// Removes an AWSPENDING label a crash left behind (on any version but the current one).
+    /// Refuses a secret whose Secrets Manager rotation is on: its rotation Lambda writes
+    /// AWSPENDING versions and moves AWSCURRENT on its own schedule, so the two would overwrite
+    /// each other's passwords, and `tidy` could strip a pending version the Lambda is using.
+    async fn preflight(&self) -> Result<(), StoreError> {
+        if self.describe_secret().await?["RotationEnabled"] == json!(true) {
+            return Err(self.format_error(&format!(
+                "Secrets Manager rotation is enabled on this secret (RotationEnabled): its rotation function changes the password on its own schedule and uses AWSPENDING, which this rotation would overwrite or remove. Let one of the two rotate it: turn AWS rotation off (aws secretsmanager cancel-rotate-secret --secret-id {}) or remove this store",
+                self.config.secret_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes an AWSPENDING label a crash left behind (on any version but the current one),
+    /// unless AWS rotation is on (then the label may be its rotation function's).
     async fn tidy(&self) -> Result<(), StoreError> {
-        let versions = self.versions().await?;
+        let answer = self.describe_secret().await?;
+        if answer["RotationEnabled"] == json!(true) {
+            tracing::warn!(store = %self.describe(), "AWS rotation is enabled on this secret: AWSPENDING left alone");
+            return Ok(());
+        }
+        let versions = versions_of(&answer);
         let current = versions.holding(CURRENT);
         for stale in versions.holding(PENDING) {
             if !current.contains(&stale) {
@@ -312,5 +370,57 @@ impl Store for AwsSecret {
             }
         }
         Ok(())
+    }
+}
+
+fn versions_of(describe: &Value) -> Versions {
+    match &describe["VersionIdsToStages"] {
+        Value::Object(map) => Versions(map.clone()),
+        _ => Versions(Map::new()),
+    }
+}
+
+/// The ClientRequestToken of one write: the same for every attempt of the same write, so a
+/// repeat after a lost answer is idempotent. Stores do not see the run id, so it is derived
+/// from the store, the version being replaced, and both values. Both values are hashed in:
+/// every write the rotator makes replaces or restores a generated password, so the token
+/// (which CloudTrail records) cannot be used to guess a weak one.
+fn request_token(store: &str, current: &str, whole: &Secret, target: &Secret) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        "llmtrace-rotator PutSecretValue",
+        store,
+        current,
+        whole.expose(),
+        target.expose(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    uuid::Builder::from_random_bytes(digest[..16].try_into().expect("16 bytes"))
+        .into_uuid()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_tokens_repeat_for_the_same_write_only() {
+        let (a, b) = (Secret::new("{\"k\":\"a\"}"), Secret::new("{\"k\":\"b\"}"));
+        let token = request_token("aws secret s#k", "v1", &a, &b);
+        assert_eq!(token, request_token("aws secret s#k", "v1", &a, &b));
+        assert_eq!(token.len(), 36, "Secrets Manager takes 32 to 64 characters");
+        for other in [
+            request_token("aws secret s#k", "v2", &a, &b),
+            request_token("aws secret t#k", "v1", &a, &b),
+            request_token("aws secret s#k", "v1", &b, &a),
+            request_token("aws secret s#k", "v1", &a, &a),
+        ] {
+            assert_ne!(token, other);
+        }
+        assert!(uuid::Uuid::parse_str(&token).is_ok());
     }
 }

@@ -57,6 +57,18 @@ pub trait Store: Send + Sync {
         new: Option<&Secret>,
     ) -> Result<(), StoreError>;
 
+    /// Checks, before a run changes anything, that the store can take part (preflight calls it
+    /// before reading). Nothing to check for most stores.
+    async fn preflight(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// `check`: whether the copy pods read agrees with the source behind it (a SealedSecret and
+    /// the Secret its controller unseals). Nothing to compare for most stores.
+    async fn check_source(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Cleans up what an interrupted write may have left (a stale staging label); recovery
     /// calls it. Nothing to do for most stores.
     async fn tidy(&self) -> Result<(), StoreError> {

@@ -1,5 +1,11 @@
-//! A key of a Bitnami SealedSecret: sealed the way `kubeseal --scope strict` seals it, written to
-//! the cluster object, then awaited in the Secret the controller unseals it into (what pods read).
+//! A key of a Bitnami SealedSecret: sealed the way `kubeseal` seals it for the scope the object's
+//! annotations select, written to the cluster object, then awaited in the Secret the controller
+//! unseals it into (what pods read).
+//!
+//! The controller decrypts every key with the label `labelFor` derives from the SealedSecret's
+//! own annotations (bitnami-labs/sealed-secrets
+//! pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go), and one key that fails fails the
+//! whole object, so each write seals with that label.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +15,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use rsa::pkcs8::DecodePublicKey;
 use rsa::{Oaep, RsaPublicKey};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::kubernetes::{describe_kube_error, is_conflict, SecretStore};
@@ -20,6 +27,8 @@ use crate::secret::Secret;
 const CONFLICT_RETRIES: u32 = 5;
 const POLL: Duration = Duration::from_millis(250);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+const CLUSTER_WIDE: &str = "sealedsecrets.bitnami.com/cluster-wide";
+const NAMESPACE_WIDE: &str = "sealedsecrets.bitnami.com/namespace-wide";
 
 pub struct SealedStore {
     config: SealedSecretStore,
@@ -61,7 +70,12 @@ impl SealedStore {
                     })?,
                     Certificate::Url(url) => self.fetch_certificate(url).await?,
                 };
-                public_key_from_pem(&pem).map_err(|m| self.error(format!("certificate: {m}")))
+                public_key_from_pem(
+                    &pem,
+                    self.config.certificate_sha256.as_deref(),
+                    chrono::Utc::now(),
+                )
+                .map_err(|m| self.error(format!("certificate: {m}")))
             })
             .await
     }
@@ -82,17 +96,16 @@ impl SealedStore {
             .map_err(|e| self.error(format!("cannot fetch the certificate from {url}: {e}")))
     }
 
-    /// The strict scope binds the ciphertext to `namespace/name`.
-    async fn seal(&self, value: &Secret) -> Result<String, StoreError> {
+    async fn seal(&self, value: &Secret, label: &str) -> Result<String, StoreError> {
         let key = self.public_key().await?;
-        let label = format!("{}/{}", self.config.namespace, self.config.name);
         let sealed = hybrid_encrypt(key, value.expose().as_bytes(), label.as_bytes())
             .map_err(|m| self.error(m))?;
         Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
     }
 
-    /// Writes `spec.encryptedData[key]` under the resourceVersion it was read at.
-    async fn write(&self, sealed: Option<&str>) -> Result<(), StoreError> {
+    /// Seals `value` for the object's scope as read, and writes `spec.encryptedData[key]` under
+    /// the resourceVersion it was read at (so a scope change in between is a conflict).
+    async fn write(&self, value: Option<&Secret>) -> Result<(), StoreError> {
         for attempt in 1..=CONFLICT_RETRIES {
             let object = self
                 .api
@@ -106,6 +119,13 @@ impl SealedStore {
                         self.config.namespace, self.config.name
                     ),
                 })?;
+            let sealed = match value {
+                Some(value) => {
+                    let label = label_for(&object, &self.config.namespace, &self.config.name);
+                    Some(self.seal(value, &label).await?)
+                }
+                None => None,
+            };
             let patch = json!({
                 "metadata": { "resourceVersion": object.metadata.resource_version },
                 "spec": { "encryptedData": { &self.key: sealed } },
@@ -148,11 +168,7 @@ impl SealedStore {
     }
 
     async fn seal_and_write(&self, value: Option<&Secret>) -> Result<(), StoreError> {
-        let sealed = match value {
-            Some(value) => Some(self.seal(value).await?),
-            None => None,
-        };
-        self.write(sealed.as_deref()).await
+        self.write(value).await
     }
 }
 
@@ -165,8 +181,10 @@ impl Store for SealedStore {
         )
     }
 
-    /// What pods see: the unsealed Secret.
+    /// What pods see: the unsealed Secret. Loads the certificate first, so that preflight (which
+    /// reads every store) refuses one that cannot seal before anything changes.
     async fn read(&self) -> Result<Option<Secret>, StoreError> {
+        self.public_key().await?;
         self.secret.read().await
     }
 
@@ -185,6 +203,59 @@ impl Store for SealedStore {
         self.wait_for(new).await
     }
 
+    /// The Secret must hold what the SealedSecret holds. Without the controller's private key
+    /// that is judged from the controller's own report (`status`, written by
+    /// `updateSealedSecretStatus` in pkg/controller/controller.go): a failed unseal, or a spec
+    /// the controller has not unsealed (a GitOps revert while it is down), is drift.
+    async fn check_source(&self) -> Result<(), StoreError> {
+        let object = self
+            .api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| self.error(describe_kube_error(&e)))?
+            .ok_or_else(|| StoreError::Missing {
+                store: self.describe(),
+                what: format!(
+                    "the SealedSecret {}/{}",
+                    self.config.namespace, self.config.name
+                ),
+            })?;
+        let drift = |message: String| Err(self.error(message));
+        if object.data["spec"]["encryptedData"][&self.key].is_null() {
+            if self.secret.read().await?.is_some() {
+                return drift(format!(
+                    "the SealedSecret has no encryptedData.{} but the Secret has the key; the next unseal removes it",
+                    self.key
+                ));
+            }
+            return Ok(());
+        }
+        let status = &object.data["status"];
+        // A controller started with --update-status=false reports nothing to compare.
+        if status.is_null() {
+            return Ok(());
+        }
+        let synced = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Synced");
+        if let Some(condition) = synced.filter(|c| c["status"] == "False") {
+            return drift(format!(
+                "the controller cannot unseal the SealedSecret ({}), so the Secret does not hold what it holds; reseal it with the controller's current certificate",
+                condition["message"].as_str().unwrap_or("no message")
+            ));
+        }
+        let generation = object.metadata.generation.unwrap_or(0);
+        let observed = status["observedGeneration"].as_i64().unwrap_or(0);
+        if observed < generation {
+            return drift(format!(
+                "the controller has not unsealed the SealedSecret's current spec (generation {generation}, last unsealed {observed}), so the Secret holds an older value; is the sealed-secrets controller running?"
+            ));
+        }
+        Ok(())
+    }
+
     /// The SealedSecret may hold this run's value even though the Secret does not show it yet
     /// (a crash while waiting for the controller): seal `value` again so nothing unseals later.
     async fn settle(&self, value: Option<&Secret>) -> Result<(), StoreError> {
@@ -193,14 +264,72 @@ impl Store for SealedStore {
     }
 }
 
-/// An RSA public key from a PEM `CERTIFICATE` (what `kubeseal --fetch-cert` prints) or a bare
-/// `PUBLIC KEY`.
-fn public_key_from_pem(pem: &[u8]) -> Result<RsaPublicKey, String> {
+/// The controller's `labelFor`: cluster-wide → empty, namespace-wide → the namespace,
+/// otherwise (strict) `namespace/name`, from the SealedSecret's own annotations ("true" only).
+fn label_for(object: &DynamicObject, namespace: &str, name: &str) -> String {
+    let annotation = |key: &str| {
+        object
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .is_some_and(|v| v == "true")
+    };
+    if annotation(CLUSTER_WIDE) {
+        String::new()
+    } else if annotation(NAMESPACE_WIDE) {
+        namespace.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+/// The first PEM block of `text` (a chain lists the controller's certificate first).
+fn first_pem_block(text: &str) -> Result<&str, String> {
+    let start = text
+        .find("-----BEGIN ")
+        .ok_or_else(|| "not PEM: no BEGIN line".to_string())?;
+    let end_line = text[start..]
+        .find("-----END ")
+        .map(|i| start + i)
+        .ok_or_else(|| "not PEM: no END line".to_string())?;
+    let end = text[end_line + 9..]
+        .find("-----")
+        .map(|i| end_line + 9 + i + 5)
+        .ok_or_else(|| "not PEM: unterminated END line".to_string())?;
+    Ok(&text[start..end])
+}
+
+/// An RSA public key from a PEM `CERTIFICATE` (what `kubeseal --fetch-cert` prints; in a chain,
+/// the first one, as kubeseal's `ParseKey` takes it) or a bare `PUBLIC KEY`. Like `ParseKey`,
+/// refuses an expired certificate; with `pin`, the block's SHA-256 must match.
+fn public_key_from_pem(
+    pem: &[u8],
+    pin: Option<&str>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<RsaPublicKey, String> {
     let text = std::str::from_utf8(pem).map_err(|_| "not PEM text".to_string())?;
-    let (label, der) = rsa::pkcs8::der::pem::decode_vec(text.trim().as_bytes())
+    let (label, der) = rsa::pkcs8::der::pem::decode_vec(first_pem_block(text)?.as_bytes())
         .map_err(|e| format!("not PEM: {e}"))?;
+    if let Some(pin) = pin {
+        let found = hex(&Sha256::digest(&der));
+        if found != pin {
+            return Err(format!(
+                "its SHA-256 fingerprint is {found}, but certificate_sha256 pins {pin}; the certificate was replaced (or the controller's key renewed: pin the new one after checking it)"
+            ));
+        }
+    }
     let spki = match label {
-        "CERTIFICATE" => spki_of_certificate(&der)?,
+        "CERTIFICATE" => {
+            let (not_after, spki) = certificate_fields(&der)?;
+            if now > not_after {
+                return Err(format!(
+                    "expired on {}; fetch the controller's current one (kubeseal --fetch-cert)",
+                    not_after.format("%Y-%m-%d %H:%M:%S UTC")
+                ));
+            }
+            spki
+        }
         "PUBLIC KEY" => &der[..],
         other => {
             return Err(format!(
@@ -209,6 +338,10 @@ fn public_key_from_pem(pem: &[u8]) -> Result<RsaPublicKey, String> {
         }
     };
     RsaPublicKey::from_public_key_der(spki).map_err(|e| format!("not an RSA public key: {e}"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 const SEQUENCE: u8 = 0x30;
@@ -250,9 +383,9 @@ fn der_element(input: &[u8]) -> Result<Der<'_>, String> {
     })
 }
 
-/// The SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 §4.1): the seventh field of
-/// tbsCertificate, counting the optional `[0] version`.
-fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
+/// The notAfter time and the SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 §4.1):
+/// the fifth and seventh fields of tbsCertificate, counting the optional `[0] version`.
+fn certificate_fields(der: &[u8]) -> Result<(chrono::DateTime<chrono::Utc>, &[u8]), String> {
     let sequence = |input| {
         der_element(input).and_then(|e| {
             (e.tag == SEQUENCE)
@@ -265,11 +398,36 @@ fn spki_of_certificate(der: &[u8]) -> Result<&[u8], String> {
     if tbs.first() == Some(&0xa0) {
         tbs = der_element(tbs)?.rest;
     }
-    // serialNumber, signature, issuer, validity, subject
-    for _ in 0..5 {
+    // serialNumber, signature, issuer
+    for _ in 0..3 {
         tbs = der_element(tbs)?.rest;
     }
-    Ok(sequence(tbs)?.whole)
+    let validity = sequence(tbs)?;
+    let not_before = der_element(validity.contents)?;
+    let not_after = x509_time(&der_element(not_before.rest)?)?;
+    // validity, subject
+    tbs = der_element(validity.rest)?.rest;
+    Ok((not_after, sequence(tbs)?.whole))
+}
+
+/// RFC 5280 §4.1.2.5: UTCTime `YYMMDDHHMMSSZ` (years 1950-2049) or GeneralizedTime
+/// `YYYYMMDDHHMMSSZ`.
+fn x509_time(element: &Der<'_>) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let text = std::str::from_utf8(element.contents).map_err(|_| "bad certificate time")?;
+    let full = match element.tag {
+        0x17 => {
+            let year: u32 = text
+                .get(..2)
+                .and_then(|y| y.parse().ok())
+                .ok_or("bad UTCTime")?;
+            format!("{}{text}", if year >= 50 { "19" } else { "20" })
+        }
+        0x18 => text.to_string(),
+        _ => return Err("bad certificate validity".into()),
+    };
+    chrono::NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%SZ")
+        .map(|t| t.and_utc())
+        .map_err(|_| format!("bad certificate time {text:?}"))
 }
 
 /// kubeseal's HybridEncrypt: a random AES-256-GCM session key (zero nonce: the key is used
@@ -322,9 +480,43 @@ mod tests {
     }
 
     #[test]
+    fn reads_both_x509_time_forms() {
+        let time = |tag: u8, text: &str| {
+            let mut der = vec![tag, text.len() as u8];
+            der.extend(text.as_bytes());
+            x509_time(&der_element(&der).unwrap()).map(|t| t.to_rfc3339())
+        };
+        assert_eq!(
+            time(0x17, "491231235959Z").unwrap(),
+            "2049-12-31T23:59:59+00:00"
+        );
+        assert_eq!(
+            time(0x17, "500101000000Z").unwrap(),
+            "1950-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            time(0x18, "21060201000000Z").unwrap(),
+            "2106-02-01T00:00:00+00:00"
+        );
+        assert!(time(0x04, "491231235959Z").is_err());
+        assert!(time(0x17, "4912Z").is_err());
+    }
+
+    #[test]
+    fn finds_the_first_pem_block() {
+        let chain = "junk\n-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n";
+        assert_eq!(
+            first_pem_block(chain).unwrap(),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"
+        );
+        assert!(first_pem_block("-----BEGIN CERTIFICATE-----\nAAAA\n").is_err());
+    }
+
+    #[test]
     fn rejects_pem_that_is_not_a_key() {
         let pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
-        assert!(public_key_from_pem(pem.as_bytes()).is_err());
-        assert!(public_key_from_pem(b"not pem").is_err());
+        let now = chrono::Utc::now();
+        assert!(public_key_from_pem(pem.as_bytes(), None, now).is_err());
+        assert!(public_key_from_pem(b"not pem", None, now).is_err());
     }
 }

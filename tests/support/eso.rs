@@ -1,11 +1,18 @@
 //! A stand-in for the External Secrets Operator controller, run by the test beside the rotator:
-//! when an ExternalSecret's `force-sync` annotation changes it reads the real OpenBao the spec
-//! points at and writes the target Secret through the fake, as ESO's reconcile would.
+//! when ESO's `shouldRefresh` says so (a changed `force-sync` annotation, unless the
+//! refreshPolicy rules it out) it reads the real OpenBao the spec points at and writes the
+//! target Secret through the fake, as ESO's reconcile would.
+//!
+//! Follows external-secrets/external-secrets pkg/controllers/externalsecret/
+//! externalsecret_controller.go (`shouldRefresh`, `shouldRefreshPeriodic`; sync windows are not
+//! modelled) and pkg/controllers/util/util.go (`GetResourceVersion`: generation plus a hash of
+//! labels and annotations).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::kube_fake::KubeFake;
@@ -36,21 +43,40 @@ impl EsoController<'_> {
             if stamp != last {
                 // A force-sync just before the stop is still seen (ESO would still reconcile).
                 seen.extend(stamp.clone());
+                last = stamp;
             }
             if stopped {
                 return seen;
             }
-            if stamp == last {
-                continue;
-            }
-            last = stamp;
-            if self.syncing {
+            let es = self
+                .kube
+                .external_secret(self.namespace, self.name)
+                .unwrap();
+            let target = es
+                .pointer("/spec/target/name")
+                .and_then(Value::as_str)
+                .unwrap_or(self.name);
+            let secret_exists = self.kube.secret(self.namespace, target).is_some();
+            // Reconcile skips when `!shouldRefresh(es) && isSecretValid(secret)`.
+            if self.syncing && (should_refresh(&es) || !secret_exists) {
+                let version = synced_version(&es);
                 tokio::time::sleep(self.delay).await;
                 let data = self.fetch().await;
                 self.kube
-                    .complete_external_sync(self.namespace, self.name, &data);
+                    .complete_external_sync(self.namespace, self.name, &data, &version);
             }
         }
+    }
+
+    /// Records the ExternalSecret as synced with `data`, as ESO leaves it after its first
+    /// reconcile (the state a rotation finds).
+    pub fn mark_synced(&self, data: &BTreeMap<String, String>) {
+        let es = self
+            .kube
+            .external_secret(self.namespace, self.name)
+            .unwrap();
+        self.kube
+            .complete_external_sync(self.namespace, self.name, data, &synced_version(&es));
     }
 
     fn stamp(&self) -> Option<String> {
@@ -88,4 +114,78 @@ impl EsoController<'_> {
         }
         out
     }
+}
+
+/// ESO's `GetResourceVersion`: the generation and a hash of labels and annotations, so a new
+/// force-sync value makes it differ from `status.syncedResourceVersion`.
+pub fn synced_version(es: &Value) -> String {
+    let meta = &es["metadata"];
+    let hashed = json!({ "annotations": meta["annotations"], "labels": meta["labels"] });
+    let hash = Sha256::digest(hashed.to_string().as_bytes());
+    let generation = meta["generation"].as_i64().unwrap_or(0);
+    format!("{generation}-{:x}", hash)
+}
+
+/// ESO's `shouldRefresh`.
+pub fn should_refresh(es: &Value) -> bool {
+    let synced = es
+        .pointer("/status/syncedResourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let refresh_time = es
+        .pointer("/status/refreshTime")
+        .and_then(Value::as_str)
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc());
+    let never_synced = synced.is_empty() || refresh_time.is_none();
+    match es["spec"]["refreshPolicy"].as_str().unwrap_or("") {
+        "CreatedOnce" => never_synced,
+        "OnChange" => never_synced || synced != synced_version(es),
+        // Periodic, and the default.
+        _ => {
+            // The CRD defaults refreshInterval to 1h0m0s.
+            let interval = go_duration(es["spec"]["refreshInterval"].as_str().unwrap_or("1h"));
+            if interval.is_zero() && !synced.is_empty() {
+                return false;
+            }
+            if synced != synced_version(es) {
+                return true;
+            }
+            let Some(refreshed) = refresh_time else {
+                return true;
+            };
+            let now = chrono::Utc::now();
+            refreshed > now || refreshed + chrono::Duration::from_std(interval).unwrap() < now
+        }
+    }
+}
+
+/// A Go duration made of whole-number components ("1h", "0s", "1h30m", "0"), enough for tests.
+fn go_duration(text: &str) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut number = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().unwrap();
+        number.clear();
+        let unit = match (c, chars.peek()) {
+            ('m', Some('s')) => {
+                chars.next();
+                Duration::from_millis(1)
+            }
+            ('h', _) => Duration::from_secs(3600),
+            ('m', _) => Duration::from_secs(60),
+            ('s', _) => Duration::from_secs(1),
+            _ => panic!("unsupported duration {text:?}"),
+        };
+        total += unit * n as u32;
+    }
+    assert!(
+        number.is_empty() || number.chars().all(|c| c == '0'),
+        "{text:?}"
+    );
+    total
 }

@@ -52,7 +52,7 @@ use serde_json::{json, Map, Value};
 #[path = "kube_fake/custom.rs"]
 mod custom;
 #[allow(unused_imports)]
-pub use custom::{unseal, Unsealer};
+pub use custom::{label_for, unseal, unseal_with_label, EsoRelease, Unsealer};
 
 // ---------------------------------------------------------------------------
 // Public API
@@ -287,6 +287,14 @@ impl KubeFake {
                     // `paused` is `omitempty`: false is simply absent on the real server.
                     spec.remove("paused");
                 }
+            });
+    }
+
+    /// Sets a StatefulSet's `spec.updateStrategy.rollingUpdate.partition` as a client would.
+    pub fn set_partition(&self, ns: &str, name: &str, partition: i32) {
+        self.lock()
+            .mutate_workload(WorkloadKind::StatefulSet, ns, name, |obj| {
+                obj["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = json!(partition);
             });
     }
 
@@ -861,9 +869,10 @@ enum Route {
         name: Option<String>,
         subresource: Option<String>,
     },
-    /// An ExternalSecret or SealedSecret.
+    /// An ExternalSecret or SealedSecret, at one of the versions its kind is known under.
     Custom {
         kind: &'static custom::CustomKind,
+        version: String,
         namespace: Option<String>,
         name: Option<String>,
         subresource: Option<String>,
@@ -895,7 +904,11 @@ impl Route {
             ["apis", group, version, rest @ ..]
                 if custom::CustomKind::lookup(group, version).is_some() =>
             {
-                Route::custom(custom::CustomKind::lookup(group, version).unwrap(), rest)
+                Route::custom(
+                    custom::CustomKind::lookup(group, version).unwrap(),
+                    version,
+                    rest,
+                )
             }
             ["apis", _, _, rest @ ..] => Route::resource("(unknown group)", rest),
             _ => Route::Unknown {
@@ -941,11 +954,12 @@ impl Route {
     }
 
     /// `namespaces/{ns}/{plural}/{name}[/{sub}]` of a custom resource.
-    fn custom(kind: &'static custom::CustomKind, rest: &[&str]) -> Route {
+    fn custom(kind: &'static custom::CustomKind, version: &str, rest: &[&str]) -> Route {
         match rest {
             ["namespaces", ns, plural, tail @ ..] if *plural == kind.plural && tail.len() <= 2 => {
                 Route::Custom {
                     kind,
+                    version: version.to_string(),
                     namespace: Some(ns.to_string()),
                     name: tail.first().map(|s| s.to_string()),
                     subresource: tail.get(1).map(|s| s.to_string()),
@@ -1135,12 +1149,14 @@ impl State {
             Route::Unknown { .. } => return Err(ApiError::no_route()),
             Route::Custom {
                 kind,
+                version,
                 namespace,
                 name,
                 subresource,
             } => {
                 return self.custom_request(
                     kind,
+                    version,
                     namespace.as_deref(),
                     name.as_deref(),
                     subresource.as_deref(),
@@ -1282,7 +1298,11 @@ impl State {
             "api/v1" => json!({
                 "kind": "APIResourceList", "groupVersion": "v1", "resources": [resource(&SECRETS)],
             }),
-            "apis" => json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [apps] }),
+            "apis" => {
+                let mut groups = vec![apps];
+                groups.extend(self.custom_groups());
+                json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": groups })
+            }
             "apis/apps" => {
                 let mut g = apps;
                 g["kind"] = json!("APIGroup");

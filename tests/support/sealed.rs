@@ -37,9 +37,15 @@ pub fn keypair(dir: &Path) -> (PathBuf, RsaPrivateKey) {
 
 /// `kubeseal --scope strict`: the label binds the value to `namespace/name`.
 pub fn seal(key: &RsaPublicKey, ns: &str, name: &str, plaintext: &[u8]) -> String {
+    seal_with_label(key, &format!("{ns}/{name}"), plaintext)
+}
+
+/// kubeseal's HybridEncrypt under `label` (pkg/crypto/crypto.go; `EncryptionLabel` gives the
+/// label of each scope: `namespace/name`, `namespace`, or empty).
+pub fn seal_with_label(key: &RsaPublicKey, label: &str, plaintext: &[u8]) -> String {
     let session: [u8; 32] = rand::random();
     let mut rng = rsa::rand_core::OsRng;
-    let label = format!("{ns}/{name}");
+    let label = label.to_string();
     let rsa = key
         .encrypt(
             &mut rng,
@@ -59,4 +65,4 @@ pub fn seal(key: &RsaPublicKey, ns: &str, name: &str, plaintext: &[u8]) -> Strin
 }
 
 #[allow(unused_imports)]
-pub use super::kube_fake::unseal;
+pub use super::kube_fake::{label_for, unseal, unseal_with_label};

@@ -1,5 +1,6 @@
-//! Custom resources in the fake: ESO `ExternalSecret`s (external-secrets.io/v1beta1) and Bitnami
-//! `SealedSecret`s (bitnami.com/v1alpha1), namespaced, with get / update / merge and JSON patch.
+//! Custom resources in the fake: ESO `ExternalSecret`s (external-secrets.io, at the versions the
+//! chosen ESO release serves, see [`EsoRelease`]) and Bitnami `SealedSecret`s
+//! (bitnami.com/v1alpha1), namespaced, with get / update / merge and JSON patch.
 //!
 //! Like the real server for a CRD with a status subresource: strategic merge patch is refused
 //! (415), writes never change `status`, a spec change bumps `generation`, every change bumps the
@@ -27,33 +28,60 @@ use super::{
 
 pub(super) struct CustomKind {
     pub group: &'static str,
-    pub version: &'static str,
+    /// Every version a CRD of some release defines; which are served is decided per request.
+    pub versions: &'static [&'static str],
     pub plural: &'static str,
     pub kind: &'static str,
 }
 
 pub(super) static EXTERNAL_SECRETS: CustomKind = CustomKind {
     group: "external-secrets.io",
-    version: "v1beta1",
+    versions: &["v1", "v1beta1", "v1alpha1"],
     plural: "externalsecrets",
     kind: "ExternalSecret",
 };
 pub(super) static SEALED_SECRETS: CustomKind = CustomKind {
     group: "bitnami.com",
-    version: "v1alpha1",
+    versions: &["v1alpha1"],
     plural: "sealedsecrets",
     kind: "SealedSecret",
 };
+
+/// Which ExternalSecret versions the API server serves, as installed by an ESO release's CRD
+/// (external-secrets/external-secrets config/crds/bases/external-secrets.io_externalsecrets.yaml
+/// at each tag; v1beta1 was unserved by "chore: unserve v1beta1 and mark it as deprecated",
+/// #4758, first released in v0.17.0).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum EsoRelease {
+    /// v0.15 and older: v1alpha1 and v1beta1 (storage); no v1.
+    V0_15,
+    /// v0.16: v1 (storage) and v1beta1, both served.
+    V0_16,
+    /// v0.17 and later: v1 only (`served: false` on v1beta1).
+    #[default]
+    Current,
+}
+
+impl EsoRelease {
+    /// Served versions, newest first (the order discovery lists them in).
+    pub fn served(self) -> &'static [&'static str] {
+        match self {
+            EsoRelease::V0_15 => &["v1beta1", "v1alpha1"],
+            EsoRelease::V0_16 => &["v1", "v1beta1"],
+            EsoRelease::Current => &["v1"],
+        }
+    }
+}
 
 impl CustomKind {
     pub(super) fn lookup(group: &str, version: &str) -> Option<&'static CustomKind> {
         [&EXTERNAL_SECRETS, &SEALED_SECRETS]
             .into_iter()
-            .find(|k| k.group == group && k.version == version)
+            .find(|k| k.group == group && k.versions.contains(&version))
     }
 
-    fn api_version(&self) -> String {
-        format!("{}/{}", self.group, self.version)
+    fn api_version(&self, version: &str) -> String {
+        format!("{}/{version}", self.group)
     }
 
     fn qualified(&self) -> String {
@@ -99,9 +127,15 @@ pub(super) struct Custom {
     unsealer: Option<Unsealer>,
     /// SealedSecrets whose spec changed and are waiting for the controller: (due, ns, name).
     pending: Vec<(Instant, String, String)>,
+    eso: EsoRelease,
 }
 
 impl KubeFake {
+    /// Serves ExternalSecrets at the versions `release` serves (default: the current one).
+    pub fn serve_eso(&self, release: EsoRelease) {
+        self.lock().custom.eso = release;
+    }
+
     /// Creates an ExternalSecret (as a GitOps tool would) whose target Secret is `secret`.
     pub fn add_external_secret(&self, ns: &str, name: &str, spec: Value) {
         self.lock()
@@ -116,9 +150,31 @@ impl KubeFake {
             .cloned()
     }
 
+    /// Sets an annotation, as `kubectl annotate` would (a metadata change: no new generation).
+    pub fn patch_external_secret_annotation(&self, ns: &str, name: &str, key: &str, value: &str) {
+        let mut st = self.lock();
+        let rv = st.next_rv();
+        let es = st
+            .custom
+            .objects
+            .get_mut(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
+            .unwrap_or_else(|| panic!("no ExternalSecret {ns}/{name}"));
+        let meta = obj_field(es, "metadata");
+        meta.insert("resourceVersion".into(), json!(rv));
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        annotations[key] = json!(value);
+    }
+
     /// What ESO does after fetching: writes the target Secret's data (owner policy: the whole
-    /// data), then records `status.refreshTime` and the Secret's resourceVersion.
-    pub fn complete_external_sync(&self, ns: &str, name: &str, data: &BTreeMap<String, String>) {
+    /// data), then records `status.refreshTime` and `status.syncedResourceVersion`, which is
+    /// `synced` (ESO's `GetResourceVersion` of the ExternalSecret it reconciled).
+    pub fn complete_external_sync(
+        &self,
+        ns: &str,
+        name: &str,
+        data: &BTreeMap<String, String>,
+        synced: &str,
+    ) {
         let mut st = self.lock();
         let es = st
             .custom
@@ -143,10 +199,6 @@ impl KubeFake {
         if !unchanged {
             st.put_secret(ns, &target, encoded);
         }
-        let secret_rv = st
-            .secrets
-            .get(&key(ns, &target))
-            .map(|s| meta_str(s, "resourceVersion").to_string());
         let now = st.now_string();
         st.set_custom_status(
             &EXTERNAL_SECRETS,
@@ -154,7 +206,7 @@ impl KubeFake {
             name,
             json!({
                 "refreshTime": now,
-                "syncedResourceVersion": secret_rv,
+                "syncedResourceVersion": synced,
                 "conditions": [{ "type": "Ready", "status": "True", "reason": "SecretSynced",
                                  "message": "Secret was synced", "lastTransitionTime": now }],
             }),
@@ -163,16 +215,70 @@ impl KubeFake {
 
     /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData`.
     pub fn add_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
+        self.add_scoped_sealed_secret(ns, name, &[], encrypted);
+    }
+
+    /// The same with annotations on the SealedSecret (and its template, as kubeseal writes
+    /// them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
+    pub fn add_scoped_sealed_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        encrypted: &[(&str, &str)],
+    ) {
         let data: Map<String, Value> = encrypted
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
-        self.lock().insert_custom(
+        let annotations: Map<String, Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        let mut st = self.lock();
+        st.insert_custom(
             &SEALED_SECRETS,
             ns,
             name,
-            json!({ "spec": { "encryptedData": data, "template": { "metadata": { "name": name, "namespace": ns } } } }),
+            json!({ "spec": { "encryptedData": data, "template": { "metadata": { "name": name, "namespace": ns, "annotations": annotations } } } }),
         );
+        if !annotations.is_empty() {
+            let obj = st
+                .custom
+                .objects
+                .get_mut(&(SEALED_SECRETS.plural, ns.into(), name.into()))
+                .unwrap();
+            obj["metadata"]["annotations"] = Value::Object(annotations);
+        }
+        // The controller sees the new object like any change.
+        st.custom
+            .pending
+            .push((Instant::now(), ns.into(), name.into()));
+    }
+
+    /// Replaces `spec.encryptedData` as `kubectl apply` of another manifest would (a GitOps
+    /// sync): the spec changes, so the generation moves and the controller unseals it.
+    pub fn apply_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
+        let mut st = self.lock();
+        let rv = st.next_rv();
+        let obj = st
+            .custom
+            .objects
+            .get_mut(&(SEALED_SECRETS.plural, ns.into(), name.into()))
+            .unwrap_or_else(|| panic!("no SealedSecret {ns}/{name}"));
+        for (k, v) in encrypted {
+            obj["spec"]["encryptedData"][*k] = json!(v);
+        }
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        obj["metadata"]["generation"] = json!(generation);
+        obj["metadata"]["resourceVersion"] = json!(rv);
+        let delay = match &st.custom.unsealer {
+            Some(Unsealer::Running { delay, .. }) => *delay,
+            _ => Duration::ZERO,
+        };
+        st.custom
+            .pending
+            .push((Instant::now() + delay, ns.into(), name.into()));
     }
 
     pub fn sealed_secret(&self, ns: &str, name: &str) -> Option<Value> {
@@ -194,7 +300,10 @@ impl State {
         let rv = self.next_rv();
         let now = self.now_string();
         let o = obj.as_object_mut().expect("an object");
-        o.insert("apiVersion".into(), json!(kind.api_version()));
+        o.insert(
+            "apiVersion".into(),
+            json!(kind.api_version(kind.versions[0])),
+        );
         o.insert("kind".into(), json!(kind.kind));
         o.insert(
             "metadata".into(),
@@ -218,25 +327,57 @@ impl State {
         }
     }
 
+    /// The served versions of a kind.
+    fn served(&self, kind: &CustomKind) -> &'static [&'static str] {
+        match kind.plural == EXTERNAL_SECRETS.plural {
+            true => self.custom.eso.served(),
+            false => kind.versions,
+        }
+    }
+
+    /// Discovery's APIGroup entries: only served versions are listed, the newest preferred
+    /// (kubernetes apiextensions-apiserver pkg/apiserver/customresource_discovery_controller.go).
+    pub(super) fn custom_groups(&self) -> Vec<Value> {
+        [&EXTERNAL_SECRETS, &SEALED_SECRETS]
+            .into_iter()
+            .map(|kind| {
+                let versions: Vec<Value> = self
+                    .served(kind)
+                    .iter()
+                    .map(|v| json!({ "groupVersion": kind.api_version(v), "version": v }))
+                    .collect();
+                json!({ "name": kind.group, "versions": versions, "preferredVersion": versions[0] })
+            })
+            .collect()
+    }
+
     /// Serves a request for a custom resource (status writes are the controllers' job).
     pub(super) fn custom_request(
         &mut self,
         kind: &'static CustomKind,
+        version: &str,
         ns: Option<&str>,
         name: Option<&str>,
         subresource: Option<&str>,
         req: &Incoming,
     ) -> ApiResult {
+        // The CRD handler passes a request for a version that is not served to the next
+        // handler, which answers 404 (apiextensions-apiserver customresource_handler.go).
+        if !self.served(kind).contains(&version) {
+            return Err(ApiError::no_route());
+        }
         let (Some(ns), Some(name), None) = (ns, name, subresource) else {
             return Err(ApiError::method_not_allowed());
         };
         let id = (kind.plural, ns.to_string(), name.to_string());
-        let existing = self
+        let mut existing = self
             .custom
             .objects
             .get(&id)
             .cloned()
             .ok_or_else(|| kind.not_found(name))?;
+        // Versions of these kinds share one schema: conversion only changes apiVersion.
+        existing["apiVersion"] = json!(kind.api_version(version));
         let mut new = match req.method {
             Method::GET => return Ok(Reply::ok(existing)),
             Method::PUT => super::parse_json(&req.body)?,
@@ -268,7 +409,7 @@ impl State {
         let o = new
             .as_object_mut()
             .ok_or_else(|| ApiError::bad_request("expected a JSON object"))?;
-        o.insert("apiVersion".into(), json!(kind.api_version()));
+        o.insert("apiVersion".into(), json!(kind.api_version(version)));
         o.insert("kind".into(), json!(kind.kind));
         o.remove("status");
         if let Some(status) = existing.get("status") {
@@ -343,8 +484,9 @@ impl State {
                 .unwrap_or_default();
             let mut data = Map::new();
             let mut failure = None;
+            let label = label_for(&obj);
             for (k, v) in &encrypted {
-                match unseal(&private_key, &ns, &name, v.as_str().unwrap_or("")) {
+                match unseal_with_label(&private_key, &label, v.as_str().unwrap_or("")) {
                     Ok(plain) => {
                         data.insert(k.clone(), json!(b64_encode(&plain)));
                     }
@@ -379,9 +521,30 @@ impl State {
     }
 }
 
+/// The controller's `labelFor` (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go:
+/// `SecretScope` of the SealedSecret's own metadata, then `EncryptionLabel`): cluster-wide
+/// wins over namespace-wide, and only the value "true" counts.
+pub fn label_for(sealed_secret: &Value) -> String {
+    let meta = &sealed_secret["metadata"];
+    let on = |key: &str| meta["annotations"][key] == json!("true");
+    let ns = meta["namespace"].as_str().unwrap_or("");
+    if on("sealedsecrets.bitnami.com/cluster-wide") {
+        String::new()
+    } else if on("sealedsecrets.bitnami.com/namespace-wide") {
+        ns.to_string()
+    } else {
+        format!("{ns}/{}", meta["name"].as_str().unwrap_or(""))
+    }
+}
+
+/// [`unseal_with_label`] for the strict scope.
+pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Vec<u8>, String> {
+    unseal_with_label(key, &format!("{ns}/{name}"), b64)
+}
+
 /// The controller's HybridDecrypt (pkg/crypto/crypto.go), written independently of the rotator's
 /// sealing of one `spec.encryptedData` value.
-pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Vec<u8>, String> {
+pub fn unseal_with_label(key: &RsaPrivateKey, label: &str, b64: &str) -> Result<Vec<u8>, String> {
     let data = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|e| format!("not base64: {e}"))?;
@@ -391,10 +554,7 @@ pub fn unseal(key: &RsaPrivateKey, ns: &str, name: &str, b64: &str) -> Result<Ve
     let rsa_len = u16::from_be_bytes([data[0], data[1]]) as usize;
     let rsa = data.get(2..2 + rsa_len).ok_or("too short")?;
     let session = key
-        .decrypt(
-            Oaep::new_with_label::<sha2::Sha256, _>(format!("{ns}/{name}")),
-            rsa,
-        )
+        .decrypt(Oaep::new_with_label::<sha2::Sha256, _>(label), rsa)
         .map_err(|e| format!("RSA-OAEP: {e}"))?;
     Aes256Gcm::new_from_slice(&session)
         .map_err(|_| "session key is not 32 bytes".to_string())?
