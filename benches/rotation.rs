@@ -507,8 +507,25 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, redis: &Redis) {
     });
 }
 
+/// The p50 in ms of the first row whose description contains `what`.
+fn p50_of(rows: &[Row], what: &str) -> Option<f64> {
+    let row = rows.iter().find(|r| r.what.contains(what))?;
+    row.figure
+        .split("p50 ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn single_rotation_ms(rows: &[Row]) -> f64 {
+    p50_of(rows, "rotation latency, PostgreSQL single").expect("the single rotation row")
+}
+
 /// One SCRAM login + one ALTER ROLE with a client-computed verifier + one SCRAM login, in process.
-async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
+/// Returns its p50 in ms.
+async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) -> f64 {
     let mut admin = sqlx::postgres::PgConnection::connect_with(
         &pg.connect_options("postgres", pg.admin_password(), "postgres")
             .disable_statement_logging(),
@@ -536,11 +553,13 @@ async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
         password = next;
     }
+    let figure = latency(&mut samples);
     rows.push(Row {
         what: "in-process floor: SCRAM login + ALTER ROLE + SCRAM login".into(),
-        figure: latency(&mut samples),
+        figure,
         note: "the least any verified PostgreSQL rotation costs on this machine".into(),
     });
+    p50_of(rows, "in-process floor").expect("the floor row")
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
@@ -553,7 +572,12 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// A config and .env with `n` PostgreSQL targets (`t0`...), each a login of its own.
 async fn many_targets(pg: &Postgres, n: usize, password: &str) -> Workdir {
-    let mut config = String::from("[rotator]\njournal = \"sqlite://journal.db\"\njournal_key = \"env:ROTATOR_JOURNAL_KEY\"\nlisten = \"127.0.0.1:0\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n[[consumer]]\nname = \"proxy\"\nkind = \"command\"\ncommand = [\"true\"]\n");
+    many_targets_with(pg, n, password, "").await
+}
+
+/// [`many_targets`] with extra lines in `[rotator]`.
+async fn many_targets_with(pg: &Postgres, n: usize, password: &str, rotator: &str) -> Workdir {
+    let mut config = format!("[rotator]\njournal = \"sqlite://journal.db\"\njournal_key = \"env:ROTATOR_JOURNAL_KEY\"\nlisten = \"127.0.0.1:0\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n{rotator}\n[[consumer]]\nname = \"proxy\"\nkind = \"command\"\ncommand = [\"true\"]\n");
     let mut dotenv = String::new();
     let mut sql = String::from("SET log_statement = 'none';");
     for i in 0..n {
@@ -569,7 +593,9 @@ async fn many_targets(pg: &Postgres, n: usize, password: &str) -> Workdir {
             pg.url(&format!("many{i}"), password, "bench")
         ));
     }
-    pg.exec(&sql).await;
+    for chunk in sql.split_inclusive("';").collect::<Vec<_>>().chunks(2000) {
+        pg.exec(&chunk.concat()).await;
+    }
     Workdir::new(
         &config,
         &dotenv,
@@ -577,8 +603,127 @@ async fn many_targets(pg: &Postgres, n: usize, password: &str) -> Workdir {
     )
 }
 
+/// One run over `n` targets with `max_parallel`, timed; its wall time in seconds and peak RSS.
+async fn fleet_run(pg: &Postgres, password: &str, n: usize, max_parallel: usize) -> (f64, u64) {
+    let work = many_targets_with(pg, n, password, &format!("max_parallel = {max_parallel}")).await;
+    let started = Instant::now();
+    let mut child = work.command(&["rotate"]).spawn().unwrap();
+    let mut peak = 0;
+    loop {
+        if let Some(kib) = rss_kib(child.id(), "VmHWM:") {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "rotate over {n} targets failed");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (started.elapsed().as_secs_f64(), peak)
+}
+
+async fn fleet_rows(
+    rows: &mut Vec<Row>,
+    pg: &Postgres,
+    password: &str,
+    quick: bool,
+    single_ms: f64,
+) {
+    let sizes: &[usize] = if quick {
+        &[10, 100, 1000]
+    } else {
+        &[10, 100, 1000, 10_000]
+    };
+    let default = llmtrace_rotator::config::DEFAULT_MAX_PARALLEL;
+    let mut seconds = std::collections::BTreeMap::new();
+    for &n in sizes {
+        for max_parallel in [1, default] {
+            let (elapsed, peak) = fleet_run(pg, password, n, max_parallel).await;
+            seconds.insert((n, max_parallel), elapsed);
+            rows.push(Row {
+                what: format!("one run over {n} targets, max_parallel {max_parallel}"),
+                figure: format!("{elapsed:.2} s, peak RSS {:.1} MiB", peak as f64 / 1024.0),
+                note: "one transaction, one restart; backend steps max_parallel targets at a time"
+                    .into(),
+            });
+        }
+    }
+    let (t100, t1000) = (seconds[&(100, default)], seconds[&(1000, default)]);
+    rows.push(Row {
+        what: "ratio: 1,000 targets / 100 targets (default max_parallel)".into(),
+        figure: format!("{:.1}", t1000 / t100),
+        note: "target ≤ 11: a checkpoint's cost does not grow with the run".into(),
+    });
+    rows.push(Row {
+        what: "ratio: 1,000 targets / one single-target rotation".into(),
+        figure: format!("{:.0}", t1000 * 1000.0 / single_ms),
+        note: "target ≤ 250".into(),
+    });
+}
+
+/// POST /v1/rotations on a running daemon to the run's outcome, polling every 2 ms.
+async fn api_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let work = many_targets_with(pg, 1, password, "").await;
+    let config = std::fs::read_to_string(work.dir.path().join("rotator.toml"))
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(work.dir.path().join("rotator.toml"), config).unwrap();
+    let mut child = work.command(&["serve"]).spawn().unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let answer: serde_json::Value = http
+            .post(format!("{base}/v1/rotations"))
+            .bearer_auth("bench")
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = answer["id"].as_str().expect("a run id").to_string();
+        loop {
+            let run: serde_json::Value = http
+                .get(format!("{base}/v1/rotations/{id}"))
+                .bearer_auth("bench")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !run["outcome"].is_null() {
+                assert_eq!(run["outcome"], "succeeded");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    rows.push(Row {
+        what:
+            "rotation latency through `POST /v1/rotations` on a running daemon (PostgreSQL single)"
+                .into(),
+        figure: latency(&mut samples),
+        note: "to the run's outcome, polling every 2 ms; no process start".into(),
+    });
+}
+
 async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quick: bool) {
-    for n in [3, 1000] {
+    for n in [3, 1000, 10_000] {
         let work = many_targets(pg, n, password).await;
         let mut child = work.command(&["serve"]).spawn().unwrap();
         tokio::time::sleep(Duration::from_secs(if quick { 3 } else { 5 })).await;
@@ -589,31 +734,6 @@ async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quic
             what: format!("idle RSS of `serve`, {n} scheduled targets"),
             figure: format!("{:.1} MiB", rss as f64 / 1024.0),
             note: "VmRSS a few seconds after start".into(),
-        });
-    }
-    for n in [10, 100, 1000] {
-        let work = many_targets(pg, n, password).await;
-        let started = Instant::now();
-        let mut child = work.command(&["rotate"]).spawn().unwrap();
-        let mut peak = 0;
-        loop {
-            if let Some(kib) = rss_kib(child.id(), "VmHWM:") {
-                peak = peak.max(kib);
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "rotate over {n} targets failed");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        rows.push(Row {
-            what: format!("one run over {n} targets (one restart)"),
-            figure: format!(
-                "{:.2} s, peak RSS {:.1} MiB",
-                started.elapsed().as_secs_f64(),
-                peak as f64 / 1024.0
-            ),
-            note: "targets are rotated one after the other in one transaction".into(),
         });
     }
     // Start to the first backend call: the preflight connection shows as a PostgreSQL log line.
@@ -650,8 +770,23 @@ async fn main() {
     let mut rows = Vec::new();
     rotation_rows(&mut rows, &pg, &password, &redis, quick).await;
     openbao_rows(&mut rows, &pg, &redis).await;
-    floor_row(&mut rows, &pg).await;
+    let floor = floor_row(&mut rows, &pg).await;
+    api_row(&mut rows, &pg, &password).await;
     footprint_rows(&mut rows, &pg, &password, quick).await;
+    let single = single_rotation_ms(&rows);
+    fleet_rows(&mut rows, &pg, &password, quick, single).await;
+    rows.push(Row {
+        what: "ratio: `rotate` (PostgreSQL single) / in-process floor".into(),
+        figure: format!("{:.1}", single / floor),
+        note: "target ≤ 2.5".into(),
+    });
+    if let Some(api) = p50_of(&rows, "through `POST /v1/rotations`") {
+        rows.push(Row {
+            what: "ratio: `POST /v1/rotations` / in-process floor".into(),
+            figure: format!("{:.1}", api / floor),
+            note: "target ≤ 1.5".into(),
+        });
+    }
 
     println!("| measurement | result | what bounds it |");
     println!("|---|---|---|");

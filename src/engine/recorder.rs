@@ -91,7 +91,7 @@ impl<'j> Recorder<'j> {
         }
     }
 
-    async fn checkpoint(&mut self, index: StepId) {
+    async fn checkpoint(&mut self, index: StepId, durable: bool) {
         self.touch(self.step_parts[index]);
         let step = &self.steps[index];
         let result = if failpoint::journal_down(&step.step, &step.subject, &step.status) {
@@ -117,6 +117,7 @@ impl<'j> Recorder<'j> {
                     header.as_ref().map(|h| h.as_slice()),
                     &parts,
                     step,
+                    durable,
                 )
                 .await
         };
@@ -140,6 +141,16 @@ impl<'j> Recorder<'j> {
 
     /// Records that `step` on `subject` starts, with the state of `part` as it is now.
     pub async fn begin(&mut self, part: Part, step: &str, subject: &str) -> StepId {
+        self.begin_as(part, step, subject, false).await
+    }
+
+    /// [`Recorder::begin`] for a step that changes something outside the journal: its record
+    /// is durable when this returns (write-ahead), or `journal_failed` is set.
+    pub async fn begin_effect(&mut self, part: Part, step: &str, subject: &str) -> StepId {
+        self.begin_as(part, step, subject, true).await
+    }
+
+    async fn begin_as(&mut self, part: Part, step: &str, subject: &str, effect: bool) -> StepId {
         tracing::info!(run = %self.id, step, subject, "step started");
         self.steps.push(StepRecord {
             seq: self.steps.len() as i64 + 1,
@@ -153,7 +164,7 @@ impl<'j> Recorder<'j> {
         self.clocks.push(Instant::now());
         self.step_parts.push(part);
         let index = self.steps.len() - 1;
-        self.checkpoint(index).await;
+        self.checkpoint(index, effect).await;
         index
     }
 
@@ -172,7 +183,7 @@ impl<'j> Recorder<'j> {
                 tracing::info!(run = %self.id, step = %step.step, subject = %step.subject, status, duration_ms = elapsed, "step ended")
             }
         }
-        self.checkpoint(index).await;
+        self.checkpoint(index, false).await;
     }
 
     /// Ends a step from a result: `ok`, or `failed` with the error's text.

@@ -376,7 +376,7 @@ impl<'a> RunContext<'a> {
             }
         }
         self.may_continue()?;
-        let id = self.rec.begin(part, step, subject).await;
+        let id = self.rec.begin_effect(part, step, subject).await;
         if let Err(stop) = self.may_continue() {
             self.rec
                 .end(
@@ -767,6 +767,7 @@ impl<'a> RunContext<'a> {
         unwanted: Option<&Credential>,
     ) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
+        let mut proven: Vec<Credential> = Vec::new();
         for (j, store) in runtime.stores.iter().enumerate() {
             let Some(value) = store.read().await.map_err(StepError::from)? else {
                 if self.rec.state.targets[i]
@@ -796,6 +797,10 @@ impl<'a> RunContext<'a> {
                     ),
                 ));
             }
+            // Stores holding the same credential need one login between them.
+            if proven.contains(&credential) {
+                continue;
+            }
             runtime.backend.login(&credential).await.map_err(|e| {
                 StepError::new(
                     e.metric_label(),
@@ -805,6 +810,7 @@ impl<'a> RunContext<'a> {
                     ),
                 )
             })?;
+            proven.push(credential);
         }
         Ok(())
     }
@@ -816,6 +822,7 @@ impl<'a> RunContext<'a> {
         expected: Option<&Credential>,
     ) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
+        let mut proven: Vec<Credential> = Vec::new();
         for (j, store) in runtime.stores.iter().enumerate() {
             let Some(value) = store.read().await.map_err(StepError::from)? else {
                 if self.rec.state.targets[i]
@@ -846,6 +853,10 @@ impl<'a> RunContext<'a> {
                     ),
                 ));
             }
+            // Stores holding the same credential need one login between them.
+            if proven.contains(&credential) {
+                continue;
+            }
             runtime.backend.login(&credential).await.map_err(|e| {
                 StepError::new(
                     e.metric_label(),
@@ -855,6 +866,7 @@ impl<'a> RunContext<'a> {
                     ),
                 )
             })?;
+            proven.push(credential);
         }
         Ok(())
     }

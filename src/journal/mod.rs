@@ -134,20 +134,35 @@ impl Journal {
                 "the journal URL must start with sqlite: or postgres:".into(),
             ));
         };
+        // An in-memory SQLite database exists once per connection: keep it to one.
+        let connections = match (is_sqlite, matches!(locker, Locker::Memory(_))) {
+            (true, true) => 1,
+            _ => 4,
+        };
         let pool = AnyPoolOptions::new()
-            .max_connections(if is_sqlite { 1 } else { 4 })
+            .max_connections(connections)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if is_sqlite {
+                        // Per connection. `synchronous` FULL is SQLite's default: a commit is
+                        // durable when it returns (see `checkpoint` for the exception).
+                        sqlx::query("PRAGMA foreign_keys = ON")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(connect_url.expose())
             .await
             .map_err(|e| JournalError::Open(e.to_string()))?;
         if is_sqlite {
-            // WAL: one fsync per committed checkpoint instead of a rollback journal's several;
-            // `synchronous` stays FULL (SQLite's default), so each commit is durable on return.
-            for pragma in ["PRAGMA foreign_keys = ON", "PRAGMA journal_mode = WAL"] {
-                sqlx::query(pragma)
-                    .execute(&pool)
-                    .await
-                    .map_err(JournalError::Query)?;
-            }
+            // WAL (kept in the file): one fsync per commit instead of a rollback journal's
+            // several, and readers (the API, history) do not wait for a run's checkpoints.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await
+                .map_err(JournalError::Query)?;
         }
         let migrator = if is_sqlite {
             sqlx::migrate!("migrations/sqlite")
@@ -177,6 +192,10 @@ impl Journal {
 
     pub fn is_postgres(&self) -> bool {
         matches!(self.locker, Locker::Postgres(_))
+    }
+
+    fn is_sqlite(&self) -> bool {
+        !self.is_postgres()
     }
 
     pub async fn begin_run(
@@ -229,8 +248,49 @@ impl Journal {
         header: Option<&[u8]>,
         parts: &[(String, Zeroizing<Vec<u8>>)],
         step: &StepRecord,
+        durable: bool,
     ) -> Result<(), JournalError> {
-        let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
+        let mut conn = self.pool.acquire().await.map_err(JournalError::Query)?;
+        // Only a write-ahead record (a side effect may follow) must reach the disk before the
+        // call returns. Others are committed without waiting for the flush; the next durable
+        // commit flushes them too, in order, and a crash of the process loses none of them.
+        if !durable && self.is_sqlite() {
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *conn)
+                .await
+                .map_err(JournalError::Query)?;
+        }
+        let result = self
+            .checkpoint_on(&mut conn, id, owner, header, parts, step, durable)
+            .await;
+        if !durable && self.is_sqlite() {
+            sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut *conn)
+                .await
+                .map_err(JournalError::Query)?;
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn checkpoint_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        id: &str,
+        owner: &str,
+        header: Option<&[u8]>,
+        parts: &[(String, Zeroizing<Vec<u8>>)],
+        step: &StepRecord,
+        durable: bool,
+    ) -> Result<(), JournalError> {
+        use sqlx::Connection as _;
+        let mut tx = conn.begin().await.map_err(JournalError::Query)?;
+        if !durable && self.is_postgres() {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await
+                .map_err(JournalError::Query)?;
+        }
         // The owner check comes first in every checkpoint, whatever else it writes.
         let updated = match header {
             Some(state) => {
