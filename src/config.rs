@@ -1018,12 +1018,16 @@ fn parse_target(
     let strategy = match fields.string("strategy", errors).as_deref() {
         None | Some("single") => Some(Strategy::Single),
         Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
-        Some("alternating") if kind == Some(BackendKind::Postgres) => Some(Strategy::Alternating),
+        Some("alternating")
+            if matches!(kind, Some(BackendKind::Postgres | BackendKind::ClickHouse)) =>
+        {
+            Some(Strategy::Alternating)
+        }
         Some(other @ ("dual" | "alternating")) => {
             errors.push(
                 fields.path_of("strategy"),
                 format!(
-                    "{other:?} is not available for this kind (postgres: single, alternating; redis, clickhouse: single, dual)"
+                    "{other:?} is not available for this kind (postgres: single, alternating; redis: single, dual; clickhouse: single, dual, alternating)"
                 ),
             );
             None
@@ -1099,6 +1103,18 @@ fn parse_target(
         errors.push(
             fields.path_of("strategy"),
             "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
+        );
+    }
+    // The pair is two entries of the rotator's users.d file; SQL-managed pairs are not handled.
+    if let (
+        Some(BackendKind::ClickHouse),
+        Some(Strategy::Alternating),
+        Some(ClickHouseMode::Sql { .. }),
+    ) = (kind, strategy, &clickhouse)
+    {
+        errors.push(
+            fields.path_of("strategy"),
+            "\"alternating\" on clickhouse needs mode = \"users_xml\"",
         );
     }
     let replicas = fields.strings("replicas", errors).unwrap_or_default();
@@ -2000,6 +2016,30 @@ users_xml = { path = "users.d/llmtrace.xml" }
         assert!(errors_of(&redis)
             .iter()
             .any(|e| e.contains("\"alternating\" is not available for this kind")));
+        let clickhouse_sql = CLICKHOUSE
+            .replace(
+                "user = \"llmtrace\"\n",
+                "strategy = \"alternating\"\nusers = [\"a\", \"b\"]\n",
+            )
+            .replace(
+                "mode = \"users_xml\"\n",
+                "admin = { user = \"default\", password = \"env:CH\" }\n",
+            )
+            .replace("users_xml = { path = \"users.d/llmtrace.xml\" }\n", "");
+        assert!(
+            errors_of(&clickhouse_sql).contains(
+                &"target[0].strategy: \"alternating\" on clickhouse needs mode = \"users_xml\""
+                    .to_string()
+            ),
+            "{:?}",
+            errors_of(&clickhouse_sql)
+        );
+        let clickhouse_xml = CLICKHOUSE.replace(
+            "user = \"llmtrace\"\n",
+            "strategy = \"alternating\"\nusers = [\"a\", \"b\"]\n",
+        );
+        let config = Config::parse(&clickhouse_xml, Path::new("/")).unwrap();
+        assert_eq!(config.targets[0].strategy, Strategy::Alternating);
     }
 
     #[test]

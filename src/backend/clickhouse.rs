@@ -6,6 +6,7 @@
 //! `mode = "users_xml"`: a users.d file the rotator owns holds `<password_sha256_hex>`; the
 //! server reloads it by itself, so the step waits until the new password logs in.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -36,6 +37,8 @@ pub struct ClickHouse {
     /// The strategy the server can do (`dual` falls back to `single` before 24.9), once known.
     effective: OnceLock<Strategy>,
     mode: ClickHouseMode,
+    /// The two users of `alternating`; empty otherwise.
+    users: Vec<String>,
     notes: Mutex<Vec<super::Note>>,
 }
 
@@ -140,24 +143,183 @@ fn error_code(body: &str) -> Option<u32> {
 }
 
 /// The users.d file: merged over the main definition, dropping any other password field.
-/// The user name stays out of the comment: a name may contain `--`, which ends an XML comment.
 fn users_xml(user: &str, password: &Secret) -> Secret {
-    let digest = Sha256::digest(password.expose().as_bytes());
-    Secret::new(format!(
-        r#"<?xml version="1.0"?>
-<!-- Written by llmtrace-rotator: the password of the user below. Replaced at each rotation; do not edit. -->
-<yandex>
-    <users>
-        <{user}>
-            <password remove="1"/>
-            <password_double_sha1_hex remove="1"/>
+    users_xml_file(&[(user.to_string(), sha256_hex(password))])
+}
+
+fn sha256_hex(password: &Secret) -> Secret {
+    Secret::new(hex(&Sha256::digest(password.expose().as_bytes())))
+}
+
+/// The users.d file for several users, each with its `password_sha256_hex`. The user names
+/// stay out of the comment: a name may contain `--`, which ends an XML comment.
+fn users_xml_file(entries: &[(String, Secret)]) -> Secret {
+    let users: String = entries
+        .iter()
+        .map(|(user, hash)| {
+            format!(
+                "        <{user}>
+            <password remove=\"1\"/>
+            <password_double_sha1_hex remove=\"1\"/>
             <password_sha256_hex>{}</password_sha256_hex>
         </{user}>
-    </users>
+",
+                hash.expose()
+            )
+        })
+        .collect();
+    Secret::new(format!(
+        r#"<?xml version="1.0"?>
+<!-- Written by llmtrace-rotator: the passwords of the users below. Replaced at each rotation; do not edit. -->
+<yandex>
+    <users>
+{users}    </users>
 </yandex>
-"#,
-        hex(&digest)
+"#
     ))
+}
+
+/// The `password_sha256_hex` a users.d file written by [`users_xml_file`] holds for `user`.
+fn entry_hash(text: &str, user: &str) -> Option<Secret> {
+    let start = text.find(&format!("<{user}>"))?;
+    let end = start + text[start..].find(&format!("</{user}>"))?;
+    let entry = &text[start..end];
+    let open = "<password_sha256_hex>";
+    let from = entry.find(open)? + open.len();
+    let to = from + entry[from..].find('<')?;
+    let hash = entry[from..to].trim();
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| Secret::new(hash.to_string()))
+}
+
+/// What a users config file defines for `user` (`<users><user>...</user></users>`): each child
+/// element by name with its whitespace-collapsed contents, password fields left out. `None` when
+/// the file does not mention the user. A small reader for the plain XML users files are made of.
+fn user_definition(text: &str, user: &str) -> Option<BTreeMap<String, String>> {
+    let text = strip_comments(text);
+    let users_start = text.find("<users>")? + "<users>".len();
+    let users = &text[users_start..users_start + text[users_start..].find("</users>")?];
+    let open = format!("<{user}");
+    let mut at = 0;
+    let start = loop {
+        let i = at + users[at..].find(&open)?;
+        let after = users[i + open.len()..].chars().next()?;
+        if matches!(after, '>' | '/' | ' ' | '\t' | '\n' | '\r') {
+            break i;
+        }
+        at = i + open.len();
+    };
+    let tag_end = start + users[start..].find('>')?;
+    let mut children = BTreeMap::new();
+    if users[..tag_end].ends_with('/') {
+        return Some(children);
+    }
+    let body_start = tag_end + 1;
+    let body = &users[body_start..body_start + users[body_start..].find(&format!("</{user}>"))?];
+    let mut rest = body.trim_start();
+    while let Some(stripped) = rest.strip_prefix('<') {
+        let name: String = stripped
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '>' && *c != '/')
+            .collect();
+        let tag_len = stripped.find('>')? + 1;
+        let (value, consumed) = if stripped[..tag_len].ends_with("/>") {
+            (stripped[..tag_len - 2].to_string(), tag_len)
+        } else {
+            let close = format!("</{name}>");
+            let end = stripped.find(&close)?;
+            (stripped[tag_len..end].to_string(), end + close.len())
+        };
+        if !name.starts_with("password") {
+            children.insert(name, value.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        rest = stripped[consumed..].trim_start();
+    }
+    Some(children)
+}
+
+fn strip_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("<!--") {
+        out.push_str(&rest[..i]);
+        match rest[i..].find("-->") {
+            Some(j) => rest = &rest[i + j + 3..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The users config files that define users, in the order the server merges them: the main
+/// `users.xml` beside the users.d directory, then the other files in users.d. The rotator's
+/// own file holds only passwords, which are not compared.
+fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
+    let users_d = own.parent().unwrap_or(Path::new("."));
+    let main = users_d.parent().unwrap_or(Path::new(".")).join("users.xml");
+    if !main.is_file() {
+        return Err(format!(
+            "strategy \"alternating\" compares the two users' definitions in {}, which is not \
+             readable: the users.d directory must sit beside the server's users.xml",
+            main.display()
+        ));
+    }
+    let mut others: Vec<PathBuf> = std::fs::read_dir(users_d)
+        .map_err(|e| format!("cannot list {}: {e}", users_d.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "xml") && p != own)
+        .collect();
+    others.sort();
+    Ok(std::iter::once(main).chain(others).collect())
+}
+
+/// Both users of an alternating pair exist and are defined alike (profile, quota, networks,
+/// databases, grants...) but for the password, so either can serve the workload.
+fn check_pair_alike(own: &Path, a: &str, b: &str) -> Result<(), String> {
+    let files = users_config_files(own)?;
+    let mut definitions = [(a, None), (b, None)];
+    for file in &files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        for (user, merged) in definitions.iter_mut() {
+            if let Some(children) = user_definition(&text, user) {
+                merged.get_or_insert_with(BTreeMap::new).extend(children);
+            }
+        }
+    }
+    let names = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let [(_, Some(first)), (_, Some(second))] = &definitions else {
+        let missing: Vec<&str> = definitions
+            .iter()
+            .filter(|(_, d)| d.is_none())
+            .map(|(u, _)| *u)
+            .collect();
+        return Err(format!(
+            "user {:?} is not defined in {names}: define both users of the pair",
+            missing.join("\", \"")
+        ));
+    };
+    let differing: Vec<&str> = first
+        .keys()
+        .chain(second.keys())
+        .filter(|k| first.get(*k) != second.get(*k))
+        .map(String::as_str)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "users {a:?} and {b:?} differ in {} ({names}): give both the same definition but the password",
+            differing.join(", ")
+        ))
+    }
 }
 
 /// A user name that can be an XML element name as users.xml spells users.
@@ -234,6 +396,7 @@ impl ClickHouse {
             strategy: target.strategy,
             effective: OnceLock::new(),
             mode: target.clickhouse.clone(),
+            users: target.users.clone(),
             notes: Mutex::new(Vec::new()),
         }
     }
@@ -382,7 +545,12 @@ impl ClickHouse {
             user: credential.user.clone(),
             cause,
         };
-        write_atomically(path, &users_xml(&credential.user, &credential.password))
+        let contents = if self.strategy == Strategy::Alternating {
+            self.pair_file(path, credential).await.map_err(change)?
+        } else {
+            users_xml(&credential.user, &credential.password)
+        };
+        write_atomically(path, &contents)
             .await
             .map_err(|e| change(format!("cannot write {}: {e}", path.display())))?;
         let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
@@ -400,6 +568,27 @@ impl ClickHouse {
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
+    }
+}
+
+impl ClickHouse {
+    /// The pair's file with `credential` for its user: the other user's entry is kept as the
+    /// file has it (absent before the first rotation: users.xml defines its password then).
+    async fn pair_file(&self, path: &Path, credential: &Credential) -> Result<Secret, String> {
+        let existing = match tokio::fs::read_to_string(path).await {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let mut entries = Vec::new();
+        for user in &self.users {
+            if *user == credential.user {
+                entries.push((user.clone(), sha256_hex(&credential.password)));
+            } else if let Some(hash) = entry_hash(&existing, user) {
+                entries.push((user.clone(), hash));
+            }
+        }
+        Ok(users_xml_file(&entries))
     }
 }
 
@@ -457,6 +646,19 @@ impl Backend for ClickHouse {
         )))
     }
 
+    fn next_user(&self, current: &Credential) -> String {
+        match self.strategy {
+            // The idle user of the pair: the one the stores do not name now.
+            Strategy::Alternating => self
+                .users
+                .iter()
+                .find(|u| **u != current.user)
+                .cloned()
+                .unwrap_or_else(|| current.user.clone()),
+            _ => current.user.clone(),
+        }
+    }
+
     async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
@@ -464,12 +666,25 @@ impl Backend for ClickHouse {
         };
         match &self.mode {
             ClickHouseMode::UsersXml { path } => {
-                if !is_xml_name(user) {
+                let users = if self.users.is_empty() {
+                    vec![user.to_string()]
+                } else {
+                    self.users.clone()
+                };
+                if let Some(bad) = users.iter().find(|u| !is_xml_name(u)) {
                     return Err(setup(format!(
-                        "user {user:?} cannot be written as a users.xml element; use mode = \"sql\""
+                        "user {bad:?} cannot be written as a users.xml element; use mode = \"sql\""
                     )));
                 }
-                check_owned_file(path).await.map_err(setup)
+                check_owned_file(path).await.map_err(setup)?;
+                if let [a, b] = users.as_slice() {
+                    let (path, a, b) = (path.clone(), a.clone(), b.clone());
+                    tokio::task::spawn_blocking(move || check_pair_alike(&path, &a, &b))
+                        .await
+                        .map_err(|e| setup(e.to_string()))?
+                        .map_err(setup)?;
+                }
+                Ok(())
             }
             ClickHouseMode::Sql { .. } => {
                 self.effective_strategy().await?;
@@ -513,9 +728,17 @@ impl Backend for ClickHouse {
     async fn undo_apply(
         &self,
         current: &Credential,
-        _next: &Credential,
+        next: &Credential,
     ) -> Result<(), BackendError> {
         match &self.mode {
+            // The active user was never touched; the idle one gets a password nobody knows.
+            ClickHouseMode::UsersXml { path } if self.strategy == Strategy::Alternating => {
+                let discarded = Credential {
+                    user: next.user.clone(),
+                    password: crate::password::generate(&Default::default()),
+                };
+                self.write_users_xml(path, &discarded).await
+            }
             ClickHouseMode::UsersXml { path } => self.write_users_xml(path, current).await,
             ClickHouseMode::Sql { on_cluster } => {
                 self.alter(
@@ -694,5 +917,42 @@ mod tests {
         )));
         assert!(is_xml_name("llmtrace") && is_xml_name("_a-b.c"));
         assert!(!is_xml_name("1a") && !is_xml_name("a b") && !is_xml_name("a<b"));
+    }
+
+    #[test]
+    fn reads_a_users_definition_without_its_password() {
+        let text = r#"<yandex><!-- <users><x/></users> --><profiles/><users>
+            <app_ab><profile>x</profile></app_ab>
+            <app_a><password>p</password><networks><ip>::1</ip>
+              <ip>127.0.0.1</ip></networks><profile>default</profile><quota/></app_a>
+        </users></yandex>"#;
+        let a = user_definition(text, "app_a").unwrap();
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            ["networks", "profile", "quota"]
+        );
+        assert_eq!(a["networks"], "<ip>::1</ip> <ip>127.0.0.1</ip>");
+        assert_eq!(a["profile"], "default");
+        assert_eq!(user_definition(text, "app_ab").unwrap()["profile"], "x");
+        assert_eq!(user_definition(text, "x"), None);
+        assert_eq!(user_definition(text, "app"), None);
+    }
+
+    #[test]
+    fn the_pair_file_holds_each_users_hash() {
+        let file = users_xml_file(&[
+            ("a".into(), sha256_hex(&Secret::new("pa"))),
+            ("b".into(), sha256_hex(&Secret::new("pb"))),
+        ]);
+        let text = file.expose();
+        assert_eq!(
+            entry_hash(text, "a").unwrap().expose(),
+            hex(&Sha256::digest(b"pa"))
+        );
+        assert_eq!(
+            entry_hash(text, "b").unwrap().expose(),
+            hex(&Sha256::digest(b"pb"))
+        );
+        assert!(entry_hash(text, "c").is_none());
     }
 }
