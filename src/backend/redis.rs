@@ -6,8 +6,9 @@
 //! those on the network.
 //!
 //! Every change is persisted (`ACL SAVE` with an aclfile, else `CONFIG REWRITE`), because a
-//! Redis restart would otherwise bring the old password back. Listed replicas that
-//! authenticate to the master as the rotated user follow it through `masterauth`.
+//! Redis restart would otherwise bring the old password back. ACLs are not replicated: every
+//! listed replica gets the same change (Bitnami starts replicas with the master's users), and
+//! those that authenticate to the master as the rotated user follow it through `masterauth`.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -297,14 +298,6 @@ impl Redis {
         })
     }
 
-    fn change_error(&self, user: &str, cause: String) -> BackendError {
-        BackendError::Change {
-            backend: self.describe(),
-            user: user.to_string(),
-            cause,
-        }
-    }
-
     async fn get_user(
         &self,
         conn: &mut MultiplexedConnection,
@@ -319,25 +312,52 @@ impl Redis {
         Ok(acl_user(value))
     }
 
-    /// Runs one `ACL SETUSER` for `change` on the master and persists it.
+    /// Runs one `ACL SETUSER` for `change` on the master, then on every listed replica (ACLs
+    /// are not replicated, and a replica started with the master's users keeps their old
+    /// passwords otherwise), persisting it on each.
     async fn set_user(
         &self,
         change: Change,
         current: &Credential,
         next: &Credential,
     ) -> Result<(), BackendError> {
+        self.set_user_on(self.master(), &self.describe(), true, change, current, next)
+            .await?;
+        for (host, port) in &self.replicas {
+            let node = format!("redis replica {host}:{port}");
+            self.set_user_on((host, *port), &node, false, change, current, next)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Redis::set_user`] on one node; rules follow what that node holds, so a repeated
+    /// undo is harmless. A replica that does not have the user has nothing to change.
+    async fn set_user_on(
+        &self,
+        address: (&str, u16),
+        node: &str,
+        required: bool,
+        change: Change,
+        current: &Credential,
+        next: &Credential,
+    ) -> Result<(), BackendError> {
         let user = &next.user;
-        let mut conn = self.admin(self.master(), &[current, next]).await?;
-        let held = self
-            .get_user(&mut conn, user)
-            .await
-            .map_err(|cause| self.change_error(user, cause))?
-            .ok_or_else(|| self.change_error(user, "the user does not exist".into()))?
-            .passwords;
+        let fail = |cause: String| BackendError::Change {
+            backend: node.to_string(),
+            user: user.clone(),
+            cause,
+        };
+        let mut conn = self.admin(address, &[current, next]).await?;
+        let held = match self.get_user(&mut conn, user).await.map_err(fail)? {
+            Some(found) => found.passwords,
+            None if required => return Err(fail("the user does not exist".into())),
+            None => return Ok(()),
+        };
         let old = password_hash(&current.password);
         let new = password_hash(&next.password);
         let rules = setuser_rules(self.strategy, change, &held, &old, &new)
-            .map_err(|cause| self.change_error(user, cause.into()))?;
+            .map_err(|cause| fail(cause.into()))?;
         if rules.is_empty() {
             return Ok(());
         }
@@ -349,10 +369,8 @@ impl Redis {
         command
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| self.change_error(user, redact(&e.to_string(), &[&old, &new])))?;
-        self.persist_acl(&mut conn, user)
-            .await
-            .map_err(|cause| self.change_error(user, cause))
+            .map_err(|e| fail(redact(&e.to_string(), &[&old, &new])))?;
+        self.persist_acl(&mut conn, user, node).await.map_err(fail)
     }
 
     /// `ACL SAVE` with an aclfile, else `CONFIG REWRITE`, else a warning for the report.
@@ -360,8 +378,8 @@ impl Redis {
         &self,
         conn: &mut MultiplexedConnection,
         user: &str,
+        node: &str,
     ) -> Result<(), String> {
-        let node = self.describe();
         let aclfile = self.config_get(conn, "aclfile").await?;
         if !aclfile.is_empty() {
             let aclfile = aclfile.expose();
@@ -381,7 +399,7 @@ impl Redis {
             ));
             return Ok(());
         }
-        self.persist_config(conn, &node).await
+        self.persist_config(conn, node).await
     }
 
     /// `CONFIG REWRITE` when the server was started from a config file, else a warning.

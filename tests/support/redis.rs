@@ -95,6 +95,17 @@ impl Redis {
     /// A replica of `master` that authenticates as `masteruser` with `masterauth`; users in its
     /// config file, with the same admin password as the master.
     pub async fn start_replica(master: &Redis, masteruser: &str, masterauth: &str) -> Redis {
+        Redis::start_replica_with_users(master, &[], masteruser, masterauth).await
+    }
+
+    /// [`Redis::start_replica`] with `users` defined on the replica too, as the Bitnami chart
+    /// starts every replica with the master's password.
+    pub async fn start_replica_with_users(
+        master: &Redis,
+        users: &[(&str, &str)],
+        masteruser: &str,
+        masterauth: &str,
+    ) -> Redis {
         let extra = format!(
             "replicaof 127.0.0.1 {}\nmasteruser {masteruser}\nmasterauth {masterauth}\n",
             master.port
@@ -102,7 +113,7 @@ impl Redis {
         // Same admin on both, as the rotator's single admin credential expects.
         Redis::start_with_admin(
             Users::ConfigFile,
-            &[],
+            users,
             &extra,
             master.admin_password.clone(),
         )
