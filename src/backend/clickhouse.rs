@@ -659,7 +659,8 @@ impl Backend for ClickHouse {
         }
     }
 
-    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+    async fn check_admin(&self, current: &Credential) -> Result<(), BackendError> {
+        let user = current.user.as_str();
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
             message,

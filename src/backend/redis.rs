@@ -537,8 +537,9 @@ impl Backend for Redis {
         })
     }
 
-    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
-        let mut conn = self.admin(self.master(), &[]).await?;
+    async fn check_admin(&self, current: &Credential) -> Result<(), BackendError> {
+        let user = current.user.as_str();
+        let mut conn = self.admin(self.master(), &[current]).await?;
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
             message,
@@ -561,7 +562,7 @@ impl Backend for Redis {
             return Err(setup(format!("ACL user {user:?} is disabled (off)")));
         }
         for (host, port) in &self.replicas {
-            self.admin((host, *port), &[]).await?;
+            self.admin((host, *port), &[current]).await?;
         }
         Ok(())
     }
