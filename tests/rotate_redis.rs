@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::redis::{connect_url_parts, sha256_hex, user_line, Redis, Users};
+use support::redis::{connect_url_parts, sha256_hex, user_line, Redis, Sentinel, Users};
 use support::rotator::{assert_no_secret, random_password, Rotator};
 
 struct Host {
@@ -811,4 +811,40 @@ async fn rollback_puts_the_old_password_back_on_every_replica() {
         set.assert_only(&set.old, &rolled_out).await;
         set.assert_links_recover().await;
     }
+}
+
+/// With `sentinel = { address, master_name }` the master and its replicas are found through
+/// Sentinel (`SENTINEL GET-MASTER-ADDR-BY-NAME`, `SENTINEL REPLICAS`; redis src/sentinel.c
+/// `sentinelCommand`) instead of being listed, and every one of them is changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_discovers_the_master_and_replicas_and_every_node_is_rotated() {
+    let set = Replicated::start("single", &["true"]).await;
+    let sentinel = Sentinel::start(&set.master, 2).await;
+    let text = std::fs::read_to_string(&set.rotator.config).unwrap();
+    let start = text.find("address = ").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let start = text.find("replicas = ").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!(
+        "{}sentinel = {{ address = \"{}\", master_name = \"mymaster\" }}{}",
+        &text[..start],
+        sentinel.address(),
+        &text[end..]
+    );
+    set.rotator.write_config(&text);
+
+    let out = set.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = set.stored();
+    set.assert_only(&new, &set.old).await;
+    set.assert_links_recover().await;
+    // The config named neither the master nor the replicas.
+    assert!(!text.contains(&set.master.address()), "{text}");
+    assert_no_secret(
+        &out.all(),
+        &[&set.old, &new, &set.master.admin_password],
+        "rotator output",
+    );
 }
