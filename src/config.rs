@@ -1141,18 +1141,6 @@ fn parse_target(
             "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
         );
     }
-    // The pair is two entries of the rotator's users.d file; SQL-managed pairs are not handled.
-    if let (
-        Some(BackendKind::ClickHouse),
-        Some(Strategy::Alternating),
-        Some(ClickHouseMode::Sql { .. }),
-    ) = (kind, strategy, &clickhouse)
-    {
-        errors.push(
-            fields.path_of("strategy"),
-            "\"alternating\" on clickhouse needs mode = \"users_xml\"",
-        );
-    }
     let replicas = fields.strings("replicas", errors).unwrap_or_default();
     for (j, replica) in replicas.iter().enumerate() {
         if !is_host_port(replica) {
@@ -2097,14 +2085,8 @@ users_xml = { path = "users.d/llmtrace.xml" }
                 "admin = { user = \"default\", password = \"env:CH\" }\n",
             )
             .replace("users_xml = { path = \"users.d/llmtrace.xml\" }\n", "");
-        assert!(
-            errors_of(&clickhouse_sql).contains(
-                &"target[0].strategy: \"alternating\" on clickhouse needs mode = \"users_xml\""
-                    .to_string()
-            ),
-            "{:?}",
-            errors_of(&clickhouse_sql)
-        );
+        let config = Config::parse(&clickhouse_sql, Path::new("/")).unwrap();
+        assert_eq!(config.targets[0].strategy, Strategy::Alternating);
         let clickhouse_xml = CLICKHOUSE.replace(
             "user = \"llmtrace\"\n",
             "strategy = \"alternating\"\nusers = [\"a\", \"b\"]\n",

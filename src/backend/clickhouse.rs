@@ -129,6 +129,52 @@ fn storage_query(user: &str) -> Secret {
     ))
 }
 
+/// What must be alike for both users of an alternating pair, by aspect, with the user's name
+/// and authentication left out. Rows are compared sorted (`ORDER BY ALL` is 23.x+).
+fn pair_queries(user: &str) -> [(&'static str, Secret); 5] {
+    let name = quote_literal(user);
+    [
+        (
+            "grants",
+            format!("SELECT * EXCEPT (user_name) FROM system.grants WHERE user_name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "roles",
+            format!("SELECT * EXCEPT (user_name) FROM system.role_grants WHERE user_name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "hosts and defaults",
+            format!("SELECT * EXCEPT (name, id, storage, auth_type, auth_params) FROM system.users WHERE name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "settings profile",
+            format!("SELECT * EXCEPT (user_name) FROM system.settings_profile_elements WHERE user_name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "quota",
+            format!("SELECT name FROM system.quotas WHERE has(apply_to_list, {name}) OR (apply_to_all AND NOT has(apply_to_except, {name})) FORMAT TabSeparated"),
+        ),
+    ]
+    .map(|(aspect, sql)| (aspect, Secret::new(sql)))
+}
+
+/// The aspects whose answers differ, each answer's rows taken as a sorted list.
+fn differing_aspects(
+    a: &[(&'static str, String)],
+    b: &[(&'static str, String)],
+) -> Vec<&'static str> {
+    let rows = |text: &str| {
+        let mut rows: Vec<String> = text.lines().map(str::to_string).collect();
+        rows.sort();
+        rows
+    };
+    a.iter()
+        .zip(b)
+        .filter(|((_, x), (_, y))| rows(x) != rows(y))
+        .map(|((aspect, _), _)| *aspect)
+        .collect()
+}
+
 /// `24.9.1.1` → (24, 9).
 fn parse_version(text: &str) -> Option<(u32, u32)> {
     let mut parts = text.trim().split('.');
@@ -572,6 +618,65 @@ impl ClickHouse {
 }
 
 impl ClickHouse {
+    /// The user exists and is SQL-managed (users.xml users are read-only to SQL).
+    async fn check_sql_user(&self, user: &str) -> Result<(), BackendError> {
+        let setup = |message: String| BackendError::Setup {
+            backend: self.describe(),
+            message,
+        };
+        let storage = self
+            .query(&self.admin_user, &self.admin_password, &storage_query(user))
+            .await
+            .map_err(|e| {
+                setup(format!(
+                    "admin user {:?} cannot read system.users (it needs access_management; \
+                     servers before 20.5 have no SQL users: use mode = \"users_xml\"): {}",
+                    self.admin_user, e.message
+                ))
+            })?;
+        match storage.trim() {
+            "" => Err(setup(format!("user {user:?} does not exist"))),
+            s if s.contains("xml") => Err(setup(format!(
+                "user {user:?} is defined in users.xml ({s}), which SQL cannot change: \
+                 rotate a SQL-managed user, or use mode = \"users_xml\""
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the server reports for both users of a pair matches but for name and password.
+    async fn check_sql_pair_alike(&self, a: &str, b: &str) -> Result<(), BackendError> {
+        let mut answers = Vec::new();
+        for user in [a, b] {
+            let mut per_user = Vec::new();
+            for (aspect, sql) in pair_queries(user) {
+                let text = self
+                    .query(&self.admin_user, &self.admin_password, &sql)
+                    .await
+                    .map_err(|e| BackendError::Setup {
+                        backend: self.describe(),
+                        message: format!(
+                            "cannot compare the {aspect} of users {a:?} and {b:?} (needs 21.1+ and access_management): {}",
+                            e.message
+                        ),
+                    })?;
+                per_user.push((aspect, text));
+            }
+            answers.push(per_user);
+        }
+        let differing = differing_aspects(&answers[0], &answers[1]);
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::Setup {
+            backend: self.describe(),
+            message: format!(
+                "users {a:?} and {b:?} differ in {}: give both the same grants, roles, hosts, settings profile and quota",
+                differing.join(", ")
+            ),
+        })
+    }
+
     /// The pair's file with `credential` for its user: the other user's entry is kept as the
     /// file has it (absent before the first rotation: users.xml defines its password then).
     async fn pair_file(&self, path: &Path, credential: &Credential) -> Result<Secret, String> {
@@ -689,24 +794,18 @@ impl Backend for ClickHouse {
             }
             ClickHouseMode::Sql { .. } => {
                 self.effective_strategy().await?;
-                let storage = self
-                    .query(&self.admin_user, &self.admin_password, &storage_query(user))
-                    .await
-                    .map_err(|e| {
-                        setup(format!(
-                            "admin user {:?} cannot read system.users (it needs access_management; \
-                             servers before 20.5 have no SQL users: use mode = \"users_xml\"): {}",
-                            self.admin_user, e.message
-                        ))
-                    })?;
-                match storage.trim() {
-                    "" => Err(setup(format!("user {user:?} does not exist"))),
-                    s if s.contains("xml") => Err(setup(format!(
-                        "user {user:?} is defined in users.xml ({s}), which SQL cannot change: \
-                         rotate a SQL-managed user, or use mode = \"users_xml\""
-                    ))),
-                    _ => Ok(()),
+                let users = if self.users.is_empty() {
+                    vec![user.to_string()]
+                } else {
+                    self.users.clone()
+                };
+                for user in &users {
+                    self.check_sql_user(user).await?;
                 }
+                if let [a, b] = users.as_slice() {
+                    self.check_sql_pair_alike(a, b).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -741,6 +840,11 @@ impl Backend for ClickHouse {
                 self.write_users_xml(path, &discarded).await
             }
             ClickHouseMode::UsersXml { path } => self.write_users_xml(path, current).await,
+            ClickHouseMode::Sql { on_cluster } if self.strategy == Strategy::Alternating => {
+                let discarded = crate::password::generate(&Default::default());
+                self.alter(Change::Undo, &next.user, on_cluster.as_deref(), &discarded)
+                    .await
+            }
             ClickHouseMode::Sql { on_cluster } => {
                 self.alter(
                     Change::Undo,
@@ -972,6 +1076,16 @@ mod chdb_tests {
 
     const XML_USERS: [&str; 2] = ["llmtrace", "svc-ro.v2"];
 
+    /// Besides [`XML_USERS`]: one defined as `llmtrace` is, one with another settings
+    /// profile, one with other grants.
+    const OTHER_USERS: &str = "<app_b><password>pw2</password><profile>default</profile>\
+        <quota>default</quota><networks><ip>::/0</ip></networks></app_b>\
+        <app_c><password>pw</password><profile>readonly</profile>\
+        <quota>default</quota><networks><ip>::/0</ip></networks></app_c>\
+        <app_d><password>pw</password><profile>default</profile><quota>default</quota>\
+        <networks><ip>::/0</ip></networks>\
+        <allow_databases><database>system</database></allow_databases></app_d>";
+
     fn chdb_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -997,7 +1111,8 @@ mod chdb_tests {
         std::fs::write(
             root.join("users.xml"),
             format!(
-                "<clickhouse><profiles><default/></profiles><quotas><default/></quotas><users>\
+                "<clickhouse><profiles><default/><readonly><readonly>1</readonly></readonly></profiles>\
+                 <quotas><default/></quotas><users>{OTHER_USERS}\
                  <default><password></password><access_management>1</access_management>\
                  <show_named_collections_secrets>1</show_named_collections_secrets>\
                  <profile>default</profile><quota>default</quota><networks><ip>::/0</ip></networks>\
@@ -1171,5 +1286,47 @@ mod chdb_tests {
                 "{result}"
             );
         }
+    }
+
+    #[test]
+    fn chdb_answers_the_pair_queries_and_differences_are_named() {
+        let dir = chdb_dir();
+        // Not "svc-ro.v2": the server reads users.xml through Poco's configuration, where a dot
+        // separates keys, so that user's <quota> is not found (its quota list differs).
+        let users = ["llmtrace", "app_b", "app_c", "app_d"];
+        let statements: Vec<(String, &str)> = users
+            .iter()
+            .flat_map(|u| pair_queries(u))
+            .map(|(_, sql)| (sql.expose().to_string(), "exec"))
+            .collect();
+
+        let Some(results) = run(dir.path(), &statements) else {
+            return;
+        };
+
+        let answers: Vec<Vec<(&'static str, String)>> = results
+            .chunks(5)
+            .zip(&users)
+            .map(|(chunk, user)| {
+                pair_queries(user)
+                    .iter()
+                    .zip(chunk)
+                    .map(|((aspect, _), (code, text))| {
+                        assert_eq!(*code, None, "{user} {aspect}: {text}");
+                        (*aspect, text.clone())
+                    })
+                    .collect()
+            })
+            .collect();
+        assert!(!answers[0][0].1.is_empty(), "users.xml users have grants");
+        assert_eq!(
+            differing_aspects(&answers[0], &answers[1]),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            differing_aspects(&answers[0], &answers[2]),
+            ["settings profile"]
+        );
+        assert_eq!(differing_aspects(&answers[0], &answers[3]), ["grants"]);
     }
 }
