@@ -230,3 +230,79 @@ async fn on_a_file_store_the_admin_rotates_again_and_rolls_back_with_a_stale_ref
         "rotator output",
     );
 }
+
+/// The Bitnami Redis shape: `default` is both the rotated user and the admin, its password in
+/// `<release>-redis#redis-password`, which the target rotates. After apply, the password read
+/// from that Secret at the start no longer authenticates (redis src/acl.c
+/// `ACLCheckUserCredentials`); the rollback must use the new one to put the old one back.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_default_user_as_its_own_admin_rotates_and_rolls_back_through_its_secret() {
+    use support::kube_fake::KubeFake;
+    use support::redis::{Redis, Users};
+
+    for (rollout, expected) in [
+        (Rollout::ReadyAfter(Duration::from_millis(200)), 0),
+        (
+            Rollout::Stuck {
+                deadline: Duration::from_secs(1),
+            },
+            1,
+        ),
+    ] {
+        let old = support::rotator::random_password();
+        let redis = Redis::start(Users::ConfigFile, &[("default", &old)], "").await;
+        let kube = KubeFake::start().await;
+        kube.put_secret(NS, "llmtrace-redis", &[("redis-password", &old)]);
+        kube.add_deployment(NS, "llmtrace", 1, rollout);
+        let mut rotator = Rotator::new(&format!(
+            r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "redis"
+kind = "redis"
+address = "{address}"
+user = "default"
+admin = {{ user = "default", password = "k8s:llmtrace/llmtrace-redis#redis-password" }}
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  secret = "llmtrace-redis"
+  key = "redis-password"
+  format = "password"
+
+[[consumer]]
+name = "proxy"
+kind = "deployment"
+namespace = "llmtrace"
+object = "llmtrace"
+timeout = "3s"
+"#,
+            address = redis.address()
+        ));
+        let kubeconfig = kube.write_kubeconfig(rotator.dir.path());
+        rotator
+            .env
+            .insert("KUBECONFIG".into(), kubeconfig.display().to_string());
+
+        let out = rotator.run(&["rotate"]).await;
+
+        assert_eq!(out.code, expected, "{}", out.all());
+        let stored = kube.secret(NS, "llmtrace-redis").unwrap()["redis-password"].clone();
+        redis
+            .try_login("default", &stored)
+            .await
+            .expect("the stored password logs in");
+        if expected == 0 {
+            assert_ne!(stored, old);
+            assert!(redis.try_login("default", &old).await.is_err());
+        } else {
+            assert_eq!(stored, old, "rolled back");
+        }
+        assert_no_secret(&out.all(), &[&old, &stored], "rotator output");
+    }
+}
