@@ -465,6 +465,29 @@ async fn alternating_preflight_names_what_differs_between_the_users_and_changes_
     ch.try_login("app_a", &old_a).await.expect("unchanged");
     ch.try_login("app_b", &old_b).await.expect("unchanged");
 
+    // A difference merged from conf.d (beside users.xml, as the server merges it) counts too.
+    drop((ch, rotator));
+    let Some((ch, rotator, _, _, _)) =
+        start_pair("default", r#"["app_a", "app_b"]"#, &["true"]).await
+    else {
+        return;
+    };
+    let conf_d = ch.users_d().with_file_name("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    std::fs::write(
+        conf_d.join("quota.xml"),
+        "<yandex><users><app_b><quota>other</quota></app_b></users></yandex>",
+    )
+    .unwrap();
+    let out = rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains(r#"users \"app_a\" and \"app_b\" differ in quota"#),
+        "{}",
+        out.stdout
+    );
+
     // A user missing from every users file is named too.
     let text = std::fs::read_to_string(&rotator.config)
         .unwrap()

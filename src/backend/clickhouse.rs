@@ -299,8 +299,8 @@ fn strip_comments(text: &str) -> String {
 }
 
 /// The users config files that define users, in the order the server merges them: the main
-/// `users.xml` beside the users.d directory, then the other files in users.d. The rotator's
-/// own file holds only passwords, which are not compared.
+/// `users.xml` beside the users.d directory, then the other files in users.d and conf.d. The
+/// rotator's own file holds only passwords, which are not compared.
 fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
     let users_d = own.parent().unwrap_or(Path::new("."));
     let main = users_d.parent().unwrap_or(Path::new(".")).join("users.xml");
@@ -311,11 +311,20 @@ fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
             main.display()
         ));
     }
-    let mut others: Vec<PathBuf> = std::fs::read_dir(users_d)
-        .map_err(|e| format!("cannot list {}: {e}", users_d.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "xml") && p != own)
-        .collect();
+    // The server merges users.d and conf.d beside users.xml (ConfigProcessor.cpp
+    // `getConfigMergeFiles`); a directory that is absent adds nothing.
+    let mut others = Vec::new();
+    for dir in [users_d.to_path_buf(), users_d.with_file_name("conf.d")] {
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => others.extend(
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "xml") && p != own),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != users_d => {}
+            Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+        }
+    }
     others.sort();
     Ok(std::iter::once(main).chain(others).collect())
 }
