@@ -196,6 +196,21 @@ install_pip_packages() {
     python3 -c 'import dotenv' >/dev/null 2>&1 || die "python-dotenv installed but cannot be imported"
 }
 
+# chdb-core embeds ClickHouse 26.9: the ClickHouse SQL-mode tests parse and run the backend's
+# statements with it. Its wheel (~180 MB) needs none of its declared dependencies for that,
+# hence --no-deps. Optional: where no wheel fits this machine, those tests skip, saying so.
+install_chdb() {
+    command -v python3 >/dev/null 2>&1 || return 0
+    python3 -c 'import chdb' >/dev/null 2>&1 && return 0
+    log "pip install --no-deps chdb-core==26.9.*"
+    local pip=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps)
+    if ! "${pip[@]}" 'chdb-core==26.9.*' && ! "${pip[@]}" --break-system-packages 'chdb-core==26.9.*'; then
+        warn "chdb-core could not be installed; the ClickHouse chdb tests will skip"
+        return 0
+    fi
+    python3 -c 'import chdb' >/dev/null 2>&1 || warn "chdb-core installed but cannot be imported; the chdb tests will skip"
+}
+
 # --------------------------------------------------------------------------
 # Rust components
 # --------------------------------------------------------------------------
@@ -215,6 +230,7 @@ if [[ -z "${ROTATOR_TEST_SKIP_INSTALL:-}" ]]; then
     install_start=$SECONDS
     install_apt_packages
     install_pip_packages
+    install_chdb
     install_rust_components
     log "prerequisites ready ($((SECONDS - install_start))s)"
 fi

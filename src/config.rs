@@ -195,8 +195,11 @@ pub struct Target {
     pub password: PasswordPolicy,
     pub sslmode: SslMode,
     pub ca_file: Option<PathBuf>,
-    /// Redis: replicas whose `masterauth` follows the rotated password.
+    /// Redis: replicas that get the same ACL change, and whose `masterauth` follows it.
     pub replicas: Vec<String>,
+    /// Redis: a Sentinel that names the master and its replicas (instead of `address` and
+    /// `replicas`), asked again at each step so a failover is followed.
+    pub sentinel: Option<Sentinel>,
     /// Redis: connect with TLS (`rediss://`); ClickHouse: HTTPS.
     pub tls: bool,
     /// ClickHouse: how the user's password is changed.
@@ -204,6 +207,13 @@ pub struct Target {
     /// ExternalSecrets to force-sync after the upstream stores are written.
     pub sync: Vec<SyncConfig>,
     pub sync_timeout: Duration,
+}
+
+/// `sentinel = { address = "HOST:PORT", master_name = "mymaster" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sentinel {
+    pub address: String,
+    pub master_name: String,
 }
 
 /// How a ClickHouse user's password is changed.
@@ -948,7 +958,26 @@ fn parse_target(
                 None
             }
         });
-    let address = fields.required_string("address", errors);
+    let sentinel = fields.table("sentinel", errors).and_then(|section| {
+        let address = section.required_string("address", errors);
+        let master_name = section.required_string("master_name", errors);
+        if let Some(address) = address.as_ref().filter(|a| !is_host_port(a)) {
+            errors.push(
+                section.path_of("address"),
+                format!("{address:?} is not HOST:PORT"),
+            );
+        }
+        section.finish(errors);
+        Some(Sentinel {
+            address: address?,
+            master_name: master_name?,
+        })
+    });
+    // With a Sentinel the master is found through it; `address` then names the Sentinel.
+    let address = match &sentinel {
+        Some(sentinel) if !fields.table.contains_key("address") => Some(sentinel.address.clone()),
+        _ => fields.required_string("address", errors),
+    };
     if let Some(address) = &address {
         if !is_host_port(address) {
             errors.push(
@@ -1018,12 +1047,16 @@ fn parse_target(
     let strategy = match fields.string("strategy", errors).as_deref() {
         None | Some("single") => Some(Strategy::Single),
         Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
-        Some("alternating") if kind == Some(BackendKind::Postgres) => Some(Strategy::Alternating),
+        Some("alternating")
+            if matches!(kind, Some(BackendKind::Postgres | BackendKind::ClickHouse)) =>
+        {
+            Some(Strategy::Alternating)
+        }
         Some(other @ ("dual" | "alternating")) => {
             errors.push(
                 fields.path_of("strategy"),
                 format!(
-                    "{other:?} is not available for this kind (postgres: single, alternating; redis, clickhouse: single, dual)"
+                    "{other:?} is not available for this kind (postgres: single, alternating; redis: single, dual; clickhouse: single, dual, alternating)"
                 ),
             );
             None
@@ -1088,6 +1121,13 @@ fn parse_target(
         }
     };
     redis_only("replicas", errors);
+    redis_only("sentinel", errors);
+    if fields.table.contains_key("sentinel") && fields.table.contains_key("replicas") {
+        errors.push(
+            fields.path_of("replicas"),
+            "is found through the sentinel: list replicas or give a sentinel, not both",
+        );
+    }
     if kind == Some(BackendKind::Postgres) && fields.table.contains_key("tls") {
         errors.push(
             fields.path_of("tls"),
@@ -1182,6 +1222,7 @@ fn parse_target(
         sslmode: sslmode?,
         ca_file,
         replicas,
+        sentinel,
         tls,
         clickhouse: clickhouse?,
         sync,
@@ -1876,6 +1917,40 @@ tls = true
     }
 
     #[test]
+    fn a_redis_sentinel_replaces_address_and_replicas() {
+        let text = REDIS
+            .replace("address = \"llmtrace-redis-master:6379\"\n", "")
+            .replace(
+                "replicas = [\"llmtrace-redis-replicas-0:6379\"]",
+                "sentinel = { address = \"llmtrace-redis:26379\", master_name = \"mymaster\" }",
+            );
+        let config = Config::parse(&text, Path::new("/")).unwrap();
+        let target = &config.targets[0];
+        assert_eq!(
+            target.sentinel,
+            Some(Sentinel {
+                address: "llmtrace-redis:26379".into(),
+                master_name: "mymaster".into()
+            })
+        );
+        assert_eq!(target.address, "llmtrace-redis:26379");
+        assert!(target.replicas.is_empty());
+        let both = REDIS.replace(
+            "tls = true",
+            "tls = true\nsentinel = { address = \"s\", master_name = \"m\" }",
+        );
+        let mut errors = errors_of(&both);
+        errors.sort();
+        assert_eq!(
+            errors,
+            [
+                "target[0].replicas: is found through the sentinel: list replicas or give a sentinel, not both",
+                "target[0].sentinel.address: \"s\" is not HOST:PORT",
+            ]
+        );
+    }
+
+    #[test]
     fn dual_and_redis_keys_are_refused_for_postgres() {
         let text = VALID.replace(
             "consumers = [\"proxy\"]",
@@ -2000,6 +2075,24 @@ users_xml = { path = "users.d/llmtrace.xml" }
         assert!(errors_of(&redis)
             .iter()
             .any(|e| e.contains("\"alternating\" is not available for this kind")));
+        let clickhouse_sql = CLICKHOUSE
+            .replace(
+                "user = \"llmtrace\"\n",
+                "strategy = \"alternating\"\nusers = [\"a\", \"b\"]\n",
+            )
+            .replace(
+                "mode = \"users_xml\"\n",
+                "admin = { user = \"default\", password = \"env:CH\" }\n",
+            )
+            .replace("users_xml = { path = \"users.d/llmtrace.xml\" }\n", "");
+        let config = Config::parse(&clickhouse_sql, Path::new("/")).unwrap();
+        assert_eq!(config.targets[0].strategy, Strategy::Alternating);
+        let clickhouse_xml = CLICKHOUSE.replace(
+            "user = \"llmtrace\"\n",
+            "strategy = \"alternating\"\nusers = [\"a\", \"b\"]\n",
+        );
+        let config = Config::parse(&clickhouse_xml, Path::new("/")).unwrap();
+        assert_eq!(config.targets[0].strategy, Strategy::Alternating);
     }
 
     #[test]

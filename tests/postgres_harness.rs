@@ -1,5 +1,8 @@
 //! Checks of the throwaway-PostgreSQL test harness itself.
 
+#[allow(dead_code)]
+#[path = "support/pki.rs"]
+mod pki;
 #[path = "support/postgres.rs"]
 mod postgres;
 

@@ -232,11 +232,30 @@ async fn single_rotation_failed_logins_are_counted() {
     let Some(host) = Host::start("single", &["sleep", "2"]).await else {
         return;
     };
+    let (stop, client) = spawn_login_client(host.ch.address(), host.env_file.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (attempts, failures) = client.await.unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    let wall = out.json()["duration_ms"].as_u64().unwrap();
+    println!("clickhouse users_xml single: rotation wall time {wall} ms, {attempts} logins, {failures} failed");
+    assert!(attempts > 100, "the client kept trying: {attempts}");
+    host.assert_clean(&out.all());
+}
+
+/// A workload that logs in every ~10 ms with what the dotenv file holds at that moment, on a
+/// fresh connection each time; returns (attempts, failures) once `stop` is set.
+fn spawn_login_client(
+    address: String,
+    env_file: PathBuf,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(usize, usize)>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let client = {
+    let handle = {
         let stop = stop.clone();
-        let env_file = host.env_file.clone();
-        let address = host.ch.address();
         tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
@@ -262,18 +281,226 @@ async fn single_rotation_failed_logins_are_counted() {
             (attempts, failures)
         })
     };
+    (stop, handle)
+}
+
+/// An alternating pair defined in users.xml (the second user with `profile`), its users.d file
+/// path, and a rotator whose store names the first user.
+async fn start_pair(
+    profile_b: &str,
+    users: &str,
+    command: &[&str],
+) -> Option<(ClickHouse, Rotator, String, String, PathBuf)> {
+    let (old_a, old_b) = (random_password(), random_password());
+    let ch = ClickHouse::start_users(&[("app_a", &old_a, "default"), ("app_b", &old_b, profile_b)])
+        .await?;
+    let users_xml = ch.users_d().join("llmtrace-rotator.xml");
+    let argv = command
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rotator = Rotator::new(&format!(
+        r#"
+[rotator]
+journal = "sqlite://journal.db"
+journal_key = "env:ROTATOR_JOURNAL_KEY"
+
+[[target]]
+name = "clickhouse"
+kind = "clickhouse"
+address = "{address}"
+strategy = "alternating"
+users = {users}
+mode = "users_xml"
+users_xml = {{ path = "{path}" }}
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "file"
+  path = ".env"
+  key = "LLMTRACE_CLICKHOUSE_URL"
+  format = "url"
+
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = [{argv}]
+timeout = "20s"
+"#,
+        address = ch.address(),
+        path = users_xml.display(),
+    ));
+    let env_file = rotator.path(".env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "LLMTRACE_CLICKHOUSE_URL=http://app_a:{old_a}@{}\n",
+            ch.address()
+        ),
+    )
+    .unwrap();
+    Some((ch, rotator, old_a, old_b, env_file))
+}
+
+/// users.d files are merged over users.xml and re-read while the server runs (ClickHouse
+/// dbms/src/Common/Config/ConfigProcessor.cpp `getConfigMergeFiles`, the `remove` attribute;
+/// dbms/src/Common/Config/ConfigReloader.cpp): rewriting only the idle user's entry leaves the
+/// active user's logins untouched, so a workload that follows the store never fails a login.
+#[tokio::test(flavor = "multi_thread")]
+async fn alternating_users_xml_moves_the_stores_to_the_idle_user_without_a_failed_login() {
+    let Some((ch, rotator, old_a, old_b, env_file)) =
+        start_pair("default", r#"["app_a", "app_b"]"#, &["sleep", "2"]).await
+    else {
+        return;
+    };
+    let (stop, client) = spawn_login_client(ch.address(), env_file.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+    let first = rotator.run(&["rotate", "--output", "json"]).await;
+    let (user_1, new_1) = parse_env(&std::fs::read_to_string(&env_file).unwrap());
+    let a_after_first = ch.try_login("app_a", &old_a).await;
+    let second = rotator.run(&["rotate", "--output", "json"]).await;
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let (attempts, failures) = client.await.unwrap();
-    assert_eq!(out.code, 0, "{}", out.all());
-    let wall = out.json()["duration_ms"].as_u64().unwrap();
-    println!("clickhouse users_xml single: rotation wall time {wall} ms, {attempts} logins, {failures} failed");
+    assert_eq!(first.code, 0, "{}", first.all());
+    assert_eq!(second.code, 0, "{}", second.all());
+    let wall = first.json()["duration_ms"].as_u64().unwrap()
+        + second.json()["duration_ms"].as_u64().unwrap();
+    println!("clickhouse users_xml alternating: two rotations, wall time {wall} ms, {attempts} logins, {failures} failed");
     assert!(attempts > 100, "the client kept trying: {attempts}");
-    host.assert_clean(&out.all());
+    assert_eq!(failures, 0, "no login failed during either rotation");
+
+    // The first rotation moved the store to app_b; app_a kept its users.xml password.
+    assert_eq!(user_1, "app_b");
+    assert_ne!(new_1, old_b);
+    a_after_first.expect("active user untouched");
+    // The second moved it back to app_a with a new password, keeping app_b's entry as it was.
+    let (user_2, new_2) = parse_env(&std::fs::read_to_string(&env_file).unwrap());
+    assert_eq!(user_2, "app_a");
+    ch.try_login("app_a", &new_2)
+        .await
+        .expect("new password of app_a");
+    assert!(ch.try_login("app_a", &old_a).await.is_err());
+    ch.try_login("app_b", &new_1)
+        .await
+        .expect("app_b left as it was");
+    let file = std::fs::read_to_string(ch.users_d().join("llmtrace-rotator.xml")).unwrap();
+    assert_eq!(file.matches("<password_sha256_hex>").count(), 2, "{file}");
+    assert_no_secret(
+        &format!("{}{}", first.all(), second.all()),
+        &[&old_a, &old_b, &new_1, &new_2],
+        "rotator output",
+    );
+    assert_no_secret(
+        &ch.files_text(),
+        &[&new_1, &new_2],
+        "ClickHouse's files and logs",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alternating_rollback_leaves_the_idle_user_a_password_nobody_knows() {
+    // The consumer keeps what it was given (the idle user's new credential), then fails.
+    let seen = tempfile::NamedTempFile::new().unwrap();
+    let Some((ch, rotator, old_a, old_b, env_file)) = start_pair(
+        "default",
+        r#"["app_a", "app_b"]"#,
+        &[
+            "sh",
+            "-c",
+            &format!("cat .env >> {}; false", seen.path().display()),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let before = std::fs::read_to_string(&env_file).unwrap();
+
+    let out = rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "rolled_back", "{}", out.all());
+    assert_eq!(std::fs::read_to_string(&env_file).unwrap(), before);
+    let (user, rolled_out) = parse_env(&std::fs::read_to_string(seen.path()).unwrap());
+    assert_eq!(user, "app_b");
+    ch.try_login("app_a", &old_a)
+        .await
+        .expect("active user untouched");
+    assert!(
+        ch.try_login("app_b", &rolled_out).await.is_err(),
+        "the rolled-back password no longer logs in"
+    );
+    assert!(
+        ch.try_login("app_b", &old_b).await.is_err(),
+        "nor the one users.xml had"
+    );
+    assert_no_secret(&out.all(), &[&old_a, &old_b, &rolled_out], "rotator output");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alternating_preflight_names_what_differs_between_the_users_and_changes_nothing() {
+    let Some((ch, rotator, old_a, old_b, env_file)) =
+        start_pair("readonly", r#"["app_a", "app_b"]"#, &["true"]).await
+    else {
+        return;
+    };
+    let before = std::fs::read_to_string(&env_file).unwrap();
+
+    let out = rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused", "{}", out.all());
+    assert!(
+        out.stdout
+            .contains(r#"users \"app_a\" and \"app_b\" differ in profile"#),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(std::fs::read_to_string(&env_file).unwrap(), before);
+    assert!(!ch.users_d().join("llmtrace-rotator.xml").exists());
+    ch.try_login("app_a", &old_a).await.expect("unchanged");
+    ch.try_login("app_b", &old_b).await.expect("unchanged");
+
+    // A difference merged from conf.d (beside users.xml, as the server merges it) counts too.
+    drop((ch, rotator));
+    let Some((ch, rotator, _, _, _)) =
+        start_pair("default", r#"["app_a", "app_b"]"#, &["true"]).await
+    else {
+        return;
+    };
+    let conf_d = ch.users_d().with_file_name("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    std::fs::write(
+        conf_d.join("quota.xml"),
+        "<yandex><users><app_b><quota>other</quota></app_b></users></yandex>",
+    )
+    .unwrap();
+    let out = rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains(r#"users \"app_a\" and \"app_b\" differ in quota"#),
+        "{}",
+        out.stdout
+    );
+
+    // A user missing from every users file is named too.
+    let text = std::fs::read_to_string(&rotator.config)
+        .unwrap()
+        .replace(r#"["app_a", "app_b"]"#, r#"["app_a", "app_c"]"#);
+    rotator.write_config(&text);
+    let out = rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains(r#"user \"app_c\" is not defined in"#),
+        "{}",
+        out.stdout
+    );
+    assert!(!ch.users_d().join("llmtrace-rotator.xml").exists());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::redis::{connect_url_parts, sha256_hex, user_line, Redis, Users};
+use support::redis::{connect_url_parts, sha256_hex, user_line, Redis, Sentinel, Users};
 use support::rotator::{assert_no_secret, random_password, Rotator};
 
 struct Host {
@@ -631,4 +631,220 @@ async fn tls_rotation_trusts_the_configured_ca() {
     let refused = host.rotator.run(&["rotate", "--output", "json"]).await;
     assert_eq!(refused.code, 1, "{}", refused.all());
     assert_eq!(refused.json()["outcome"], "refused");
+}
+
+/// A master and two replicas as the Bitnami chart runs them: every node defines `llmtrace`
+/// with the same password, and the replicas authenticate to the master as it. ACLs are per
+/// server and `ACL SETUSER` is not propagated to replicas (redis src/acl.c `aclCommand`;
+/// src/commands/acl-setuser.json has no WRITE flag, so src/server.c `call` does not replicate
+/// it), which is why each listed replica is changed on its own.
+struct Replicated {
+    master: Redis,
+    replicas: Vec<Redis>,
+    rotator: Rotator,
+    old: String,
+}
+
+impl Replicated {
+    async fn start(strategy: &str, command: &[&str]) -> Replicated {
+        let old = random_password();
+        let users = [("llmtrace", old.as_str())];
+        let master = Redis::start(Users::ConfigFile, &users, "").await;
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let replica = Redis::start_replica_with_users(&master, &users, "llmtrace", &old).await;
+            assert!(
+                replica.wait_link_up(Duration::from_secs(20)).await,
+                "{}",
+                replica.log()
+            );
+            replicas.push(replica);
+        }
+        let listed = replicas
+            .iter()
+            .map(|r| format!("{:?}", r.address()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut rotator = Rotator::new(&config(
+            &master.address(),
+            "llmtrace",
+            strategy,
+            command,
+            &format!("replicas = [{listed}]"),
+        ));
+        rotator
+            .env
+            .insert("REDIS_ADMIN_PASSWORD".into(), master.admin_password.clone());
+        std::fs::write(
+            rotator.path(".env"),
+            format!(
+                "LLMTRACE_REDIS_URL=redis://llmtrace:{old}@{}/0\nREDIS_PASSWORD={old}\n",
+                master.address()
+            ),
+        )
+        .unwrap();
+        std::fs::write(rotator.path("old.txt"), &old).unwrap();
+        Replicated {
+            master,
+            replicas,
+            rotator,
+            old,
+        }
+    }
+
+    fn nodes(&self) -> Vec<&Redis> {
+        std::iter::once(&self.master)
+            .chain(&self.replicas)
+            .collect()
+    }
+
+    fn stored(&self) -> String {
+        let text = std::fs::read_to_string(self.rotator.path(".env")).unwrap();
+        parse_env(&text).1
+    }
+
+    /// Every node holds exactly `password` for llmtrace, and only it logs in.
+    async fn assert_only(&self, password: &str, other: &str) {
+        for node in self.nodes() {
+            assert_eq!(
+                node.password_hashes("llmtrace").await,
+                [sha256_hex(password)],
+                "{}",
+                node.address()
+            );
+            node.try_login("llmtrace", password)
+                .await
+                .expect("the password logs in");
+            assert!(node.try_login("llmtrace", other).await.is_err());
+        }
+    }
+
+    /// Each replica's link to the master comes back up after it is cut: masterauth follows.
+    async fn assert_links_recover(&self) {
+        self.master
+            .admin(&["CLIENT", "KILL", "TYPE", "replica"])
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for replica in &self.replicas {
+            assert!(
+                replica.wait_link_up(Duration::from_secs(20)).await,
+                "replica did not reconnect: {}",
+                replica.log()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn single_rotation_changes_every_replica_and_persists_it() {
+    let set = Replicated::start("single", &["true"]).await;
+
+    let out = set.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = set.stored();
+    set.assert_only(&new, &set.old).await;
+    for replica in &set.replicas {
+        // CONFIG REWRITE wrote the user line with the new hash (redis src/config.c
+        // `rewriteConfigUserOption`), so a restart keeps it.
+        let conf = replica.file("redis.conf");
+        assert!(conf.contains(&sha256_hex(&new)), "{conf}");
+        assert!(!conf.contains(&set.old), "{conf}");
+    }
+    set.assert_links_recover().await;
+    assert_no_secret(
+        &out.all(),
+        &[&set.old, &new, &set.master.admin_password],
+        "rotator output",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_rotation_lets_both_passwords_in_on_every_node_until_retire() {
+    // While the consumer restarts, it tries both passwords on all three nodes (the ports are
+    // only known once they run, so the config is written again with them).
+    let set = Replicated::start("dual", &["true"]).await;
+    let ports = set
+        .nodes()
+        .iter()
+        .map(|n| n.port.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let script = format!(
+        "new=$(sed -n 's/^REDIS_PASSWORD=//p' .env); old=$(cat old.txt); \
+         for port in {ports}; do for pw in \"$old\" \"$new\"; do \
+         redis-cli -p $port --user llmtrace --pass \"$pw\" --no-auth-warning ping >> checks.log 2>&1; \
+         done; done"
+    );
+    let text = std::fs::read_to_string(&set.rotator.config)
+        .unwrap()
+        .replace(
+            r#"command = ["true"]"#,
+            &format!("command = [\"sh\", \"-c\", {script:?}]"),
+        );
+    set.rotator.write_config(&text);
+
+    let out = set.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let checks = std::fs::read_to_string(set.rotator.path("checks.log")).unwrap();
+    assert_eq!(checks.matches("PONG").count(), 6, "{checks}");
+    let new = set.stored();
+    set.assert_only(&new, &set.old).await;
+    set.assert_links_recover().await;
+    assert_no_secret(&out.all(), &[&set.old, &new], "rotator output");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_puts_the_old_password_back_on_every_replica() {
+    for strategy in ["single", "dual"] {
+        let seen = tempfile::NamedTempFile::new().unwrap();
+        let command = format!("cat .env >> {}; false", seen.path().display());
+        let set = Replicated::start(strategy, &["sh", "-c", &command]).await;
+
+        let out = set.rotator.run(&["rotate", "--output", "json"]).await;
+
+        assert_eq!(out.code, 1, "{strategy}: {}", out.all());
+        assert_eq!(out.json()["outcome"], "rolled_back", "{strategy}");
+        let rolled_out = parse_env(&std::fs::read_to_string(seen.path()).unwrap()).1;
+        assert_ne!(rolled_out, set.old);
+        set.assert_only(&set.old, &rolled_out).await;
+        set.assert_links_recover().await;
+    }
+}
+
+/// With `sentinel = { address, master_name }` the master and its replicas are found through
+/// Sentinel (`SENTINEL GET-MASTER-ADDR-BY-NAME`, `SENTINEL REPLICAS`; redis src/sentinel.c
+/// `sentinelCommand`) instead of being listed, and every one of them is changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_discovers_the_master_and_replicas_and_every_node_is_rotated() {
+    let set = Replicated::start("single", &["true"]).await;
+    let sentinel = Sentinel::start(&set.master, 2).await;
+    let text = std::fs::read_to_string(&set.rotator.config).unwrap();
+    let start = text.find("address = ").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let start = text.find("replicas = ").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!(
+        "{}sentinel = {{ address = \"{}\", master_name = \"mymaster\" }}{}",
+        &text[..start],
+        sentinel.address(),
+        &text[end..]
+    );
+    set.rotator.write_config(&text);
+
+    let out = set.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = set.stored();
+    set.assert_only(&new, &set.old).await;
+    set.assert_links_recover().await;
+    // The config named neither the master nor the replicas.
+    assert!(!text.contains(&set.master.address()), "{text}");
+    assert_no_secret(
+        &out.all(),
+        &[&set.old, &new, &set.master.admin_password],
+        "rotator output",
+    );
 }

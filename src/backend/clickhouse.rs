@@ -6,6 +6,7 @@
 //! `mode = "users_xml"`: a users.d file the rotator owns holds `<password_sha256_hex>`; the
 //! server reloads it by itself, so the step waits until the new password logs in.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -36,6 +37,8 @@ pub struct ClickHouse {
     /// The strategy the server can do (`dual` falls back to `single` before 24.9), once known.
     effective: OnceLock<Strategy>,
     mode: ClickHouseMode,
+    /// The two users of `alternating`; empty otherwise.
+    users: Vec<String>,
     notes: Mutex<Vec<super::Note>>,
 }
 
@@ -126,6 +129,52 @@ fn storage_query(user: &str) -> Secret {
     ))
 }
 
+/// What must be alike for both users of an alternating pair, by aspect, with the user's name
+/// and authentication left out. Rows are compared sorted (`ORDER BY ALL` is 23.x+).
+fn pair_queries(user: &str) -> [(&'static str, Secret); 5] {
+    let name = quote_literal(user);
+    [
+        (
+            "grants",
+            format!("SELECT * EXCEPT (user_name) FROM system.grants WHERE user_name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "roles",
+            format!("SELECT * EXCEPT (user_name) FROM system.role_grants WHERE user_name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "hosts and defaults",
+            format!("SELECT * EXCEPT (name, id, storage, auth_type, auth_params) FROM system.users WHERE name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "settings profile",
+            format!("SELECT * EXCEPT (user_name) FROM system.settings_profile_elements WHERE user_name = {name} FORMAT TabSeparated"),
+        ),
+        (
+            "quota",
+            format!("SELECT name FROM system.quotas WHERE has(apply_to_list, {name}) OR (apply_to_all AND NOT has(apply_to_except, {name})) FORMAT TabSeparated"),
+        ),
+    ]
+    .map(|(aspect, sql)| (aspect, Secret::new(sql)))
+}
+
+/// The aspects whose answers differ, each answer's rows taken as a sorted list.
+fn differing_aspects(
+    a: &[(&'static str, String)],
+    b: &[(&'static str, String)],
+) -> Vec<&'static str> {
+    let rows = |text: &str| {
+        let mut rows: Vec<String> = text.lines().map(str::to_string).collect();
+        rows.sort();
+        rows
+    };
+    a.iter()
+        .zip(b)
+        .filter(|((_, x), (_, y))| rows(x) != rows(y))
+        .map(|((aspect, _), _)| *aspect)
+        .collect()
+}
+
 /// `24.9.1.1` → (24, 9).
 fn parse_version(text: &str) -> Option<(u32, u32)> {
     let mut parts = text.trim().split('.');
@@ -140,24 +189,192 @@ fn error_code(body: &str) -> Option<u32> {
 }
 
 /// The users.d file: merged over the main definition, dropping any other password field.
-/// The user name stays out of the comment: a name may contain `--`, which ends an XML comment.
 fn users_xml(user: &str, password: &Secret) -> Secret {
-    let digest = Sha256::digest(password.expose().as_bytes());
-    Secret::new(format!(
-        r#"<?xml version="1.0"?>
-<!-- Written by llmtrace-rotator: the password of the user below. Replaced at each rotation; do not edit. -->
-<yandex>
-    <users>
-        <{user}>
-            <password remove="1"/>
-            <password_double_sha1_hex remove="1"/>
+    users_xml_file(&[(user.to_string(), sha256_hex(password))])
+}
+
+fn sha256_hex(password: &Secret) -> Secret {
+    Secret::new(hex(&Sha256::digest(password.expose().as_bytes())))
+}
+
+/// The users.d file for several users, each with its `password_sha256_hex`. The user names
+/// stay out of the comment: a name may contain `--`, which ends an XML comment.
+fn users_xml_file(entries: &[(String, Secret)]) -> Secret {
+    let users: String = entries
+        .iter()
+        .map(|(user, hash)| {
+            format!(
+                "        <{user}>
+            <password remove=\"1\"/>
+            <password_double_sha1_hex remove=\"1\"/>
             <password_sha256_hex>{}</password_sha256_hex>
         </{user}>
-    </users>
+",
+                hash.expose()
+            )
+        })
+        .collect();
+    Secret::new(format!(
+        r#"<?xml version="1.0"?>
+<!-- Written by llmtrace-rotator: the passwords of the users below. Replaced at each rotation; do not edit. -->
+<yandex>
+    <users>
+{users}    </users>
 </yandex>
-"#,
-        hex(&digest)
+"#
     ))
+}
+
+/// The `password_sha256_hex` a users.d file written by [`users_xml_file`] holds for `user`.
+fn entry_hash(text: &str, user: &str) -> Option<Secret> {
+    let start = text.find(&format!("<{user}>"))?;
+    let end = start + text[start..].find(&format!("</{user}>"))?;
+    let entry = &text[start..end];
+    let open = "<password_sha256_hex>";
+    let from = entry.find(open)? + open.len();
+    let to = from + entry[from..].find('<')?;
+    let hash = entry[from..to].trim();
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| Secret::new(hash.to_string()))
+}
+
+/// What a users config file defines for `user` (`<users><user>...</user></users>`): each child
+/// element by name with its whitespace-collapsed contents, password fields left out. `None` when
+/// the file does not mention the user. A small reader for the plain XML users files are made of.
+fn user_definition(text: &str, user: &str) -> Option<BTreeMap<String, String>> {
+    let text = strip_comments(text);
+    let users_start = text.find("<users>")? + "<users>".len();
+    let users = &text[users_start..users_start + text[users_start..].find("</users>")?];
+    let open = format!("<{user}");
+    let mut at = 0;
+    let start = loop {
+        let i = at + users[at..].find(&open)?;
+        let after = users[i + open.len()..].chars().next()?;
+        if matches!(after, '>' | '/' | ' ' | '\t' | '\n' | '\r') {
+            break i;
+        }
+        at = i + open.len();
+    };
+    let tag_end = start + users[start..].find('>')?;
+    let mut children = BTreeMap::new();
+    if users[..tag_end].ends_with('/') {
+        return Some(children);
+    }
+    let body_start = tag_end + 1;
+    let body = &users[body_start..body_start + users[body_start..].find(&format!("</{user}>"))?];
+    let mut rest = body.trim_start();
+    while let Some(stripped) = rest.strip_prefix('<') {
+        let name: String = stripped
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '>' && *c != '/')
+            .collect();
+        let tag_len = stripped.find('>')? + 1;
+        let (value, consumed) = if stripped[..tag_len].ends_with("/>") {
+            (stripped[..tag_len - 2].to_string(), tag_len)
+        } else {
+            let close = format!("</{name}>");
+            let end = stripped.find(&close)?;
+            (stripped[tag_len..end].to_string(), end + close.len())
+        };
+        if !name.starts_with("password") {
+            children.insert(name, value.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        rest = stripped[consumed..].trim_start();
+    }
+    Some(children)
+}
+
+fn strip_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("<!--") {
+        out.push_str(&rest[..i]);
+        match rest[i..].find("-->") {
+            Some(j) => rest = &rest[i + j + 3..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The users config files that define users, in the order the server merges them: the main
+/// `users.xml` beside the users.d directory, then the other files in users.d and conf.d. The
+/// rotator's own file holds only passwords, which are not compared.
+fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
+    let users_d = own.parent().unwrap_or(Path::new("."));
+    let main = users_d.parent().unwrap_or(Path::new(".")).join("users.xml");
+    if !main.is_file() {
+        return Err(format!(
+            "strategy \"alternating\" compares the two users' definitions in {}, which is not \
+             readable: the users.d directory must sit beside the server's users.xml",
+            main.display()
+        ));
+    }
+    // The server merges users.d and conf.d beside users.xml (ConfigProcessor.cpp
+    // `getConfigMergeFiles`); a directory that is absent adds nothing.
+    let mut others = Vec::new();
+    for dir in [users_d.to_path_buf(), users_d.with_file_name("conf.d")] {
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => others.extend(
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "xml") && p != own),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != users_d => {}
+            Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+        }
+    }
+    others.sort();
+    Ok(std::iter::once(main).chain(others).collect())
+}
+
+/// Both users of an alternating pair exist and are defined alike (profile, quota, networks,
+/// databases, grants...) but for the password, so either can serve the workload.
+fn check_pair_alike(own: &Path, a: &str, b: &str) -> Result<(), String> {
+    let files = users_config_files(own)?;
+    let mut definitions = [(a, None), (b, None)];
+    for file in &files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        for (user, merged) in definitions.iter_mut() {
+            if let Some(children) = user_definition(&text, user) {
+                merged.get_or_insert_with(BTreeMap::new).extend(children);
+            }
+        }
+    }
+    let names = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let [(_, Some(first)), (_, Some(second))] = &definitions else {
+        let missing: Vec<&str> = definitions
+            .iter()
+            .filter(|(_, d)| d.is_none())
+            .map(|(u, _)| *u)
+            .collect();
+        return Err(format!(
+            "user {:?} is not defined in {names}: define both users of the pair",
+            missing.join("\", \"")
+        ));
+    };
+    let differing: Vec<&str> = first
+        .keys()
+        .chain(second.keys())
+        .filter(|k| first.get(*k) != second.get(*k))
+        .map(String::as_str)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "users {a:?} and {b:?} differ in {} ({names}): give both the same definition but the password",
+            differing.join(", ")
+        ))
+    }
 }
 
 /// A user name that can be an XML element name as users.xml spells users.
@@ -234,6 +451,7 @@ impl ClickHouse {
             strategy: target.strategy,
             effective: OnceLock::new(),
             mode: target.clickhouse.clone(),
+            users: target.users.clone(),
             notes: Mutex::new(Vec::new()),
         }
     }
@@ -382,7 +600,12 @@ impl ClickHouse {
             user: credential.user.clone(),
             cause,
         };
-        write_atomically(path, &users_xml(&credential.user, &credential.password))
+        let contents = if self.strategy == Strategy::Alternating {
+            self.pair_file(path, credential).await.map_err(change)?
+        } else {
+            users_xml(&credential.user, &credential.password)
+        };
+        write_atomically(path, &contents)
             .await
             .map_err(|e| change(format!("cannot write {}: {e}", path.display())))?;
         let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
@@ -400,6 +623,86 @@ impl ClickHouse {
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
+    }
+}
+
+impl ClickHouse {
+    /// The user exists and is SQL-managed (users.xml users are read-only to SQL).
+    async fn check_sql_user(&self, user: &str) -> Result<(), BackendError> {
+        let setup = |message: String| BackendError::Setup {
+            backend: self.describe(),
+            message,
+        };
+        let storage = self
+            .query(&self.admin_user, &self.admin_password, &storage_query(user))
+            .await
+            .map_err(|e| {
+                setup(format!(
+                    "admin user {:?} cannot read system.users (it needs access_management; \
+                     servers before 20.5 have no SQL users: use mode = \"users_xml\"): {}",
+                    self.admin_user, e.message
+                ))
+            })?;
+        match storage.trim() {
+            "" => Err(setup(format!("user {user:?} does not exist"))),
+            s if s.contains("xml") => Err(setup(format!(
+                "user {user:?} is defined in users.xml ({s}), which SQL cannot change: \
+                 rotate a SQL-managed user, or use mode = \"users_xml\""
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the server reports for both users of a pair matches but for name and password.
+    async fn check_sql_pair_alike(&self, a: &str, b: &str) -> Result<(), BackendError> {
+        let mut answers = Vec::new();
+        for user in [a, b] {
+            let mut per_user = Vec::new();
+            for (aspect, sql) in pair_queries(user) {
+                let text = self
+                    .query(&self.admin_user, &self.admin_password, &sql)
+                    .await
+                    .map_err(|e| BackendError::Setup {
+                        backend: self.describe(),
+                        message: format!(
+                            "cannot compare the {aspect} of users {a:?} and {b:?} (needs 21.1+ and access_management): {}",
+                            e.message
+                        ),
+                    })?;
+                per_user.push((aspect, text));
+            }
+            answers.push(per_user);
+        }
+        let differing = differing_aspects(&answers[0], &answers[1]);
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::Setup {
+            backend: self.describe(),
+            message: format!(
+                "users {a:?} and {b:?} differ in {}: give both the same grants, roles, hosts, settings profile and quota",
+                differing.join(", ")
+            ),
+        })
+    }
+
+    /// The pair's file with `credential` for its user: the other user's entry is kept as the
+    /// file has it (absent before the first rotation: users.xml defines its password then).
+    async fn pair_file(&self, path: &Path, credential: &Credential) -> Result<Secret, String> {
+        let existing = match tokio::fs::read_to_string(path).await {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let mut entries = Vec::new();
+        for user in &self.users {
+            if *user == credential.user {
+                entries.push((user.clone(), sha256_hex(&credential.password)));
+            } else if let Some(hash) = entry_hash(&existing, user) {
+                entries.push((user.clone(), hash));
+            }
+        }
+        Ok(users_xml_file(&entries))
     }
 }
 
@@ -457,40 +760,61 @@ impl Backend for ClickHouse {
         )))
     }
 
-    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+    fn next_user(&self, current: &Credential) -> String {
+        match self.strategy {
+            // The idle user of the pair: the one the stores do not name now.
+            Strategy::Alternating => self
+                .users
+                .iter()
+                .find(|u| **u != current.user)
+                .cloned()
+                .unwrap_or_else(|| current.user.clone()),
+            _ => current.user.clone(),
+        }
+    }
+
+    async fn check_admin(&self, current: &Credential) -> Result<(), BackendError> {
+        let user = current.user.as_str();
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
             message,
         };
         match &self.mode {
             ClickHouseMode::UsersXml { path } => {
-                if !is_xml_name(user) {
+                let users = if self.users.is_empty() {
+                    vec![user.to_string()]
+                } else {
+                    self.users.clone()
+                };
+                if let Some(bad) = users.iter().find(|u| !is_xml_name(u)) {
                     return Err(setup(format!(
-                        "user {user:?} cannot be written as a users.xml element; use mode = \"sql\""
+                        "user {bad:?} cannot be written as a users.xml element; use mode = \"sql\""
                     )));
                 }
-                check_owned_file(path).await.map_err(setup)
+                check_owned_file(path).await.map_err(setup)?;
+                if let [a, b] = users.as_slice() {
+                    let (path, a, b) = (path.clone(), a.clone(), b.clone());
+                    tokio::task::spawn_blocking(move || check_pair_alike(&path, &a, &b))
+                        .await
+                        .map_err(|e| setup(e.to_string()))?
+                        .map_err(setup)?;
+                }
+                Ok(())
             }
             ClickHouseMode::Sql { .. } => {
                 self.effective_strategy().await?;
-                let storage = self
-                    .query(&self.admin_user, &self.admin_password, &storage_query(user))
-                    .await
-                    .map_err(|e| {
-                        setup(format!(
-                            "admin user {:?} cannot read system.users (it needs access_management; \
-                             servers before 20.5 have no SQL users: use mode = \"users_xml\"): {}",
-                            self.admin_user, e.message
-                        ))
-                    })?;
-                match storage.trim() {
-                    "" => Err(setup(format!("user {user:?} does not exist"))),
-                    s if s.contains("xml") => Err(setup(format!(
-                        "user {user:?} is defined in users.xml ({s}), which SQL cannot change: \
-                         rotate a SQL-managed user, or use mode = \"users_xml\""
-                    ))),
-                    _ => Ok(()),
+                let users = if self.users.is_empty() {
+                    vec![user.to_string()]
+                } else {
+                    self.users.clone()
+                };
+                for user in &users {
+                    self.check_sql_user(user).await?;
                 }
+                if let [a, b] = users.as_slice() {
+                    self.check_sql_pair_alike(a, b).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -513,10 +837,23 @@ impl Backend for ClickHouse {
     async fn undo_apply(
         &self,
         current: &Credential,
-        _next: &Credential,
+        next: &Credential,
     ) -> Result<(), BackendError> {
         match &self.mode {
+            // The active user was never touched; the idle one gets a password nobody knows.
+            ClickHouseMode::UsersXml { path } if self.strategy == Strategy::Alternating => {
+                let discarded = Credential {
+                    user: next.user.clone(),
+                    password: crate::password::generate(&Default::default()),
+                };
+                self.write_users_xml(path, &discarded).await
+            }
             ClickHouseMode::UsersXml { path } => self.write_users_xml(path, current).await,
+            ClickHouseMode::Sql { on_cluster } if self.strategy == Strategy::Alternating => {
+                let discarded = crate::password::generate(&Default::default());
+                self.alter(Change::Undo, &next.user, on_cluster.as_deref(), &discarded)
+                    .await
+            }
             ClickHouseMode::Sql { on_cluster } => {
                 self.alter(
                     Change::Undo,
@@ -694,5 +1031,311 @@ mod tests {
         )));
         assert!(is_xml_name("llmtrace") && is_xml_name("_a-b.c"));
         assert!(!is_xml_name("1a") && !is_xml_name("a b") && !is_xml_name("a<b"));
+    }
+
+    #[test]
+    fn reads_a_users_definition_without_its_password() {
+        let text = r#"<yandex><!-- <users><x/></users> --><profiles/><users>
+            <app_ab><profile>x</profile></app_ab>
+            <app_a><password>p</password><networks><ip>::1</ip>
+              <ip>127.0.0.1</ip></networks><profile>default</profile><quota/></app_a>
+        </users></yandex>"#;
+        let a = user_definition(text, "app_a").unwrap();
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            ["networks", "profile", "quota"]
+        );
+        assert_eq!(a["networks"], "<ip>::1</ip> <ip>127.0.0.1</ip>");
+        assert_eq!(a["profile"], "default");
+        assert_eq!(user_definition(text, "app_ab").unwrap()["profile"], "x");
+        assert_eq!(user_definition(text, "x"), None);
+        assert_eq!(user_definition(text, "app"), None);
+    }
+
+    #[test]
+    fn the_pair_file_holds_each_users_hash() {
+        let file = users_xml_file(&[
+            ("a".into(), sha256_hex(&Secret::new("pa"))),
+            ("b".into(), sha256_hex(&Secret::new("pb"))),
+        ]);
+        let text = file.expose();
+        assert_eq!(
+            entry_hash(text, "a").unwrap().expose(),
+            hex(&Sha256::digest(b"pa"))
+        );
+        assert_eq!(
+            entry_hash(text, "b").unwrap().expose(),
+            hex(&Sha256::digest(b"pb"))
+        );
+        assert!(entry_hash(text, "c").is_none());
+    }
+}
+
+/// Every statement shape the backend generates, run through chdb-core 26.9 (ClickHouse 26.9
+/// embedded): it parses them all, and runs them on users defined in users.xml up to the
+/// storage write, which fails with 495 (ACCESS_STORAGE_READONLY; ClickHouse
+/// src/Access/IAccessStorage.cpp `throwReadonlyCannotUpdate`); a malformed hash fails
+/// earlier with 36 (src/Access/AuthenticationData.cpp `setPasswordHashHex`), an unknown user
+/// with 192 (`throwNotFound`), bad syntax with 62. Also loads the users.d file the rotator
+/// writes and reads the hash back with SHOW CREATE USER. Skips where chdb is not installed.
+#[cfg(test)]
+mod chdb_tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    const XML_USERS: [&str; 2] = ["llmtrace", "svc-ro.v2"];
+
+    /// Besides [`XML_USERS`]: one defined as `llmtrace` is, one with another settings
+    /// profile, one with other grants.
+    const OTHER_USERS: &str = "<app_b><password>pw2</password><profile>default</profile>\
+        <quota>default</quota><networks><ip>::/0</ip></networks></app_b>\
+        <app_c><password>pw</password><profile>readonly</profile>\
+        <quota>default</quota><networks><ip>::/0</ip></networks></app_c>\
+        <app_d><password>pw</password><profile>default</profile><quota>default</quota>\
+        <networks><ip>::/0</ip></networks>\
+        <allow_databases><database>system</database></allow_databases></app_d>";
+
+    fn chdb_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("users.d")).unwrap();
+        std::fs::write(
+            root.join("config.xml"),
+            format!(
+                "<clickhouse><users_config>{}</users_config>\
+                 <display_secrets_in_show_and_select>1</display_secrets_in_show_and_select></clickhouse>",
+                root.join("users.xml").display()
+            ),
+        )
+        .unwrap();
+        let users: String = XML_USERS
+            .iter()
+            .map(|u| {
+                format!(
+                    "<{u}><password>pw</password><profile>default</profile><quota>default</quota>\
+                     <networks><ip>::/0</ip></networks></{u}>"
+                )
+            })
+            .collect();
+        std::fs::write(
+            root.join("users.xml"),
+            format!(
+                "<clickhouse><profiles><default/><readonly><readonly>1</readonly></readonly></profiles>\
+                 <quotas><default/></quotas><users>{OTHER_USERS}\
+                 <default><password></password><access_management>1</access_management>\
+                 <show_named_collections_secrets>1</show_named_collections_secrets>\
+                 <profile>default</profile><quota>default</quota><networks><ip>::/0</ip></networks>\
+                 </default>{users}</users></clickhouse>"
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    /// (code, result) per statement; `None` where chdb is not installed.
+    fn run(dir: &Path, statements: &[(String, &str)]) -> Option<Vec<(Option<u32>, String)>> {
+        let input = serde_json::to_vec(
+            &statements
+                .iter()
+                .map(|(sql, mode)| serde_json::json!({"sql": sql, "mode": mode}))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/chdb_check.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.code() == Some(3) {
+            eprintln!(
+                "SKIPPED: chdb-core is not installed (pip install --no-deps chdb-core): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        assert!(
+            out.status.success(),
+            "chdb_check.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        Some(
+            results
+                .iter()
+                .map(|r| {
+                    (
+                        r["code"].as_u64().map(|c| c as u32),
+                        r["result"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Every statement the backend can generate for `user`.
+    fn shapes(user: &str, cluster: Option<&str>) -> Vec<String> {
+        let mut out = Vec::new();
+        for strategy in [Strategy::Single, Strategy::Dual] {
+            for change in [Change::Apply, Change::Undo, Change::Retire] {
+                if let Some(statement) = alter_statement(
+                    strategy,
+                    change,
+                    user,
+                    cluster,
+                    &Secret::new("pw"),
+                    &new_salt(),
+                ) {
+                    out.push(statement.expose().to_string());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn chdb_parses_runs_and_refuses_what_the_backend_generates() {
+        let dir = chdb_dir();
+        let mut statements: Vec<(String, &str)> = Vec::new();
+        // Parsing: names that need quoting, with and without ON CLUSTER.
+        for user in [
+            "llmtrace",
+            "llm`trace",
+            "o'neil",
+            "back\\slash",
+            "svc-ro.v2",
+        ] {
+            for cluster in [None, Some("main"), Some("my `cluster`")] {
+                statements.extend(shapes(user, cluster).into_iter().map(|s| (s, "parse")));
+            }
+            statements.push((storage_query(user).expose().to_string(), "parse"));
+        }
+        let parsed = statements.len();
+        // Running them on users.xml users: every check passes up to the read-only storage.
+        for user in XML_USERS {
+            statements.extend(shapes(user, None).into_iter().map(|s| (s, "exec")));
+        }
+        let valid = statements.len();
+        let apply = shapes("llmtrace", None).remove(0);
+        let hash_at = apply.find("BY '").unwrap() + 4;
+        let broken = [
+            (
+                format!("{}zz{}", &apply[..hash_at], &apply[hash_at + 64..]),
+                36,
+            ),
+            (shapes("nobody", None).remove(0), 192),
+            (apply[..apply.find(" SALT").unwrap() + 5].to_string(), 62),
+        ];
+        statements.extend(broken.iter().map(|(s, _)| (s.clone(), "exec")));
+        statements.push((storage_query("svc-ro.v2").expose().to_string(), "exec"));
+
+        let Some(results) = run(dir.path(), &statements) else {
+            return;
+        };
+
+        for ((sql, _), (code, result)) in statements[..parsed].iter().zip(&results) {
+            assert_eq!(*code, None, "parse {sql}: {result}");
+            assert!(
+                result.starts_with("ALTER USER") || result.starts_with("SELECT"),
+                "{result}"
+            );
+        }
+        for ((sql, _), (code, result)) in statements[parsed..valid].iter().zip(&results[parsed..]) {
+            assert_eq!(*code, Some(READONLY_STORAGE), "{sql}: {result}");
+        }
+        for ((sql, expected), (code, result)) in broken.iter().zip(&results[valid..]) {
+            assert_eq!(*code, Some(*expected), "{sql}: {result}");
+        }
+        assert_eq!(results.last().unwrap(), &(None, "users_xml".to_string()));
+    }
+
+    #[test]
+    fn chdb_loads_the_users_d_file_and_reports_the_hashes_written() {
+        let dir = chdb_dir();
+        let passwords = [Secret::new("first-pw"), Secret::new("second-pw")];
+        let entries: Vec<(String, Secret)> = XML_USERS
+            .iter()
+            .zip(&passwords)
+            .map(|(u, p)| (u.to_string(), sha256_hex(p)))
+            .collect();
+        std::fs::write(
+            dir.path().join("users.d/llmtrace-rotator.xml"),
+            users_xml_file(&entries).expose(),
+        )
+        .unwrap();
+        let statements: Vec<(String, &str)> = XML_USERS
+            .iter()
+            .map(|u| {
+                (
+                    format!(
+                        "SHOW CREATE USER {} SETTINGS format_display_secrets_in_show_and_select = 1",
+                        quote_identifier(u)
+                    ),
+                    "exec",
+                )
+            })
+            .collect();
+
+        let Some(results) = run(dir.path(), &statements) else {
+            return;
+        };
+
+        for ((_, hash), (code, result)) in entries.iter().zip(&results) {
+            assert_eq!(*code, None, "{result}");
+            assert!(
+                result.contains(&format!(
+                    "IDENTIFIED WITH sha256_hash BY '{}'",
+                    hash.expose().to_uppercase()
+                )),
+                "{result}"
+            );
+        }
+    }
+
+    #[test]
+    fn chdb_answers_the_pair_queries_and_differences_are_named() {
+        let dir = chdb_dir();
+        // Not "svc-ro.v2": the server reads users.xml through Poco's configuration, where a dot
+        // separates keys, so that user's <quota> is not found (its quota list differs).
+        let users = ["llmtrace", "app_b", "app_c", "app_d"];
+        let statements: Vec<(String, &str)> = users
+            .iter()
+            .flat_map(|u| pair_queries(u))
+            .map(|(_, sql)| (sql.expose().to_string(), "exec"))
+            .collect();
+
+        let Some(results) = run(dir.path(), &statements) else {
+            return;
+        };
+
+        let answers: Vec<Vec<(&'static str, String)>> = results
+            .chunks(5)
+            .zip(&users)
+            .map(|(chunk, user)| {
+                pair_queries(user)
+                    .iter()
+                    .zip(chunk)
+                    .map(|((aspect, _), (code, text))| {
+                        assert_eq!(*code, None, "{user} {aspect}: {text}");
+                        (*aspect, text.clone())
+                    })
+                    .collect()
+            })
+            .collect();
+        assert!(!answers[0][0].1.is_empty(), "users.xml users have grants");
+        assert_eq!(
+            differing_aspects(&answers[0], &answers[1]),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            differing_aspects(&answers[0], &answers[2]),
+            ["settings profile"]
+        );
+        assert_eq!(differing_aspects(&answers[0], &answers[3]), ["grants"]);
     }
 }

@@ -59,8 +59,9 @@ pub trait Backend: Send + Sync {
     /// Logs in with `credential` on a fresh connection, proving it works.
     async fn login(&self, credential: &Credential) -> Result<(), BackendError>;
 
-    /// Proves the admin login works and may change `user`'s password.
-    async fn check_admin(&self, user: &str) -> Result<(), BackendError>;
+    /// Proves the admin login works and may change the password of `current`'s user (an admin
+    /// that is that user itself may log in with `current`).
+    async fn check_admin(&self, current: &Credential) -> Result<(), BackendError>;
 
     /// The user the next credential is for (alternating strategies switch users).
     fn next_user(&self, current: &Credential) -> String {

@@ -92,18 +92,44 @@ impl Postgres {
     }
 
     async fn admin(&self) -> Result<PgConnection, BackendError> {
-        self.connect(&self.admin_user, &self.admin_password)
-            .await
-            .map_err(|cause| BackendError::Admin {
-                backend: self.describe(),
-                user: self.admin_user.clone(),
-                cause,
-            })
+        self.admin_also(&[]).await
     }
 
-    /// Stores a fresh verifier of `credential`'s password for its user.
-    async fn set_password(&self, credential: &Credential) -> Result<(), BackendError> {
-        let mut admin = self.admin().await?;
+    /// The admin session. When the admin is the rotated user itself, the password it was given
+    /// (resolved when the run started, maybe from the store being rotated) stops working once
+    /// apply changed it: this run's credentials for that user are tried after it, so the
+    /// password in force is used, whichever side of the change the run is on.
+    async fn admin_also(&self, also: &[&Credential]) -> Result<PgConnection, BackendError> {
+        let mut cause = match self.connect(&self.admin_user, &self.admin_password).await {
+            Ok(conn) => return Ok(conn),
+            Err(cause) => cause,
+        };
+        let mut tried = vec![self.admin_password.expose()];
+        for credential in also.iter().filter(|c| c.user == self.admin_user) {
+            if tried.contains(&credential.password.expose()) {
+                continue;
+            }
+            tried.push(credential.password.expose());
+            match self.connect(&credential.user, &credential.password).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => cause = e,
+            }
+        }
+        Err(BackendError::Admin {
+            backend: self.describe(),
+            user: self.admin_user.clone(),
+            cause,
+        })
+    }
+
+    /// Stores a fresh verifier of `credential`'s password for its user; `also` are this run's
+    /// credentials, for an admin that is the rotated user.
+    async fn set_password(
+        &self,
+        credential: &Credential,
+        also: &[&Credential],
+    ) -> Result<(), BackendError> {
+        let mut admin = self.admin_also(also).await?;
         let verifier = scram::verifier(&credential.password);
         // A verifier is base64 plus `$` and `:`: nothing in it needs escaping inside '...'.
         let statement = format!(
@@ -228,11 +254,12 @@ impl Backend for Postgres {
         }
     }
 
-    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
+    async fn check_admin(&self, current: &Credential) -> Result<(), BackendError> {
         if self.strategy == Strategy::Alternating {
             return self.check_alternating().await;
         }
-        let mut admin = self.admin().await?;
+        let user = current.user.as_str();
+        let mut admin = self.admin_also(&[current]).await?;
         let row: Option<(bool, bool)> = sqlx::query_as(
             "SELECT r.rolcanlogin, (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user) \
              FROM pg_roles r WHERE r.rolname = $1",
@@ -261,8 +288,8 @@ impl Backend for Postgres {
         }
     }
 
-    async fn apply(&self, _current: &Credential, next: &Credential) -> Result<(), BackendError> {
-        self.set_password(next).await
+    async fn apply(&self, current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        self.set_password(next, &[current, next]).await
     }
 
     async fn undo_apply(
@@ -277,9 +304,9 @@ impl Backend for Postgres {
                     user: next.user.clone(),
                     password: crate::password::generate(&Default::default()),
                 };
-                self.set_password(&discarded).await
+                self.set_password(&discarded, &[current, next]).await
             }
-            _ => self.set_password(current).await,
+            _ => self.set_password(current, &[current, next]).await,
         }
     }
 }

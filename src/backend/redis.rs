@@ -6,8 +6,9 @@
 //! those on the network.
 //!
 //! Every change is persisted (`ACL SAVE` with an aclfile, else `CONFIG REWRITE`), because a
-//! Redis restart would otherwise bring the old password back. Listed replicas that
-//! authenticate to the master as the rotated user follow it through `masterauth`.
+//! Redis restart would otherwise bring the old password back. ACLs are not replicated: every
+//! listed replica gets the same change (Bitnami starts replicas with the master's users), and
+//! those that authenticate to the master as the rotated user follow it through `masterauth`.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -33,6 +34,8 @@ pub struct Redis {
     host: String,
     port: u16,
     replicas: Vec<(String, u16)>,
+    /// Where the master and replicas are found instead: (sentinel host, port, master name).
+    sentinel: Option<(String, u16, String)>,
     tls: bool,
     ca_file: Option<std::path::PathBuf>,
     admin_user: String,
@@ -40,6 +43,12 @@ pub struct Redis {
     strategy: Strategy,
     /// Warnings for the report (a change that cannot be persisted); drained by the engine.
     notes: Mutex<Vec<super::Note>>,
+}
+
+/// The nodes a change goes to.
+struct Topology {
+    master: (String, u16),
+    replicas: Vec<(String, u16)>,
 }
 
 /// What `ACL GETUSER` says about a user, as far as rotation cares.
@@ -192,6 +201,10 @@ impl Redis {
             host,
             port,
             replicas: target.replicas.iter().map(|r| split_host_port(r)).collect(),
+            sentinel: target.sentinel.as_ref().map(|s| {
+                let (host, port) = split_host_port(&s.address);
+                (host, port, s.master_name.clone())
+            }),
             tls: target.tls,
             ca_file: target.ca_file.clone(),
             admin_user: target.admin_user.clone(),
@@ -225,15 +238,18 @@ impl Redis {
         } else {
             ConnectionAddr::Tcp(host.to_string(), port)
         };
+        let settings = if user.is_empty() {
+            RedisConnectionInfo::default().set_skip_set_lib_name()
+        } else {
+            RedisConnectionInfo::default()
+                .set_username(user)
+                .set_password(password.expose())
+                .set_skip_set_lib_name()
+        };
         let info = addr
             .into_connection_info()
             .map_err(|e| e.to_string())?
-            .set_redis_settings(
-                RedisConnectionInfo::default()
-                    .set_username(user)
-                    .set_password(password.expose())
-                    .set_skip_set_lib_name(),
-            );
+            .set_redis_settings(settings);
         let client = if self.tls {
             let root_cert = match &self.ca_file {
                 Some(path) => Some(
@@ -263,8 +279,97 @@ impl Redis {
             .map_err(|e| redact(&e.to_string(), &[password]))
     }
 
-    fn master(&self) -> (&str, u16) {
-        (&self.host, self.port)
+    /// The master and the replicas to change: as configured, or as the Sentinel reports them
+    /// now (asked at each step, so a failover during the run is followed). Replicas the
+    /// Sentinel flags as down or disconnected are left out, and the report says so.
+    async fn topology(&self) -> Result<Topology, BackendError> {
+        let Some((host, port, name)) = &self.sentinel else {
+            return Ok(Topology {
+                master: (self.host.clone(), self.port),
+                replicas: self.replicas.clone(),
+            });
+        };
+        let fail = |cause: String| BackendError::Setup {
+            backend: self.describe(),
+            message: format!("cannot ask the sentinel for master {name:?}: {cause}"),
+        };
+        let mut conn = self
+            .sentinel_connection((host, *port))
+            .await
+            .map_err(fail)?;
+        let master: Value = ::redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let master = match strings(&master).as_slice() {
+            [ip, port] => (
+                ip.clone(),
+                port.parse()
+                    .map_err(|_| fail(format!("bad master port {port:?}")))?,
+            ),
+            _ => return Err(fail("the sentinel does not monitor that master".into())),
+        };
+        let listed: Value = ::redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut replicas = Vec::new();
+        let entries = match listed {
+            Value::Array(items) | Value::Set(items) => items,
+            _ => Vec::new(),
+        };
+        for entry in entries {
+            let fields: Vec<(String, String)> = fields(entry)
+                .into_iter()
+                .map(|(k, v)| (k, strings(&Value::Array(vec![v])).pop().unwrap_or_default()))
+                .collect();
+            let get = |key: &str| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let (ip, port, flags) = (get("ip"), get("port"), get("flags"));
+            let address = (ip.clone(), port.parse().unwrap_or(0));
+            if flags
+                .split(',')
+                .any(|f| matches!(f, "s_down" | "o_down" | "disconnected"))
+            {
+                self.note(
+                    "replica_down",
+                    format!(
+                        "{}: replica {ip}:{port} is {flags} according to the sentinel: its password was not changed",
+                        self.describe()
+                    ),
+                );
+                continue;
+            }
+            replicas.push(address);
+        }
+        Ok(Topology { master, replicas })
+    }
+
+    /// A connection to the Sentinel: with the admin credential when it knows that user, else
+    /// without authentication (a Sentinel without `requirepass`).
+    async fn sentinel_connection(
+        &self,
+        node: (&str, u16),
+    ) -> Result<MultiplexedConnection, String> {
+        match self
+            .connect(node, &self.admin_user, &self.admin_password)
+            .await
+        {
+            Ok(conn) => Ok(conn),
+            Err(with_admin) => self
+                .connect(node, "", &Secret::new(""))
+                .await
+                .map_err(|_| with_admin),
+        }
     }
 
     /// The admin connection to `node`. When the admin is the rotated user itself, its stored
@@ -297,14 +402,6 @@ impl Redis {
         })
     }
 
-    fn change_error(&self, user: &str, cause: String) -> BackendError {
-        BackendError::Change {
-            backend: self.describe(),
-            user: user.to_string(),
-            cause,
-        }
-    }
-
     async fn get_user(
         &self,
         conn: &mut MultiplexedConnection,
@@ -319,25 +416,55 @@ impl Redis {
         Ok(acl_user(value))
     }
 
-    /// Runs one `ACL SETUSER` for `change` on the master and persists it.
+    /// Runs one `ACL SETUSER` for `change` on the master, then on every listed replica (ACLs
+    /// are not replicated, and a replica started with the master's users keeps their old
+    /// passwords otherwise), persisting it on each.
     async fn set_user(
         &self,
         change: Change,
         current: &Credential,
         next: &Credential,
     ) -> Result<(), BackendError> {
+        let topology = self.topology().await?;
+        let (host, port) = &topology.master;
+        let node = format!("redis {host}:{port}");
+        self.set_user_on((host, *port), &node, true, change, current, next)
+            .await?;
+        for (host, port) in &topology.replicas {
+            let node = format!("redis replica {host}:{port}");
+            self.set_user_on((host, *port), &node, false, change, current, next)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Redis::set_user`] on one node; rules follow what that node holds, so a repeated
+    /// undo is harmless. A replica that does not have the user has nothing to change.
+    async fn set_user_on(
+        &self,
+        address: (&str, u16),
+        node: &str,
+        required: bool,
+        change: Change,
+        current: &Credential,
+        next: &Credential,
+    ) -> Result<(), BackendError> {
         let user = &next.user;
-        let mut conn = self.admin(self.master(), &[current, next]).await?;
-        let held = self
-            .get_user(&mut conn, user)
-            .await
-            .map_err(|cause| self.change_error(user, cause))?
-            .ok_or_else(|| self.change_error(user, "the user does not exist".into()))?
-            .passwords;
+        let fail = |cause: String| BackendError::Change {
+            backend: node.to_string(),
+            user: user.clone(),
+            cause,
+        };
+        let mut conn = self.admin(address, &[current, next]).await?;
+        let held = match self.get_user(&mut conn, user).await.map_err(fail)? {
+            Some(found) => found.passwords,
+            None if required => return Err(fail("the user does not exist".into())),
+            None => return Ok(()),
+        };
         let old = password_hash(&current.password);
         let new = password_hash(&next.password);
         let rules = setuser_rules(self.strategy, change, &held, &old, &new)
-            .map_err(|cause| self.change_error(user, cause.into()))?;
+            .map_err(|cause| fail(cause.into()))?;
         if rules.is_empty() {
             return Ok(());
         }
@@ -349,10 +476,8 @@ impl Redis {
         command
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| self.change_error(user, redact(&e.to_string(), &[&old, &new])))?;
-        self.persist_acl(&mut conn, user)
-            .await
-            .map_err(|cause| self.change_error(user, cause))
+            .map_err(|e| fail(redact(&e.to_string(), &[&old, &new])))?;
+        self.persist_acl(&mut conn, user, node).await.map_err(fail)
     }
 
     /// `ACL SAVE` with an aclfile, else `CONFIG REWRITE`, else a warning for the report.
@@ -360,8 +485,8 @@ impl Redis {
         &self,
         conn: &mut MultiplexedConnection,
         user: &str,
+        node: &str,
     ) -> Result<(), String> {
-        let node = self.describe();
         let aclfile = self.config_get(conn, "aclfile").await?;
         if !aclfile.is_empty() {
             let aclfile = aclfile.expose();
@@ -381,7 +506,7 @@ impl Redis {
             ));
             return Ok(());
         }
-        self.persist_config(conn, &node).await
+        self.persist_config(conn, node).await
     }
 
     /// `CONFIG REWRITE` when the server was started from a config file, else a warning.
@@ -436,7 +561,7 @@ impl Redis {
     /// Points every listed replica that authenticates as `to.user` at `to`'s password, persists
     /// it, and waits until its link to the master is up.
     async fn follow(&self, from: &Credential, to: &Credential) -> Result<(), BackendError> {
-        for (host, port) in &self.replicas {
+        for (host, port) in &self.topology().await?.replicas {
             let node = format!("redis replica {host}:{port}");
             let fail = |cause: String| BackendError::Change {
                 backend: node.clone(),
@@ -495,7 +620,10 @@ impl Redis {
 #[async_trait]
 impl Backend for Redis {
     fn describe(&self) -> String {
-        format!("redis {}:{}", self.host, self.port)
+        match &self.sentinel {
+            Some((host, port, name)) => format!("redis {name} via sentinel {host}:{port}"),
+            None => format!("redis {}:{}", self.host, self.port),
+        }
     }
 
     fn strategy(&self) -> Strategy {
@@ -503,9 +631,11 @@ impl Backend for Redis {
     }
 
     async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
+        let topology = self.topology().await?;
+        let (host, port) = &topology.master;
         let login = async {
             let mut conn = self
-                .connect(self.master(), &credential.user, &credential.password)
+                .connect((host, *port), &credential.user, &credential.password)
                 .await?;
             ::redis::cmd("PING")
                 .query_async::<()>(&mut conn)
@@ -519,8 +649,11 @@ impl Backend for Redis {
         })
     }
 
-    async fn check_admin(&self, user: &str) -> Result<(), BackendError> {
-        let mut conn = self.admin(self.master(), &[]).await?;
+    async fn check_admin(&self, current: &Credential) -> Result<(), BackendError> {
+        let user = current.user.as_str();
+        let topology = self.topology().await?;
+        let (host, port) = &topology.master;
+        let mut conn = self.admin((host, *port), &[current]).await?;
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
             message,
@@ -542,8 +675,8 @@ impl Backend for Redis {
         if found.flags.iter().any(|f| f == "off") {
             return Err(setup(format!("ACL user {user:?} is disabled (off)")));
         }
-        for (host, port) in &self.replicas {
-            self.admin((host, *port), &[]).await?;
+        for (host, port) in &topology.replicas {
+            self.admin((host, *port), &[current]).await?;
         }
         Ok(())
     }

@@ -69,7 +69,7 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
     }
     runtime
         .backend
-        .check_admin(&target.user)
+        .check_admin(&current)
         .await
         .map_err(StepError::from)?;
     runtime.backend.login(&current).await.map_err(|e| {

@@ -33,9 +33,23 @@ impl ClickHouse {
     /// Starts a server with `user` defined in users.xml by a plaintext `<password>` (the
     /// users.d file must drop it), and a `default` user with [`ClickHouse::admin_password`].
     pub async fn start(user: &str, password: &str) -> Option<ClickHouse> {
+        ClickHouse::start_users(&[(user, password, "default")]).await
+    }
+
+    /// Like [`ClickHouse::start`], for several users given as (name, password, profile); the
+    /// profiles `default` and `readonly` exist.
+    pub async fn start_users(users: &[(&str, &str, &str)]) -> Option<ClickHouse> {
         let program = program()?;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+        let defined: String = users
+            .iter()
+            .map(|(user, password, profile)| {
+                format!(
+                    "        <{user}><password>{password}</password><networks><ip>127.0.0.1</ip></networks><profile>{profile}</profile><quota>default</quota></{user}>\n"
+                )
+            })
+            .collect();
         let http_port = free_port();
         let tcp_port = free_port();
         let admin_password = super::rotator::random_password();
@@ -69,12 +83,11 @@ impl ClickHouse {
             format!(
                 r#"<?xml version="1.0"?>
 <yandex>
-    <profiles><default></default></profiles>
+    <profiles><default></default><readonly><readonly>1</readonly></readonly></profiles>
     <quotas><default></default></quotas>
     <users>
         <default><password>{admin_password}</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default>
-        <{user}><password>{password}</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></{user}>
-    </users>
+{defined}    </users>
 </yandex>
 "#
             ),

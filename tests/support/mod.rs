@@ -7,6 +7,7 @@ pub mod eso;
 pub mod kube_fake;
 pub mod moto;
 pub mod openbao;
+pub mod pki;
 pub mod postgres;
 pub mod redis;
 pub mod rotator;

@@ -38,11 +38,23 @@ pub struct Postgres {
     port: u16,
     admin_password: String,
     started: bool,
+    /// With a certificate: `ssl = on`, and pg_hba.conf takes TCP logins over TLS only.
+    tls: Option<super::pki::Pki>,
 }
 
 impl Postgres {
     /// initdb and start a new server; panics (with the server log) on failure.
     pub async fn start() -> Postgres {
+        Postgres::start_with(None).await
+    }
+
+    /// Like [`Postgres::start`], serving `pki`'s certificate and refusing TCP logins without
+    /// TLS (`hostssl` lines only), so every connection that works proves it used TLS.
+    pub async fn start_tls(pki: super::pki::Pki) -> Postgres {
+        Postgres::start_with(Some(pki)).await
+    }
+
+    async fn start_with(tls: Option<super::pki::Pki>) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("rotator-pg-")
             .tempdir_in("/tmp")
@@ -56,6 +68,7 @@ impl Postgres {
             port: 0,
             admin_password: uuid::Uuid::new_v4().simple().to_string(),
             started: false,
+            tls,
         };
         pg.init().await;
 
@@ -127,7 +140,11 @@ impl Postgres {
             .username(user)
             .password(password)
             .database(db)
-            .ssl_mode(PgSslMode::Disable)
+            .ssl_mode(if self.tls.is_some() {
+                PgSslMode::Require
+            } else {
+                PgSslMode::Disable
+            })
             .application_name(APPLICATION_NAME)
             .disable_statement_logging()
     }
@@ -311,6 +328,43 @@ impl Postgres {
         let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
         text.push_str(&conf);
         std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        if let Some(pki) = &self.tls {
+            self.enable_tls(pki);
+        }
+    }
+
+    /// The certificate and key in the data dir (the key 0600 and the server's, or it refuses
+    /// to start), `ssl = on`, and `host` lines turned into `hostssl` (src/backend/libpq/hba.c).
+    fn enable_tls(&self, pki: &super::pki::Pki) {
+        use std::os::unix::fs::PermissionsExt;
+        for (from, name) in [(pki.cert(), "server.crt"), (pki.key(), "server.key")] {
+            let to = self.data_dir.join(name);
+            std::fs::copy(from, &to).expect("copy certificate");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if as_root() {
+                let owner = std::fs::metadata(&self.data_dir).unwrap();
+                std::os::unix::fs::chown(
+                    &to,
+                    Some(std::os::unix::fs::MetadataExt::uid(&owner)),
+                    Some(std::os::unix::fs::MetadataExt::gid(&owner)),
+                )
+                .unwrap();
+            }
+        }
+        let conf_path = self.data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf_path, text).unwrap();
+        let hba_path = self.data_dir.join("pg_hba.conf");
+        let hba = std::fs::read_to_string(&hba_path).unwrap();
+        let hba: String = hba
+            .lines()
+            .map(|l| match l.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&hba_path, hba).unwrap();
     }
 
     async fn try_start(&self, port: u16) -> Result<(), String> {

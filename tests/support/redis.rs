@@ -95,6 +95,17 @@ impl Redis {
     /// A replica of `master` that authenticates as `masteruser` with `masterauth`; users in its
     /// config file, with the same admin password as the master.
     pub async fn start_replica(master: &Redis, masteruser: &str, masterauth: &str) -> Redis {
+        Redis::start_replica_with_users(master, &[], masteruser, masterauth).await
+    }
+
+    /// [`Redis::start_replica`] with `users` defined on the replica too, as the Bitnami chart
+    /// starts every replica with the master's password.
+    pub async fn start_replica_with_users(
+        master: &Redis,
+        users: &[(&str, &str)],
+        masteruser: &str,
+        masterauth: &str,
+    ) -> Redis {
         let extra = format!(
             "replicaof 127.0.0.1 {}\nmasteruser {masteruser}\nmasterauth {masterauth}\n",
             master.port
@@ -102,7 +113,7 @@ impl Redis {
         // Same admin on both, as the rotator's single admin credential expects.
         Redis::start_with_admin(
             Users::ConfigFile,
-            &[],
+            users,
             &extra,
             master.admin_password.clone(),
         )
@@ -398,4 +409,79 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
+}
+
+/// A Redis Sentinel monitoring `master` as `mymaster` (quorum 1), authenticating to it as the
+/// admin user, and knowing that user itself (Sentinel takes `user` lines since 6.2).
+pub struct Sentinel {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Child,
+}
+
+impl Sentinel {
+    pub async fn start(master: &Redis, replicas: usize) -> Sentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel.log\n{admin}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master} 1\n\
+                 sentinel auth-user mymaster {ADMIN_USER}\n\
+                 sentinel auth-pass mymaster {password}\n\
+                 sentinel down-after-milliseconds mymaster 60000\n",
+                dir = dir.path().display(),
+                admin = user_line(ADMIN_USER, &master.admin_password),
+                master = master.port,
+                password = master.admin_password,
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel runs");
+        let sentinel = Sentinel { dir, port, child };
+        // Sentinel learns the replicas from the master's INFO (redis src/sentinel.c
+        // `sentinelRefreshInstanceInfo`): wait until it lists them all.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut conn) = try_connect(port, ADMIN_USER, &master.admin_password).await {
+                let listed: Result<redis::Value, _> = redis::cmd("SENTINEL")
+                    .arg("REPLICAS")
+                    .arg("mymaster")
+                    .query_async(&mut conn)
+                    .await;
+                if let Ok(redis::Value::Array(items)) = listed {
+                    if items.len() == replicas {
+                        return sentinel;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sentinel did not list {replicas} replicas:\n{}",
+                std::fs::read_to_string(sentinel.dir.path().join("sentinel.log"))
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
