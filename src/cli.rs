@@ -25,8 +25,25 @@ pub const EXIT_CANNOT_START: i32 = 4;
     about = "Rotates database credentials without breaking the workload that uses them"
 )]
 pub struct Cli {
+    /// How log lines on stderr look: `text` for people, `json` (one object per line) for a
+    /// log pipeline.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "ROTATOR_LOG_FORMAT",
+        default_value_t
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]

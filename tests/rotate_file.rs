@@ -519,3 +519,47 @@ async fn an_original_password_that_saslprep_changes_logs_in_after_a_rollback() {
     );
     assert_no_secret(&out.all(), &[ORIGINAL], "rotator output");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_log_lines_parse_and_carry_the_structured_fields_without_a_credential() {
+    let host = ComposeHost::start().await;
+
+    // RUST_LOG=trace is the harness default: every library's events are in the stream too.
+    let out = host
+        .rotator
+        .run_with(&["rotate"], &[("ROTATOR_LOG_FORMAT", "json")])
+        .await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let mut step_lines = 0;
+    for line in out.stderr.lines() {
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(object.get(field).is_some(), "no {field} in {line}");
+        }
+        if object["message"] == "step ended" {
+            step_lines += 1;
+            for field in ["run", "step", "subject", "status", "duration_ms"] {
+                assert!(object.get(field).is_some(), "no {field} in {line}");
+            }
+        }
+    }
+    assert!(step_lines >= 5, "{}", out.stderr);
+    let finished = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("rotation finished"))
+        .expect("a finish line");
+    let finished: serde_json::Value = serde_json::from_str(finished).unwrap();
+    assert_eq!(finished["outcome"], "succeeded");
+    assert_clean(&host, &out.all());
+
+    // The flag is global: it may follow the subcommand.
+    let text = host.rotator.run(&["rotate", "--log-format", "text"]).await;
+    assert_eq!(text.code, 0, "{}", text.all());
+    assert!(text
+        .stderr
+        .lines()
+        .any(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
+}

@@ -571,3 +571,67 @@ async fn readyz_hides_the_journal_error_and_logs_it() {
         "serve log",
     );
 }
+
+/// Polls `GET /v1/targets` with `token` until it answers `status`, for at most `within`.
+async fn wait_for_status(server: &Server, token: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let response = server
+            .http
+            .get(server.url("/v1/targets"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{token:?} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_tokens_from_a_file_are_reloaded_when_it_changes() {
+    let host = ComposeHost::start().await;
+    let port = free_port();
+    let tokens = host.rotator.path("tokens");
+    // A Secret volume update swaps a symlink to a new directory; a rename is as atomic.
+    let replace = |text: &str| {
+        let staged = host.rotator.path("tokens.new");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, &tokens).unwrap();
+    };
+    replace("first-token\n");
+    let rotator = format!(
+        "listen = \"127.0.0.1:{port}\"\napi_tokens = \"file:{}\"\ncheck_interval = \"0s\"",
+        tokens.display()
+    );
+    host.rotator.write_config(&file_config_with(
+        &host.pg.address(),
+        &["true".into()],
+        &rotator,
+        "",
+    ));
+    let server = host.rotator.serve(port).await;
+    wait_for_status(&server, "first-token", 200, Duration::ZERO).await;
+    wait_for_status(&server, "second-token", 401, Duration::ZERO).await;
+
+    replace("second-token\n");
+    wait_for_status(&server, "second-token", 200, Duration::from_secs(20)).await;
+    wait_for_status(&server, "first-token", 401, Duration::ZERO).await;
+
+    // Empty, then unreadable: the tokens in force stay, and the log says why.
+    replace("# nothing yet\n");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    std::fs::remove_file(&tokens).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    wait_for_status(&server, "second-token", 200, Duration::ZERO).await;
+    let log = server.log();
+    assert!(log.contains("holds no token"), "{log}");
+    assert!(log.contains("cannot read the API token file"), "{log}");
+    assert_no_secret(&log, &["first-token", "second-token"], "serve log");
+}

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Reference};
 use crate::engine::plan::Plan;
 use crate::engine::{check, recover, run, Deps, Engine, EngineError, RunReport};
 use crate::resolve::resolve;
@@ -44,7 +44,7 @@ pub enum ServeError {
 pub struct Daemon {
     pub engine: Arc<Engine>,
     pub metrics: metrics::Metrics,
-    pub tokens: auth::Tokens,
+    pub tokens: Arc<auth::LiveTokens>,
     /// Runs in flight; shutdown waits for them.
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: runs in flight stop and roll back.
@@ -157,17 +157,19 @@ pub async fn serve(
     let listen = config.rotator.listen;
     let grace = config.rotator.shutdown_grace;
     let deps = Deps::new(config).await?;
-    let tokens = match &deps.config.rotator.api_tokens {
-        Some(reference) => auth::Tokens::parse(
-            &resolve(reference, "rotator.api_tokens", deps.kube.as_ref())
+    let (tokens, token_text) = match &deps.config.rotator.api_tokens {
+        Some(reference) => {
+            let text = resolve(reference, "rotator.api_tokens", deps.kube.as_ref())
                 .await
-                .map_err(EngineError::from)?,
-        ),
+                .map_err(EngineError::from)?;
+            (auth::Tokens::parse(&text), Some(text))
+        }
         None => {
             tracing::warn!("no api_tokens configured: every /v1 request is refused");
-            auth::Tokens::none()
+            (auth::Tokens::none(), None)
         }
     };
+    let tokens = Arc::new(auth::LiveTokens::new(tokens));
     let engine = Arc::new(Engine::new(deps).await?);
     let names: Vec<String> = engine
         .deps
@@ -215,6 +217,16 @@ pub async fn serve(
     tracing::info!(address = %listen, "serving");
 
     let stop = CancellationToken::new();
+    if let (Some(Reference::File(path)), Some(text)) =
+        (&engine.deps.config.rotator.api_tokens, token_text)
+    {
+        tokio::spawn(daemon.tokens.clone().watch(
+            path.clone(),
+            text,
+            auth::RELOAD_EVERY,
+            stop.clone(),
+        ));
+    }
     let background = tokio::spawn(scheduler::run(daemon.clone(), stop.clone()));
     let server = tokio::spawn(http::serve(
         listener,
