@@ -563,3 +563,77 @@ async fn json_log_lines_parse_and_carry_the_structured_fields_without_a_credenti
         .lines()
         .any(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
 }
+
+/// A workload's connection, opened with `password` and held until dropped; and its
+/// `ip:port` as `pg_stat_activity` shows it.
+async fn hold_session(host: &ComposeHost, password: &str) -> (sqlx::PgConnection, String) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(
+        &host.pg.connect_options("llmtrace", password, "llmtrace"),
+    )
+    .await
+    .unwrap();
+    let (client,): (String,) =
+        sqlx::query_as("SELECT host(inet_client_addr()) || ':' || inet_client_port()")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    (conn, client)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_left_on_the_old_password_ends_succeeded_with_its_address_reported() {
+    let host = ComposeHost::start().await;
+    host.rotator
+        .write_config(&support::rotator::file_config_with(
+            &host.pg.address(),
+            &[
+                "sh".into(),
+                "-c".into(),
+                format!("echo restarted >> {}", host.restart_log.display()),
+            ],
+            "",
+            "confirm_timeout = \"2s\"",
+        ));
+    // PostgreSQL keeps a session open across a password change: only the session list tells.
+    let (held, client) = hold_session(&host, &host.old_password).await;
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "succeeded");
+    let confirm = &report["confirm"][0];
+    assert_eq!(confirm["target"], "postgres");
+    assert_eq!(confirm["drained"], false);
+    assert_eq!(confirm["old_sessions"], 1);
+    assert_eq!(confirm["old_clients"], serde_json::json!([client]));
+    assert!(confirm["waited_ms"].as_u64().unwrap() >= 2000, "{confirm}");
+    let step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "confirm")
+        .expect("a confirm step");
+    assert_eq!(step["status"], "warning");
+    assert!(step["error"].as_str().unwrap().contains(&client), "{step}");
+    assert_clean(&host, &out.all());
+
+    // Once the old session ends, the next run drains at once and the text report says so.
+    sqlx::Connection::close(held).await.unwrap();
+    let again = host.rotator.run(&["rotate"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(
+        again
+            .stdout
+            .contains("confirm: target postgres: drained after"),
+        "{}",
+        again.stdout
+    );
+    assert!(
+        again.stdout.contains("0 session(s) on the old credential"),
+        "{}",
+        again.stdout
+    );
+    assert_clean(&host, &again.all());
+}

@@ -130,13 +130,24 @@ impl Daemon {
     /// Runs the drift check on `targets` and records the result.
     pub async fn check(&self, targets: &[String]) {
         let report = check::check(&self.engine.deps, targets).await;
-        let mut valid = self.valid.lock().expect("valid lock");
-        for target in &report.targets {
-            if !target.valid {
-                tracing::warn!(target = %target.target, "drift: a stored credential does not log in");
+        {
+            let mut valid = self.valid.lock().expect("valid lock");
+            for target in &report.targets {
+                if !target.valid {
+                    tracing::warn!(target = %target.target, "drift: a stored credential does not log in");
+                }
+                self.metrics.set_valid(&target.target, target.valid);
+                valid.insert(target.target.clone(), target.valid);
             }
-            self.metrics.set_valid(&target.target, target.valid);
-            valid.insert(target.target.clone(), target.valid);
+        }
+        for target in &report.targets {
+            let Some(config) = self.config().target(&target.target) else {
+                continue;
+            };
+            let rotated_at = self.metrics.rotated_at(&target.target);
+            if let Some(old) = check::sessions_on_old(&self.engine.deps, config, rotated_at).await {
+                self.metrics.set_sessions_on_old(&target.target, old);
+            }
         }
     }
 }
