@@ -103,7 +103,17 @@ pub trait Backend: Send + Sync {
 pub struct Session {
     /// `ip:port` as the server sees it, or `local` (a Unix socket).
     pub client: String,
+    /// How long it has been open, rounded down to `age_resolution`.
     pub age: std::time::Duration,
+    /// Redis counts whole seconds: the session may be up to this much older than `age`.
+    pub age_resolution: std::time::Duration,
+}
+
+impl Session {
+    /// The earliest it may have begun (ms since the epoch), given the time `now`.
+    pub fn earliest_start(&self, now: i64) -> i64 {
+        now - (self.age + self.age_resolution).as_millis() as i64
+    }
 }
 
 /// A warning from a backend: a stable `kind` for `rotator_warnings_total`, and the message.

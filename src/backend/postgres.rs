@@ -308,6 +308,7 @@ impl Backend for Postgres {
                 .map(|(client, age)| super::Session {
                     client: client.unwrap_or_else(|| "local".into()),
                     age: std::time::Duration::from_secs_f64(age.max(0.0)),
+                    age_resolution: std::time::Duration::ZERO,
                 })
                 .collect(),
         ))

@@ -117,7 +117,7 @@ fn setuser_rules(
 }
 
 /// The connections of `user` in a `CLIENT LIST` reply (`id=.. addr=.. age=.. user=..` per
-/// line), but connection `own`.
+/// line), but connection `own` and replication links.
 fn client_list_sessions(list: &str, user: &str, own: i64) -> Vec<super::Session> {
     list.lines()
         .filter_map(|line| {
@@ -128,9 +128,15 @@ fn client_list_sessions(list: &str, user: &str, own: i64) -> Vec<super::Session>
             if field("user")? != user || field("id")?.parse::<i64>().ok()? == own {
                 return None;
             }
+            // A replica's link (flag S) follows the password through masterauth, which the
+            // rotation sets itself: it is not a workload's session.
+            if field("flags")?.contains(['S', 'M']) {
+                return None;
+            }
             Some(super::Session {
                 client: field("addr")?.to_string(),
                 age: Duration::from_secs(field("age")?.parse().ok()?),
+                age_resolution: Duration::from_secs(1),
             })
         })
         .collect()
@@ -656,17 +662,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_list_keeps_the_users_connections_but_our_own() {
-        // Redis 7.2 `CLIENT LIST` lines (src/networking.c, catClientInfoString).
+    fn client_list_keeps_the_users_connections_but_our_own_and_replica_links() {
+        // `CLIENT LIST` lines as redis/redis src/networking.c (catClientInfoString) writes them:
+        // age in whole seconds, flags S for a replica link, M for the master.
         let list = "id=3 addr=127.0.0.1:50100 laddr=127.0.0.1:6379 fd=8 name= age=42 idle=0 flags=N db=0 user=app lib-name= cmd=get\n\
                     id=4 addr=127.0.0.1:50102 laddr=127.0.0.1:6379 fd=9 name= age=1 idle=0 flags=N db=0 user=admin cmd=client|list\n\
                     id=5 addr=10.0.0.7:41000 laddr=127.0.0.1:6379 fd=10 name= age=0 idle=0 flags=N db=0 user=app cmd=client|list\n\
-                    id=6 addr=10.0.0.8:41000 laddr=127.0.0.1:6379 fd=11 name= age=7 idle=0 flags=N db=0 user=application cmd=ping\n";
+                    id=6 addr=10.0.0.8:41000 laddr=127.0.0.1:6379 fd=11 name= age=7 idle=0 flags=N db=0 user=application cmd=ping\n\
+                    id=7 addr=10.0.0.9:41000 laddr=127.0.0.1:6379 fd=12 name= age=90 idle=0 flags=S db=0 user=app cmd=replconf\n";
         assert_eq!(
             client_list_sessions(list, "app", 5),
             [crate::backend::Session {
                 client: "127.0.0.1:50100".into(),
-                age: Duration::from_secs(42)
+                age: Duration::from_secs(42),
+                age_resolution: Duration::from_secs(1),
             }]
         );
     }

@@ -146,7 +146,7 @@ pub async fn sessions_on_old(
             let before = rotated_at.unwrap_or(i64::MIN);
             sessions
                 .iter()
-                .filter(|s| now - (s.age.as_millis() as i64) < before)
+                .filter(|s| s.earliest_start(now) < before)
                 .count()
         };
     }

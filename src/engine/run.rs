@@ -1063,7 +1063,8 @@ impl<'a> RunContext<'a> {
                 on_old_login.clone()
             };
             let now = chrono::Utc::now().timestamp_millis();
-            let began = |s: &Session| now - s.age.as_millis() as i64;
+            // The earliest each may have begun: when in doubt a session counts as old, not new.
+            let began = |s: &Session| s.earliest_start(now);
             let old: Vec<&Session> = on_old_login
                 .iter()
                 .filter(|s| alternating || began(s) < applied_at)
