@@ -419,3 +419,112 @@ async fn partitioned_statefulset_is_refused_naming_the_partition() {
         1
     );
 }
+
+/// `reason type kind/name` of every Event in the namespace, after checking each names the
+/// object by its uid (what `kubectl describe` looks it up by) and the run in its note.
+fn events(cluster: &LlmtraceCluster, run: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for event in cluster.kube.events(NS) {
+        let regarding = &event["regarding"];
+        let (kind, name) = (
+            regarding["kind"].as_str().unwrap(),
+            regarding["name"].as_str().unwrap(),
+        );
+        let object = match kind {
+            "Deployment" => cluster
+                .kube
+                .workload(WorkloadKind::Deployment, NS, name)
+                .unwrap(),
+            _ => cluster.kube.secret_json(NS, name).unwrap(),
+        };
+        let uid = &object["metadata"]["uid"];
+        assert!(uid.is_string(), "{object}");
+        assert_eq!(&regarding["uid"], uid, "{event}");
+        assert_eq!(event["reportingController"], "llmtrace.dev/rotator");
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.contains(run) && note.contains("target postgres"),
+            "{note}"
+        );
+        seen.push(format!(
+            "{} {} {kind}/{name}",
+            event["reason"].as_str().unwrap(),
+            event["type"].as_str().unwrap()
+        ));
+    }
+    seen.sort();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_run_leaves_an_event_on_the_deployment_and_every_secret_it_wrote() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        events(&cluster, &run),
+        [
+            "RotationSucceeded Normal Deployment/llmtrace",
+            "RotationSucceeded Normal Secret/llmtrace",
+            "RotationSucceeded Normal Secret/llmtrace-postgresql",
+        ]
+    );
+    let created = cluster
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "events")
+        .map(|r| (r.verb, r.path, r.status))
+        .collect::<Vec<_>>();
+    assert_eq!(created.len(), 3, "{created:?}");
+    for (verb, path, status) in created {
+        assert_eq!(
+            (verb.as_str(), path.as_str(), status),
+            (
+                "create",
+                "/apis/events.k8s.io/v1/namespaces/llmtrace/events",
+                201
+            )
+        );
+    }
+    let all_events = serde_json::to_string(&cluster.kube.events(NS)).unwrap();
+    let secrets = cluster.secrets_in_play();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_secret(&all_events, &secrets, "the Events");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolled_back_run_leaves_warning_events_and_a_refused_event_write_fails_nothing() {
+    let cluster = LlmtraceCluster::start(Rollout::Stuck {
+        deadline: Duration::from_millis(800),
+    })
+    .await;
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        events(&cluster, &run),
+        [
+            "RotationRolledBack Warning Deployment/llmtrace",
+            "RotationRolledBack Warning Secret/llmtrace",
+            "RotationRolledBack Warning Secret/llmtrace-postgresql",
+        ]
+    );
+
+    // RBAC without events: the run still succeeds, and the log says why no Event was written.
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster
+        .kube
+        .inject_fault(Fault::new(403).method("POST").resource("events").times(10));
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(cluster.kube.events(NS).is_empty());
+    assert!(
+        out.stderr.contains("cannot write a Kubernetes Event"),
+        "{}",
+        out.stderr
+    );
+}

@@ -635,3 +635,83 @@ async fn api_tokens_from_a_file_are_reloaded_when_it_changes() {
     assert!(log.contains("cannot read the API token file"), "{log}");
     assert_no_secret(&log, &["first-token", "second-token"], "serve log");
 }
+
+/// Polls `/metrics` until `name{labels}` reads `value`, for at most `within`.
+async fn wait_for_sample(
+    server: &Server,
+    name: &str,
+    labels: &[(&str, &str)],
+    value: f64,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let metrics = server.metrics().await;
+        if sample(&metrics, name, labels) == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} never read {value}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_left_on_the_old_credential_is_a_warning_and_a_gauge_until_it_ends() {
+    use sqlx::Connection;
+    let (host, port) = host_with(None, "check_interval = \"1s\"", "confirm_timeout = \"2s\"").await;
+    let held = sqlx::PgConnection::connect_with(&host.pg.connect_options(
+        "llmtrace",
+        &host.old_password,
+        "llmtrace",
+    ))
+    .await
+    .unwrap();
+    let server = host.rotator.serve(port).await;
+
+    let (status, body) = server
+        .post("/v1/rotations", r#"{"targets": ["postgres"]}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let run = server.wait_for_run(body["id"].as_str().unwrap()).await;
+
+    assert_eq!(run["outcome"], "succeeded", "{run}");
+    let confirm = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "confirm")
+        .expect("a confirm step");
+    assert_eq!(confirm["status"], "warning", "{confirm}");
+    let warning = [("kind", "sessions_not_drained"), ("target", "postgres")];
+    wait_for_sample(
+        &server,
+        "rotator_warnings_total",
+        &warning,
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_for_sample(
+        &server,
+        "rotator_sessions_on_old_credential",
+        &TARGET,
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // The drift check sees the session end.
+    held.close().await.unwrap();
+    wait_for_sample(
+        &server,
+        "rotator_sessions_on_old_credential",
+        &TARGET,
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_clean(&host, &server, &[&run.to_string()]);
+}

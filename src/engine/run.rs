@@ -6,13 +6,14 @@ use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
+use super::events;
 use super::plan::Plan;
 use super::recorder::{Part, Recorder, StepId};
 use super::report::{Confirmation, Outcome, RunReport};
 use super::state::{Progress, RunState, SavedCredential, StoreState};
 use super::{Deps, Engine, EngineError, StepError, TargetRuntime};
 use crate::backend::Session;
-use crate::config::{ConsumerKind, Strategy, Target};
+use crate::config::{ConsumerKind, StoreKind, Strategy, Target};
 use crate::consumer::ConsumerHandle;
 use crate::journal::{JournalError, TargetLock};
 use crate::password;
@@ -359,6 +360,9 @@ impl<'a> RunContext<'a> {
         if let Some(lock) = self.lock.take() {
             lock.release().await;
         }
+        if let Some(client) = &self.deps.kube {
+            events::emit(client, &self.rec.id, outcome, &self.event_objects()).await;
+        }
         tracing::info!(run = %self.rec.id, outcome = outcome.as_str(), "rotation finished");
         RunReport {
             run_id: self.rec.id.clone(),
@@ -378,6 +382,66 @@ impl<'a> RunContext<'a> {
             failures: self.rec.failures.clone(),
             warnings: std::mem::take(&mut self.warnings),
         }
+    }
+
+    /// The Kubernetes objects this run wrote (Secrets of `kubernetes` stores) or rolled out
+    /// (Deployments, StatefulSets), each with the targets it concerns.
+    fn event_objects(&self) -> Vec<events::Regarding> {
+        let mut objects: Vec<events::Regarding> = Vec::new();
+        let mut add = |kind, namespace: &str, name: &str, target: &str| match objects
+            .iter_mut()
+            .find(|o| o.kind == kind && o.namespace == namespace && o.name == name)
+        {
+            Some(o) if !o.targets.iter().any(|t| t == target) => o.targets.push(target.into()),
+            Some(_) => {}
+            None => objects.push(events::Regarding {
+                kind,
+                namespace: namespace.into(),
+                name: name.into(),
+                targets: vec![target.into()],
+            }),
+        };
+        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
+            let Some(runtime) = runtime else { continue };
+            for (store, config) in state.stores.iter().zip(&runtime.config.stores) {
+                match &config.kind {
+                    StoreKind::Kubernetes { namespace, secret }
+                        if store.publish != Progress::NotStarted =>
+                    {
+                        add(events::Kind::Secret, namespace, secret, &state.name)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for consumer in &self.rec.state.consumers {
+            if consumer.restart == Progress::NotStarted {
+                continue;
+            }
+            let Some(config) = self.deps.config.consumer(&consumer.name) else {
+                continue;
+            };
+            let (kind, namespace, object) = match &config.kind {
+                ConsumerKind::Deployment { namespace, object } => {
+                    (events::Kind::Deployment, namespace, object)
+                }
+                ConsumerKind::StatefulSet { namespace, object } => {
+                    (events::Kind::StatefulSet, namespace, object)
+                }
+                _ => continue,
+            };
+            for state in &self.rec.state.targets {
+                let serves = self
+                    .deps
+                    .config
+                    .target(&state.name)
+                    .is_some_and(|t| t.consumers.contains(&consumer.name));
+                if serves {
+                    add(kind, namespace, object, &state.name);
+                }
+            }
+        }
+        objects
     }
 
     async fn rec_journal_finish(&self, outcome: Outcome) -> Result<(), JournalError> {
