@@ -528,3 +528,46 @@ async fn a_rolled_back_run_leaves_warning_events_and_a_refused_event_write_fails
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statefulset_consumer_rolls_out_gets_its_event_and_needs_only_what_rbac_prints() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster
+        .kube
+        .add_statefulset(NS, "llmtrace-worker", 2, quick());
+    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
+        "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"",
+        "kind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"",
+    );
+    assert!(config.contains("llmtrace-worker"));
+    cluster.rotator.write_config(&config);
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(
+        cluster
+            .kube
+            .restarts(WorkloadKind::StatefulSet, NS, "llmtrace-worker")
+            .len(),
+        1
+    );
+    let reasons: Vec<String> = cluster
+        .kube
+        .events(NS)
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}/{}",
+                e["reason"].as_str().unwrap(),
+                e["regarding"]["kind"].as_str().unwrap(),
+                e["regarding"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        reasons.contains(&"RotationSucceeded StatefulSet/llmtrace-worker".to_string()),
+        "{reasons:?}"
+    );
+    assert!(support::rotator::assert_rbac_allows(&cluster.rotator, &cluster.kube) > 0);
+}
