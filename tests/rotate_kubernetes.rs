@@ -571,3 +571,84 @@ async fn a_statefulset_consumer_rolls_out_gets_its_event_and_needs_only_what_rba
     );
     assert!(support::rotator::assert_rbac_allows(&cluster.rotator, &cluster.kube) > 0);
 }
+
+/// The proxy's pods as PostgreSQL sees them: one session on the old password until the
+/// rollout starts, then (when `reconnect`) one opened with the password the Secret holds.
+async fn proxy_pods(cluster: &LlmtraceCluster, reconnect: bool) -> Option<sqlx::PgConnection> {
+    use sqlx::Connection;
+    let old = sqlx::PgConnection::connect_with(&cluster.pg.connect_options(
+        "llmtrace",
+        &cluster.old_password,
+        "llmtrace",
+    ))
+    .await
+    .unwrap();
+    while cluster.restarts() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.close().await.unwrap();
+    if !reconnect {
+        return None;
+    }
+    let new = cluster.url_password();
+    Some(
+        sqlx::PgConnection::connect_with(&cluster.pg.connect_options("llmtrace", &new, "llmtrace"))
+            .await
+            .unwrap(),
+    )
+}
+
+fn with_confirm_timeout(cluster: &LlmtraceCluster, timeout: &str) {
+    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
+        "consumers = [\"proxy\"]",
+        &format!("consumers = [\"proxy\"]\nconfirm_timeout = \"{timeout}\""),
+    );
+    cluster.rotator.write_config(&config);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirm_sees_the_restarted_pods_on_the_new_credential() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    with_confirm_timeout(&cluster, "20s");
+
+    let (out, _pod) = tokio::join!(
+        cluster.rotator.run(&["rotate", "--output", "json"]),
+        proxy_pods(&cluster, true)
+    );
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let confirm = &out.json()["confirm"][0];
+    assert_eq!(confirm["drained"], true, "{confirm}");
+    assert_eq!(confirm["new_expected"], true, "{confirm}");
+    assert_eq!(confirm["old_sessions"], 0, "{confirm}");
+    assert_eq!(confirm["new_sessions"], 1, "{confirm}");
+    assert_eq!(confirm["new_clients"].as_array().unwrap().len(), 1);
+    assert!(confirm["waited_ms"].as_u64().unwrap() < 20_000);
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirm_warns_when_the_restarted_pods_never_log_in_with_the_new_credential() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    with_confirm_timeout(&cluster, "2s");
+
+    let (out, _) = tokio::join!(
+        cluster.rotator.run(&["rotate"]),
+        proxy_pods(&cluster, false)
+    );
+
+    // The old session is gone, but nothing shows the workload on the new credential.
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("confirm: target postgres: NOT DRAINED after ")
+            && out.stdout.contains(
+                "0 session(s) on the old credential, 0 on the new one; \
+                 the restarted consumers opened no session with the new credential"
+            ),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("outcome: succeeded"), "{}", out.stdout);
+    assert_clean(&cluster, &out.all());
+}
