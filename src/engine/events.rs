@@ -64,7 +64,8 @@ async fn emit_one(
     object: &Regarding,
 ) -> Result<(), kube::Error> {
     let ns = object.namespace.as_str();
-    // kubectl describe finds Events by the object's uid: read it.
+    // kubectl describe finds Events with a field selector on the object's uid (client-go
+    // kubernetes/typed/core/v1/event_expansion.go, Search): read it.
     let (api_version, kind, meta) = match object.kind {
         Kind::Deployment => (
             "apps/v1",
