@@ -1,4 +1,5 @@
-//! The command line: `rotate`, `check`, `serve`, `history`, `recover`, `migrate`, and their exit codes.
+//! The command line: `rotate`, `check`, `serve`, `history`, `recover`, `migrate`, `rbac`, and
+//! their exit codes.
 
 use std::path::{Path, PathBuf};
 
@@ -25,8 +26,25 @@ pub const EXIT_CANNOT_START: i32 = 4;
     about = "Rotates database credentials without breaking the workload that uses them"
 )]
 pub struct Cli {
+    /// How log lines on stderr look: `text` for people, `json` (one object per line) for a
+    /// log pipeline.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "ROTATOR_LOG_FORMAT",
+        default_value_t
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
@@ -83,6 +101,17 @@ pub enum Command {
     Migrate {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Print the least-privilege Role and RoleBinding (YAML) this config needs.
+    Rbac {
+        #[arg(long)]
+        config: PathBuf,
+        /// The ServiceAccount the rotator runs as; also the Role's name.
+        #[arg(long, default_value = "llmtrace-rotator")]
+        service_account: String,
+        /// The ServiceAccount's namespace (default: the one namespace the config touches).
+        #[arg(long)]
+        namespace: Option<String>,
     },
 }
 
@@ -276,6 +305,23 @@ async fn execute(command: Command) -> Result<i32, Failure> {
                     message: e.to_string(),
                 }),
             }
+        }
+        Command::Rbac {
+            config,
+            service_account,
+            namespace,
+        } => {
+            let config = Config::load(&config)?;
+            let yaml = crate::rbac::render(&config, &service_account, namespace.as_deref())
+                .map_err(|message| Failure {
+                    code: EXIT_USAGE,
+                    message,
+                })?;
+            if yaml.is_empty() {
+                eprintln!("this config makes no Kubernetes request: no Role is needed");
+            }
+            print!("{yaml}");
+            Ok(EXIT_OK)
         }
         Command::Migrate { config } => {
             Engine::new(load(&config).await?).await?;

@@ -207,6 +207,8 @@ pub struct Target {
     /// ExternalSecrets to force-sync after the upstream stores are written.
     pub sync: Vec<SyncConfig>,
     pub sync_timeout: Duration,
+    /// How long `confirm` waits for the sessions on the old credential to end; zero: no wait.
+    pub confirm_timeout: Duration,
 }
 
 /// `sentinel = { address = "HOST:PORT", master_name = "mymaster" }`.
@@ -249,6 +251,10 @@ pub struct SyncConfig {
 
 /// ESO reconciles within seconds of a force-sync; two minutes covers a slow provider.
 pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// Old pods' connections end with their termination (30 s grace by default) and new pods open
+/// theirs on start: two minutes after a finished rollout, a session still on the old credential
+/// belongs to something the rotation did not restart.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The sealed-secrets controller unseals within seconds; one minute covers a busy one.
 pub const DEFAULT_SEALED_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -1161,6 +1167,7 @@ fn parse_target(
         })
         .collect();
     let sync_timeout = fields.duration("sync_timeout", DEFAULT_SYNC_TIMEOUT, errors);
+    let confirm_timeout = fields.duration("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, errors);
     let store_fields = fields.tables("store", "store", errors);
     if store_fields.is_empty() && !fields.table.contains_key("store") {
         errors.push(
@@ -1227,6 +1234,7 @@ fn parse_target(
         clickhouse: clickhouse?,
         sync,
         sync_timeout,
+        confirm_timeout,
     })
 }
 

@@ -15,6 +15,7 @@
 //! - [`duration`]: `30s`/`5m` durations in config.
 //! - [`resolve`]: reading what `env:`, `file:`, `k8s:` and `literal:` references point at.
 //! - [`failpoint`]: test-only pauses at step boundaries, for crash-recovery tests.
+//! - [`rbac`]: the least-privilege Role and RoleBinding a config needs.
 #![forbid(unsafe_code)]
 
 pub mod backend;
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod journal;
 pub mod password;
+pub mod rbac;
 pub mod resolve;
 pub mod schedule;
 pub mod secret;

@@ -1,6 +1,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
+use llmtrace_rotator::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -16,12 +17,20 @@ async fn main() {
             });
         }
     };
-    tracing_subscriber::fmt()
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match cli.log_format {
+        // One object per line, the event's fields at the top level beside timestamp, level,
+        // target and message, with the enclosing span's fields (run) under `span`.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     std::process::exit(llmtrace_rotator::cli::run(cli).await);
 }

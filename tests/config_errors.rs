@@ -21,6 +21,7 @@ user = "llmtrace"
 admin = { user = "postgres", password = "literal:Sup3rSecretAdmin" }
 strategy = "sometimes"
 consumers = ["proxy"]
+confirm_timeout = "until drained"
 
   [[target.store]]
   kind = "kubernetes"
@@ -42,6 +43,7 @@ timeout = "soon"
         &["history"],
         &["recover"],
         &["migrate"],
+        &["rbac"],
     ] {
         let out = rotator.run(args).await;
         assert_eq!(out.code, 2, "{args:?}: {}", out.all());
@@ -50,6 +52,7 @@ timeout = "soon"
             "target[0].store[0].secret",
             "target[0].store[0].format",
             "consumer[0].timeout",
+            "target[0].confirm_timeout",
         ] {
             assert!(
                 out.stderr.contains(path),
@@ -76,6 +79,13 @@ async fn unknown_target_and_bad_flags_exit_2() {
         out.stderr
     );
     let out = rotator.run(&["rotate", "--output", "yaml"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    let out = rotator.run(&["rotate", "--log-format", "xml"]).await;
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(out.stderr.contains("--log-format"), "{}", out.stderr);
+    let out = rotator
+        .run_with(&["rotate"], &[("ROTATOR_LOG_FORMAT", "xml")])
+        .await;
     assert_eq!(out.code, 2, "{}", out.all());
 }
 

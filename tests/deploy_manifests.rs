@@ -26,7 +26,8 @@ use support::kube_fake::{Rollout, WorkloadKind};
 use support::rotator::{LlmtraceCluster, NS};
 
 const SERVICE_ACCOUNT: &str = "llmtrace-rotator";
-/// The only verbs the rotator uses: read a Secret/workload, PUT a Secret, patch a workload.
+/// The only verbs the rotator uses on named objects: read a Secret/workload, PUT a Secret,
+/// patch a workload. The one unnamed grant: `create` on Events.
 const MINIMAL_VERBS: [&str; 3] = ["get", "update", "patch"];
 
 fn root() -> PathBuf {
@@ -686,6 +687,20 @@ fn role_grants(role: &Value) -> BTreeSet<Grant> {
     let mut grants = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
         assert!(rule["nonResourceURLs"].is_null());
+        if rule["resourceNames"].is_null() {
+            // RBAC cannot name the object of a create: only Events are created, nothing else.
+            assert_eq!(
+                (&rule["apiGroups"], &rule["resources"], &rule["verbs"]),
+                (
+                    &json!(["events.k8s.io"]),
+                    &json!(["events"]),
+                    &json!(["create"])
+                ),
+                "a rule without resourceNames grants only create on Events"
+            );
+            grants.insert(grant("events.k8s.io", "events", "", "create"));
+            continue;
+        }
         for group in strings(&rule["apiGroups"], "apiGroups") {
             for resource in strings(&rule["resources"], "resources") {
                 for object in strings(&rule["resourceNames"], "resourceNames") {
@@ -735,10 +750,12 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
     for target in &config.targets {
         for store in &target.stores {
             match &store.kind {
+                // An Event on the Secret after the run.
                 StoreKind::Kubernetes { namespace, secret } => {
                     namespaces.insert(namespace.clone());
                     grants.insert(grant("", "secrets", secret, "get"));
                     grants.insert(grant("", "secrets", secret, "update"));
+                    grants.insert(grant("events.k8s.io", "events", "", "create"));
                 }
                 // Read (resourceVersion, scope annotations) and merge-patch the SealedSecret;
                 // poll the Secret the controller unseals into.
@@ -776,6 +793,7 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
         namespaces.insert(namespace.clone());
         grants.insert(grant("apps", resource, object, "get"));
         grants.insert(grant("apps", resource, object, "patch"));
+        grants.insert(grant("events.k8s.io", "events", "", "create"));
     }
     (grants, namespaces)
 }
@@ -810,6 +828,7 @@ fn role_grants_exactly_what_the_shipped_config_needs_by_name() {
                 grant("", "secrets", "llmtrace-postgresql", "update"),
                 grant("apps", "deployments", "llmtrace", "get"),
                 grant("apps", "deployments", "llmtrace", "patch"),
+                grant("events.k8s.io", "events", "", "create"),
             ])
         );
 
@@ -848,6 +867,8 @@ fn example_roles_grant_exactly_what_their_configs_need() {
         let config = Config::load(&examples.join(format!("{name}.toml"))).unwrap();
         let (needed, namespaces) = needed_grants(&config);
         assert_eq!(role_grants(&role), needed, "{name}");
+        let printed = rbac(&examples.join(format!("{name}.toml")), &[]);
+        assert_eq!(role_grants(&printed[0]), needed, "{name}: rbac prints it");
         assert_eq!(
             namespaces,
             BTreeSet::from([role["metadata"]["namespace"].as_str().unwrap().to_string()]),
@@ -861,11 +882,103 @@ fn example_roles_grant_exactly_what_their_configs_need() {
     );
 }
 
+/// What `llmtrace-rotator rbac --config CONFIG ARGS...` prints, one value per YAML document.
+fn rbac(config: &Path, args: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(support::rotator::bin())
+        .arg("rbac")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .collect()
+}
+
+fn yaml_file(path: &str) -> Value {
+    serde_yaml::from_str(&std::fs::read_to_string(root().join(path)).unwrap()).unwrap()
+}
+
+#[test]
+fn rbac_prints_the_shipped_role_and_binding() {
+    let config = root().join("deploy/base/rotator.toml");
+    assert_eq!(
+        rbac(&config, &[]),
+        [
+            yaml_file("deploy/base/role.yaml"),
+            yaml_file("deploy/base/rolebinding.yaml")
+        ]
+    );
+    // Another ServiceAccount, living elsewhere: the Role is named after it, bound to it there.
+    let other = rbac(
+        &config,
+        &["--service-account", "rotator", "--namespace", "ops"],
+    );
+    assert_eq!(
+        other[0]["metadata"],
+        json!({"name": "rotator", "namespace": "llmtrace"})
+    );
+    assert_eq!(
+        other[1]["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "rotator", "namespace": "ops"}])
+    );
+    assert_eq!(other[1]["roleRef"]["name"], "rotator");
+}
+
+#[test]
+fn rbac_groups_namespaces_and_asks_where_the_service_account_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("deploy/base/rotator.toml"))
+        .unwrap()
+        .replace(
+            "[[consumer]]\nname = \"proxy\"\nkind = \"deployment\"\nnamespace = \"llmtrace\"",
+            "[[consumer]]\nname = \"proxy\"\nkind = \"statefulset\"\nnamespace = \"apps\"",
+        );
+    assert!(text.contains("namespace = \"apps\""), "the consumer moved");
+    let config = dir.path().join("rotator.toml");
+    std::fs::write(&config, text).unwrap();
+    let refused = std::process::Command::new(support::rotator::bin())
+        .args(["rbac", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--namespace is required"));
+
+    let docs = rbac(&config, &["--namespace", "llmtrace"]);
+    let kinds: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| (kind(d), d["metadata"]["namespace"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("Role", "apps"),
+            ("RoleBinding", "apps"),
+            ("Role", "llmtrace"),
+            ("RoleBinding", "llmtrace")
+        ]
+    );
+    assert_eq!(
+        role_grants(&docs[0]),
+        BTreeSet::from([
+            grant("apps", "statefulsets", "llmtrace", "get"),
+            grant("apps", "statefulsets", "llmtrace", "patch"),
+            grant("events.k8s.io", "events", "", "create"),
+        ])
+    );
+    assert_eq!(docs[1]["subjects"][0]["namespace"], "llmtrace");
+}
+
 /// The API group of a resource the fake served.
 fn api_group(resource: &str) -> &'static str {
     match resource {
         "secrets" => "",
         "deployments" | "statefulsets" => "apps",
+        "events" => "events.k8s.io",
         other => panic!("the rotator asked for {other:?}, which no Role here covers"),
     }
 }
@@ -876,6 +989,12 @@ fn api_group(resource: &str) -> &'static str {
 async fn every_request_of_a_real_run_is_allowed_by_the_role_and_every_grant_is_used() {
     let objects = render("overlays/daemon");
     let granted = role_grants(find(&objects, "Role"));
+    let printed = rbac(&root().join("deploy/base/rotator.toml"), &[]);
+    assert_eq!(
+        role_grants(&printed[0]),
+        granted,
+        "rbac prints the shipped Role"
+    );
     let role_namespace = find(&objects, "Role")["metadata"]["namespace"]
         .as_str()
         .unwrap()

@@ -958,3 +958,81 @@ async fn kubeconfig_points_at_the_fake() {
     let version = fake.client().await.apiserver_version().await.unwrap();
     assert_eq!(version.minor, "31");
 }
+
+/// events.k8s.io/v1 as kubernetes/kubernetes pkg/apis/core/validation/events.go validates it
+/// (`ValidateEventCreate`, `ValidateEventUpdate`): required fields on create, a series patch
+/// accepted, an immutable field refused.
+#[tokio::test]
+async fn events_are_validated_on_create_and_only_their_series_may_change() {
+    use k8s_openapi::api::events::v1::Event;
+    let fake = KubeFake::start().await;
+    let api: Api<Event> = Api::namespaced(fake.client().await, "llmtrace");
+
+    let (code, body) = raw(
+        &fake,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/llmtrace/events",
+        "application/json",
+        r#"{"apiVersion":"events.k8s.io/v1","kind":"Event","metadata":{"name":"x.1"},"type":"Info","regarding":{"kind":"Secret","name":"db"}}"#,
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    let fields: Vec<&str> = body["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "eventTime",
+            "involvedObject.namespace",
+            "reportingController",
+            "reportingInstance",
+            "action",
+            "reason",
+            "type"
+        ]
+    );
+
+    let event: Event = serde_json::from_value(json!({
+        "metadata": { "name": "db.17f0" },
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": "llmtrace.dev/rotator",
+        "reportingInstance": "rotator-0",
+        "action": "Rotate",
+        "reason": "RotationSucceeded",
+        "type": "Normal",
+        "note": "run r1",
+        "regarding": { "apiVersion": "v1", "kind": "Secret", "namespace": "llmtrace", "name": "db" },
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &event).await.unwrap();
+    assert!(created.metadata.uid.is_some() && created.metadata.resource_version.is_some());
+    let err = api
+        .create(&PostParams::default(), &event)
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(err).1, "AlreadyExists");
+
+    let series =
+        json!({ "series": { "count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z" } });
+    let patched = api
+        .patch("db.17f0", &PatchParams::default(), &Patch::Merge(&series))
+        .await
+        .unwrap();
+    assert_eq!(patched.series.unwrap().count, 2);
+    let err = api
+        .patch(
+            "db.17f0",
+            &PatchParams::default(),
+            &Patch::Strategic(&json!({ "note": "changed" })),
+        )
+        .await
+        .unwrap_err();
+    let (code, reason, message) = api_error(err);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"), "{message}");
+    assert!(message.contains("note: Invalid value"), "{message}");
+    assert_eq!(fake.events("llmtrace").len(), 1);
+}

@@ -245,3 +245,54 @@ async fn preflight_says_what_the_setup_is_missing() {
         ("llmtrace_a".to_string(), pair.password_a.clone())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_session_on_the_idle_login_refuses_the_rotation_and_changes_nothing() {
+    use sqlx::Connection;
+    let pair = pair("true", true).await;
+    let before = std::fs::read_to_string(pair.rotator.path(".env")).unwrap();
+    // A pod still on the credential from two rotations ago: the idle login's password.
+    let mut straggler = sqlx::PgConnection::connect_with(&pair.pg.connect_options(
+        "llmtrace_b",
+        &pair.password_b,
+        "llmtrace",
+    ))
+    .await
+    .unwrap();
+    let (client,): (String,) =
+        sqlx::query_as("SELECT host(inet_client_addr()) || ':' || inet_client_port()")
+            .fetch_one(&mut straggler)
+            .await
+            .unwrap();
+
+    let out = pair.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "refused");
+    let error = report["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "login \"llmtrace_b\" has 1 open session(s) from {client}"
+        )),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(pair.rotator.path(".env")).unwrap(),
+        before
+    );
+    pair.pg
+        .try_login("llmtrace_b", &pair.password_b, "llmtrace")
+        .await
+        .expect("the idle login's password is unchanged");
+    assert_no_secret(
+        &out.all(),
+        &[&pair.password_a, &pair.password_b, pair.pg.admin_password()],
+        "rotator output",
+    );
+
+    // Once it is gone, the rotation goes ahead.
+    straggler.close().await.unwrap();
+    let again = pair.rotator.run(&["rotate"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+}

@@ -519,3 +519,121 @@ async fn an_original_password_that_saslprep_changes_logs_in_after_a_rollback() {
     );
     assert_no_secret(&out.all(), &[ORIGINAL], "rotator output");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_log_lines_parse_and_carry_the_structured_fields_without_a_credential() {
+    let host = ComposeHost::start().await;
+
+    // RUST_LOG=trace is the harness default: every library's events are in the stream too.
+    let out = host
+        .rotator
+        .run_with(&["rotate"], &[("ROTATOR_LOG_FORMAT", "json")])
+        .await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let mut step_lines = 0;
+    for line in out.stderr.lines() {
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(object.get(field).is_some(), "no {field} in {line}");
+        }
+        if object["message"] == "step ended" {
+            step_lines += 1;
+            for field in ["run", "step", "subject", "status", "duration_ms"] {
+                assert!(object.get(field).is_some(), "no {field} in {line}");
+            }
+        }
+    }
+    assert!(step_lines >= 5, "{}", out.stderr);
+    let finished = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("rotation finished"))
+        .expect("a finish line");
+    let finished: serde_json::Value = serde_json::from_str(finished).unwrap();
+    assert_eq!(finished["outcome"], "succeeded");
+    assert_clean(&host, &out.all());
+
+    // The flag is global: it may follow the subcommand.
+    let text = host.rotator.run(&["rotate", "--log-format", "text"]).await;
+    assert_eq!(text.code, 0, "{}", text.all());
+    assert!(text
+        .stderr
+        .lines()
+        .any(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
+}
+
+/// A workload's connection, opened with `password` and held until dropped; and its
+/// `ip:port` as `pg_stat_activity` shows it.
+async fn hold_session(host: &ComposeHost, password: &str) -> (sqlx::PgConnection, String) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(
+        &host.pg.connect_options("llmtrace", password, "llmtrace"),
+    )
+    .await
+    .unwrap();
+    let (client,): (String,) =
+        sqlx::query_as("SELECT host(inet_client_addr()) || ':' || inet_client_port()")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    (conn, client)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_left_on_the_old_password_ends_succeeded_with_its_address_reported() {
+    let host = ComposeHost::start().await;
+    host.rotator
+        .write_config(&support::rotator::file_config_with(
+            &host.pg.address(),
+            &[
+                "sh".into(),
+                "-c".into(),
+                format!("echo restarted >> {}", host.restart_log.display()),
+            ],
+            "",
+            "confirm_timeout = \"2s\"",
+        ));
+    // PostgreSQL keeps a session open across a password change: only the session list tells.
+    let (held, client) = hold_session(&host, &host.old_password).await;
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "succeeded");
+    let confirm = &report["confirm"][0];
+    assert_eq!(confirm["target"], "postgres");
+    assert_eq!(confirm["drained"], false);
+    assert_eq!(confirm["old_sessions"], 1);
+    assert_eq!(confirm["old_clients"], serde_json::json!([client]));
+    assert!(confirm["waited_ms"].as_u64().unwrap() >= 2000, "{confirm}");
+    let step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "confirm")
+        .expect("a confirm step");
+    assert_eq!(step["status"], "warning");
+    assert!(step["error"].as_str().unwrap().contains(&client), "{step}");
+    assert_clean(&host, &out.all());
+
+    // Once the old session ends, the next run drains at once and the text report says so.
+    sqlx::Connection::close(held).await.unwrap();
+    let again = host.rotator.run(&["rotate"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(
+        again
+            .stdout
+            .contains("confirm: target postgres: drained after"),
+        "{}",
+        again.stdout
+    );
+    assert!(
+        again.stdout.contains("0 session(s) on the old credential"),
+        "{}",
+        again.stdout
+    );
+    assert_clean(&host, &again.all());
+}

@@ -419,3 +419,236 @@ async fn partitioned_statefulset_is_refused_naming_the_partition() {
         1
     );
 }
+
+/// `reason type kind/name` of every Event in the namespace, after checking each names the
+/// object by its uid (what `kubectl describe` looks it up by) and the run in its note.
+fn events(cluster: &LlmtraceCluster, run: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for event in cluster.kube.events(NS) {
+        let regarding = &event["regarding"];
+        let (kind, name) = (
+            regarding["kind"].as_str().unwrap(),
+            regarding["name"].as_str().unwrap(),
+        );
+        let object = match kind {
+            "Deployment" => cluster
+                .kube
+                .workload(WorkloadKind::Deployment, NS, name)
+                .unwrap(),
+            _ => cluster.kube.secret_json(NS, name).unwrap(),
+        };
+        let uid = &object["metadata"]["uid"];
+        assert!(uid.is_string(), "{object}");
+        assert_eq!(&regarding["uid"], uid, "{event}");
+        assert_eq!(event["reportingController"], "llmtrace.dev/rotator");
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.contains(run) && note.contains("target postgres"),
+            "{note}"
+        );
+        seen.push(format!(
+            "{} {} {kind}/{name}",
+            event["reason"].as_str().unwrap(),
+            event["type"].as_str().unwrap()
+        ));
+    }
+    seen.sort();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_run_leaves_an_event_on_the_deployment_and_every_secret_it_wrote() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        events(&cluster, &run),
+        [
+            "RotationSucceeded Normal Deployment/llmtrace",
+            "RotationSucceeded Normal Secret/llmtrace",
+            "RotationSucceeded Normal Secret/llmtrace-postgresql",
+        ]
+    );
+    let created = cluster
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "events")
+        .map(|r| (r.verb, r.path, r.status))
+        .collect::<Vec<_>>();
+    assert_eq!(created.len(), 3, "{created:?}");
+    for (verb, path, status) in created {
+        assert_eq!(
+            (verb.as_str(), path.as_str(), status),
+            (
+                "create",
+                "/apis/events.k8s.io/v1/namespaces/llmtrace/events",
+                201
+            )
+        );
+    }
+    let all_events = serde_json::to_string(&cluster.kube.events(NS)).unwrap();
+    let secrets = cluster.secrets_in_play();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    assert_no_secret(&all_events, &secrets, "the Events");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolled_back_run_leaves_warning_events_and_a_refused_event_write_fails_nothing() {
+    let cluster = LlmtraceCluster::start(Rollout::Stuck {
+        deadline: Duration::from_millis(800),
+    })
+    .await;
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 1, "{}", out.all());
+    let run = out.json()["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        events(&cluster, &run),
+        [
+            "RotationRolledBack Warning Deployment/llmtrace",
+            "RotationRolledBack Warning Secret/llmtrace",
+            "RotationRolledBack Warning Secret/llmtrace-postgresql",
+        ]
+    );
+
+    // RBAC without events: the run still succeeds, and the log says why no Event was written.
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster
+        .kube
+        .inject_fault(Fault::new(403).method("POST").resource("events").times(10));
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(cluster.kube.events(NS).is_empty());
+    assert!(
+        out.stderr.contains("cannot write a Kubernetes Event"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statefulset_consumer_rolls_out_gets_its_event_and_needs_only_what_rbac_prints() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    cluster
+        .kube
+        .add_statefulset(NS, "llmtrace-worker", 2, quick());
+    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
+        "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"",
+        "kind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"",
+    );
+    assert!(config.contains("llmtrace-worker"));
+    cluster.rotator.write_config(&config);
+
+    let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(
+        cluster
+            .kube
+            .restarts(WorkloadKind::StatefulSet, NS, "llmtrace-worker")
+            .len(),
+        1
+    );
+    let reasons: Vec<String> = cluster
+        .kube
+        .events(NS)
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}/{}",
+                e["reason"].as_str().unwrap(),
+                e["regarding"]["kind"].as_str().unwrap(),
+                e["regarding"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        reasons.contains(&"RotationSucceeded StatefulSet/llmtrace-worker".to_string()),
+        "{reasons:?}"
+    );
+    assert!(support::rotator::assert_rbac_allows(&cluster.rotator, &cluster.kube) > 0);
+}
+
+/// The proxy's pods as PostgreSQL sees them: one session on the old password until the
+/// rollout starts, then (when `reconnect`) one opened with the password the Secret holds.
+async fn proxy_pods(cluster: &LlmtraceCluster, reconnect: bool) -> Option<sqlx::PgConnection> {
+    use sqlx::Connection;
+    let old = sqlx::PgConnection::connect_with(&cluster.pg.connect_options(
+        "llmtrace",
+        &cluster.old_password,
+        "llmtrace",
+    ))
+    .await
+    .unwrap();
+    while cluster.restarts() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.close().await.unwrap();
+    if !reconnect {
+        return None;
+    }
+    let new = cluster.url_password();
+    Some(
+        sqlx::PgConnection::connect_with(&cluster.pg.connect_options("llmtrace", &new, "llmtrace"))
+            .await
+            .unwrap(),
+    )
+}
+
+fn with_confirm_timeout(cluster: &LlmtraceCluster, timeout: &str) {
+    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
+        "consumers = [\"proxy\"]",
+        &format!("consumers = [\"proxy\"]\nconfirm_timeout = \"{timeout}\""),
+    );
+    cluster.rotator.write_config(&config);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirm_sees_the_restarted_pods_on_the_new_credential() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    with_confirm_timeout(&cluster, "20s");
+
+    let (out, _pod) = tokio::join!(
+        cluster.rotator.run(&["rotate", "--output", "json"]),
+        proxy_pods(&cluster, true)
+    );
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let confirm = &out.json()["confirm"][0];
+    assert_eq!(confirm["drained"], true, "{confirm}");
+    assert_eq!(confirm["new_expected"], true, "{confirm}");
+    assert_eq!(confirm["old_sessions"], 0, "{confirm}");
+    assert_eq!(confirm["new_sessions"], 1, "{confirm}");
+    assert_eq!(confirm["new_clients"].as_array().unwrap().len(), 1);
+    assert!(confirm["waited_ms"].as_u64().unwrap() < 20_000);
+    assert_clean(&cluster, &out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn confirm_warns_when_the_restarted_pods_never_log_in_with_the_new_credential() {
+    let cluster = LlmtraceCluster::start(quick()).await;
+    with_confirm_timeout(&cluster, "2s");
+
+    let (out, _) = tokio::join!(
+        cluster.rotator.run(&["rotate"]),
+        proxy_pods(&cluster, false)
+    );
+
+    // The old session is gone, but nothing shows the workload on the new credential.
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("confirm: target postgres: NOT DRAINED after ")
+            && out.stdout.contains(
+                "0 session(s) on the old credential, 0 on the new one; \
+                 the restarted consumers opened no session with the new credential"
+            ),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("outcome: succeeded"), "{}", out.stdout);
+    assert_clean(&cluster, &out.all());
+}

@@ -848,3 +848,99 @@ async fn sentinel_discovers_the_master_and_replicas_and_every_node_is_rotated() 
         "rotator output",
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_keeps_the_old_password_while_a_connection_on_it_stays_open_and_retires_it_next_time()
+{
+    let host = Host::start_with(
+        Users::AclFile,
+        "llmtrace",
+        "dual",
+        &["true"],
+        "",
+        "confirm_timeout = \"2s\"",
+    )
+    .await;
+    // A client that authenticated with the old password and keeps its connection.
+    let mut held = support::redis::try_connect(host.redis.port, "llmtrace", &host.old)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut held)
+        .await
+        .unwrap();
+
+    let out = host.rotator.run(&["rotate", "--output", "json"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "succeeded");
+    let confirm = &report["confirm"][0];
+    assert_eq!(
+        (
+            &confirm["drained"],
+            &confirm["old_sessions"],
+            &confirm["retire_skipped"]
+        ),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!(1),
+            &serde_json::json!(true)
+        ),
+        "{confirm}"
+    );
+    assert!(
+        steps(&report).contains(&"confirm warning".to_string()),
+        "{report}"
+    );
+    assert!(
+        steps(&report).contains(&"retire skipped".to_string()),
+        "{report}"
+    );
+    assert!(
+        report["state"].as_array().unwrap().iter().any(|l| l
+            .as_str()
+            .unwrap()
+            .contains("both log in until a later run retires")),
+        "{report}"
+    );
+    let first = host.stored();
+    host.redis
+        .try_login("llmtrace", &host.old)
+        .await
+        .expect("old kept");
+    host.redis
+        .try_login("llmtrace", &first)
+        .await
+        .expect("new works");
+    assert_eq!(host.redis.password_hashes("llmtrace").await.len(), 2);
+    host.assert_clean(&out.all());
+
+    // The connection closes; the next run drains and retires both older passwords.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = host.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_eq!(
+        again.json()["confirm"][0]["drained"],
+        true,
+        "{}",
+        again.stdout
+    );
+    let second = host.stored();
+    assert_eq!(
+        host.redis.password_hashes("llmtrace").await,
+        [sha256_hex(&second)]
+    );
+    for gone in [&host.old, &first] {
+        assert!(host.redis.try_login("llmtrace", gone).await.is_err());
+    }
+    // Saved to the aclfile too: a restart keeps only the newest.
+    assert!(!host
+        .redis
+        .file("users.acl")
+        .contains(&sha256_hex(&host.old)));
+    assert!(!host.redis.file("users.acl").contains(&sha256_hex(&first)));
+}

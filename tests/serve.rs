@@ -571,3 +571,147 @@ async fn readyz_hides_the_journal_error_and_logs_it() {
         "serve log",
     );
 }
+
+/// Polls `GET /v1/targets` with `token` until it answers `status`, for at most `within`.
+async fn wait_for_status(server: &Server, token: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let response = server
+            .http
+            .get(server.url("/v1/targets"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{token:?} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_tokens_from_a_file_are_reloaded_when_it_changes() {
+    let host = ComposeHost::start().await;
+    let port = free_port();
+    let tokens = host.rotator.path("tokens");
+    // A Secret volume update swaps a symlink to a new directory; a rename is as atomic.
+    let replace = |text: &str| {
+        let staged = host.rotator.path("tokens.new");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, &tokens).unwrap();
+    };
+    replace("first-token\n");
+    let rotator = format!(
+        "listen = \"127.0.0.1:{port}\"\napi_tokens = \"file:{}\"\ncheck_interval = \"0s\"",
+        tokens.display()
+    );
+    host.rotator.write_config(&file_config_with(
+        &host.pg.address(),
+        &["true".into()],
+        &rotator,
+        "",
+    ));
+    let server = host.rotator.serve(port).await;
+    wait_for_status(&server, "first-token", 200, Duration::ZERO).await;
+    wait_for_status(&server, "second-token", 401, Duration::ZERO).await;
+
+    replace("second-token\n");
+    wait_for_status(&server, "second-token", 200, Duration::from_secs(20)).await;
+    wait_for_status(&server, "first-token", 401, Duration::ZERO).await;
+
+    // Empty, then unreadable: the tokens in force stay, and the log says why.
+    replace("# nothing yet\n");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    std::fs::remove_file(&tokens).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    wait_for_status(&server, "second-token", 200, Duration::ZERO).await;
+    let log = server.log();
+    assert!(log.contains("holds no token"), "{log}");
+    assert!(log.contains("cannot read the API token file"), "{log}");
+    assert_no_secret(&log, &["first-token", "second-token"], "serve log");
+}
+
+/// Polls `/metrics` until `name{labels}` reads `value`, for at most `within`.
+async fn wait_for_sample(
+    server: &Server,
+    name: &str,
+    labels: &[(&str, &str)],
+    value: f64,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let metrics = server.metrics().await;
+        if sample(&metrics, name, labels) == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} never read {value}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_left_on_the_old_credential_is_a_warning_and_a_gauge_until_it_ends() {
+    use sqlx::Connection;
+    let (host, port) = host_with(None, "check_interval = \"1s\"", "confirm_timeout = \"2s\"").await;
+    let held = sqlx::PgConnection::connect_with(&host.pg.connect_options(
+        "llmtrace",
+        &host.old_password,
+        "llmtrace",
+    ))
+    .await
+    .unwrap();
+    let server = host.rotator.serve(port).await;
+
+    let (status, body) = server
+        .post("/v1/rotations", r#"{"targets": ["postgres"]}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let run = server.wait_for_run(body["id"].as_str().unwrap()).await;
+
+    assert_eq!(run["outcome"], "succeeded", "{run}");
+    let confirm = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "confirm")
+        .expect("a confirm step");
+    assert_eq!(confirm["status"], "warning", "{confirm}");
+    let warning = [("kind", "sessions_not_drained"), ("target", "postgres")];
+    wait_for_sample(
+        &server,
+        "rotator_warnings_total",
+        &warning,
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_for_sample(
+        &server,
+        "rotator_sessions_on_old_credential",
+        &TARGET,
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // The drift check sees the session end.
+    held.close().await.unwrap();
+    wait_for_sample(
+        &server,
+        "rotator_sessions_on_old_credential",
+        &TARGET,
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_clean(&host, &server, &[&run.to_string()]);
+}

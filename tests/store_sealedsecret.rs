@@ -199,6 +199,8 @@ async fn seals_the_new_password_and_waits_for_the_controller() {
         &[s.old_password.as_str(), &new, s.pg.admin_password()],
         "rotator output at trace level",
     );
+    // RBAC proof for a SealedSecret store: every request is allowed by what `rbac` prints.
+    assert!(support::rotator::assert_rbac_allows(&s.rotator, &s.kube) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -231,6 +231,8 @@ async fn forces_a_sync_and_restarts_once_the_secret_holds_the_new_password() {
         ],
         "rotator output at trace level",
     );
+    // RBAC proof for a sync: every request is allowed by what `rbac` prints for this config.
+    assert!(support::rotator::assert_rbac_allows(&s.rotator, &s.kube) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

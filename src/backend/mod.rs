@@ -80,10 +80,40 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// The sessions `user` has open now, from the server's own list (read as admin), the
+    /// rotator's own excluded; `None` when the server keeps no such list.
+    async fn sessions(&self, _user: &str) -> Result<Option<Vec<Session>>, BackendError> {
+        Ok(None)
+    }
+
+    /// Dual strategies, once nothing uses an old password: drops every password of `next.user`
+    /// but `next`'s, including one a run before left because its sessions had not drained.
+    async fn retire_all_but(&self, _next: &Credential) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Warnings gathered while changing the server that do not fail the step (a change that
     /// cannot be persisted); the engine moves them into the report and the warning counter.
     fn take_notes(&self) -> Vec<Note> {
         Vec::new()
+    }
+}
+
+/// One session a server lists for a login: where it comes from and how long it has been open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// `ip:port` as the server sees it, or `local` (a Unix socket).
+    pub client: String,
+    /// How long it has been open, rounded down to `age_resolution`.
+    pub age: std::time::Duration,
+    /// Redis counts whole seconds: the session may be up to this much older than `age`.
+    pub age_resolution: std::time::Duration,
+}
+
+impl Session {
+    /// The earliest it may have begun (ms since the epoch), given the time `now`.
+    pub fn earliest_start(&self, now: i64) -> i64 {
+        now - (self.age + self.age_resolution).as_millis() as i64
     }
 }
 

@@ -309,6 +309,37 @@ impl Backend for Postgres {
             _ => self.set_password(current, &[current, next]).await,
         }
     }
+
+    /// `pg_stat_activity`: client backends of `user`, with their age on the server's clock.
+    async fn sessions(&self, user: &str) -> Result<Option<Vec<super::Session>>, BackendError> {
+        let mut admin = self.admin().await?;
+        let rows: Result<Vec<(Option<String>, f64)>, _> = sqlx::query_as(
+            "SELECT host(client_addr) || ':' || client_port, \
+                    EXTRACT(EPOCH FROM clock_timestamp() - backend_start)::float8 \
+             FROM pg_stat_activity \
+             WHERE usename = $1 AND backend_type = 'client backend' \
+               AND pid <> pg_backend_pid() \
+               AND application_name IS DISTINCT FROM 'llmtrace-rotator'",
+        )
+        .bind(user)
+        .persistent(false)
+        .fetch_all(&mut admin)
+        .await;
+        let _ = admin.close().await;
+        let rows = rows.map_err(|e| BackendError::Setup {
+            backend: self.describe(),
+            message: format!("cannot read pg_stat_activity: {e}"),
+        })?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(client, age)| super::Session {
+                    client: client.unwrap_or_else(|| "local".into()),
+                    age: std::time::Duration::from_secs_f64(age.max(0.0)),
+                    age_resolution: std::time::Duration::ZERO,
+                })
+                .collect(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,32 @@ fn setuser_rules(
     Ok(rules)
 }
 
+/// The connections of `user` in a `CLIENT LIST` reply (`id=.. addr=.. age=.. user=..` per
+/// line), but connection `own` and replication links.
+fn client_list_sessions(list: &str, user: &str, own: i64) -> Vec<super::Session> {
+    list.lines()
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            };
+            if field("user")? != user || field("id")?.parse::<i64>().ok()? == own {
+                return None;
+            }
+            // A replica's link (flag S) follows the password through masterauth, which the
+            // rotation sets itself: it is not a workload's session.
+            if field("flags")?.contains(['S', 'M']) {
+                return None;
+            }
+            Some(super::Session {
+                client: field("addr")?.to_string(),
+                age: Duration::from_secs(field("age")?.parse().ok()?),
+                age_resolution: Duration::from_secs(1),
+            })
+        })
+        .collect()
+}
+
 /// Reads a field map that RESP2 sends as a flat array and RESP3 as a map.
 fn fields(value: Value) -> Vec<(String, Value)> {
     let text = |v: &Value| match v {
@@ -705,11 +731,114 @@ impl Backend for Redis {
     fn take_notes(&self) -> Vec<super::Note> {
         std::mem::take(&mut *self.notes.lock().expect("notes lock"))
     }
+
+    /// `CLIENT LIST` on the master: connections authenticated as `user`, this one excluded.
+    async fn sessions(&self, user: &str) -> Result<Option<Vec<super::Session>>, BackendError> {
+        let topology = self.topology().await?;
+        let (host, port) = &topology.master;
+        let mut conn = self.admin((host, *port), &[]).await?;
+        let fail = |e: ::redis::RedisError| BackendError::Setup {
+            backend: self.describe(),
+            message: format!("cannot list clients: {e}"),
+        };
+        let own: i64 = ::redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await
+            .map_err(fail)?;
+        let list: String = ::redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .map_err(fail)?;
+        Ok(Some(client_list_sessions(&list, user, own)))
+    }
+
+    /// Removes every password of the user but `next`'s, on the master and on each replica
+    /// that has the user (a retire an earlier run had to skip).
+    async fn retire_all_but(&self, next: &Credential) -> Result<(), BackendError> {
+        if self.strategy != Strategy::Dual {
+            return Ok(());
+        }
+        let topology = self.topology().await?;
+        let (host, port) = &topology.master;
+        let master = format!("redis {host}:{port}");
+        self.retire_all_but_on((host, *port), &master, true, next)
+            .await?;
+        for (host, port) in &topology.replicas {
+            let node = format!("redis replica {host}:{port}");
+            self.retire_all_but_on((host, *port), &node, false, next)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Redis {
+    async fn retire_all_but_on(
+        &self,
+        address: (&str, u16),
+        node: &str,
+        required: bool,
+        next: &Credential,
+    ) -> Result<(), BackendError> {
+        let user = &next.user;
+        let fail = |cause: String| BackendError::Change {
+            backend: node.to_string(),
+            user: user.clone(),
+            cause,
+        };
+        let mut conn = self.admin(address, &[next]).await?;
+        let held = match self.get_user(&mut conn, user).await.map_err(fail)? {
+            Some(found) => found.passwords,
+            None if required => return Err(fail("the user does not exist".into())),
+            None => return Ok(()),
+        };
+        let keep = password_hash(&next.password);
+        if !held.iter().any(|h| h == keep.expose()) {
+            return Err(fail(
+                "the new password is not among the user's passwords; the others are kept".into(),
+            ));
+        }
+        let stale: Vec<&String> = held.iter().filter(|h| *h != keep.expose()).collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut command = ::redis::cmd("ACL");
+        command.arg("SETUSER").arg(user);
+        for hash in stale {
+            command.arg(format!("!{hash}"));
+        }
+        command
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| fail(redact(&e.to_string(), &[&keep])))?;
+        self.persist_acl(&mut conn, user, node).await.map_err(fail)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_list_keeps_the_users_connections_but_our_own_and_replica_links() {
+        // `CLIENT LIST` lines as redis/redis src/networking.c (catClientInfoString) writes them:
+        // age in whole seconds, flags S for a replica link, M for the master.
+        let list = "id=3 addr=127.0.0.1:50100 laddr=127.0.0.1:6379 fd=8 name= age=42 idle=0 flags=N db=0 user=app lib-name= cmd=get\n\
+                    id=4 addr=127.0.0.1:50102 laddr=127.0.0.1:6379 fd=9 name= age=1 idle=0 flags=N db=0 user=admin cmd=client|list\n\
+                    id=5 addr=10.0.0.7:41000 laddr=127.0.0.1:6379 fd=10 name= age=0 idle=0 flags=N db=0 user=app cmd=client|list\n\
+                    id=6 addr=10.0.0.8:41000 laddr=127.0.0.1:6379 fd=11 name= age=7 idle=0 flags=N db=0 user=application cmd=ping\n\
+                    id=7 addr=10.0.0.9:41000 laddr=127.0.0.1:6379 fd=12 name= age=90 idle=0 flags=S db=0 user=app cmd=replconf\n";
+        assert_eq!(
+            client_list_sessions(list, "app", 5),
+            [crate::backend::Session {
+                client: "127.0.0.1:50100".into(),
+                age: Duration::from_secs(42),
+                age_resolution: Duration::from_secs(1),
+            }]
+        );
+    }
 
     fn rules(strategy: Strategy, change: Change, held: &[&Secret]) -> Vec<String> {
         let held: Vec<String> = held.iter().map(|h| h.expose().to_string()).collect();

@@ -118,3 +118,37 @@ pub async fn check(deps: &Deps, names: &[String]) -> CheckReport {
     }
     CheckReport { targets }
 }
+
+/// Sessions still on the credential from before the last rotation: every session of the idle
+/// login (`alternating`), and those of the login in use that began before `rotated_at` (ms
+/// since the epoch). `None` when the server keeps no session list or it cannot be read.
+pub async fn sessions_on_old(
+    deps: &Deps,
+    target: &crate::config::Target,
+    rotated_at: Option<i64>,
+) -> Option<usize> {
+    let runtime = deps.target_runtime(target).await.ok()?;
+    let value = runtime.stores.first()?.read().await.ok()??;
+    let current = format::credential_from(&value, &target.stores[0].format, &target.user).ok()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut old = 0;
+    for login in target.logins() {
+        let sessions = match runtime.backend.sessions(login).await {
+            Ok(sessions) => sessions?,
+            Err(error) => {
+                tracing::warn!(target = %target.name, cause = %error, "cannot read the session list");
+                return None;
+            }
+        };
+        old += if login != current.user {
+            sessions.len()
+        } else {
+            let before = rotated_at.unwrap_or(i64::MIN);
+            sessions
+                .iter()
+                .filter(|s| s.earliest_start(now) < before)
+                .count()
+        };
+    }
+    Some(old)
+}

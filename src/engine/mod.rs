@@ -7,9 +7,11 @@
 //! - [`run`]: the forward steps and the rollback.
 //! - [`recover`]: finishing or undoing interrupted runs.
 //! - [`check`]: the drift check (does every stored credential log in?).
+//! - [`events`]: Kubernetes Events on the objects a run restarted or wrote.
 //! - [`report`]: the text and JSON reports.
 
 pub mod check;
+pub mod events;
 pub mod plan;
 pub mod recorder;
 pub mod recover;

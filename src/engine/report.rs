@@ -71,12 +71,65 @@ pub struct RunReport {
     /// Where each backend and store stands when that is not obvious from the outcome.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub state: Vec<String>,
+    /// What `confirm` saw in each backend's session list (counts and client addresses).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub confirm: Vec<Confirmation>,
     /// Failed steps with their error labels, for metrics.
     #[serde(skip)]
     pub failures: Vec<super::recorder::Failure>,
     /// (target, kind) of each backend warning (a change that could not be persisted), for metrics.
     #[serde(skip)]
     pub warnings: Vec<(String, &'static str)>,
+}
+
+/// Whether the workload moved to the new credential, from the backend's own session list.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Confirmation {
+    pub target: String,
+    /// No session on the old credential remains, and (where expected) one on the new exists.
+    pub drained: bool,
+    /// Sessions still on the old credential, and the distinct client addresses they come from.
+    pub old_sessions: usize,
+    pub old_clients: Vec<String>,
+    /// Sessions opened with the new credential since the consumers restarted.
+    pub new_sessions: usize,
+    pub new_clients: Vec<String>,
+    /// A restarted Deployment/StatefulSet whose login had sessions before must show new ones.
+    pub new_expected: bool,
+    pub waited_ms: u64,
+    /// `dual`: the old password was kept (both log in) because sessions had not drained.
+    pub retire_skipped: bool,
+}
+
+impl Confirmation {
+    fn to_text(&self) -> String {
+        let clients = |list: &[String]| {
+            if list.is_empty() {
+                String::new()
+            } else {
+                format!(" from {}", list.join(", "))
+            }
+        };
+        let mut line = format!(
+            "target {}: {} after {:.1}s: {} session(s) on the old credential{}, {} on the new one{}",
+            self.target,
+            if self.drained { "drained" } else { "NOT DRAINED" },
+            self.waited_ms as f64 / 1000.0,
+            self.old_sessions,
+            clients(&self.old_clients),
+            self.new_sessions,
+            clients(&self.new_clients),
+        );
+        if !self.drained && self.old_sessions == 0 && self.new_expected {
+            line.push_str("; the restarted consumers opened no session with the new credential");
+        }
+        if self.retire_skipped {
+            line.push_str(
+                "; retire skipped: the old and the new password both log in until a later run retires the old one",
+            );
+        }
+        line
+    }
 }
 
 impl RunReport {
@@ -92,6 +145,9 @@ impl RunReport {
             self.duration_ms as f64 / 1000.0
         );
         write_steps(&mut out, &self.steps);
+        for confirmation in &self.confirm {
+            let _ = writeln!(out, "  confirm: {}", confirmation.to_text());
+        }
         for line in &self.state {
             let _ = writeln!(out, "  state: {line}");
         }

@@ -6,12 +6,14 @@ use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
+use super::events;
 use super::plan::Plan;
 use super::recorder::{Part, Recorder, StepId};
-use super::report::{Outcome, RunReport};
+use super::report::{Confirmation, Outcome, RunReport};
 use super::state::{Progress, RunState, SavedCredential, StoreState};
 use super::{Deps, Engine, EngineError, StepError, TargetRuntime};
-use crate::config::Target;
+use crate::backend::Session;
+use crate::config::{ConsumerKind, StoreKind, Strategy, Target};
 use crate::consumer::ConsumerHandle;
 use crate::journal::{JournalError, TargetLock};
 use crate::password;
@@ -23,6 +25,19 @@ pub struct Preflight<'a> {
     pub runtime: TargetRuntime<'a>,
     pub current: Credential,
     pub originals: Vec<Option<Secret>>,
+    /// Sessions of the rotated login now (`None`: the server keeps no list, or it is unreadable).
+    pub sessions: Option<usize>,
+}
+
+/// How often `confirm` reads the session list while it waits.
+const CONFIRM_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Distinct client addresses of `sessions`, sorted: what a report may show of them.
+fn clients(sessions: &[&Session]) -> Vec<String> {
+    let mut clients: Vec<String> = sessions.iter().map(|s| s.client.clone()).collect();
+    clients.sort();
+    clients.dedup();
+    clients
 }
 
 /// Reads every store, checks each can take the new credential, and proves the current one logs
@@ -80,10 +95,43 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
             ),
         )
     })?;
+    if target.strategy == Strategy::Alternating {
+        // The idle login's password is about to change: whoever still uses it (a pod on the
+        // credential from two rotations ago) would be cut off.
+        let idle = runtime.backend.next_user(&current);
+        if let Some(open) = runtime
+            .backend
+            .sessions(&idle)
+            .await
+            .map_err(StepError::from)?
+        {
+            if !open.is_empty() {
+                let open: Vec<&Session> = open.iter().collect();
+                return Err(StepError::new(
+                    "sessions_open",
+                    format!(
+                        "login {idle:?} has {} open session(s) from {}: something still uses the \
+                         credential from two rotations ago, and a new password on {idle:?} would \
+                         cut it off; restart or reconfigure those clients, then rotate",
+                        open.len(),
+                        clients(&open).join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let sessions = match runtime.backend.sessions(&current.user).await {
+        Ok(sessions) => sessions.map(|s| s.len()),
+        Err(error) => {
+            tracing::warn!(target = %target.name, cause = %error, "cannot read the session list");
+            None
+        }
+    };
     Ok(Preflight {
         runtime,
         current,
         originals,
+        sessions,
     })
 }
 
@@ -131,6 +179,8 @@ pub struct RunContext<'a> {
     notes: Vec<String>,
     /// (target, kind) of each backend warning, for the warning counter.
     warnings: Vec<(String, &'static str)>,
+    /// What `confirm` found, aligned with `rec.state.targets` (`None`: not confirmed).
+    confirmations: Vec<Option<Confirmation>>,
     clock: Instant,
     /// Held until the run ends (recovery holds its own).
     lock: Option<TargetLock>,
@@ -186,6 +236,7 @@ pub async fn start<'e>(
         consumers: Vec::new(),
         notes: Vec::new(),
         warnings: Vec::new(),
+        confirmations: Vec::new(),
         clock: Instant::now(),
         lock_lost: lock.lost(),
         lock: Some(lock),
@@ -211,6 +262,7 @@ impl<'a> RunContext<'a> {
             consumers,
             notes,
             warnings: Vec::new(),
+            confirmations: Vec::new(),
             clock: Instant::now(),
             lock_lost: lock.lost(),
             lock: Some(lock),
@@ -308,6 +360,9 @@ impl<'a> RunContext<'a> {
         if let Some(lock) = self.lock.take() {
             lock.release().await;
         }
+        if let Some(client) = &self.deps.kube {
+            events::emit(client, &self.rec.id, outcome, &self.event_objects()).await;
+        }
         tracing::info!(run = %self.rec.id, outcome = outcome.as_str(), "rotation finished");
         RunReport {
             run_id: self.rec.id.clone(),
@@ -323,9 +378,70 @@ impl<'a> RunContext<'a> {
             duration_ms: self.clock.elapsed().as_millis() as u64,
             steps: self.rec.steps.clone(),
             state: self.notes.clone(),
+            confirm: self.confirmations.iter().flatten().cloned().collect(),
             failures: self.rec.failures.clone(),
             warnings: std::mem::take(&mut self.warnings),
         }
+    }
+
+    /// The Kubernetes objects this run wrote (Secrets of `kubernetes` stores) or rolled out
+    /// (Deployments, StatefulSets), each with the targets it concerns.
+    fn event_objects(&self) -> Vec<events::Regarding> {
+        let mut objects: Vec<events::Regarding> = Vec::new();
+        let mut add = |kind, namespace: &str, name: &str, target: &str| match objects
+            .iter_mut()
+            .find(|o| o.kind == kind && o.namespace == namespace && o.name == name)
+        {
+            Some(o) if !o.targets.iter().any(|t| t == target) => o.targets.push(target.into()),
+            Some(_) => {}
+            None => objects.push(events::Regarding {
+                kind,
+                namespace: namespace.into(),
+                name: name.into(),
+                targets: vec![target.into()],
+            }),
+        };
+        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
+            let Some(runtime) = runtime else { continue };
+            for (store, config) in state.stores.iter().zip(&runtime.config.stores) {
+                match &config.kind {
+                    StoreKind::Kubernetes { namespace, secret }
+                        if store.publish != Progress::NotStarted =>
+                    {
+                        add(events::Kind::Secret, namespace, secret, &state.name)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for consumer in &self.rec.state.consumers {
+            if consumer.restart == Progress::NotStarted {
+                continue;
+            }
+            let Some(config) = self.deps.config.consumer(&consumer.name) else {
+                continue;
+            };
+            let (kind, namespace, object) = match &config.kind {
+                ConsumerKind::Deployment { namespace, object } => {
+                    (events::Kind::Deployment, namespace, object)
+                }
+                ConsumerKind::StatefulSet { namespace, object } => {
+                    (events::Kind::StatefulSet, namespace, object)
+                }
+                _ => continue,
+            };
+            for state in &self.rec.state.targets {
+                let serves = self
+                    .deps
+                    .config
+                    .target(&state.name)
+                    .is_some_and(|t| t.consumers.contains(&consumer.name));
+                if serves {
+                    add(kind, namespace, object, &state.name);
+                }
+            }
+        }
+        objects
     }
 
     async fn rec_journal_finish(&self, outcome: Outcome) -> Result<(), JournalError> {
@@ -441,6 +557,7 @@ impl<'a> RunContext<'a> {
                     Ok(found) => {
                         let state = &mut self.rec.state.targets[i];
                         state.current = Some(SavedCredential::from(&found.current));
+                        state.sessions_before = found.sessions;
                         state.stores = found
                             .originals
                             .into_iter()
@@ -586,12 +703,25 @@ impl<'a> RunContext<'a> {
         stop_on_failure: bool,
         act: for<'s> fn(&'s Self, usize) -> StepFuture<'s>,
     ) -> Result<Vec<(usize, Result<(), StepError>)>, Stop> {
-        let count = self.rec.state.targets.len();
+        let all: Vec<usize> = (0..self.rec.state.targets.len()).collect();
+        self.each_target_of(&all, step, mark, stop_on_failure, act)
+            .await
+    }
+
+    /// [`RunContext::each_target`] over the targets at `indexes` only.
+    async fn each_target_of(
+        &mut self,
+        indexes: &[usize],
+        step: &str,
+        mark: Mark,
+        stop_on_failure: bool,
+        act: for<'s> fn(&'s Self, usize) -> StepFuture<'s>,
+    ) -> Result<Vec<(usize, Result<(), StepError>)>, Stop> {
         let chunk = self.deps.config.rotator.max_parallel;
-        let mut results = Vec::with_capacity(count);
-        for start in (0..count).step_by(chunk) {
+        let mut results = Vec::with_capacity(indexes.len());
+        for group in indexes.chunks(chunk) {
             let mut begun = Vec::new();
-            for i in start..(start + chunk).min(count) {
+            for &i in group {
                 let name = self.rec.state.targets[i].name.clone();
                 if mark == Mark::None {
                     begun.push((i, self.rec.begin(Part::Target(i), step, &name).await));
@@ -684,6 +814,7 @@ impl<'a> RunContext<'a> {
         self.sync().await?;
         self.restart().await?;
         self.verify().await?;
+        self.confirm().await?;
         self.retire().await?;
         self.may_continue()
     }
@@ -884,17 +1015,209 @@ impl<'a> RunContext<'a> {
         self.may_continue()
     }
 
+    /// Reads each target's session list until nothing uses the old credential any more and,
+    /// where a restarted Deployment/StatefulSet was seen using the old one, something uses the
+    /// new one; at most `confirm_timeout`. Not draining is a warning, not a failure: the new
+    /// credential works, and a rollback would cut off whoever moved to it.
+    async fn confirm(&mut self) -> Result<(), Stop> {
+        let count = self.rec.state.targets.len();
+        self.confirmations = vec![None; count];
+        let chunk = self.deps.config.rotator.max_parallel;
+        for start in (0..count).step_by(chunk) {
+            let mut begun = Vec::new();
+            for i in start..(start + chunk).min(count) {
+                if self
+                    .runtime_at(i)
+                    .is_none_or(|r| r.config.confirm_timeout.is_zero())
+                {
+                    continue;
+                }
+                let name = self.rec.state.targets[i].name.clone();
+                begun.push((i, self.rec.begin(Part::Target(i), "confirm", &name).await));
+            }
+            let found = {
+                let this = &*self;
+                join_all(
+                    begun
+                        .iter()
+                        .map(|&(i, _)| this.interruptible(this.await_drain(i))),
+                )
+                .await
+            };
+            for ((i, id), result) in begun.into_iter().zip(found) {
+                let name = self.rec.state.targets[i].name.clone();
+                match result {
+                    Ok(Some(found)) if found.drained => {
+                        self.rec.end(id, "ok", None).await;
+                        self.confirmations[i] = Some(found);
+                    }
+                    Ok(Some(found)) => {
+                        tracing::warn!(run = %self.rec.id, target = %name, old_sessions = found.old_sessions, new_sessions = found.new_sessions, "sessions not drained");
+                        self.warnings.push((name, "sessions_not_drained"));
+                        // Addresses, not only counts: they name what still needs a restart.
+                        let from = |clients: &[String]| match clients {
+                            [] => String::new(),
+                            list => format!(" from {}", list.join(", ")),
+                        };
+                        let detail = format!(
+                            "not drained: {} session(s) on the old credential{}, {} on the new one",
+                            found.old_sessions,
+                            from(&found.old_clients),
+                            found.new_sessions
+                        );
+                        self.rec.end(id, "warning", Some(detail)).await;
+                        self.confirmations[i] = Some(found);
+                    }
+                    Ok(None) => {
+                        let why = "the server keeps no session list".to_string();
+                        self.rec.end(id, "skipped", Some(why)).await;
+                    }
+                    Err(error) => {
+                        let why = format!("session list not read: {}", error.message);
+                        self.rec.end(id, "skipped", Some(why)).await;
+                    }
+                }
+            }
+        }
+        self.may_continue()
+    }
+
+    /// When the target's consumers that are Deployments/StatefulSets last began a rollout in
+    /// this run (ms since the epoch); `None` when it restarts none.
+    fn restarted_at(&self, target: &Target) -> Option<i64> {
+        let restarted: Vec<&str> = target
+            .consumers
+            .iter()
+            .filter(|name| {
+                self.deps.config.consumer(name).is_some_and(|c| {
+                    matches!(
+                        c.kind,
+                        ConsumerKind::Deployment { .. } | ConsumerKind::StatefulSet { .. }
+                    )
+                })
+            })
+            .map(String::as_str)
+            .collect();
+        self.rec
+            .steps
+            .iter()
+            .filter(|s| s.step == "restart" && restarted.contains(&s.subject.as_str()))
+            .map(|s| s.started_at)
+            .max()
+    }
+
+    /// Polls target `i`'s session list until it drains or `confirm_timeout` passes. `None`
+    /// when the server keeps no session list.
+    async fn await_drain(&self, i: usize) -> Result<Option<Confirmation>, StepError> {
+        let (runtime, (current, next)) = (self.runtime(i)?, self.credentials(i)?);
+        let state = &self.rec.state.targets[i];
+        let timeout = runtime.config.confirm_timeout;
+        let applied_at = state.applied_at.unwrap_or(0);
+        let restarted_at = self.restarted_at(runtime.config);
+        let new_expected = restarted_at.is_some() && state.sessions_before.unwrap_or(0) > 0;
+        // Alternating: every session of the old login is on the old credential, whenever it began.
+        let alternating = current.user != next.user;
+        let new_since = restarted_at.unwrap_or(applied_at);
+        let clock = Instant::now();
+        loop {
+            let Some(on_old_login) = runtime
+                .backend
+                .sessions(&current.user)
+                .await
+                .map_err(StepError::from)?
+            else {
+                return Ok(None);
+            };
+            let on_new_login = if alternating {
+                runtime
+                    .backend
+                    .sessions(&next.user)
+                    .await
+                    .map_err(StepError::from)?
+                    .unwrap_or_default()
+            } else {
+                on_old_login.clone()
+            };
+            let now = chrono::Utc::now().timestamp_millis();
+            // The earliest each may have begun: when in doubt a session counts as old, not new.
+            let began = |s: &Session| s.earliest_start(now);
+            let old: Vec<&Session> = on_old_login
+                .iter()
+                .filter(|s| alternating || began(s) < applied_at)
+                .collect();
+            let new: Vec<&Session> = on_new_login
+                .iter()
+                .filter(|s| began(s) >= new_since)
+                .collect();
+            let drained = old.is_empty() && (!new_expected || !new.is_empty());
+            let waited = clock.elapsed();
+            if drained || waited >= timeout {
+                return Ok(Some(Confirmation {
+                    target: state.name.clone(),
+                    drained,
+                    old_sessions: old.len(),
+                    old_clients: clients(&old),
+                    new_sessions: new.len(),
+                    new_clients: clients(&new),
+                    new_expected,
+                    waited_ms: waited.as_millis() as u64,
+                    retire_skipped: false,
+                }));
+            }
+            tokio::time::sleep(CONFIRM_POLL.min(timeout - waited)).await;
+        }
+    }
+
+    /// Whether `confirm` saw target `i` drain (`None`: it did not look).
+    fn drained(&self, i: usize) -> Option<bool> {
+        self.confirmations
+            .get(i)
+            .and_then(Option::as_ref)
+            .map(|c| c.drained)
+    }
+
     /// A failed retire leaves the old credential usable beside the new one: reported, not undone.
+    /// A dual target whose sessions did not drain keeps the old password: removing it would cut
+    /// off whoever still uses it; a later run's retire removes it.
     async fn retire(&mut self) -> Result<(), Stop> {
+        let mut retiring = Vec::new();
+        for i in 0..self.rec.state.targets.len() {
+            let keeps_old = self
+                .runtime_at(i)
+                .is_some_and(|r| r.backend.strategy().keeps_old_until_retire());
+            if !(keeps_old && self.drained(i) == Some(false)) {
+                retiring.push(i);
+                continue;
+            }
+            let name = self.rec.state.targets[i].name.clone();
+            let step = self.rec.begin(Part::Target(i), "retire", &name).await;
+            let why = "sessions on the old credential remain: the old password is kept";
+            self.rec.end(step, "skipped", Some(why.into())).await;
+            if let Some(found) = self.confirmations[i].as_mut() {
+                found.retire_skipped = true;
+            }
+            self.notes.push(format!(
+                "target {name}: the old and the new password both log in until a later run retires the old one (sessions on it had not drained)"
+            ));
+        }
         let results = self
-            .each_target("retire", Mark::Retire, false, |this, i| {
+            .each_target_of(&retiring, "retire", Mark::Retire, false, |this, i| {
                 Box::pin(async move {
                     let (runtime, (current, next)) = (this.runtime(i)?, this.credentials(i)?);
                     runtime
                         .backend
                         .retire(&current, &next)
                         .await
-                        .map_err(StepError::from)
+                        .map_err(StepError::from)?;
+                    // Drained: nothing uses an older password either (one a run before kept).
+                    if this.drained(i) == Some(true) {
+                        runtime
+                            .backend
+                            .retire_all_but(&next)
+                            .await
+                            .map_err(StepError::from)?;
+                    }
+                    Ok(())
                 })
             })
             .await?;
@@ -1194,7 +1517,12 @@ impl Mark {
     fn set(self, target: &mut super::state::TargetState, progress: Progress) {
         match self {
             Mark::None => {}
-            Mark::Apply => target.apply = progress,
+            Mark::Apply => {
+                if progress == Progress::Started {
+                    target.applied_at = Some(chrono::Utc::now().timestamp_millis());
+                }
+                target.apply = progress;
+            }
             Mark::Retire => target.retire = progress,
         }
     }

@@ -72,6 +72,14 @@ pub struct TargetState {
     #[serde(default)]
     pub sync: Progress,
     pub retire: Progress,
+    /// When `apply` began (ms since the epoch): a session older than that was opened with the
+    /// old credential. Absent in journals written before `confirm` existed.
+    #[serde(default)]
+    pub applied_at: Option<i64>,
+    /// How many sessions the rotated login had at preflight (`None`: no session list): a
+    /// workload seen using the old credential must be seen using the new one.
+    #[serde(default)]
+    pub sessions_before: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +108,8 @@ impl RunState {
                     stores: Vec::new(),
                     sync: Progress::NotStarted,
                     retire: Progress::NotStarted,
+                    applied_at: None,
+                    sessions_before: None,
                 })
                 .collect(),
             consumers: consumers

@@ -34,9 +34,13 @@ pub struct Metrics {
     in_progress: IntGaugeVec,
     skipped: IntCounterVec,
     warnings: IntCounterVec,
+    sessions_on_old: IntGaugeVec,
     leader: prometheus::IntGauge,
     /// Unix seconds of each target's last success, to compute the credential's age at scrape time.
     successes: Mutex<HashMap<String, f64>>,
+    /// When each target's credential last changed (ms since the epoch; a successful run's
+    /// start): sessions older than that are on the old credential.
+    rotated_at: Mutex<HashMap<String, i64>>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -158,7 +162,13 @@ impl Metrics {
                 "Scheduled rotations not run, by reason (missed_window, busy).",
                 &["target", "reason"],
             ),
-            warnings: counter(r, "rotator_warnings_total", "Changes that worked but need attention, by kind (not_persisted, dual_unsupported).", &["target", "kind"]),
+            warnings: counter(r, "rotator_warnings_total", "Changes that worked but need attention, by kind (not_persisted, dual_unsupported, sessions_not_drained).", &["target", "kind"]),
+            sessions_on_old: int_gauge(
+                r,
+                "rotator_sessions_on_old_credential",
+                "Sessions the backend lists on the credential before the last rotation, at the end of a run or drift check.",
+                &["target"],
+            ),
             leader: {
                 let metric = prometheus::IntGauge::new(
                     "rotator_leader",
@@ -171,6 +181,7 @@ impl Metrics {
                 metric
             },
             successes: Mutex::new(HashMap::new()),
+            rotated_at: Mutex::new(HashMap::new()),
             registry,
         };
         let build = int_gauge(
@@ -218,6 +229,11 @@ impl Metrics {
                 .lock()
                 .expect("metrics lock")
                 .insert(target.to_string(), unix_seconds(ms));
+            self.rotated_at
+                .lock()
+                .expect("metrics lock")
+                .entry(target.to_string())
+                .or_insert(ms);
         }
     }
 
@@ -250,6 +266,21 @@ impl Metrics {
             .set(i64::from(valid));
     }
 
+    pub fn set_sessions_on_old(&self, target: &str, sessions: usize) {
+        self.sessions_on_old
+            .with_label_values(&[target])
+            .set(sessions as i64);
+    }
+
+    /// When the target's credential last changed (ms since the epoch), as far as this process knows.
+    pub fn rotated_at(&self, target: &str) -> Option<i64> {
+        self.rotated_at
+            .lock()
+            .expect("metrics lock")
+            .get(target)
+            .copied()
+    }
+
     pub fn set_leader(&self, scheduling: bool) {
         self.leader.set(i64::from(scheduling));
     }
@@ -280,7 +311,15 @@ impl Metrics {
                     .lock()
                     .expect("metrics lock")
                     .insert(target.clone(), now);
+                let started = chrono::Utc::now().timestamp_millis() - report.duration_ms as i64;
+                self.rotated_at
+                    .lock()
+                    .expect("metrics lock")
+                    .insert(target.clone(), started);
             }
+        }
+        for found in &report.confirm {
+            self.set_sessions_on_old(&found.target, found.old_sessions);
         }
         for (target, kind) in &report.warnings {
             self.warnings
@@ -337,6 +376,7 @@ mod tests {
                 subject: "proxy".into(),
                 label: "rollout_timeout",
             }],
+            confirm: Vec::new(),
             warnings: vec![("cache".into(), "not_persisted")],
         }
     }

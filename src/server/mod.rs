@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Reference};
 use crate::engine::plan::Plan;
 use crate::engine::{check, recover, run, Deps, Engine, EngineError, RunReport};
 use crate::resolve::resolve;
@@ -44,7 +44,7 @@ pub enum ServeError {
 pub struct Daemon {
     pub engine: Arc<Engine>,
     pub metrics: metrics::Metrics,
-    pub tokens: auth::Tokens,
+    pub tokens: Arc<auth::LiveTokens>,
     /// Runs in flight; shutdown waits for them.
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: runs in flight stop and roll back.
@@ -130,13 +130,24 @@ impl Daemon {
     /// Runs the drift check on `targets` and records the result.
     pub async fn check(&self, targets: &[String]) {
         let report = check::check(&self.engine.deps, targets).await;
-        let mut valid = self.valid.lock().expect("valid lock");
-        for target in &report.targets {
-            if !target.valid {
-                tracing::warn!(target = %target.target, "drift: a stored credential does not log in");
+        {
+            let mut valid = self.valid.lock().expect("valid lock");
+            for target in &report.targets {
+                if !target.valid {
+                    tracing::warn!(target = %target.target, "drift: a stored credential does not log in");
+                }
+                self.metrics.set_valid(&target.target, target.valid);
+                valid.insert(target.target.clone(), target.valid);
             }
-            self.metrics.set_valid(&target.target, target.valid);
-            valid.insert(target.target.clone(), target.valid);
+        }
+        for target in &report.targets {
+            let Some(config) = self.config().target(&target.target) else {
+                continue;
+            };
+            let rotated_at = self.metrics.rotated_at(&target.target);
+            if let Some(old) = check::sessions_on_old(&self.engine.deps, config, rotated_at).await {
+                self.metrics.set_sessions_on_old(&target.target, old);
+            }
         }
     }
 }
@@ -157,17 +168,19 @@ pub async fn serve(
     let listen = config.rotator.listen;
     let grace = config.rotator.shutdown_grace;
     let deps = Deps::new(config).await?;
-    let tokens = match &deps.config.rotator.api_tokens {
-        Some(reference) => auth::Tokens::parse(
-            &resolve(reference, "rotator.api_tokens", deps.kube.as_ref())
+    let (tokens, token_text) = match &deps.config.rotator.api_tokens {
+        Some(reference) => {
+            let text = resolve(reference, "rotator.api_tokens", deps.kube.as_ref())
                 .await
-                .map_err(EngineError::from)?,
-        ),
+                .map_err(EngineError::from)?;
+            (auth::Tokens::parse(&text), Some(text))
+        }
         None => {
             tracing::warn!("no api_tokens configured: every /v1 request is refused");
-            auth::Tokens::none()
+            (auth::Tokens::none(), None)
         }
     };
+    let tokens = Arc::new(auth::LiveTokens::new(tokens));
     let engine = Arc::new(Engine::new(deps).await?);
     let names: Vec<String> = engine
         .deps
@@ -215,6 +228,16 @@ pub async fn serve(
     tracing::info!(address = %listen, "serving");
 
     let stop = CancellationToken::new();
+    if let (Some(Reference::File(path)), Some(text)) =
+        (&engine.deps.config.rotator.api_tokens, token_text)
+    {
+        tokio::spawn(daemon.tokens.clone().watch(
+            path.clone(),
+            text,
+            auth::RELOAD_EVERY,
+            stop.clone(),
+        ));
+    }
     let background = tokio::spawn(scheduler::run(daemon.clone(), stop.clone()));
     let server = tokio::spawn(http::serve(
         listener,

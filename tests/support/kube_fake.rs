@@ -51,6 +51,8 @@ use serde_json::{json, Map, Value};
 
 #[path = "kube_fake/custom.rs"]
 mod custom;
+#[path = "kube_fake/events.rs"]
+mod events;
 #[allow(unused_imports)]
 pub use custom::{label_for, unseal, unseal_with_label, EsoRelease, Unsealer};
 
@@ -877,6 +879,11 @@ enum Route {
         name: Option<String>,
         subresource: Option<String>,
     },
+    /// An events.k8s.io/v1 Event.
+    Events {
+        namespace: Option<String>,
+        name: Option<String>,
+    },
     /// Anything else. Kept for the request log.
     Unknown {
         resource: String,
@@ -901,6 +908,18 @@ impl Route {
             ["apis", "apps", "v1"] => Route::Discovery("apis/apps/v1"),
             ["api", "v1", rest @ ..] => Route::resource("", rest),
             ["apis", "apps", "v1", rest @ ..] => Route::resource("apps", rest),
+            ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", tail @ ..]
+                if tail.len() <= 1 =>
+            {
+                Route::Events {
+                    namespace: Some(ns.to_string()),
+                    name: tail.first().map(|s| s.to_string()),
+                }
+            }
+            ["apis", "events.k8s.io", "v1", "events"] => Route::Events {
+                namespace: None,
+                name: None,
+            },
             ["apis", group, version, rest @ ..]
                 if custom::CustomKind::lookup(group, version).is_some() =>
             {
@@ -978,6 +997,7 @@ impl Route {
             Route::Discovery(_) => String::new(),
             Route::Custom { kind, .. } => kind.plural.to_string(),
             Route::Resource { res, .. } => res.plural.to_string(),
+            Route::Events { .. } => "events".to_string(),
             Route::Unknown { resource, .. } => resource.clone(),
         }
     }
@@ -985,6 +1005,7 @@ impl Route {
         match self {
             Route::Resource { namespace, .. }
             | Route::Unknown { namespace, .. }
+            | Route::Events { namespace, .. }
             | Route::Custom { namespace, .. } => namespace.clone(),
             Route::Discovery(_) => None,
         }
@@ -993,6 +1014,7 @@ impl Route {
         match self {
             Route::Resource { name, .. }
             | Route::Unknown { name, .. }
+            | Route::Events { name, .. }
             | Route::Custom { name, .. } => name.clone(),
             Route::Discovery(_) => None,
         }
@@ -1040,6 +1062,8 @@ struct State {
     service_account_tokens: BTreeMap<String, (String, String, String)>,
     /// ExternalSecrets and SealedSecrets (see `custom`).
     custom: custom::Custom,
+    /// events.k8s.io/v1 Events (see `events`).
+    events: events::Events,
 }
 
 impl State {
@@ -1061,6 +1085,7 @@ impl State {
             faults_after: Vec::new(),
             controller_lag: Duration::ZERO,
             custom: Default::default(),
+            events: Default::default(),
         }
     }
 
@@ -1147,6 +1172,9 @@ impl State {
             }
             Route::Discovery(_) => return Err(ApiError::method_not_allowed()),
             Route::Unknown { .. } => return Err(ApiError::no_route()),
+            Route::Events { namespace, name } => {
+                return self.events_request(namespace.as_deref(), name.as_deref(), req)
+            }
             Route::Custom {
                 kind,
                 version,

@@ -687,3 +687,80 @@ pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             all.then(|| value.parse().ok()).flatten()
         })
 }
+
+/// RBAC proof for any config: every request the fake logged (but discovery, which needs no
+/// grant) is allowed by the Role `llmtrace-rotator rbac` prints for the rotator's config, in
+/// the request's namespace. Returns how many requests were checked.
+pub fn assert_rbac_allows(rotator: &Rotator, kube: &KubeFake) -> usize {
+    let out = std::process::Command::new(bin())
+        .args(["rbac", "--namespace", NS, "--config"])
+        .arg(&rotator.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    // (namespace, group, resource, name or "" for any, verb)
+    let mut granted = std::collections::BTreeSet::new();
+    for doc in text.split("\n---\n") {
+        let role: serde_json::Value = serde_yaml::from_str(doc).unwrap();
+        if role["kind"] != "Role" {
+            continue;
+        }
+        let ns = role["metadata"]["namespace"].as_str().unwrap().to_string();
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default()
+        };
+        for rule in role["rules"].as_array().unwrap() {
+            let names = match strings(&rule["resourceNames"]) {
+                names if names.is_empty() => vec![String::new()],
+                names => names,
+            };
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for name in &names {
+                        for verb in strings(&rule["verbs"]) {
+                            granted.insert((
+                                ns.clone(),
+                                group.clone(),
+                                resource.clone(),
+                                name.clone(),
+                                verb,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut checked = 0;
+    for r in kube.requests() {
+        if r.resource.is_empty() {
+            continue;
+        }
+        let group = match r.resource.as_str() {
+            "secrets" => "",
+            "deployments" | "statefulsets" => "apps",
+            "externalsecrets" => "external-secrets.io",
+            "sealedsecrets" => "bitnami.com",
+            "events" => "events.k8s.io",
+            other => panic!("{} {}: {other} is in no printed Role", r.method, r.path),
+        };
+        let seen = (
+            r.namespace.clone(),
+            group.to_string(),
+            r.resource.clone(),
+            r.name.clone(),
+            r.verb.clone(),
+        );
+        assert!(
+            granted.contains(&seen),
+            "{} {} ({seen:?}) is not allowed by the printed Role:\n{text}",
+            r.method,
+            r.path
+        );
+        checked += 1;
+    }
+    checked
+}
