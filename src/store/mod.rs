@@ -40,7 +40,7 @@ impl StoreError {
 
 /// A key in some place a workload reads its configuration from.
 ///
-/// Values are whole stored values (a URL, a password): [`format`] finds the credential inside.
+/// Values are whole stored values (a URL, a password): [`format`](mod@format) finds the credential inside.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Names the place in reports: `kubernetes secret llmtrace/llmtrace#LLMTRACE_POSTGRES_URL`.
