@@ -891,21 +891,18 @@ impl<'a> RunContext<'a> {
         Ok(())
     }
 
-    /// Logs in with the credential each store holds, which must not be `unwanted`.
-    async fn verify_stores_not(
-        &self,
-        i: usize,
-        unwanted: Option<&Credential>,
-    ) -> Result<(), StepError> {
+    /// Logs in with the credential each store holds (what a restarted pod sees), once per
+    /// distinct credential, after checking it is the one `expect` allows.
+    async fn verify_stores(&self, i: usize, expect: Expect<'_>) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
         let mut proven: Vec<Credential> = Vec::new();
         for (j, store) in runtime.stores.iter().enumerate() {
             let Some(value) = store.read().await.map_err(StepError::from)? else {
-                if self.rec.state.targets[i]
+                let was_absent = self.rec.state.targets[i]
                     .stores
                     .get(j)
-                    .is_some_and(|s| s.original.is_none())
-                {
+                    .is_some_and(|s| s.original.is_none());
+                if was_absent && matches!(expect, Expect::Not(_)) {
                     continue;
                 }
                 return Err(StepError::new(
@@ -919,72 +916,21 @@ impl<'a> RunContext<'a> {
                 &runtime.config.user,
             )
             .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
-            if unwanted.is_some_and(|u| u == &credential) {
-                return Err(StepError::new(
-                    "store_changed",
-                    format!(
-                        "{}: still holds the credential this run wrote",
-                        store.describe()
-                    ),
-                ));
-            }
-            // Stores holding the same credential need one login between them.
-            if proven.contains(&credential) {
-                continue;
-            }
-            runtime.backend.login(&credential).await.map_err(|e| {
-                StepError::new(
-                    e.metric_label(),
-                    format!(
-                        "{}: the credential it holds does not log in: {e}",
-                        store.describe()
-                    ),
-                )
-            })?;
-            proven.push(credential);
-        }
-        Ok(())
-    }
-
-    /// Logs in with the credential each store now holds: what a restarted pod sees.
-    async fn verify_stores(
-        &self,
-        i: usize,
-        expected: Option<&Credential>,
-    ) -> Result<(), StepError> {
-        let runtime = self.runtime(i)?;
-        let mut proven: Vec<Credential> = Vec::new();
-        for (j, store) in runtime.stores.iter().enumerate() {
-            let Some(value) = store.read().await.map_err(StepError::from)? else {
-                if self.rec.state.targets[i]
-                    .stores
-                    .get(j)
-                    .is_some_and(|s| s.original.is_none())
-                    && expected.is_none()
-                {
-                    continue;
+            let unexpected = match expect {
+                Expect::Exactly(wanted) if wanted != &credential => {
+                    Some("holds a different credential than this run wrote")
                 }
-                return Err(StepError::new(
-                    "store_missing",
-                    format!("{}: the key is absent", store.describe()),
-                ));
+                Expect::Not(unwanted) if unwanted == Some(&credential) => {
+                    Some("still holds the credential this run wrote")
+                }
+                _ => None,
             };
-            let credential = format::credential_from(
-                &value,
-                &runtime.config.stores[j].format,
-                &runtime.config.user,
-            )
-            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
-            if expected.is_some_and(|e| e != &credential) {
+            if let Some(what) = unexpected {
                 return Err(StepError::new(
                     "store_changed",
-                    format!(
-                        "{}: holds a different credential than this run wrote",
-                        store.describe()
-                    ),
+                    format!("{}: {what}", store.describe()),
                 ));
             }
-            // Stores holding the same credential need one login between them.
             if proven.contains(&credential) {
                 continue;
             }
@@ -1007,7 +953,7 @@ impl<'a> RunContext<'a> {
             .each_target("verify", Mark::None, true, |this, i| {
                 Box::pin(async move {
                     let (_, next) = this.credentials(i)?;
-                    this.verify_stores(i, Some(&next)).await
+                    this.verify_stores(i, Expect::Exactly(&next)).await
                 })
             })
             .await?;
@@ -1437,7 +1383,7 @@ impl<'a> RunContext<'a> {
             let name = self.rec.state.targets[i].name.clone();
             let step = self.rec.begin(Part::Target(i), "verify-old", &name).await;
             let next: Option<Credential> = self.rec.state.targets[i].next.as_ref().map(Into::into);
-            let result = self.verify_stores_not(i, next.as_ref()).await;
+            let result = self.verify_stores(i, Expect::Not(next.as_ref())).await;
             ok &= result.is_ok();
             self.rec.finish(step, &result).await;
         }
@@ -1534,6 +1480,16 @@ fn all_ok(results: &[(usize, Result<(), StepError>)]) -> Result<(), Stop> {
     } else {
         Err(Stop::Failed)
     }
+}
+
+/// What [`RunContext::verify_stores`] accepts in a store.
+#[derive(Clone, Copy)]
+enum Expect<'c> {
+    /// After the forward path: exactly this run's new credential.
+    Exactly(&'c Credential),
+    /// After a rollback: anything that logs in but this run's new credential (a key the run
+    /// found absent may be absent again).
+    Not(Option<&'c Credential>),
 }
 
 enum Restored {
