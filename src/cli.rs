@@ -210,7 +210,6 @@ async fn execute(command: Command) -> Result<i32, Failure> {
                 return Ok(dry_run_report(&deps, &plan, output).await);
             }
             let engine = Engine::new(deps).await?;
-            let recovered = recover::recover_all(&engine).await?;
             // SIGTERM (a CronJob's deadline, a node drain) stops the run at the next step and
             // rolls it back, rather than leaving pods on a half-rotated credential until next week.
             let cancel = tokio_util::sync::CancellationToken::new();
@@ -219,6 +218,7 @@ async fn execute(command: Command) -> Result<i32, Failure> {
                 shutdown_signal().await;
                 on_signal.cancel();
             });
+            let recovered = recover::recover_all(&engine, &cancel).await?;
             let context = match run::start(&engine, &plan, "cli").await {
                 Ok(context) => context,
                 Err(error) => {
@@ -281,7 +281,8 @@ async fn execute(command: Command) -> Result<i32, Failure> {
         }
         Command::Recover { config, output } => {
             let engine = Engine::new(load(&config).await?).await?;
-            let reports = recover::recover_all(&engine).await?;
+            let reports =
+                recover::recover_all(&engine, &tokio_util::sync::CancellationToken::new()).await?;
             print(output, &reports, || {
                 if reports.is_empty() {
                     "nothing to recover\n".to_string()

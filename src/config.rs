@@ -74,6 +74,8 @@ pub struct RotatorSection {
     pub kubernetes_timeout: Duration,
     /// How many targets of one run take a backend step at once.
     pub max_parallel: usize,
+    /// How long a process that takes over a run from a PostgreSQL journal waits before acting.
+    pub takeover_grace: Duration,
 }
 
 /// `serve` listens on every interface, port 8080, as the Service and probes expect.
@@ -88,6 +90,9 @@ pub const DEFAULT_RECOVER_INTERVAL: Duration = Duration::from_secs(60);
 /// Backend steps are mostly waiting on the network: a few at once cut a fleet's run time
 /// without crowding one database server with logins.
 pub const DEFAULT_MAX_PARALLEL: usize = 8;
+/// The previous owner of a taken-over run may be in a password change it cannot abandon:
+/// 15 s to connect plus the 10 s statement timeout, with margin.
+pub const DEFAULT_TAKEOVER_GRACE: Duration = Duration::from_secs(30);
 /// Long enough for a loaded API server, short enough that a stalled one fails the step.
 pub const DEFAULT_KUBERNETES_TIMEOUT: Duration = Duration::from_secs(30);
 /// Without a schedule to go by, a credential is overdue after 90 days (a common audit period).
@@ -847,6 +852,7 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
     let recover_interval = section.duration("recover_interval", DEFAULT_RECOVER_INTERVAL, errors);
     let kubernetes_timeout =
         section.duration("kubernetes_timeout", DEFAULT_KUBERNETES_TIMEOUT, errors);
+    let takeover_grace = section.duration("takeover_grace", DEFAULT_TAKEOVER_GRACE, errors);
     let max_parallel = match section.integer("max_parallel", errors) {
         None => DEFAULT_MAX_PARALLEL,
         Some(n @ 1..=256) => n as usize,
@@ -882,6 +888,7 @@ fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<R
         recover_interval,
         kubernetes_timeout,
         max_parallel,
+        takeover_grace,
     })
 }
 

@@ -24,7 +24,7 @@ fn replica_config(host: &ComposeHost, port: u16) -> String {
     )
     .replace(
         "journal = \"sqlite://journal.db\"",
-        "journal = \"env:ROTATOR_JOURNAL_URL\"",
+        "journal = \"env:ROTATOR_JOURNAL_URL\"\ntakeover_grace = \"3s\"",
     )
 }
 

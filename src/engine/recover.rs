@@ -6,56 +6,76 @@ use super::report::{Outcome, RunReport};
 use super::run::RunContext;
 use super::state::{Progress, RunState};
 use super::{Engine, EngineError};
-use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
-use crate::journal::lock::LOCK_CHECK_INTERVAL;
 use crate::journal::{JournalError, TargetLock};
 use crate::secret::Credential;
 
-/// A PostgreSQL advisory lock can be lost while its holder still runs (its session ended); that
-/// holder notices within [`LOCK_CHECK_INTERVAL`] and stops. Recovery that takes such a run over
-/// waits this long first, so the two never act at once.
-const TAKEOVER_GRACE: Duration = Duration::from_secs(LOCK_CHECK_INTERVAL.as_secs() * 3);
-
 /// Recovers every run that needs it (unfinished, or whose rollback failed) and whose targets
-/// are not locked by a live run elsewhere.
-pub async fn recover_all(engine: &Engine) -> Result<Vec<RunReport>, EngineError> {
+/// are not locked by a live run elsewhere. A run that cannot be recovered now is reported in
+/// the log and left for the next attempt; the others go on. `cancel` stops a recovered run's
+/// waits (a shutdown), as for a new run.
+pub async fn recover_all(
+    engine: &Engine,
+    cancel: &CancellationToken,
+) -> Result<Vec<RunReport>, EngineError> {
     let mut reports = Vec::new();
     for run in engine.journal.unfinished().await? {
-        let lock = match engine.journal.lock(&run.targets).await {
-            Ok(lock) => lock,
-            Err(JournalError::Busy(target)) => {
-                tracing::info!(run = %run.id, target, "run is still in progress elsewhere; not recovering it");
-                continue;
+        let id = run.id.clone();
+        match recover_one(engine, run, cancel).await {
+            Ok(Some(report)) => reports.push(report),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(run = %id, cause = %error, "cannot recover the run now; it is retried later")
             }
-            Err(e) => return Err(e.into()),
-        };
-        // Re-read under the lock: the run may have finished between the listing and the lock.
-        let Some(summary) = engine.journal.run(&run.id).await? else {
-            continue;
-        };
-        if !engine.journal.needs_recovery(&run.id).await? {
-            continue;
         }
-        if run.state.as_slice() == b"{}" {
-            // A rollback that failed before its state was kept (older journals): nothing to redo.
-            tracing::warn!(run = %run.id, "run needs recovery but holds no state; see its report");
-            continue;
-        }
-        let state =
-            RunState::assemble(&run.state, &run.parts).map_err(|message| JournalError::State {
-                run: run.id.clone(),
-                message,
-            })?;
-        let owner = super::run::new_owner();
-        engine.journal.claim(&run.id, &owner).await?;
-        if engine.journal.is_postgres() {
-            tokio::time::sleep(TAKEOVER_GRACE).await;
-        }
-        tracing::warn!(run = %run.id, previous = summary.outcome.as_deref().unwrap_or("unfinished"), "recovering a run");
-        reports.push(recover_run(engine, run.id, owner, state, summary.steps, lock).await);
     }
     Ok(reports)
+}
+
+async fn recover_one(
+    engine: &Engine,
+    run: crate::journal::Unfinished,
+    cancel: &CancellationToken,
+) -> Result<Option<RunReport>, EngineError> {
+    let lock = match engine.journal.lock(&run.targets).await {
+        Ok(lock) => lock,
+        Err(JournalError::Busy(target)) => {
+            tracing::info!(run = %run.id, target, "run is still in progress elsewhere; not recovering it");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Re-read under the lock: the run may have finished between the listing and the lock.
+    let Some(summary) = engine.journal.run(&run.id).await? else {
+        return Ok(None);
+    };
+    if !engine.journal.needs_recovery(&run.id).await? {
+        return Ok(None);
+    }
+    if run.state.as_slice() == b"{}" {
+        // No state to act on: nothing can be redone, so it must not block its targets.
+        tracing::warn!(run = %run.id, "run needs recovery but holds no state; see its report");
+        engine.journal.settle_stateless(&run.id).await?;
+        return Ok(None);
+    }
+    let state =
+        RunState::assemble(&run.state, &run.parts).map_err(|message| JournalError::State {
+            run: run.id.clone(),
+            message,
+        })?;
+    let owner = super::run::new_owner();
+    engine.journal.claim(&run.id, &owner).await?;
+    if engine.journal.is_postgres() {
+        // A PostgreSQL advisory lock can be lost while its holder still runs (its session
+        // ended); that holder stops at its next check, but a password change it has in flight
+        // cannot be cut short. Wait until such a step has certainly ended.
+        tokio::time::sleep(engine.deps.config.rotator.takeover_grace).await;
+    }
+    tracing::warn!(run = %run.id, previous = summary.outcome.as_deref().unwrap_or("unfinished"), "recovering a run");
+    Ok(Some(
+        recover_run(engine, run.id, owner, state, summary.steps, lock, cancel).await,
+    ))
 }
 
 async fn recover_run(
@@ -65,6 +85,7 @@ async fn recover_run(
     state: RunState,
     steps: Vec<crate::journal::StepRecord>,
     lock: TargetLock,
+    cancel: &CancellationToken,
 ) -> RunReport {
     let deps = &engine.deps;
     let mut notes = Vec::new();
@@ -91,7 +112,8 @@ async fn recover_run(
         .map(|c| deps.consumer(&c.name).map_err(|e| notes.push(e)).ok())
         .collect();
     let rec = Recorder::new(&engine.journal, id, owner, state, steps);
-    let mut run = RunContext::resume(engine, rec, targets, consumers, notes, lock);
+    let mut run = RunContext::resume(engine, rec, targets, consumers, notes, lock)
+        .with_cancel(cancel.child_token());
 
     let step = run.rec.begin(Part::Run, "recover", "decide").await;
     let roll_forward = !run.rec.state.rolling_back && new_credential_is_everywhere(&run).await;
@@ -110,7 +132,10 @@ async fn recover_run(
     } else {
         run.rollback().await
     };
-    run.tidy_stores().await;
+    if outcome != Outcome::Interrupted {
+        // Another process may drive the run now: tidying is its job.
+        run.tidy_stores().await;
+    }
     run.finish(outcome).await
 }
 

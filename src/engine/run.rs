@@ -814,9 +814,25 @@ impl<'a> RunContext<'a> {
         self.sync().await?;
         self.restart().await?;
         self.verify().await?;
-        self.confirm().await?;
-        self.retire().await?;
-        self.may_continue()
+        // Done is done: every store holds the new credential, the consumers run on it and it
+        // logs in. A stop from here on (SIGTERM, a journal outage) does not roll that back; a
+        // confirm or retire that could not run leaves the old password valid beside the new one.
+        let after = async {
+            self.confirm().await?;
+            self.retire().await
+        };
+        match after.await {
+            Err(Stop::LockLost) => Err(Stop::LockLost),
+            Err(stop) => {
+                self.notes.push(format!(
+                    "stopped after verify ({}): the new credential is in force; the old one may \
+                     still log in beside it until a later run retires it",
+                    stop.reason()
+                ));
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Forces each ExternalSecret to copy the new credential into its Secret, and waits for it,
@@ -957,8 +973,7 @@ impl<'a> RunContext<'a> {
                 })
             })
             .await?;
-        all_ok(&results)?;
-        self.may_continue()
+        all_ok(&results)
     }
 
     /// Reads each target's session list until nothing uses the old credential any more and,
@@ -1208,6 +1223,18 @@ impl<'a> RunContext<'a> {
         !self.lost_ownership()
     }
 
+    /// Journals an undo step and says whether it may act: not once the run turned out to be
+    /// another process's (the checkpoint itself may be what finds out).
+    async fn begin_undo(&mut self, part: Part, step: &str, subject: &str) -> Option<StepId> {
+        let id = self.rec.begin(part, step, subject).await;
+        if self.may_undo() {
+            return Some(id);
+        }
+        let why = "not started: the target lock was lost".to_string();
+        self.rec.end(id, "skipped", Some(why)).await;
+        None
+    }
+
     async fn undo_publish(&mut self) -> bool {
         let mut ok = true;
         for i in 0..self.rec.state.targets.len() {
@@ -1217,12 +1244,20 @@ impl<'a> RunContext<'a> {
                 if !store_state.publish.touched() || !self.may_undo() {
                     continue;
                 }
-                let step = self
-                    .rec
-                    .begin(Part::Target(i), "undo-publish", &store_subject(&name, j))
-                    .await;
+                let Some(step) = self
+                    .begin_undo(Part::Target(i), "undo-publish", &store_subject(&name, j))
+                    .await
+                else {
+                    return false;
+                };
                 let result = match self.runtime(i) {
-                    Ok(runtime) => restore_store(runtime.stores[j].as_ref(), &store_state).await,
+                    Ok(runtime) => match runtime.stores.get(j) {
+                        Some(store) => restore_store(store.as_ref(), &store_state).await,
+                        None => Err(StepError::new(
+                            "config",
+                            format!("store[{j}] of target {name:?} is not in the config any more"),
+                        )),
+                    },
                     Err(e) => Err(e),
                 };
                 match &result {
@@ -1271,10 +1306,12 @@ impl<'a> RunContext<'a> {
             let name = state.name.clone();
             let mut synced = entries > 0;
             for k in 0..entries.max(1) {
-                let step = self
-                    .rec
-                    .begin(Part::Target(i), "undo-sync", &sync_subject(&name, k))
-                    .await;
+                let Some(step) = self
+                    .begin_undo(Part::Target(i), "undo-sync", &sync_subject(&name, k))
+                    .await
+                else {
+                    return false;
+                };
                 let old: Option<Credential> =
                     self.rec.state.targets[i].current.as_ref().map(Into::into);
                 let result = match (self.runtime(i), old) {
@@ -1315,7 +1352,9 @@ impl<'a> RunContext<'a> {
                 continue;
             }
             let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin(Part::Target(i), "undo-apply", &name).await;
+            let Some(step) = self.begin_undo(Part::Target(i), "undo-apply", &name).await else {
+                return false;
+            };
             let result = match (self.runtime(i), self.credentials(i)) {
                 (Ok(runtime), Ok((current, next))) => {
                     match undo_needed(runtime, &current, &next).await {
@@ -1356,9 +1395,15 @@ impl<'a> RunContext<'a> {
                 continue;
             }
             let name = self.rec.state.consumers[k].name.clone();
-            let step = self.rec.begin(Part::Run, "undo-restart", &name).await;
+            let Some(step) = self.begin_undo(Part::Run, "undo-restart", &name).await else {
+                return;
+            };
             let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                Some(handle) => handle.restart_and_wait().await.map_err(StepError::from),
+                // A shutdown does not cut a rollback short; a lost lock does.
+                Some(handle) => tokio::select! {
+                    result = handle.restart_and_wait() => result.map_err(StepError::from),
+                    _ = self.lock_lost.cancelled() => Err(StepError::new("lock_lost", "the target lock was lost; stopped")),
+                },
                 None => Err(StepError::new(
                     "config",
                     format!("consumer {name:?} is not in the config any more"),
@@ -1539,6 +1584,11 @@ async fn undo_needed(
     current: &Credential,
     next: &Credential,
 ) -> UndoNeeded {
+    // A dual undo only removes this run's own password: always safe, and a login that failed
+    // for a passing reason must not leave a valid password nobody knows.
+    if runtime.backend.strategy() == crate::config::Strategy::Dual {
+        return UndoNeeded::Yes;
+    }
     if runtime.backend.login(next).await.is_ok() {
         return UndoNeeded::Yes;
     }

@@ -369,6 +369,10 @@ impl Journal {
             .execute(&mut *tx)
             .await
             .map_err(JournalError::Query)?;
+            if updated.rows_affected() == 0 {
+                // Not ours any more: leave the new owner's state alone (the tx rolls back).
+                return Err(JournalError::Fenced(id.to_string()));
+            }
             sqlx::query("DELETE FROM rotator_run_parts WHERE run_id = $1")
                 .bind(id)
                 .execute(&mut *tx)
@@ -423,6 +427,16 @@ impl Journal {
             .await
             .map_err(JournalError::Query)?;
         Ok(inserted.rows_affected() == 1)
+    }
+
+    /// Marks a run as needing no recovery: for one that holds no state to act on.
+    pub async fn settle_stateless(&self, id: &str) -> Result<(), JournalError> {
+        sqlx::query("UPDATE rotator_runs SET needs_recovery = 0 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(JournalError::Query)?;
+        Ok(())
     }
 
     /// Makes `owner` the run's driver: from now on the previous owner's checkpoints fail.
@@ -486,15 +500,24 @@ impl Journal {
         for row in rows {
             let id: String = row.try_get("id").map_err(JournalError::Query)?;
             let sealed: Vec<u8> = row.try_get("state").map_err(JournalError::Query)?;
-            let state = self
-                .cipher
-                .open(&sealed, &id)
-                .map_err(|message| JournalError::State {
-                    run: id.clone(),
-                    message,
-                })?;
+            // One unreadable run (a key changed, a damaged row) must not stop the others from
+            // being recovered: it is reported, and its targets stay blocked.
+            let state = match self.cipher.open(&sealed, &id) {
+                Ok(state) => state,
+                Err(message) => {
+                    tracing::error!(run = %id, cause = %message, "a run that needs recovery cannot be read; its targets stay blocked");
+                    continue;
+                }
+            };
+            let parts = match self.run_parts(&id).await {
+                Ok(parts) => parts,
+                Err(JournalError::State { message, .. }) => {
+                    tracing::error!(run = %id, cause = %message, "a run that needs recovery cannot be read; its targets stay blocked");
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let targets = self.run_targets(&id).await?;
-            let parts = self.run_parts(&id).await?;
             runs.push(Unfinished {
                 id,
                 targets,
@@ -670,4 +693,82 @@ fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
         Secret::new(format!("sqlite://{path}?{query}")),
         Locker::Files(lock_dir),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    async fn memory_journal() -> Journal {
+        let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        Journal::open(&Secret::new("sqlite::memory:"), &Secret::new(key))
+            .await
+            .expect("in-memory journal")
+    }
+
+    fn step(seq: i64) -> StepRecord {
+        StepRecord {
+            seq,
+            step: "apply".into(),
+            subject: "t".into(),
+            status: "started".into(),
+            started_at: 0,
+            duration_ms: None,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fenced_owner_can_neither_write_nor_finish_the_run_nor_drop_its_state() {
+        let journal = memory_journal().await;
+        let part = |bytes: &[u8]| vec![("t".to_string(), Zeroizing::new(bytes.to_vec()))];
+        journal
+            .begin_run("r1", "first", "cli", &["t".into()], b"{}", &part(b"sealed"))
+            .await
+            .unwrap();
+        journal.claim("r1", "second").await.unwrap();
+
+        let write = journal
+            .checkpoint("r1", "first", None, &part(b"late"), &step(1), true)
+            .await;
+        assert!(matches!(write, Err(JournalError::Fenced(_))), "{write:?}");
+        let finish = journal.finish_run("r1", "first", "rolled_back", true).await;
+        assert!(matches!(finish, Err(JournalError::Fenced(_))), "{finish:?}");
+        let open = journal.unfinished().await.unwrap();
+        assert_eq!(open.len(), 1, "still due for recovery");
+        assert_eq!(
+            open[0].parts[0].1.as_slice(),
+            b"sealed",
+            "state kept, not overwritten"
+        );
+
+        journal
+            .finish_run("r1", "second", "rolled_back", true)
+            .await
+            .unwrap();
+        assert!(journal.unfinished().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_rollback_stays_due_for_recovery_with_its_state() {
+        let journal = memory_journal().await;
+        let part = vec![("t".to_string(), Zeroizing::new(b"sealed".to_vec()))];
+        journal
+            .begin_run("r1", "me", "cli", &["t".into()], b"{}", &part)
+            .await
+            .unwrap();
+        journal
+            .finish_run("r1", "me", "rollback_failed", false)
+            .await
+            .unwrap();
+        let open = journal.unfinished().await.unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].parts[0].1.as_slice(), b"sealed");
+        assert_eq!(
+            journal.needing_recovery(&["t".into()]).await.unwrap(),
+            Some(("r1".to_string(), "t".to_string())),
+            "no new run may start on the target"
+        );
+    }
 }

@@ -115,7 +115,7 @@ impl Daemon {
 
     /// Retries every run that needs recovery and is not in flight; counts what it finished.
     pub async fn recover(&self) {
-        match recover::recover_all(&self.engine).await {
+        match recover::recover_all(&self.engine, &self.cancel_runs).await {
             Ok(reports) => {
                 for report in reports {
                     tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered a run");
@@ -207,7 +207,7 @@ pub async fn serve(
         next_fires: Mutex::new(HashMap::new()),
         valid: Mutex::new(HashMap::new()),
     });
-    for report in recover::recover_all(&engine).await? {
+    for report in recover::recover_all(&engine, &daemon.cancel_runs).await? {
         tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered an interrupted run");
         daemon.observe(&report);
     }
@@ -248,9 +248,13 @@ pub async fn serve(
     tracing::info!("shutting down: no new requests or scheduled runs; runs in flight roll back");
     stop.cancel();
     daemon.cancel_runs.cancel();
-    let _ = background.await;
+    // Runs in flight, and a recovery or drift check the scheduler is in, share the grace.
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout_at(deadline, background).await.is_err() {
+        tracing::warn!("the scheduler's recovery or drift check did not end within the grace");
+    }
     daemon.tracker.close();
-    if tokio::time::timeout(grace, daemon.tracker.wait())
+    if tokio::time::timeout_at(deadline, daemon.tracker.wait())
         .await
         .is_err()
     {
