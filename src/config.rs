@@ -533,6 +533,13 @@ impl ConfigError {
 }
 
 fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    // The parser recovers and may report a later error first (an unclosed string shows as a
+    // missing `=` on the next line): report the one nearest the start of the file.
+    let (_, errors) = toml::de::DeTable::parse_recoverable(text);
+    let error = errors
+        .iter()
+        .min_by_key(|e| e.span().map_or(usize::MAX, |s| s.start))
+        .unwrap_or(error);
     let offset = error.span().map(|s| s.start).unwrap_or(0).min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
