@@ -662,7 +662,7 @@ impl<'a> Fields<'a> {
             errors.push(self.path_of(key), "must be an array of strings");
             return None;
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(array.len());
         for (i, item) in array.iter().enumerate() {
             match item.as_str() {
                 Some(s) if !s.is_empty() => out.push(s.to_string()),
@@ -778,7 +778,9 @@ fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config>
         })
         .collect();
     check_names(&parsed, &consumers, errors);
-    let targets = parsed.into_iter().map(|(target, _)| target).collect();
+    // Exact capacity: collecting in place would keep the larger buffer of `parsed`.
+    let mut targets = Vec::with_capacity(parsed.len());
+    targets.extend(parsed.into_iter().map(|(target, _)| target));
     Some(Config {
         rotator: rotator?,
         password: defaults,
@@ -1182,14 +1184,13 @@ fn parse_target(
             "at least one [[target.store]] is required",
         );
     }
-    let stores: Vec<StoreConfig> = store_fields
-        .iter()
-        .filter_map(|store| {
-            let parsed = parse_store(store, base, errors);
-            store.finish(errors);
-            parsed
-        })
-        .collect();
+    // Exact capacity (a filtered collect grows to 4): configs hold thousands of targets.
+    let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_fields.len());
+    stores.extend(store_fields.iter().filter_map(|store| {
+        let parsed = parse_store(store, base, errors);
+        store.finish(errors);
+        parsed
+    }));
     if stores.len() != store_fields.len() {
         return None;
     }
