@@ -508,6 +508,35 @@ mod tests {
     }
 
     #[test]
+    fn configured_targets_start_at_zero_and_other_series_appear_when_set() {
+        let metrics = Metrics::new(&[("cache".into(), std::time::Duration::from_secs(60))]);
+        metrics.skipped("cache", "unfinished_run");
+        metrics.skipped("cache", "busy");
+        metrics.set_valid("gone", false);
+        let text = metrics.encode();
+        for line in [
+            "rotator_rotations_total{outcome=\"interrupted\",target=\"cache\"} 0",
+            "rotator_rollbacks_total{outcome=\"rollback_failed\",target=\"cache\"} 0",
+            "rotator_skipped_schedules_total{reason=\"missed_window\",target=\"cache\"} 0",
+            "rotator_skipped_schedules_total{reason=\"busy\",target=\"cache\"} 1",
+            "rotator_skipped_schedules_total{reason=\"unfinished_run\",target=\"cache\"} 1",
+            "rotator_rotation_in_progress{target=\"cache\"} 0",
+            "rotator_credential_max_age_seconds{target=\"cache\"} 60",
+            "rotator_credential_valid{target=\"gone\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        // A target outside the config has only the series it was given.
+        assert_eq!(text.matches("target=\"gone\"").count(), 1, "{text}");
+        assert!(!metrics.is_in_progress("cache"));
+        metrics.set_in_progress(&["cache".into()], true);
+        assert!(metrics.is_in_progress("cache"));
+        assert!(metrics
+            .encode()
+            .contains("rotator_last_attempt_timestamp_seconds{target=\"cache\"}"));
+    }
+
+    #[test]
     fn a_run_is_counted_under_its_target_outcome_failures_and_warnings() {
         let metrics = Metrics::new(&[("cache".into(), std::time::Duration::from_secs(86400))]);
         assert!(metrics
