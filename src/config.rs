@@ -538,6 +538,13 @@ impl ConfigError {
 }
 
 fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    // The parser recovers and may report a later error first (an unclosed string shows as a
+    // missing `=` on the next line): report the one nearest the start of the file.
+    let (_, errors) = toml::de::DeTable::parse_recoverable(text);
+    let error = errors
+        .iter()
+        .min_by_key(|e| e.span().map_or(usize::MAX, |s| s.start))
+        .unwrap_or(error);
     let offset = error.span().map(|s| s.start).unwrap_or(0).min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
@@ -660,7 +667,7 @@ impl<'a> Fields<'a> {
             errors.push(self.path_of(key), "must be an array of strings");
             return None;
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(array.len());
         for (i, item) in array.iter().enumerate() {
             match item.as_str() {
                 Some(s) if !s.is_empty() => out.push(s.to_string()),
@@ -776,7 +783,9 @@ fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config>
         })
         .collect();
     check_names(&parsed, &consumers, errors);
-    let targets = parsed.into_iter().map(|(target, _)| target).collect();
+    // Exact capacity: collecting in place would keep the larger buffer of `parsed`.
+    let mut targets = Vec::with_capacity(parsed.len());
+    targets.extend(parsed.into_iter().map(|(target, _)| target));
     Some(Config {
         rotator: rotator?,
         password: defaults,
@@ -1182,14 +1191,13 @@ fn parse_target(
             "at least one [[target.store]] is required",
         );
     }
-    let stores: Vec<StoreConfig> = store_fields
-        .iter()
-        .filter_map(|store| {
-            let parsed = parse_store(store, base, errors);
-            store.finish(errors);
-            parsed
-        })
-        .collect();
+    // Exact capacity (a filtered collect grows to 4): configs hold thousands of targets.
+    let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_fields.len());
+    stores.extend(store_fields.iter().filter_map(|store| {
+        let parsed = parse_store(store, base, errors);
+        store.finish(errors);
+        parsed
+    }));
     if stores.len() != store_fields.len() {
         return None;
     }
