@@ -707,7 +707,9 @@ async fn api_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
             .json()
             .await
             .unwrap();
-        let id = answer["id"].as_str().expect("a run id").to_string();
+        let Some(id) = answer["id"].as_str().map(str::to_string) else {
+            panic!("no run id in the answer: {answer}");
+        };
         loop {
             let run: serde_json::Value = http
                 .get(format!("{base}/v1/rotations/{id}"))

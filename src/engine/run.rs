@@ -361,10 +361,10 @@ impl<'a> RunContext<'a> {
                 ));
             }
         }
-        self.deps.admin_sessions.clear();
         if let Some(lock) = self.lock.take() {
             lock.release().await;
         }
+        self.deps.admin_sessions.clear();
         if let Some(client) = &self.deps.kube {
             events::emit(client, &self.rec.id, outcome, &self.event_objects()).await;
         }
