@@ -224,6 +224,21 @@ async fn postgres() -> (Arc<Postgres>, String) {
     (Arc::new(pg), password)
 }
 
+/// `RUNS` single-strategy PostgreSQL rotations through `rotate`, as in [`rotation_rows`].
+async fn single_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
+    let single = Workdir::new(
+        &postgres_config(pg, "user = \"app\"", "true"),
+        &format!("URL={}\n", pg.url("app", password, "bench")),
+        &[("PG_ADMIN_PASSWORD", pg.admin_password())],
+    );
+    let mut samples: Vec<f64> = (0..RUNS).map(|_| single.rotate()).collect();
+    rows.push(Row {
+        what: "rotation latency, PostgreSQL single (file store, `true` consumer)".into(),
+        figure: latency(&mut samples),
+        note: "closed loop: preflight, apply, verify, publish, restart, verify, journal".into(),
+    });
+}
+
 async fn rotation_rows(
     rows: &mut Vec<Row>,
     pg: &Arc<Postgres>,
@@ -692,7 +707,9 @@ async fn api_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
             .json()
             .await
             .unwrap();
-        let id = answer["id"].as_str().expect("a run id").to_string();
+        let Some(id) = answer["id"].as_str().map(str::to_string) else {
+            panic!("no run id in the answer: {answer}");
+        };
         loop {
             let run: serde_json::Value = http
                 .get(format!("{base}/v1/rotations/{id}"))
@@ -736,7 +753,11 @@ async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quic
             note: "VmRSS a few seconds after start".into(),
         });
     }
-    // Start to the first backend call: the preflight connection shows as a PostgreSQL log line.
+    start_row(rows, pg, password).await;
+}
+
+/// Start to the first backend call: the preflight connection shows as a PostgreSQL log line.
+async fn start_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
     pg.exec("ALTER SYSTEM SET log_connections = on").await;
     pg.exec("SELECT pg_reload_conf()").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -768,6 +789,35 @@ async fn main() {
     let (pg, password) = postgres().await;
     let redis = Redis::start(Users::AclFile, &[("app", &password)], "").await;
     let mut rows = Vec::new();
+    // `ROTATOR_BENCH_ONLY=overhead` (floor, single rotation, API, start) or `fleet` (single
+    // rotation, 1,000 targets): a subset for iterating; the full table is the default.
+    match std::env::var("ROTATOR_BENCH_ONLY").as_deref() {
+        Ok("overhead") => {
+            single_row(&mut rows, &pg, &password).await;
+            floor_row(&mut rows, &pg).await;
+            api_row(&mut rows, &pg, &password).await;
+            start_row(&mut rows, &pg, &password).await;
+            return print_rows(rows, quick, started);
+        }
+        Ok("fleet") => {
+            single_row(&mut rows, &pg, &password).await;
+            let default = llmtrace_rotator::config::DEFAULT_MAX_PARALLEL;
+            let (elapsed, _) = fleet_run(&pg, &password, 1000, default).await;
+            let single = single_rotation_ms(&rows);
+            rows.push(Row {
+                what: format!("one run over 1000 targets, max_parallel {default}"),
+                figure: format!("{elapsed:.2} s"),
+                note: String::new(),
+            });
+            rows.push(Row {
+                what: "ratio: 1,000 targets / one single-target rotation".into(),
+                figure: format!("{:.0}", elapsed * 1000.0 / single),
+                note: "target ≤ 250".into(),
+            });
+            return print_rows(rows, quick, started);
+        }
+        _ => {}
+    }
     rotation_rows(&mut rows, &pg, &password, &redis, quick).await;
     openbao_rows(&mut rows, &pg, &redis).await;
     let floor = floor_row(&mut rows, &pg).await;
@@ -787,7 +837,30 @@ async fn main() {
             note: "target ≤ 1.5".into(),
         });
     }
+    print_rows(rows, quick, started);
+}
 
+fn print_rows(rows: Vec<Row>, quick: bool, started: Instant) {
+    let floor = p50_of(&rows, "in-process floor");
+    let mut rows = rows;
+    if let (Some(floor), Some(single), true) = (
+        floor,
+        p50_of(&rows, "rotation latency, PostgreSQL single"),
+        std::env::var("ROTATOR_BENCH_ONLY").is_ok(),
+    ) {
+        rows.push(Row {
+            what: "ratio: `rotate` (PostgreSQL single) / in-process floor".into(),
+            figure: format!("{:.1}", single / floor),
+            note: "target ≤ 2.5".into(),
+        });
+        if let Some(api) = p50_of(&rows, "through `POST /v1/rotations`") {
+            rows.push(Row {
+                what: "ratio: `POST /v1/rotations` / in-process floor".into(),
+                figure: format!("{:.1}", api / floor),
+                note: "target ≤ 1.5".into(),
+            });
+        }
+    }
     println!("| measurement | result | what bounds it |");
     println!("|---|---|---|");
     for row in rows {

@@ -637,3 +637,26 @@ async fn a_session_left_on_the_old_password_ends_succeeded_with_its_address_repo
     );
     assert_clean(&host, &again.all());
 }
+
+/// One rotation logs in as the admin once (the session serves check, apply and the session
+/// lists), and keeps each login proof: the current credential, the new one, the stored one.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_rotation_opens_one_admin_session_and_keeps_every_login_proof() {
+    let host = ComposeHost::start().await;
+    host.pg.exec("ALTER SYSTEM SET log_connections = on").await;
+    host.pg.exec("SELECT pg_reload_conf()").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = host.pg.log_contents().len();
+
+    let out = host.rotator.run(&["rotate"]).await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    let log = host.pg.log_contents()[before..].to_string();
+    let logins = |user: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("connection authorized: user={user} ")))
+            .count()
+    };
+    assert_eq!(logins("postgres"), 1, "{log}");
+    assert_eq!(logins("llmtrace"), 3, "{log}");
+}

@@ -124,10 +124,19 @@ pub struct Note {
     pub message: String,
 }
 
-/// Builds the backend for a target, given its resolved admin password.
-pub fn for_target(target: &Target, admin_password: Secret) -> Box<dyn Backend> {
+/// Builds the backend for a target, given its resolved admin password and where PostgreSQL
+/// admin sessions are kept between uses.
+pub fn for_target(
+    target: &Target,
+    admin_password: Secret,
+    admin_sessions: &std::sync::Arc<postgres::AdminPool>,
+) -> Box<dyn Backend> {
     match target.kind {
-        BackendKind::Postgres => Box::new(postgres::Postgres::new(target, admin_password)),
+        BackendKind::Postgres => Box::new(postgres::Postgres::new(
+            target,
+            admin_password,
+            admin_sessions.clone(),
+        )),
         BackendKind::Redis => Box::new(redis::Redis::new(target, admin_password)),
         BackendKind::ClickHouse => Box::new(clickhouse::ClickHouse::new(target, admin_password)),
     }

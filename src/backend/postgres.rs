@@ -5,6 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
 
 use super::{scram, Backend, BackendError};
 use crate::config::{SslMode, Strategy, Target};
@@ -29,10 +33,72 @@ pub struct Postgres {
     strategy: Strategy,
     /// The two logins of `alternating`; empty otherwise.
     users: Vec<String>,
+    /// Where admin sessions wait between uses. Only admin work uses them; every login proof
+    /// opens its own connection.
+    pool: Arc<AdminPool>,
+    /// Names the sessions this backend may reuse: same server, database, admin login and
+    /// password, TLS settings.
+    pool_key: PoolKey,
+}
+
+type PoolKey = [u8; 32];
+
+/// Admin sessions kept between uses, shared by the PostgreSQL backends of a process: a new one
+/// is a full SCRAM exchange (4096 PBKDF2 iterations on each side). At most `keep` idle ones,
+/// the oldest closed first; a session found closed is dropped and replaced by a new login. A
+/// run empties it when it starts and ends, so no run proves its admin login on a session an
+/// earlier run opened.
+pub struct AdminPool {
+    keep: usize,
+    idle: Mutex<VecDeque<(PoolKey, PgConnection)>>,
+}
+
+impl AdminPool {
+    pub fn new(keep: usize) -> Self {
+        AdminPool {
+            keep,
+            idle: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn take(&self, key: &PoolKey) -> Option<PgConnection> {
+        let mut idle = self.idle.lock().expect("admin pool");
+        let index = idle.iter().rposition(|(k, _)| k == key)?;
+        idle.remove(index).map(|(_, conn)| conn)
+    }
+
+    fn put(&self, key: &PoolKey, conn: PgConnection) {
+        let surplus = {
+            let mut idle = self.idle.lock().expect("admin pool");
+            idle.push_back((*key, conn));
+            (idle.len() > self.keep).then(|| idle.pop_front())
+        };
+        // Closed outside the lock: dropping ends the session.
+        drop(surplus);
+    }
+
+    /// Ends every idle session.
+    pub fn clear(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().expect("admin pool"));
+        drop(idle);
+    }
 }
 
 impl Postgres {
-    pub fn new(target: &Target, admin_password: Secret) -> Self {
+    pub fn new(target: &Target, admin_password: Secret, pool: Arc<AdminPool>) -> Self {
+        let mut key = Sha256::new();
+        for part in [
+            target.address.as_str(),
+            target.database.as_deref().unwrap_or("postgres"),
+            target.admin_user.as_str(),
+            &format!("{:?}", target.sslmode),
+            &format!("{:?}", target.ca_file),
+            admin_password.expose(),
+        ] {
+            key.update((part.len() as u64).to_be_bytes());
+            key.update(part.as_bytes());
+        }
+        let pool_key: PoolKey = key.finalize().into();
         let (host, port) = target
             .address
             .rsplit_once(':')
@@ -56,6 +122,8 @@ impl Postgres {
             ca_file: target.ca_file.clone(),
             strategy: target.strategy,
             users: target.users.clone(),
+            pool,
+            pool_key,
         }
     }
 
@@ -91,15 +159,37 @@ impl Postgres {
         }
     }
 
-    async fn admin(&self) -> Result<PgConnection, BackendError> {
+    async fn admin(&self) -> Result<AdminSession<'_>, BackendError> {
         self.admin_also(&[]).await
     }
 
-    /// The admin session. When the admin is the rotated user itself, the password it was given
-    /// (resolved when the run started, maybe from the store being rotated) stops working once
-    /// apply changed it: this run's credentials for that user are tried after it, so the
+    /// An admin session: one kept from earlier admin work if it still answers, else a new one.
+    /// It goes back to the pool when the guard drops; [`AdminSession::discard`] after a failed
+    /// statement.
+    async fn admin_also(&self, also: &[&Credential]) -> Result<AdminSession<'_>, BackendError> {
+        while let Some(mut conn) = self.pool.take(&self.pool_key) {
+            // The server may have restarted or ended it since: then try the next, or log in.
+            if conn.ping().await.is_ok() {
+                return Ok(self.session(conn));
+            }
+        }
+        let conn = self.admin_connect(also).await?;
+        Ok(self.session(conn))
+    }
+
+    fn session(&self, conn: PgConnection) -> AdminSession<'_> {
+        AdminSession {
+            pool: &self.pool,
+            key: &self.pool_key,
+            conn: Some(conn),
+        }
+    }
+
+    /// A new admin session. When the admin is the rotated user itself, the password it was
+    /// given (resolved when the run started, maybe from the store being rotated) stops working
+    /// once apply changed it: this run's credentials for that user are tried after it, so the
     /// password in force is used, whichever side of the change the run is on.
-    async fn admin_also(&self, also: &[&Credential]) -> Result<PgConnection, BackendError> {
+    async fn admin_connect(&self, also: &[&Credential]) -> Result<PgConnection, BackendError> {
         let mut cause = match self.connect(&self.admin_user, &self.admin_password).await {
             Ok(conn) => return Ok(conn),
             Err(cause) => cause,
@@ -139,9 +229,11 @@ impl Postgres {
         );
         let result = sqlx::query(&statement)
             .persistent(false)
-            .execute(&mut admin)
+            .execute(&mut *admin)
             .await;
-        let _ = admin.close().await;
+        if result.is_err() {
+            admin.discard();
+        }
         result.map(|_| ()).map_err(|e| BackendError::Change {
             backend: self.describe(),
             user: credential.user.clone(),
@@ -169,7 +261,7 @@ impl Postgres {
             let row: Option<(bool,)> =
                 sqlx::query_as("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
                     .bind(login)
-                    .fetch_optional(&mut admin)
+                    .fetch_optional(&mut *admin)
                     .await
                     .map_err(admin_error)?;
             match row {
@@ -198,10 +290,10 @@ impl Postgres {
         )
         .bind(a)
         .bind(b)
-        .fetch_optional(&mut admin)
+        .fetch_optional(&mut *admin)
         .await
         .map_err(admin_error)?;
-        let _ = admin.close().await;
+        drop(admin);
         if shared.is_none() {
             return Err(setup(format!(
                 "logins {a:?} and {b:?} share no NOLOGIN role to own the objects: GRANT <owner role> TO {}, {}",
@@ -210,6 +302,42 @@ impl Postgres {
             )));
         }
         Ok(())
+    }
+}
+
+/// The kept admin session, locked for one piece of admin work.
+struct AdminSession<'a> {
+    pool: &'a AdminPool,
+    key: &'a PoolKey,
+    conn: Option<PgConnection>,
+}
+
+impl AdminSession<'_> {
+    /// Ends the session after a failed statement, so later admin work does not reuse a session
+    /// in an unknown state.
+    fn discard(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for AdminSession<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put(self.key, conn);
+        }
+    }
+}
+
+impl std::ops::Deref for AdminSession<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("an admin session is open")
+    }
+}
+
+impl std::ops::DerefMut for AdminSession<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("an admin session is open")
     }
 }
 
@@ -265,14 +393,14 @@ impl Backend for Postgres {
              FROM pg_roles r WHERE r.rolname = $1",
         )
         .bind(user)
-        .fetch_optional(&mut admin)
+        .fetch_optional(&mut *admin)
         .await
         .map_err(|e| BackendError::Admin {
             backend: self.describe(),
             user: self.admin_user.clone(),
             cause: e.to_string(),
         })?;
-        let _ = admin.close().await;
+        drop(admin);
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
             message,
@@ -323,9 +451,13 @@ impl Backend for Postgres {
         )
         .bind(user)
         .persistent(false)
-        .fetch_all(&mut admin)
+        .fetch_all(&mut *admin)
         .await;
-        let _ = admin.close().await;
+        if rows.is_err() {
+            admin.discard();
+        } else {
+            drop(admin);
+        }
         let rows = rows.map_err(|e| BackendError::Setup {
             backend: self.describe(),
             message: format!("cannot read pg_stat_activity: {e}"),

@@ -99,6 +99,8 @@ step_error_from!(
 pub struct Deps {
     pub config: Config,
     pub kube: Option<kube::Client>,
+    /// PostgreSQL admin sessions kept between steps and runs, so each is not a new login.
+    pub admin_sessions: Arc<backend::postgres::AdminPool>,
 }
 
 impl Deps {
@@ -120,7 +122,15 @@ impl Deps {
         } else {
             None
         };
-        Ok(Arc::new(Deps { config, kube }))
+        // One per target acting at once: a run over many targets never holds one per target.
+        let admin_sessions = Arc::new(backend::postgres::AdminPool::new(
+            config.rotator.max_parallel,
+        ));
+        Ok(Arc::new(Deps {
+            config,
+            kube,
+            admin_sessions,
+        }))
     }
 
     /// The backend and stores of one target, with its admin password resolved.
@@ -157,7 +167,7 @@ impl Deps {
         };
         Ok(TargetRuntime {
             config: target,
-            backend: backend::for_target(target, admin_password),
+            backend: backend::for_target(target, admin_password, &self.admin_sessions),
             stores,
             syncs,
         })

@@ -82,12 +82,14 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
     for sync in &runtime.syncs {
         sync.check_holds(&current).await.map_err(StepError::from)?;
     }
-    runtime
-        .backend
-        .check_admin(&current)
-        .await
-        .map_err(StepError::from)?;
-    runtime.backend.login(&current).await.map_err(|e| {
+    // Both read-only and independent: the admin check and the proof that the stored credential
+    // logs in run side by side (two logins' latency would otherwise add up).
+    let (admin, login) = tokio::join!(
+        runtime.backend.check_admin(&current),
+        runtime.backend.login(&current)
+    );
+    admin.map_err(StepError::from)?;
+    login.map_err(|e| {
         StepError::new(
             "stored_credential_invalid",
             format!(
@@ -213,6 +215,8 @@ pub async fn start<'e>(
         lock.release().await;
         return Err(JournalError::Unfinished { run, target }.into());
     }
+    // Admin sessions are run-scoped: this run proves its admin login afresh.
+    engine.deps.admin_sessions.clear();
     let id = uuid::Uuid::new_v4().to_string();
     let owner = new_owner();
     let state = RunState::new(&names, &plan.consumers);
@@ -360,6 +364,7 @@ impl<'a> RunContext<'a> {
         if let Some(lock) = self.lock.take() {
             lock.release().await;
         }
+        self.deps.admin_sessions.clear();
         if let Some(client) = &self.deps.kube {
             events::emit(client, &self.rec.id, outcome, &self.event_objects()).await;
         }
