@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 use support::kube_fake::{Fault, Rollout};
 use support::rotator::{
-    assert_no_secret, boundaries, file_config_with, free_port, ComposeHost, LlmtraceCluster, Output,
+    assert_no_secret, boundaries, file_config_with, free_port, postgres_journal, ComposeHost,
+    LlmtraceCluster, Output,
 };
 
 const JOURNAL_DOWN_AT: &str = "LLMTRACE_ROTATOR_JOURNAL_DOWN_AT";
@@ -169,22 +170,8 @@ async fn journal_down_at_every_boundary_sqlite() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn journal_down_before_each_side_effect_postgres_journal() {
-    let host = ComposeHost::start().await;
-    host.pg.exec("CREATE DATABASE rotator_journal").await;
-    let mut host = host;
-    let journal_url = host
-        .pg
-        .url("postgres", host.pg.admin_password(), "rotator_journal");
-    host.rotator
-        .env
-        .insert("ROTATOR_JOURNAL_URL".into(), journal_url);
-    let config = std::fs::read_to_string(&host.rotator.config)
-        .unwrap()
-        .replace(
-            "journal = \"sqlite://journal.db\"",
-            "journal = \"env:ROTATOR_JOURNAL_URL\"\ntakeover_grace = \"3s\"",
-        );
-    host.rotator.write_config(&config);
+    let mut host = ComposeHost::start().await;
+    host.use_postgres_journal().await;
 
     let first = host.rotator.run(&["rotate", "--output", "json"]).await;
     assert_eq!(first.code, 0, "{}", first.all());
@@ -455,28 +442,18 @@ async fn a_hanging_statement_is_bounded_and_sigterm_rolls_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_lock_session_stops_the_run_and_the_next_one_takes_over() {
     let mut host = ComposeHost::start().await;
-    host.pg.exec("CREATE DATABASE rotator_journal").await;
-    let journal_url = host
-        .pg
-        .url("postgres", host.pg.admin_password(), "rotator_journal");
-    host.rotator
-        .env
-        .insert("ROTATOR_JOURNAL_URL".into(), journal_url);
+    host.use_postgres_journal().await;
     let spans = host.rotator.path("spans.log");
     let script = format!(
         "echo start $(date +%s%N) >> {s}; sleep 3; echo end $(date +%s%N) >> {s}",
         s = spans.display()
     );
-    let config = file_config_with(
+    let config = postgres_journal(&file_config_with(
         &host.pg.address(),
         &["sh".into(), "-c".into(), script],
         "",
         "",
-    )
-    .replace(
-        "journal = \"sqlite://journal.db\"",
-        "journal = \"env:ROTATOR_JOURNAL_URL\"\ntakeover_grace = \"3s\"",
-    );
+    ));
     host.rotator.write_config(&config);
 
     let first = host

@@ -6,13 +6,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::rotator::{assert_no_secret, file_config_with, free_port, sample, ComposeHost};
+use support::rotator::{
+    assert_no_secret, file_config_with, free_port, postgres_journal, sample, ComposeHost,
+};
 
 const TARGET: [(&str, &str); 1] = [("target", "postgres")];
 
 fn replica_config(host: &ComposeHost, port: u16) -> String {
     let log = host.restart_log.display().to_string();
-    file_config_with(
+    postgres_journal(&file_config_with(
         &host.pg.address(),
         &["sh".into(), "-c".into(), format!("echo restarted >> {log}")],
         &format!(
@@ -21,11 +23,7 @@ fn replica_config(host: &ComposeHost, port: u16) -> String {
         ),
         // Every 3 seconds (a leading seconds field).
         "schedule = \"*/3 * * * * *\"\nwindow = \"1m\"",
-    )
-    .replace(
-        "journal = \"sqlite://journal.db\"",
-        "journal = \"env:ROTATOR_JOURNAL_URL\"\ntakeover_grace = \"3s\"",
-    )
+    ))
 }
 
 async fn journal_rows(host: &ComposeHost, sql: &str) -> Vec<(String, i64)> {
@@ -43,13 +41,7 @@ async fn journal_rows(host: &ComposeHost, sql: &str) -> Vec<(String, i64)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_run_each_fire_once_and_survive_losing_one() {
     let mut host = ComposeHost::start().await;
-    host.pg.exec("CREATE DATABASE rotator_journal").await;
-    let journal_url = host
-        .pg
-        .url("postgres", host.pg.admin_password(), "rotator_journal");
-    host.rotator
-        .env
-        .insert("ROTATOR_JOURNAL_URL".into(), journal_url);
+    host.use_postgres_journal().await;
     let (port_a, port_b) = (free_port(), free_port());
     host.rotator.write_config(&replica_config(&host, port_a));
     let config_b = host.rotator.path("replica-b.toml");

@@ -226,16 +226,30 @@ impl Journal {
                 .await
                 .map_err(JournalError::Query)?;
         }
-        for (part, bytes) in parts {
-            sqlx::query("INSERT INTO rotator_run_parts (run_id, part, state) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(part)
-                .bind(self.cipher.seal(bytes, &part_aad(id, part)))
-                .execute(&mut *tx)
-                .await
-                .map_err(JournalError::Query)?;
-        }
+        self.write_parts(&mut tx, id, parts).await?;
         tx.commit().await.map_err(JournalError::Query)
+    }
+
+    /// Seals and writes target parts (each bound to its run and slot), replacing older ones.
+    async fn write_parts(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        id: &str,
+        parts: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<(), JournalError> {
+        for (part, bytes) in parts {
+            sqlx::query(
+                "INSERT INTO rotator_run_parts (run_id, part, state) VALUES ($1, $2, $3) \
+                 ON CONFLICT (run_id, part) DO UPDATE SET state = excluded.state",
+            )
+            .bind(id)
+            .bind(part)
+            .bind(self.cipher.seal(bytes, &part_aad(id, part)))
+            .execute(&mut **tx)
+            .await
+            .map_err(JournalError::Query)?;
+        }
+        Ok(())
     }
 
     /// Saves what changed of the run state (the run's own part if given, and the given target
@@ -313,18 +327,7 @@ impl Journal {
         if updated.rows_affected() == 0 {
             return Err(JournalError::Fenced(id.to_string()));
         }
-        for (part, bytes) in parts {
-            sqlx::query(
-                "INSERT INTO rotator_run_parts (run_id, part, state) VALUES ($1, $2, $3) \
-                 ON CONFLICT (run_id, part) DO UPDATE SET state = excluded.state",
-            )
-            .bind(id)
-            .bind(part)
-            .bind(self.cipher.seal(bytes, &part_aad(id, part)))
-            .execute(&mut *tx)
-            .await
-            .map_err(JournalError::Query)?;
-        }
+        self.write_parts(&mut tx, id, parts).await?;
         sqlx::query(
             "INSERT INTO rotator_steps (run_id, seq, step, subject, status, started_at, duration_ms, error) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \

@@ -123,78 +123,15 @@ impl Redis {
     /// Like [`Redis::start`], also listening with TLS on another port, with a certificate for
     /// 127.0.0.1 from a throwaway CA. Returns the TLS port and the CA file.
     pub async fn start_tls(kind: Users, users: &[(&str, &str)]) -> (Redis, u16, PathBuf) {
-        let pki_dir = tempfile::tempdir().unwrap();
-        let pki = pki_dir.path().to_path_buf();
-        let run = |args: &[&str]| {
-            let status = Command::new("openssl")
-                .args(args)
-                .current_dir(&pki)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("openssl runs");
-            assert!(status.success(), "openssl {args:?}");
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        run(&[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=rotator-test-ca",
-            ],
-        ]
-        .concat());
-        run(&[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        ]
-        .concat());
-        std::fs::write(pki.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ]);
+        let certs = super::pki::Pki::new("IP:127.0.0.1");
+        let pki = certs.dir.path().to_path_buf();
         let tls_port = free_port();
         let extra = format!(
             "tls-port {tls_port}\ntls-cert-file {0}/server.crt\ntls-key-file {0}/server.key\ntls-ca-cert-file {0}/ca.crt\ntls-auth-clients no\n",
             pki.display()
         );
         let mut redis = Redis::start(kind, users, &extra).await;
-        redis.pki = Some(pki_dir);
+        redis.pki = Some(certs.dir);
         (redis, tls_port, pki.join("ca.crt"))
     }
 

@@ -406,6 +406,18 @@ impl ComposeHost {
         host
     }
 
+    /// Moves the journal to a database `rotator_journal` on the test PostgreSQL (what several
+    /// replicas share); configs written afterwards go through [`postgres_journal`].
+    pub async fn use_postgres_journal(&mut self) {
+        self.pg.exec("CREATE DATABASE rotator_journal").await;
+        let url = self
+            .pg
+            .url("postgres", self.pg.admin_password(), "rotator_journal");
+        self.rotator.env.insert("ROTATOR_JOURNAL_URL".into(), url);
+        let config = std::fs::read_to_string(&self.rotator.config).unwrap();
+        self.rotator.write_config(&postgres_journal(&config));
+    }
+
     pub fn env_text(&self) -> String {
         std::fs::read_to_string(&self.env_file).unwrap()
     }
@@ -447,6 +459,15 @@ impl ComposeHost {
             .await
             .expect("the stored password logs in");
     }
+}
+
+/// `config` with its SQLite journal replaced by the one [`ComposeHost::use_postgres_journal`]
+/// set up, and a takeover grace short enough for tests.
+pub fn postgres_journal(config: &str) -> String {
+    config.replace(
+        "journal = \"sqlite://journal.db\"",
+        "journal = \"env:ROTATOR_JOURNAL_URL\"\ntakeover_grace = \"3s\"",
+    )
 }
 
 pub fn file_config(pg_address: &str, command: &[String]) -> String {
