@@ -2,10 +2,15 @@
 //! there so a test can kill it and exercise crash recovery at that exact boundary.
 
 /// Names the boundary `step:subject:status`; pauses forever when `LLMTRACE_ROTATOR_PAUSE_AT` names
-/// it, and sends this process SIGTERM when `LLMTRACE_ROTATOR_SIGTERM_AT` does.
+/// it, and sends this process SIGTERM when `LLMTRACE_ROTATOR_SIGTERM_AT` does. With
+/// `LLMTRACE_ROTATOR_TRACE_BOUNDARIES` set, prints each boundary as it is crossed (steps of a
+/// chunk start, and end, together: a report's step list does not show that order).
 #[cfg(feature = "failpoints")]
 pub async fn boundary(step: &str, subject: &str, status: &str) {
     let name = format!("{step}:{subject}:{status}");
+    if std::env::var_os("LLMTRACE_ROTATOR_TRACE_BOUNDARIES").is_some() {
+        eprintln!("failpoint boundary: {name}");
+    }
     if std::env::var("LLMTRACE_ROTATOR_SIGTERM_AT").is_ok_and(|want| want == name) {
         eprintln!("failpoint reached: SIGTERM at {name}");
         let _ =

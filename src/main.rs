@@ -4,6 +4,11 @@ use clap::Parser;
 use llmtrace_rotator::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc hands freed pages back to the system: parsing a 10,000-target config allocates
+/// about 100 MiB briefly, which glibc's allocator would keep for the daemon's lifetime.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = match llmtrace_rotator::cli::Cli::try_parse() {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 use support::kube_fake::{Fault, Rollout};
 use support::rotator::{
-    assert_no_secret, boundaries, file_config_with, free_port, postgres_journal, ComposeHost,
-    LlmtraceCluster, Output,
+    assert_no_secret, file_config_with, free_port, postgres_journal, ComposeHost, LlmtraceCluster,
+    Output,
 };
 
 const JOURNAL_DOWN_AT: &str = "LLMTRACE_ROTATOR_JOURNAL_DOWN_AT";
@@ -152,9 +152,7 @@ async fn journal_down_at(host: &ComposeHost, all: &[String], boundary: &str, fau
 #[tokio::test(flavor = "multi_thread")]
 async fn journal_down_at_every_boundary_sqlite() {
     let host = ComposeHost::start().await;
-    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
-    assert_eq!(first.code, 0, "{}", first.all());
-    let all = boundaries(&first.json());
+    let (_, all) = host.rotator.rotate_listing_boundaries().await;
     let mut rows = Vec::new();
     for boundary in &all {
         rows.push(journal_down_at(&host, &all, boundary, "SQLite journal down").await);
@@ -173,9 +171,7 @@ async fn journal_down_before_each_side_effect_postgres_journal() {
     let mut host = ComposeHost::start().await;
     host.use_postgres_journal().await;
 
-    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
-    assert_eq!(first.code, 0, "{}", first.all());
-    let all = boundaries(&first.json());
+    let (_, all) = host.rotator.rotate_listing_boundaries().await;
     let mut rows = Vec::new();
     for boundary in all.iter().filter(|b| {
         b.ends_with(":started")
@@ -535,9 +531,7 @@ fn wall_ns() -> u128 {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_at_every_boundary_rolls_back_or_finishes() {
     let host = ComposeHost::start().await;
-    let first = host.rotator.run(&["rotate", "--output", "json"]).await;
-    assert_eq!(first.code, 0, "{}", first.all());
-    let all = boundaries(&first.json());
+    let (_, all) = host.rotator.rotate_listing_boundaries().await;
     let mut rows = Vec::new();
     for boundary in &all {
         let env_before = host.env_text();

@@ -91,10 +91,17 @@ impl<'j> Recorder<'j> {
         }
     }
 
-    async fn checkpoint(&mut self, index: StepId, durable: bool) {
-        self.touch(self.step_parts[index]);
-        let step = &self.steps[index];
-        let result = if failpoint::journal_down(&step.step, &step.subject, &step.status) {
+    /// Writes the given steps' records and the parts changed since the last checkpoint in one
+    /// journal transaction.
+    async fn checkpoint(&mut self, indexes: &[StepId], durable: bool) {
+        for &index in indexes {
+            self.touch(self.step_parts[index]);
+        }
+        let down = indexes.iter().any(|&index| {
+            let step = &self.steps[index];
+            failpoint::journal_down(&step.step, &step.subject, &step.status)
+        });
+        let result = if down {
             Err(JournalError::Open(
                 "journal made unavailable by a failpoint".into(),
             ))
@@ -110,13 +117,14 @@ impl<'j> Recorder<'j> {
                     )
                 })
                 .collect();
+            let steps: Vec<&StepRecord> = indexes.iter().map(|&i| &self.steps[i]).collect();
             self.journal
                 .checkpoint(
                     &self.id,
                     &self.owner,
                     header.as_ref().map(|h| h.as_slice()),
                     &parts,
-                    step,
+                    &steps,
                     durable,
                 )
                 .await
@@ -135,8 +143,10 @@ impl<'j> Recorder<'j> {
                 self.journal_failed = true;
             }
         }
-        let step = &self.steps[index];
-        failpoint::boundary(&step.step, &step.subject, &step.status).await;
+        for &index in indexes {
+            let step = &self.steps[index];
+            failpoint::boundary(&step.step, &step.subject, &step.status).await;
+        }
     }
 
     /// Records that `step` on `subject` starts, with the state of `part` as it is now.
@@ -151,25 +161,78 @@ impl<'j> Recorder<'j> {
     }
 
     async fn begin_as(&mut self, part: Part, step: &str, subject: &str, effect: bool) -> StepId {
-        tracing::info!(run = %self.id, step, subject, "step started");
-        self.steps.push(StepRecord {
-            seq: self.steps.len() as i64 + 1,
-            step: step.to_string(),
-            subject: subject.to_string(),
-            status: "started".into(),
-            started_at: chrono::Utc::now().timestamp_millis(),
-            duration_ms: None,
-            error: None,
-        });
-        self.clocks.push(Instant::now());
-        self.step_parts.push(part);
-        let index = self.steps.len() - 1;
-        self.checkpoint(index, effect).await;
-        index
+        self.begin_all(&[(part, subject.to_string())], step, effect)
+            .await[0]
+    }
+
+    /// Records that `step` starts on several subjects, in one journal write; with `effect`,
+    /// durably (write-ahead for all of them).
+    pub async fn begin_all(
+        &mut self,
+        subjects: &[(Part, String)],
+        step: &str,
+        effect: bool,
+    ) -> Vec<StepId> {
+        let mut indexes = Vec::with_capacity(subjects.len());
+        for (part, subject) in subjects {
+            tracing::info!(run = %self.id, step, subject, "step started");
+            self.steps.push(StepRecord {
+                seq: self.steps.len() as i64 + 1,
+                step: step.to_string(),
+                subject: subject.to_string(),
+                status: "started".into(),
+                started_at: chrono::Utc::now().timestamp_millis(),
+                duration_ms: None,
+                error: None,
+            });
+            self.clocks.push(Instant::now());
+            self.step_parts.push(*part);
+            indexes.push(self.steps.len() - 1);
+        }
+        self.checkpoint(&indexes, effect).await;
+        indexes
     }
 
     /// Records how the step ended; `status` is `ok`, `failed` or `skipped`.
     pub async fn end(&mut self, index: StepId, status: &str, error: Option<String>) {
+        self.close(index, status, error);
+        self.checkpoint(&[index], false).await;
+    }
+
+    /// Closes several steps, each with its own status and detail, in one journal write.
+    pub async fn end_each(&mut self, ended: Vec<(StepId, &str, Option<String>)>) {
+        let indexes: Vec<StepId> = ended.iter().map(|(index, _, _)| *index).collect();
+        for (index, status, detail) in ended {
+            self.close(index, status, detail);
+        }
+        self.checkpoint(&indexes, false).await;
+    }
+
+    /// Closes several steps with the same status, in one journal write.
+    pub async fn end_all(&mut self, indexes: &[StepId], status: &str, error: Option<String>) {
+        for &index in indexes {
+            self.close(index, status, error.clone());
+        }
+        self.checkpoint(indexes, false).await;
+    }
+
+    /// Records how several steps ended, in one journal write.
+    pub async fn finish_all<T>(&mut self, ended: &[(StepId, &Result<T, StepError>)]) {
+        for (index, result) in ended {
+            match result {
+                Ok(_) => self.close(*index, "ok", None),
+                Err(error) => {
+                    self.note_failure(*index, error);
+                    self.close(*index, "failed", Some(error.message.clone()));
+                }
+            }
+        }
+        let indexes: Vec<StepId> = ended.iter().map(|(index, _)| *index).collect();
+        self.checkpoint(&indexes, false).await;
+    }
+
+    /// Sets a step's end in memory and logs it; the caller checkpoints.
+    fn close(&mut self, index: StepId, status: &str, error: Option<String>) {
         let elapsed = self.clocks[index].elapsed().as_millis() as i64;
         let step = &mut self.steps[index];
         step.status = status.to_string();
@@ -183,7 +246,6 @@ impl<'j> Recorder<'j> {
                 tracing::info!(run = %self.id, step = %step.step, subject = %step.subject, status, duration_ms = elapsed, "step ended")
             }
         }
-        self.checkpoint(index, false).await;
     }
 
     /// Ends a step from a result: `ok`, or `failed` with the error's text.
@@ -204,11 +266,15 @@ impl<'j> Recorder<'j> {
     }
 
     pub async fn fail(&mut self, index: StepId, error: &StepError) {
+        self.note_failure(index, error);
+        self.end(index, "failed", Some(error.message.clone())).await;
+    }
+
+    fn note_failure(&mut self, index: StepId, error: &StepError) {
         self.failures.push(Failure {
             step: self.steps[index].step.clone(),
             subject: self.steps[index].subject.clone(),
             label: error.label,
         });
-        self.end(index, "failed", Some(error.message.clone())).await;
     }
 }

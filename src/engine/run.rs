@@ -491,24 +491,32 @@ impl<'a> RunContext<'a> {
         step: &str,
         subject: &str,
     ) -> Result<StepId, Stop> {
+        let ids = self
+            .begin_effects(&[(part, subject.to_string())], step)
+            .await?;
+        Ok(ids[0])
+    }
+
+    /// [`RunContext::begin_effect`] for several subjects at once: one durable journal write
+    /// for all of them.
+    async fn begin_effects(
+        &mut self,
+        subjects: &[(Part, String)],
+        step: &str,
+    ) -> Result<Vec<StepId>, Stop> {
         if let Some(lock) = &self.lock {
             if !lock.check().await {
                 self.lock_lost.cancel();
             }
         }
         self.may_continue()?;
-        let id = self.rec.begin_effect(part, step, subject).await;
+        let ids = self.rec.begin_all(subjects, step, true).await;
         if let Err(stop) = self.may_continue() {
-            self.rec
-                .end(
-                    id,
-                    "skipped",
-                    Some(format!("not started: {}", stop.reason())),
-                )
-                .await;
+            let why = format!("not started: {}", stop.reason());
+            self.rec.end_all(&ids, "skipped", Some(why)).await;
             return Err(stop);
         }
-        Ok(id)
+        Ok(ids)
     }
 
     /// Runs a wait that a shutdown or a lost lock must cut short (consumer rollouts, syncs).
@@ -538,16 +546,12 @@ impl<'a> RunContext<'a> {
         // Read-only: the targets of a chunk are checked concurrently.
         for start in (0..count).step_by(chunk) {
             let indexes: Vec<usize> = (start..(start + chunk).min(count)).collect();
-            let mut steps = Vec::with_capacity(indexes.len());
-            for &i in &indexes {
-                let name = self.rec.state.targets[i].name.clone();
-                steps.push(self.rec.begin(Part::Target(i), "preflight", &name).await);
-            }
-            let names: Vec<String> = indexes
+            let subjects: Vec<(Part, String)> = indexes
                 .iter()
-                .map(|&i| self.rec.state.targets[i].name.clone())
+                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
                 .collect();
-            let found = join_all(names.iter().map(|name| async move {
+            let steps = self.rec.begin_all(&subjects, "preflight", false).await;
+            let found = join_all(subjects.iter().map(|(_, name)| async move {
                 match deps.config.target(name) {
                     Some(target) => preflight(deps, target).await,
                     None => Err(StepError::new(
@@ -557,7 +561,8 @@ impl<'a> RunContext<'a> {
                 }
             }))
             .await;
-            for ((i, step), result) in indexes.into_iter().zip(steps).zip(found) {
+            let mut ended = Vec::with_capacity(indexes.len());
+            for (&i, result) in indexes.iter().zip(found) {
                 match result {
                     Ok(found) => {
                         let state = &mut self.rec.state.targets[i];
@@ -572,15 +577,17 @@ impl<'a> RunContext<'a> {
                             })
                             .collect();
                         self.targets.push(Some(found.runtime));
-                        self.rec.end(step, "ok", None).await;
+                        ended.push(Ok(()));
                     }
                     Err(message) => {
                         self.targets.push(None);
-                        self.rec.fail(step, &message).await;
+                        ended.push(Err(message));
                         ok = false;
                     }
                 }
             }
+            let ended: Vec<_> = steps.into_iter().zip(&ended).collect();
+            self.rec.finish_all(&ended).await;
         }
         for k in 0..self.rec.state.consumers.len() {
             let name = self.rec.state.consumers[k].name.clone();
@@ -646,23 +653,44 @@ impl<'a> RunContext<'a> {
     }
 
     async fn generate(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin(Part::Target(i), "generate", &name).await;
-            let runtime = self.runtime(i).map_err(|_| Stop::Failed)?;
-            let current: Credential = self.rec.state.targets[i]
-                .current
-                .as_ref()
-                .ok_or(Stop::Failed)?
-                .into();
-            let next = Credential {
-                user: runtime.backend.next_user(&current),
-                password: password::generate(&runtime.config.password),
-            };
-            self.rec.state.targets[i].next = Some(SavedCredential::from(&next));
-            self.rec.end(step, "ok", None).await;
+        let count = self.rec.state.targets.len();
+        let chunk = self.deps.config.rotator.max_parallel;
+        for start in (0..count).step_by(chunk) {
+            let indexes: Vec<usize> = (start..(start + chunk).min(count)).collect();
+            let subjects: Vec<(Part, String)> = indexes
+                .iter()
+                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
+                .collect();
+            let steps = self.rec.begin_all(&subjects, "generate", false).await;
+            let mut ended = Vec::with_capacity(indexes.len());
+            for &i in &indexes {
+                let next = self.next_credential(i);
+                if let Ok(next) = &next {
+                    self.rec.state.targets[i].next = Some(SavedCredential::from(next));
+                }
+                ended.push(next.map(|_| ()));
+            }
+            let ended: Vec<_> = steps.into_iter().zip(&ended).collect();
+            self.rec.finish_all(&ended).await;
+            if ended.iter().any(|(_, result)| result.is_err()) {
+                return Err(Stop::Failed);
+            }
         }
         self.may_continue()
+    }
+
+    /// A new credential for target `i` under its password policy.
+    fn next_credential(&self, i: usize) -> Result<Credential, StepError> {
+        let runtime = self.runtime(i)?;
+        let current: Credential = self.rec.state.targets[i]
+            .current
+            .as_ref()
+            .ok_or_else(|| StepError::new("journal_state", "the run state has no credential"))?
+            .into();
+        Ok(Credential {
+            user: runtime.backend.next_user(&current),
+            password: password::generate(&runtime.config.password),
+        })
     }
 
     /// Not interruptible: a password change abandoned mid-statement could still commit after
@@ -725,41 +753,39 @@ impl<'a> RunContext<'a> {
         let chunk = self.deps.config.rotator.max_parallel;
         let mut results = Vec::with_capacity(indexes.len());
         for group in indexes.chunks(chunk) {
-            let mut begun = Vec::new();
-            for &i in group {
-                let name = self.rec.state.targets[i].name.clone();
-                if mark == Mark::None {
-                    begun.push((i, self.rec.begin(Part::Target(i), step, &name).await));
-                    continue;
+            let subjects: Vec<(Part, String)> = group
+                .iter()
+                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
+                .collect();
+            let ids = if mark == Mark::None {
+                self.rec.begin_all(&subjects, step, false).await
+            } else {
+                for &i in group {
+                    mark.set(&mut self.rec.state.targets[i], Progress::Started);
                 }
-                mark.set(&mut self.rec.state.targets[i], Progress::Started);
-                match self.begin_effect(Part::Target(i), step, &name).await {
-                    Ok(id) => begun.push((i, id)),
+                match self.begin_effects(&subjects, step).await {
+                    Ok(ids) => ids,
                     Err(stop) => {
-                        mark.set(&mut self.rec.state.targets[i], Progress::NotStarted);
-                        // Journaled but not acted on: close them, nothing happened.
-                        for (j, id) in begun {
-                            mark.set(&mut self.rec.state.targets[j], Progress::NotStarted);
-                            let why = format!("not started: {}", stop.reason());
-                            self.rec.end(id, "skipped", Some(why)).await;
+                        for &i in group {
+                            mark.set(&mut self.rec.state.targets[i], Progress::NotStarted);
                         }
                         return Err(stop);
                     }
                 }
-            }
+            };
             let outcomes = {
                 let this = &*self;
-                join_all(begun.iter().map(|&(i, _)| act(this, i))).await
+                join_all(group.iter().map(|&i| act(this, i))).await
             };
-            let mut failed = false;
-            for ((i, id), outcome) in begun.into_iter().zip(outcomes) {
+            for (&i, outcome) in group.iter().zip(&outcomes) {
                 if outcome.is_ok() {
                     mark.set(&mut self.rec.state.targets[i], Progress::Done);
                 }
-                self.rec.finish(id, &outcome).await;
-                failed |= outcome.is_err();
-                results.push((i, outcome));
             }
+            let ended: Vec<_> = ids.iter().copied().zip(&outcomes).collect();
+            self.rec.finish_all(&ended).await;
+            let failed = outcomes.iter().any(Result::is_err);
+            results.extend(group.iter().copied().zip(outcomes));
             if failed && stop_on_failure {
                 break;
             }
@@ -767,10 +793,15 @@ impl<'a> RunContext<'a> {
         Ok(results)
     }
 
+    /// Writes every store, one at a time (several targets may share one file), in chunks of
+    /// `max_parallel` whose start records are journaled durably together (write-ahead).
     async fn publish(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            for j in 0..self.rec.state.targets[i].stores.len() {
+        let writes: Vec<(usize, usize)> = (0..self.rec.state.targets.len())
+            .flat_map(|i| (0..self.rec.state.targets[i].stores.len()).map(move |j| (i, j)))
+            .collect();
+        for chunk in writes.chunks(self.deps.config.rotator.max_parallel) {
+            let mut values = Vec::with_capacity(chunk.len());
+            for &(i, j) in chunk {
                 let (runtime, (_, next)) = match (self.runtime(i), self.credentials(i)) {
                     (Ok(runtime), Ok(creds)) => (runtime, creds),
                     _ => return Err(Stop::Failed),
@@ -781,36 +812,79 @@ impl<'a> RunContext<'a> {
                 let store_state = &mut self.rec.state.targets[i].stores[j];
                 store_state.written = written.as_ref().ok().cloned();
                 store_state.publish = Progress::Started;
-                let step = match self
-                    .begin_effect(Part::Target(i), "publish", &store_subject(&name, j))
-                    .await
-                {
-                    Ok(step) => step,
-                    Err(stop) => {
+                values.push((original, written));
+            }
+            let subjects: Vec<(Part, String)> = chunk
+                .iter()
+                .map(|&(i, j)| {
+                    let name = &self.rec.state.targets[i].name;
+                    (Part::Target(i), store_subject(name, j))
+                })
+                .collect();
+            let ids = match self.begin_effects(&subjects, "publish").await {
+                Ok(ids) => ids,
+                Err(stop) => {
+                    for &(i, j) in chunk {
                         self.rec.state.targets[i].stores[j].publish = Progress::NotStarted;
-                        return Err(stop);
                     }
-                };
-                let runtime = self.runtime(i).map_err(|_| Stop::Failed)?;
-                let result = match &written {
-                    Ok(value) => runtime.stores[j]
-                        .compare_and_swap(original.as_ref(), Some(value))
-                        .await
-                        .map_err(StepError::from),
-                    Err(message) => Err(StepError::new(
-                        "store_format",
-                        format!("{}: {message}", runtime.stores[j].describe()),
-                    )),
-                };
+                    return Err(stop);
+                }
+            };
+            let mut results = Vec::with_capacity(chunk.len());
+            let mut stopped = Ok(());
+            for (&(i, j), (original, written)) in chunk.iter().zip(&values) {
+                if let Err(stop) = self.may_continue() {
+                    stopped = Err(stop);
+                    break;
+                }
+                let result = self.write_store(i, j, original.as_ref(), written).await;
                 if result.is_ok() {
                     self.rec.state.targets[i].stores[j].publish = Progress::Done;
+                } else {
+                    stopped = Err(Stop::Failed);
                 }
-                self.rec.finish(step, &result).await;
-                result.map_err(|_| Stop::Failed)?;
-                self.may_continue()?;
+                results.push(result);
+                if stopped.is_err() {
+                    break;
+                }
             }
+            let ended: Vec<_> = ids.iter().copied().zip(&results).collect();
+            self.rec.finish_all(&ended).await;
+            if let Err(stop) = stopped {
+                // Journaled but not acted on: nothing happened to these stores.
+                for &(i, j) in &chunk[results.len()..] {
+                    self.rec.state.targets[i].stores[j].publish = Progress::NotStarted;
+                }
+                let why = format!("not started: {}", stop.reason());
+                self.rec
+                    .end_all(&ids[results.len()..], "skipped", Some(why))
+                    .await;
+                return Err(stop);
+            }
+            self.may_continue()?;
         }
         Ok(())
+    }
+
+    /// Writes store `j` of target `i`: `written` where it holds `original`.
+    async fn write_store(
+        &self,
+        i: usize,
+        j: usize,
+        original: Option<&Secret>,
+        written: &Result<Secret, String>,
+    ) -> Result<(), StepError> {
+        let runtime = self.runtime(i)?;
+        match written {
+            Ok(value) => runtime.stores[j]
+                .compare_and_swap(original, Some(value))
+                .await
+                .map_err(StepError::from),
+            Err(message) => Err(StepError::new(
+                "store_format",
+                format!("{}: {message}", runtime.stores[j].describe()),
+            )),
+        }
     }
 
     /// Restart, verify, retire: everything after the stores hold the new credential. Recovery
@@ -990,31 +1064,35 @@ impl<'a> RunContext<'a> {
         self.confirmations = vec![None; count];
         let chunk = self.deps.config.rotator.max_parallel;
         for start in (0..count).step_by(chunk) {
-            let mut begun = Vec::new();
-            for i in start..(start + chunk).min(count) {
-                if self
-                    .runtime_at(i)
-                    .is_none_or(|r| r.config.confirm_timeout.is_zero())
-                {
-                    continue;
-                }
-                let name = self.rec.state.targets[i].name.clone();
-                begun.push((i, self.rec.begin(Part::Target(i), "confirm", &name).await));
+            let confirming: Vec<usize> = (start..(start + chunk).min(count))
+                .filter(|&i| {
+                    self.runtime_at(i)
+                        .is_some_and(|r| !r.config.confirm_timeout.is_zero())
+                })
+                .collect();
+            if confirming.is_empty() {
+                continue;
             }
+            let subjects: Vec<(Part, String)> = confirming
+                .iter()
+                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
+                .collect();
+            let ids = self.rec.begin_all(&subjects, "confirm", false).await;
             let found = {
                 let this = &*self;
                 join_all(
-                    begun
+                    confirming
                         .iter()
-                        .map(|&(i, _)| this.interruptible(this.await_drain(i))),
+                        .map(|&i| this.interruptible(this.await_drain(i))),
                 )
                 .await
             };
-            for ((i, id), result) in begun.into_iter().zip(found) {
+            let mut ended = Vec::with_capacity(ids.len());
+            for ((i, id), result) in confirming.into_iter().zip(ids).zip(found) {
                 let name = self.rec.state.targets[i].name.clone();
                 match result {
                     Ok(Some(found)) if found.drained => {
-                        self.rec.end(id, "ok", None).await;
+                        ended.push((id, "ok", None));
                         self.confirmations[i] = Some(found);
                     }
                     Ok(Some(found)) => {
@@ -1031,19 +1109,20 @@ impl<'a> RunContext<'a> {
                             from(&found.old_clients),
                             found.new_sessions
                         );
-                        self.rec.end(id, "warning", Some(detail)).await;
+                        ended.push((id, "warning", Some(detail)));
                         self.confirmations[i] = Some(found);
                     }
                     Ok(None) => {
                         let why = "the server keeps no session list".to_string();
-                        self.rec.end(id, "skipped", Some(why)).await;
+                        ended.push((id, "skipped", Some(why)));
                     }
                     Err(error) => {
                         let why = format!("session list not read: {}", error.message);
-                        self.rec.end(id, "skipped", Some(why)).await;
+                        ended.push((id, "skipped", Some(why)));
                     }
                 }
             }
+            self.rec.end_each(ended).await;
         }
         self.may_continue()
     }

@@ -110,6 +110,11 @@ fn part_aad(run: &str, part: &str) -> String {
 
 pub struct Journal {
     pool: AnyPool,
+    /// File SQLite only: connections whose commits do not wait for the disk
+    /// (`synchronous = NORMAL`), for records no side effect depends on. WAL keeps commits in
+    /// order, so the next durable commit (a `pool` connection, `synchronous = FULL`) flushes
+    /// them too, and a crash of the process loses none of them.
+    relaxed: Option<AnyPool>,
     cipher: Cipher,
     locker: Locker,
 }
@@ -135,27 +140,9 @@ impl Journal {
             ));
         };
         // An in-memory SQLite database exists once per connection: keep it to one.
-        let connections = match (is_sqlite, matches!(locker, Locker::Memory(_))) {
-            (true, true) => 1,
-            _ => 4,
-        };
-        let pool = AnyPoolOptions::new()
-            .max_connections(connections)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if is_sqlite {
-                        // Per connection. `synchronous` FULL is SQLite's default: a commit is
-                        // durable when it returns (see `checkpoint` for the exception).
-                        sqlx::query("PRAGMA foreign_keys = ON")
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(connect_url.expose())
-            .await
-            .map_err(|e| JournalError::Open(e.to_string()))?;
+        let in_memory = matches!(locker, Locker::Memory(_));
+        let connections = if is_sqlite && in_memory { 1 } else { 4 };
+        let pool = connect_pool(&connect_url, connections, is_sqlite, "FULL").await?;
         if is_sqlite {
             // WAL (kept in the file): one fsync per commit instead of a rollback journal's
             // several, and readers (the API, history) do not wait for a run's checkpoints.
@@ -164,6 +151,11 @@ impl Journal {
                 .await
                 .map_err(JournalError::Query)?;
         }
+        let relaxed = if is_sqlite && !in_memory {
+            Some(connect_pool(&connect_url, 1, true, "NORMAL").await?)
+        } else {
+            None
+        };
         let migrator = if is_sqlite {
             sqlx::migrate!("migrations/sqlite")
         } else {
@@ -172,9 +164,18 @@ impl Journal {
         migrator.run(&pool).await.map_err(JournalError::Migrate)?;
         Ok(Journal {
             pool,
+            relaxed,
             cipher,
             locker,
         })
+    }
+
+    /// Where a write goes: a durable one to `pool`, any other to `relaxed` if there is one.
+    fn pool_for(&self, durable: bool) -> &AnyPool {
+        match (&self.relaxed, durable) {
+            (Some(relaxed), false) => relaxed,
+            _ => &self.pool,
+        }
     }
 
     /// Answers whether the journal is reachable.
@@ -194,10 +195,6 @@ impl Journal {
         matches!(self.locker, Locker::Postgres(_))
     }
 
-    fn is_sqlite(&self) -> bool {
-        !self.is_postgres()
-    }
-
     pub async fn begin_run(
         &self,
         id: &str,
@@ -208,7 +205,13 @@ impl Journal {
         parts: &[(String, Zeroizing<Vec<u8>>)],
     ) -> Result<(), JournalError> {
         let sealed = self.cipher.seal(state, id);
-        let mut tx = self.pool.begin().await.map_err(JournalError::Query)?;
+        // Not durable: only preflight (no side effect) follows before the first write-ahead
+        // record, whose durable commit flushes this one too.
+        let mut tx = self
+            .pool_for(false)
+            .begin()
+            .await
+            .map_err(JournalError::Query)?;
         sqlx::query("INSERT INTO rotator_runs (id, trigger_kind, started_at, state, owner, needs_recovery) VALUES ($1, $2, $3, $4, $5, 1)")
             .bind(id)
             .bind(trigger)
@@ -261,29 +264,18 @@ impl Journal {
         owner: &str,
         header: Option<&[u8]>,
         parts: &[(String, Zeroizing<Vec<u8>>)],
-        step: &StepRecord,
+        steps: &[&StepRecord],
         durable: bool,
     ) -> Result<(), JournalError> {
-        let mut conn = self.pool.acquire().await.map_err(JournalError::Query)?;
         // Only a write-ahead record (a side effect may follow) must reach the disk before the
-        // call returns. Others are committed without waiting for the flush; the next durable
-        // commit flushes them too, in order, and a crash of the process loses none of them.
-        if !durable && self.is_sqlite() {
-            sqlx::query("PRAGMA synchronous = NORMAL")
-                .execute(&mut *conn)
-                .await
-                .map_err(JournalError::Query)?;
-        }
-        let result = self
-            .checkpoint_on(&mut conn, id, owner, header, parts, step, durable)
-            .await;
-        if !durable && self.is_sqlite() {
-            sqlx::query("PRAGMA synchronous = FULL")
-                .execute(&mut *conn)
-                .await
-                .map_err(JournalError::Query)?;
-        }
-        result
+        // call returns; see `relaxed`.
+        let mut conn = self
+            .pool_for(durable)
+            .acquire()
+            .await
+            .map_err(JournalError::Query)?;
+        self.checkpoint_on(&mut conn, id, owner, header, parts, steps, durable)
+            .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -294,7 +286,7 @@ impl Journal {
         owner: &str,
         header: Option<&[u8]>,
         parts: &[(String, Zeroizing<Vec<u8>>)],
-        step: &StepRecord,
+        steps: &[&StepRecord],
         durable: bool,
     ) -> Result<(), JournalError> {
         use sqlx::Connection as _;
@@ -328,23 +320,25 @@ impl Journal {
             return Err(JournalError::Fenced(id.to_string()));
         }
         self.write_parts(&mut tx, id, parts).await?;
-        sqlx::query(
-            "INSERT INTO rotator_steps (run_id, seq, step, subject, status, started_at, duration_ms, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, \
-             duration_ms = excluded.duration_ms, error = excluded.error",
-        )
-        .bind(id)
-        .bind(step.seq)
-        .bind(&step.step)
-        .bind(&step.subject)
-        .bind(&step.status)
-        .bind(step.started_at)
-        .bind(step.duration_ms)
-        .bind(&step.error)
-        .execute(&mut *tx)
-        .await
-        .map_err(JournalError::Query)?;
+        for step in steps {
+            sqlx::query(
+                "INSERT INTO rotator_steps (run_id, seq, step, subject, status, started_at, duration_ms, error) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, \
+                 duration_ms = excluded.duration_ms, error = excluded.error",
+            )
+            .bind(id)
+            .bind(step.seq)
+            .bind(&step.step)
+            .bind(&step.subject)
+            .bind(&step.status)
+            .bind(step.started_at)
+            .bind(step.duration_ms)
+            .bind(&step.error)
+            .execute(&mut *tx)
+            .await
+            .map_err(JournalError::Query)?;
+        }
         tx.commit().await.map_err(JournalError::Query)
     }
 
@@ -676,6 +670,35 @@ fn create_private_file(path: &std::path::Path) -> Result<(), JournalError> {
 }
 
 /// The pool URL (created if missing) and a lock directory beside the database file.
+/// A pool of `connections`; SQLite ones get `synchronous` set as given (FULL: a commit is
+/// durable when it returns) and foreign keys on. A local file needs no test before each use.
+async fn connect_pool(
+    url: &Secret,
+    connections: u32,
+    is_sqlite: bool,
+    synchronous: &'static str,
+) -> Result<AnyPool, JournalError> {
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        .test_before_acquire(!is_sqlite)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if is_sqlite {
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query(&format!("PRAGMA synchronous = {synchronous}"))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url.expose())
+        .await
+        .map_err(|e| JournalError::Open(e.to_string()))
+}
+
 fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -733,7 +756,7 @@ mod tests {
         journal.claim("r1", "second").await.unwrap();
 
         let write = journal
-            .checkpoint("r1", "first", None, &part(b"late"), &step(1), true)
+            .checkpoint("r1", "first", None, &part(b"late"), &[&step(1)], true)
             .await;
         assert!(matches!(write, Err(JournalError::Fenced(_))), "{write:?}");
         let finish = journal.finish_run("r1", "first", "rolled_back", true).await;
@@ -773,5 +796,54 @@ mod tests {
             Some(("r1".to_string(), "t".to_string())),
             "no new run may start on the target"
         );
+    }
+
+    /// Write-ahead records wait for the disk; every other checkpoint goes to a connection that
+    /// does not (WAL keeps them in order, so the next durable commit flushes them).
+    #[tokio::test]
+    async fn only_write_ahead_records_wait_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("journal.db").display());
+        let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let journal = Journal::open(&Secret::new(url), &Secret::new(key))
+            .await
+            .unwrap();
+        for (durable, level) in [(true, 2), (false, 1)] {
+            let row = sqlx::query("PRAGMA synchronous")
+                .fetch_one(journal.pool_for(durable))
+                .await
+                .unwrap();
+            // 2 is FULL (a commit waits for the disk), 1 NORMAL.
+            assert_eq!(
+                row.try_get::<i64, _>(0).unwrap(),
+                level,
+                "durable {durable}"
+            );
+        }
+
+        // Several steps in one checkpoint: all of them, or (fenced) none.
+        journal
+            .begin_run("r1", "me", "cli", &["t".into()], b"{}", &[])
+            .await
+            .unwrap();
+        let (one, two) = (step(1), step(2));
+        journal
+            .checkpoint("r1", "me", None, &[], &[&one, &two], true)
+            .await
+            .unwrap();
+        let fenced = journal
+            .checkpoint("r1", "other", None, &[], &[&step(3)], false)
+            .await;
+        assert!(matches!(fenced, Err(JournalError::Fenced(_))));
+        let seqs: Vec<i64> = journal
+            .run("r1")
+            .await
+            .unwrap()
+            .unwrap()
+            .steps
+            .iter()
+            .map(|s| s.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
     }
 }

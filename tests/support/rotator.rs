@@ -70,23 +70,6 @@ pub fn assert_no_secret(haystack: &str, secrets: &[&str], what: &str) {
     }
 }
 
-/// Every boundary a successful run passes, in order: `step:subject:started` and `step:subject:ok`.
-pub fn boundaries(report: &serde_json::Value) -> Vec<String> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| {
-            let name = format!(
-                "{}:{}",
-                s["step"].as_str().unwrap(),
-                s["subject"].as_str().unwrap()
-            );
-            [format!("{name}:started"), format!("{name}:ok")]
-        })
-        .collect()
-}
-
 /// A temp dir with a config file, a journal and the environment the binary runs with.
 pub struct Rotator {
     pub dir: tempfile::TempDir,
@@ -152,6 +135,25 @@ impl Rotator {
     /// Runs `llmtrace-rotator <args> --config FILE` to completion.
     pub async fn run(&self, args: &[&str]) -> Output {
         self.run_with(args, &[]).await
+    }
+
+    /// A successful `rotate --output json` and every boundary it crossed, in the order it
+    /// crossed them: `step:subject:started` and `step:subject:ok`.
+    pub async fn rotate_listing_boundaries(&self) -> (Output, Vec<String>) {
+        let out = self
+            .run_with(
+                &["rotate", "--output", "json"],
+                &[("LLMTRACE_ROTATOR_TRACE_BOUNDARIES", "1")],
+            )
+            .await;
+        assert_eq!(out.code, 0, "{}", out.all());
+        let all = out
+            .stderr
+            .lines()
+            .filter_map(|line| line.strip_prefix("failpoint boundary: "))
+            .map(str::to_string)
+            .collect();
+        (out, all)
     }
 
     /// [`Rotator::run`] with extra environment variables.
