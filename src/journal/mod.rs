@@ -142,7 +142,7 @@ impl Journal {
         // An in-memory SQLite database exists once per connection: keep it to one.
         let in_memory = matches!(locker, Locker::Memory(_));
         let connections = if is_sqlite && in_memory { 1 } else { 4 };
-        let pool = connect_pool(&connect_url, connections, is_sqlite, "FULL").await?;
+        let pool = connect_pool(&connect_url, connections, is_sqlite, "FULL", Connect::Now).await?;
         if is_sqlite {
             // WAL (kept in the file): one fsync per commit instead of a rollback journal's
             // several, and readers (the API, history) do not wait for a run's checkpoints.
@@ -152,7 +152,7 @@ impl Journal {
                 .map_err(JournalError::Query)?;
         }
         let relaxed = if is_sqlite && !in_memory {
-            Some(connect_pool(&connect_url, 1, true, "NORMAL").await?)
+            Some(connect_pool(&connect_url, 1, true, "NORMAL", Connect::Lazily).await?)
         } else {
             None
         };
@@ -669,7 +669,12 @@ fn create_private_file(path: &std::path::Path) -> Result<(), JournalError> {
     }
 }
 
-/// The pool URL (created if missing) and a lock directory beside the database file.
+enum Connect {
+    Now,
+    /// At first use: commands that never write a checkpoint do not pay for it.
+    Lazily,
+}
+
 /// A pool of `connections`; SQLite ones get `synchronous` set as given (FULL: a commit is
 /// durable when it returns) and foreign keys on. A local file needs no test before each use.
 async fn connect_pool(
@@ -677,8 +682,9 @@ async fn connect_pool(
     connections: u32,
     is_sqlite: bool,
     synchronous: &'static str,
+    connect: Connect,
 ) -> Result<AnyPool, JournalError> {
-    AnyPoolOptions::new()
+    let options = AnyPoolOptions::new()
         .max_connections(connections)
         .test_before_acquire(!is_sqlite)
         .after_connect(move |conn, _| {
@@ -693,12 +699,15 @@ async fn connect_pool(
                 }
                 Ok(())
             })
-        })
-        .connect(url.expose())
-        .await
-        .map_err(|e| JournalError::Open(e.to_string()))
+        });
+    match connect {
+        Connect::Now => options.connect(url.expose()).await,
+        Connect::Lazily => options.connect_lazy(url.expose()),
+    }
+    .map_err(|e| JournalError::Open(e.to_string()))
 }
 
+/// The pool URL (created if missing) and a lock directory beside the database file.
 fn sqlite_setup(url: &str) -> Result<(Secret, Locker), JournalError> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
