@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line (`rotate`, `check`, `serve`, `history`, `recover`, `migrate`,
-//!   `rbac`) and its exit codes.
+//!   `rbac`).
+//! - [`exit`]: the process exit codes, shared by the command line and the run report.
 //! - [`config`]: the TOML schema, validation and credential references.
 //! - [`password`]: password generation under a policy.
 //! - [`secret`]: the unprintable string type every credential lives in.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod consumer;
 pub mod duration;
 pub mod engine;
+pub mod exit;
 pub mod failpoint;
 pub mod journal;
 pub mod password;
