@@ -17,6 +17,7 @@
 //!   Redis, ClickHouse).
 //! - [`store`]: the [`store::Store`] trait and one file per place credentials are published.
 //! - [`consumer`]: the [`consumer::Consumer`] trait: Deployments, StatefulSets, commands.
+//! - [`kube_api`]: Kubernetes API error text, conflict detection, the compare-and-swap retry.
 //! - [`server`]: `serve`: scheduler, HTTP API, auth, metrics.
 //! - [`schedule`]: 5-field cron schedules in UTC.
 //! - [`duration`]: `30s`/`5m` durations in config.
@@ -35,6 +36,7 @@ pub mod engine;
 pub mod exit;
 pub mod failpoint;
 pub mod journal;
+pub mod kube_api;
 pub mod password;
 pub mod rbac;
 pub mod resolve;

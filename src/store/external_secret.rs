@@ -11,9 +11,10 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
-use super::kubernetes::{describe_kube_error, SecretStore};
+use super::kubernetes::SecretStore;
 use super::{format, Store, StoreError};
 use crate::config::SyncConfig;
+use crate::kube_api::describe_kube_error;
 use crate::secret::Credential;
 
 /// ESO reconciles an ExternalSecret when this annotation changes (its documented force-sync).

@@ -18,13 +18,12 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use super::kubernetes::{describe_kube_error, is_conflict, SecretStore};
+use super::kubernetes::SecretStore;
 use super::{Store, StoreError};
 use crate::config::{Certificate, SealedSecretStore};
+use crate::kube_api::{describe_kube_error, is_conflict, retry_on_conflict, Attempt};
 use crate::secret::Secret;
 
-/// A SealedSecret rewritten under us this many times is contended; give up and roll back.
-const CONFLICT_RETRIES: u32 = 5;
 const POLL: Duration = Duration::from_millis(250);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 const CLUSTER_WIDE: &str = "sealedsecrets.bitnami.com/cluster-wide";
@@ -106,23 +105,25 @@ impl SealedStore {
     /// Seals `value` for the object's scope as read, and writes `spec.encryptedData[key]` under
     /// the resourceVersion it was read at (so a scope change in between is a conflict).
     async fn write(&self, value: Option<&Secret>) -> Result<(), StoreError> {
-        for attempt in 1..=CONFLICT_RETRIES {
+        retry_on_conflict(&self.describe(), "SealedSecret", || async move {
             let object = self
                 .api
                 .get_opt(&self.config.name)
                 .await
-                .map_err(|e| self.error(describe_kube_error(&e)))?
-                .ok_or_else(|| StoreError::Missing {
-                    store: self.describe(),
-                    what: format!(
-                        "the SealedSecret {}/{}",
-                        self.config.namespace, self.config.name
-                    ),
+                .map_err(|e| Attempt::Failed(self.error(describe_kube_error(&e))))?
+                .ok_or_else(|| {
+                    Attempt::Failed(StoreError::Missing {
+                        store: self.describe(),
+                        what: format!(
+                            "the SealedSecret {}/{}",
+                            self.config.namespace, self.config.name
+                        ),
+                    })
                 })?;
             let sealed = match value {
                 Some(value) => {
                     let label = label_for(&object, &self.config.namespace, &self.config.name);
-                    Some(self.seal(value, &label).await?)
+                    Some(self.seal(value, &label).await.map_err(Attempt::Failed)?)
                 }
                 None => None,
             };
@@ -130,6 +131,7 @@ impl SealedStore {
                 "metadata": { "resourceVersion": object.metadata.resource_version },
                 "spec": { "encryptedData": { &self.key: sealed } },
             });
+            let error = |e: kube::Error| self.error(describe_kube_error(&e));
             match self
                 .api
                 .patch(
@@ -139,15 +141,12 @@ impl SealedStore {
                 )
                 .await
             {
-                Ok(_) => return Ok(()),
-                Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
-                    tracing::info!(store = %self.describe(), attempt, "SealedSecret changed while writing; reading it again");
-                    tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                }
-                Err(e) => return Err(self.error(describe_kube_error(&e))),
+                Ok(_) => Ok(()),
+                Err(e) if is_conflict(&e) => Err(Attempt::Conflict(error(e))),
+                Err(e) => Err(Attempt::Failed(error(e))),
             }
-        }
-        unreachable!("the last attempt returns")
+        })
+        .await
     }
 
     /// Polls the unsealed Secret until it holds `value`, or the timeout passes.

@@ -9,11 +9,10 @@ use tokio::sync::OnceCell;
 
 use super::{Store, StoreError};
 use crate::config::{VaultAuth, VaultStore};
+use crate::kube_api::{retry_on_conflict, Attempt};
 use crate::resolve::resolve;
 use crate::secret::Secret;
 
-/// A secret rewritten under us this many times is contended; give up and roll back.
-const CAS_RETRIES: u32 = 5;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct VaultKv {
@@ -209,12 +208,12 @@ impl VaultKv {
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
-        for attempt in 1..=CAS_RETRIES {
-            let mut secret = self.read_versioned(token).await?;
-            if self.value_of(&secret)?.as_ref() != expected {
-                return Err(StoreError::Conflict {
+        retry_on_conflict(&self.describe(), "the secret", || async move {
+            let mut secret = self.read_versioned(token).await.map_err(Attempt::Failed)?;
+            if self.value_of(&secret).map_err(Attempt::Failed)?.as_ref() != expected {
+                return Err(Attempt::Failed(StoreError::Conflict {
                     store: self.describe(),
-                });
+                }));
             }
             match new {
                 Some(value) => secret.data.insert(
@@ -228,21 +227,21 @@ impl VaultKv {
                 .request(
                     reqwest::Method::POST,
                     &format!("{}/data/{}", self.config.mount, self.config.path),
-                )?
+                )
+                .map_err(Attempt::Failed)?
                 .header("X-Vault-Token", token.expose())
                 .json(&body);
-            let (status, answer) = self.send(request).await?;
+            let (status, answer) = self.send(request).await.map_err(Attempt::Failed)?;
             if status.is_success() {
                 return Ok(());
             }
-            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
-                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
-                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                continue;
+            let error = self.error(vault_errors(status, &answer));
+            if is_cas_mismatch(status, &answer) {
+                return Err(Attempt::Conflict(error));
             }
-            return Err(self.error(vault_errors(status, &answer)));
-        }
-        unreachable!("the last attempt returns")
+            Err(Attempt::Failed(error))
+        })
+        .await
     }
 
     fn value_of(&self, secret: &Versioned) -> Result<Option<Secret>, StoreError> {
