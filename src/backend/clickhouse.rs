@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use super::{redact, Backend, BackendError};
+use super::{Backend, BackendError};
 use crate::config::{ClickHouseMode, Strategy, Target};
-use crate::secret::{Credential, Secret};
+use crate::secret::{Credential, Redacted, Secret};
 
 /// A query that has not answered by then is treated as failed rather than hanging the run.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -45,7 +45,7 @@ pub struct ClickHouse {
 /// A failed HTTP query: ClickHouse's error code when it gave one, and its message.
 struct QueryError {
     code: Option<u32>,
-    message: String,
+    message: Redacted,
 }
 
 /// Which change an `ALTER USER` makes.
@@ -459,7 +459,7 @@ impl ClickHouse {
     fn http(&self) -> Result<&reqwest::Client, QueryError> {
         self.http.as_ref().map_err(|message| QueryError {
             code: None,
-            message: message.clone(),
+            message: message.as_str().into(),
         })
     }
 
@@ -478,7 +478,7 @@ impl ClickHouse {
             .body(sql.expose().to_string());
         let response = request.send().await.map_err(|e| QueryError {
             code: None,
-            message: e.without_url().to_string(),
+            message: Redacted::new(e.without_url(), &[password]),
         })?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
@@ -486,11 +486,11 @@ impl ClickHouse {
             return Ok(body);
         }
         // The server may echo the statement (hash and all) or the user's input: keep neither.
-        let message = redact(body.lines().next().unwrap_or(""), &[password]);
-        let message: String = message.chars().take(300).collect();
+        let message = Redacted::new(body.lines().next().unwrap_or(""), &[password]);
+        let message: String = message.as_str().chars().take(300).collect();
         Err(QueryError {
             code: error_code(&body),
-            message: format!("HTTP {status}: {message}"),
+            message: format!("HTTP {status}: {message}").into(),
         })
     }
 
@@ -509,6 +509,7 @@ impl ClickHouse {
                  rotate a SQL-managed user, or use mode = \"users_xml\")",
                 e.message
             )
+            .into()
         } else {
             e.message
         };
@@ -598,7 +599,7 @@ impl ClickHouse {
         let change = |cause: String| BackendError::Change {
             backend: self.describe(),
             user: credential.user.clone(),
-            cause,
+            cause: cause.into(),
         };
         let contents = if self.strategy == Strategy::Alternating {
             self.pair_file(path, credential).await.map_err(change)?
@@ -733,7 +734,7 @@ impl Backend for ClickHouse {
     }
 
     async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
-        let fail = |cause: String| BackendError::Login {
+        let fail = |cause: Redacted| BackendError::Login {
             backend: self.describe(),
             user: credential.user.clone(),
             cause,
@@ -747,17 +748,20 @@ impl Backend for ClickHouse {
         let response = request
             .send()
             .await
-            .map_err(|e| fail(e.without_url().to_string()))?;
+            .map_err(|e| fail(Redacted::new(e.without_url(), &[&credential.password])))?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         if status.is_success() && body.trim() == "1" {
             return Ok(());
         }
-        let first = redact(body.lines().next().unwrap_or(""), &[&credential.password]);
-        Err(fail(format!(
-            "HTTP {status}: {}",
-            first.chars().take(300).collect::<String>()
-        )))
+        let first = Redacted::new(body.lines().next().unwrap_or(""), &[&credential.password]);
+        Err(fail(
+            format!(
+                "HTTP {status}: {}",
+                first.as_str().chars().take(300).collect::<String>()
+            )
+            .into(),
+        ))
     }
 
     fn next_user(&self, current: &Credential) -> String {

@@ -81,7 +81,7 @@ pub async fn check(deps: &Deps, names: &[String]) -> CheckReport {
                     target: target.name.clone(),
                     valid: false,
                     stores: Vec::new(),
-                    error: Some(error),
+                    error: Some(error.to_string()),
                 });
                 continue;
             }

@@ -57,6 +57,36 @@ impl EngineError {
     }
 }
 
+/// Why a target's or consumer's live parts could not be built from the config; each cause is
+/// kept, with its own failure label.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A credential reference (the admin password) could not be read.
+    #[error(transparent)]
+    Reference(#[from] ResolveError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("target {target:?} sync: no Kubernetes client could be configured")]
+    SyncWithoutKubernetes { target: String },
+    #[error("consumer {0:?} is no longer in the config")]
+    UnknownConsumer(String),
+    #[error(transparent)]
+    Consumer(#[from] crate::consumer::ConsumerError),
+}
+
+impl RuntimeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            RuntimeError::Reference(_) => "reference",
+            RuntimeError::Store(e) => e.metric_label(),
+            RuntimeError::SyncWithoutKubernetes { .. } | RuntimeError::UnknownConsumer(_) => {
+                "config"
+            }
+            RuntimeError::Consumer(e) => e.metric_label(),
+        }
+    }
+}
+
 /// Why a step failed: a message for people and a stable label for the failure counters.
 #[derive(Debug, Clone)]
 pub struct StepError {
@@ -92,7 +122,8 @@ step_error_from!(
     crate::backend::BackendError,
     crate::store::StoreError,
     crate::consumer::ConsumerError,
-    EngineError
+    EngineError,
+    RuntimeError
 );
 
 /// What every step needs that does not depend on the journal: the config and the clients.
@@ -137,20 +168,17 @@ impl Deps {
     pub async fn target_runtime<'a>(
         &self,
         target: &'a Target,
-    ) -> Result<TargetRuntime<'a>, String> {
+    ) -> Result<TargetRuntime<'a>, RuntimeError> {
         let field = format!("target {:?} admin.password", target.name);
         let admin_password = match &target.admin_password {
-            Some(reference) => resolve(reference, &field, self.kube.as_ref())
-                .await
-                .map_err(|e| e.to_string())?,
+            Some(reference) => resolve(reference, &field, self.kube.as_ref()).await?,
             None => crate::secret::Secret::new(""),
         };
         let stores = target
             .stores
             .iter()
             .map(|s| store::for_config(s, self.kube.as_ref()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, _>>()?;
         let syncs = match (&self.kube, target.sync.is_empty()) {
             (_, true) => Vec::new(),
             (Some(client), false) => target
@@ -159,10 +187,9 @@ impl Deps {
                 .map(|s| ExternalSecretSync::new(client.clone(), s))
                 .collect(),
             (None, false) => {
-                return Err(format!(
-                    "target {:?} sync: no Kubernetes client could be configured",
-                    target.name
-                ))
+                return Err(RuntimeError::SyncWithoutKubernetes {
+                    target: target.name.clone(),
+                })
             }
         };
         Ok(TargetRuntime {
@@ -173,12 +200,12 @@ impl Deps {
         })
     }
 
-    pub fn consumer(&self, name: &str) -> Result<ConsumerHandle, String> {
+    pub fn consumer(&self, name: &str) -> Result<ConsumerHandle, RuntimeError> {
         let config = self
             .config
             .consumer(name)
-            .ok_or_else(|| format!("consumer {name:?} is no longer in the config"))?;
-        ConsumerHandle::new(config, self.kube.as_ref()).map_err(|e| e.to_string())
+            .ok_or_else(|| RuntimeError::UnknownConsumer(name.to_string()))?;
+        Ok(ConsumerHandle::new(config, self.kube.as_ref())?)
     }
 }
 

@@ -43,10 +43,7 @@ fn clients(sessions: &[&Session]) -> Vec<String> {
 /// Reads every store, checks each can take the new credential, and proves the current one logs
 /// in. Changes nothing; `rotate --dry-run` runs it too.
 pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, StepError> {
-    let runtime = deps
-        .target_runtime(target)
-        .await
-        .map_err(|e| StepError::new("reference", e))?;
+    let runtime = deps.target_runtime(target).await?;
     let mut originals = Vec::new();
     for store in &runtime.stores {
         store.preflight().await.map_err(StepError::from)?;
@@ -594,9 +591,9 @@ impl<'a> RunContext<'a> {
                     self.consumers.push(Some(handle));
                     checked
                 }
-                Err(message) => {
+                Err(error) => {
                     self.consumers.push(None);
-                    Err(StepError::new("config", message))
+                    Err(StepError::from(error))
                 }
             };
             ok &= result.is_ok();
