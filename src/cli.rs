@@ -310,9 +310,9 @@ async fn execute(command: Command) -> Result<i32, Failure> {
         } => {
             let config = Config::load(&config)?;
             let yaml = crate::rbac::render(&config, &service_account, namespace.as_deref())
-                .map_err(|message| Failure {
+                .map_err(|e| Failure {
                     code: EXIT_USAGE,
-                    message,
+                    message: e.to_string(),
                 })?;
             if yaml.is_empty() {
                 eprintln!("this config makes no Kubernetes request: no Role is needed");

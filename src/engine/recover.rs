@@ -60,9 +60,9 @@ async fn recover_one(
         return Ok(None);
     }
     let state =
-        RunState::assemble(&run.state, &run.parts).map_err(|message| JournalError::State {
+        RunState::assemble(&run.state, &run.parts).map_err(|source| JournalError::State {
             run: run.id.clone(),
-            message,
+            source,
         })?;
     let owner = super::run::new_owner();
     engine.journal.claim(&run.id, &owner).await?;

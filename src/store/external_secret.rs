@@ -186,9 +186,9 @@ impl ExternalSecretSync {
         };
         match format::credential_from(&value, &self.config.format, &expected.user) {
             Ok(found) => Ok(&found == expected),
-            Err(message) => Err(StoreError::Format {
+            Err(error) => Err(StoreError::Format {
                 store: self.describe(),
-                message,
+                message: error.to_string(),
             }),
         }
     }

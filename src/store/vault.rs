@@ -19,7 +19,7 @@ pub struct VaultKv {
     config: VaultStore,
     property: String,
     kube: Option<kube::Client>,
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, HttpClientError>,
     /// The configured token, resolved once. Kubernetes logins are never cached: see [`Session`].
     token: OnceCell<Secret>,
 }
@@ -56,7 +56,7 @@ impl VaultKv {
     }
 
     fn http(&self) -> Result<&reqwest::Client, StoreError> {
-        self.http.as_ref().map_err(|e| self.error(e.clone()))
+        self.http.as_ref().map_err(|e| self.error(e.to_string()))
     }
 
     fn request(
@@ -253,18 +253,40 @@ impl VaultKv {
     }
 }
 
-fn http_client(config: &VaultStore) -> Result<reqwest::Client, String> {
+/// Why the HTTP client cannot be built (a `ca_file` problem, usually).
+#[derive(Debug, thiserror::Error)]
+enum HttpClientError {
+    #[error("cannot read ca_file {}: {source}", .path.display())]
+    ReadCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ca_file {} is not a PEM certificate: {source}", .path.display())]
+    BadCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot build an HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+fn http_client(config: &VaultStore) -> Result<reqwest::Client, HttpClientError> {
     let mut builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
     if let Some(ca) = &config.ca_file {
-        let pem =
-            std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
-        let certificate = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| format!("ca_file {} is not a PEM certificate: {e}", ca.display()))?;
+        let pem = std::fs::read(ca).map_err(|source| HttpClientError::ReadCa {
+            path: ca.clone(),
+            source,
+        })?;
+        let certificate =
+            reqwest::Certificate::from_pem(&pem).map_err(|source| HttpClientError::BadCa {
+                path: ca.clone(),
+                source,
+            })?;
         builder = builder.add_root_certificate(certificate);
     }
-    builder
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+    builder.build().map_err(HttpClientError::Build)
 }
 
 /// Vault's own error list; it names paths and policies, never secret data.
