@@ -92,7 +92,10 @@ mod tests {
         ] {
             let err = parse(text).unwrap_err();
             assert!(matches!(err, DurationError::TooLong(_)), "{text}: {err}");
-            assert!(err.to_string().contains("maximum of 366 days"), "{text}: {err}");
+            assert!(
+                err.to_string().contains("maximum of 366 days"),
+                "{text}: {err}"
+            );
         }
     }
 }

@@ -293,6 +293,12 @@ impl<'a> RunContext<'a> {
                 Outcome::Refused
             };
         }
+        self.after_preflight().await
+    }
+
+    /// The forward path once preflight has filled in the state and the live parts: generate,
+    /// apply, verify the backend, publish, complete; a stop rolls back.
+    async fn after_preflight(&mut self) -> Outcome {
         let forward = async {
             self.generate().await?;
             self.apply().await?;
@@ -1610,3 +1616,7 @@ async fn undo_needed(
     }
     UndoNeeded::Yes
 }
+
+#[cfg(test)]
+#[path = "run_tests.rs"]
+mod tests;
