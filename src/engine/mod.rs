@@ -246,3 +246,113 @@ impl Engine {
         Ok(Engine { deps, journal })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// Deps without a Kubernetes client, whatever the config asks for; `target` ends target t.
+    fn deps(admin_password: &str, target: &str) -> Deps {
+        let text = format!(
+            r#"
+[rotator]
+journal = "sqlite://unused.db"
+journal_key = "literal:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+[[target]]
+name = "t"
+kind = "redis"
+address = "127.0.0.1:1"
+user = "app"
+admin = {{ user = "admin", password = "{admin_password}" }}
+{target}
+"#
+        );
+        Deps {
+            config: Config::parse(&text, std::path::Path::new(".")).expect("config parses"),
+            kube: None,
+            admin_sessions: Arc::new(backend::postgres::AdminPool::new(1)),
+        }
+    }
+
+    const FILE_STORE: &str = r#"
+  [[target.store]]
+  kind = "file"
+  path = "unused.env"
+  key = "URL"
+  format = "url""#;
+
+    #[tokio::test]
+    async fn an_unreadable_admin_password_is_a_reference_error_with_its_cause() {
+        let deps = deps("file:/nonexistent/admin-password", FILE_STORE);
+        let error = match deps.target_runtime(&deps.config.targets[0]).await {
+            Err(error) => error,
+            Ok(_) => panic!("the admin password cannot be read"),
+        };
+        assert!(matches!(error, RuntimeError::Reference(_)), "{error:?}");
+        assert_eq!(error.metric_label(), "reference");
+        assert!(error.to_string().contains("admin.password"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_be_built_keeps_the_store_error_and_its_label() {
+        let deps = deps(
+            "literal:admin",
+            r#"
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  secret = "llmtrace"
+  key = "URL"
+  format = "url""#,
+        );
+        let error = match deps.target_runtime(&deps.config.targets[0]).await {
+            Err(error) => error,
+            Ok(_) => panic!("no Kubernetes client"),
+        };
+        // Labelled by its cause, no longer relabelled "reference".
+        assert!(matches!(error, RuntimeError::Store(_)), "{error:?}");
+        assert_eq!(error.metric_label(), "store_unavailable");
+        assert_eq!(
+            StepError::from(error).to_string(),
+            "kubernetes secret llmtrace/llmtrace#URL: no Kubernetes client could be configured"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sync_without_kubernetes_is_a_config_error() {
+        let deps = deps(
+            "literal:admin",
+            &format!(
+                r#"sync = [{{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "URL", format = "url" }}]
+{FILE_STORE}"#
+            ),
+        );
+        let error = match deps.target_runtime(&deps.config.targets[0]).await {
+            Err(error) => error,
+            Ok(_) => panic!("no Kubernetes client"),
+        };
+        assert_eq!(error.metric_label(), "config");
+        assert_eq!(
+            error.to_string(),
+            "target \"t\" sync: no Kubernetes client could be configured"
+        );
+        assert!(error.source().is_none());
+    }
+
+    #[test]
+    fn an_unknown_consumer_names_it() {
+        let deps = deps("literal:admin", FILE_STORE);
+        let error = match deps.consumer("gone") {
+            Err(error) => error,
+            Ok(_) => panic!("not in the config"),
+        };
+        assert_eq!(error.metric_label(), "config");
+        assert_eq!(
+            error.to_string(),
+            "consumer \"gone\" is no longer in the config"
+        );
+    }
+}
