@@ -38,7 +38,9 @@ pub enum EngineError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("cannot set up the Kubernetes client: {0}")]
-    Kubernetes(String),
+    KubeConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot set up the Kubernetes client: {0}")]
+    Kubernetes(#[source] kube::Error),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error("internal error: {0}")]
@@ -50,7 +52,7 @@ impl EngineError {
         match self {
             EngineError::UnknownTarget(_) => "unknown_target",
             EngineError::Journal(e) => e.metric_label(),
-            EngineError::Kubernetes(_) => "kubernetes",
+            EngineError::KubeConfig(_) | EngineError::Kubernetes(_) => "kubernetes",
             EngineError::Resolve(_) => "reference",
             EngineError::Internal(_) => "internal",
         }
@@ -140,16 +142,13 @@ impl Deps {
         let kube = if config.uses_kubernetes() {
             let mut settings = kube::Config::infer()
                 .await
-                .map_err(|e| EngineError::Kubernetes(e.to_string()))?;
+                .map_err(EngineError::KubeConfig)?;
             // A stalled API server fails the step instead of holding the run (and SIGTERM).
             let timeout = Some(config.rotator.kubernetes_timeout);
             settings.connect_timeout = timeout;
             settings.read_timeout = timeout;
             settings.write_timeout = timeout;
-            Some(
-                kube::Client::try_from(settings)
-                    .map_err(|e| EngineError::Kubernetes(e.to_string()))?,
-            )
+            Some(kube::Client::try_from(settings).map_err(EngineError::Kubernetes)?)
         } else {
             None
         };
