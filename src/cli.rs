@@ -13,11 +13,7 @@ use crate::engine::run;
 use crate::engine::{check, recover, Deps, Engine, EngineError, Outcome, RunReport};
 use crate::journal::JournalError;
 
-pub const EXIT_OK: i32 = 0;
-pub const EXIT_FAILED: i32 = 1;
-pub const EXIT_USAGE: i32 = 2;
-pub const EXIT_ROLLBACK_FAILED: i32 = 3;
-pub const EXIT_CANNOT_START: i32 = 4;
+pub use crate::exit::{EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_ROLLBACK_FAILED, EXIT_USAGE};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -314,9 +310,9 @@ async fn execute(command: Command) -> Result<i32, Failure> {
         } => {
             let config = Config::load(&config)?;
             let yaml = crate::rbac::render(&config, &service_account, namespace.as_deref())
-                .map_err(|message| Failure {
+                .map_err(|e| Failure {
                     code: EXIT_USAGE,
-                    message,
+                    message: e.to_string(),
                 })?;
             if yaml.is_empty() {
                 eprintln!("this config makes no Kubernetes request: no Role is needed");

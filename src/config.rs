@@ -411,14 +411,35 @@ impl fmt::Display for Reference {
     }
 }
 
+/// Why a credential reference is refused. Never quotes a `literal:` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error(
+        "expected a reference: env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE"
+    )]
+    NotAReference,
+    #[error("k8s reference {0:?} must look like k8s:NAMESPACE/SECRET#KEY")]
+    Kubernetes(String),
+    #[error(
+        "vault: references are not supported by this build yet; use env:, file:, k8s: or literal:"
+    )]
+    Vault,
+    #[error("unknown reference scheme {0:?}: use env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE")]
+    UnknownScheme(String),
+}
+
+/// Config collects every field's problem as text, reported together.
+impl From<ReferenceError> for String {
+    fn from(error: ReferenceError) -> String {
+        error.to_string()
+    }
+}
+
 impl Reference {
     /// Parses `env:NAME`, `file:PATH`, `k8s:NS/SECRET#KEY` or `literal:VALUE`; relative paths are
     /// taken from `base` (the config file's directory).
-    pub fn parse(text: &str, base: &Path) -> Result<Reference, String> {
-        let (scheme, rest) = text.split_once(':').ok_or_else(|| {
-            "expected a reference: env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE"
-                .to_string()
-        })?;
+    pub fn parse(text: &str, base: &Path) -> Result<Reference, ReferenceError> {
+        let (scheme, rest) = text.split_once(':').ok_or(ReferenceError::NotAReference)?;
         match scheme {
             "env" if !rest.is_empty() => Ok(Reference::Env(rest.to_string())),
             "file" if !rest.is_empty() => Ok(Reference::File(base.join(rest))),
@@ -437,17 +458,12 @@ impl Reference {
                             key: key.into(),
                         })
                     }
-                    _ => Err(format!(
-                        "k8s reference {:?} must look like k8s:NAMESPACE/SECRET#KEY",
-                        text
-                    )),
+                    _ => Err(ReferenceError::Kubernetes(text.to_string())),
                 }
             }
             "literal" => Ok(Reference::Literal(Secret::new(rest))),
-            "vault" => Err("vault: references are not supported by this build yet; use env:, file:, k8s: or literal:".into()),
-            _ => Err(format!(
-                "unknown reference scheme {scheme:?}: use env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE"
-            )),
+            "vault" => Err(ReferenceError::Vault),
+            _ => Err(ReferenceError::UnknownScheme(scheme.to_string())),
         }
     }
 

@@ -6,20 +6,40 @@ use std::time::Duration;
 /// anything added to a clock (`Instant + timeout`, a jittered fire time) stays far from overflow.
 pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// Why a duration in config is refused; each names the text it was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("empty duration")]
+    Empty,
+    #[error("{0:?} is not a duration like 30s, 5m or 1h30m")]
+    NotADuration(String),
+    #[error("{0:?} needs a unit: ms, s, m or h")]
+    NoUnit(String),
+    #[error("{0:?} is longer than the maximum of 366 days (8784h)")]
+    TooLong(String),
+}
+
+/// Config collects every field's problem as text, reported together.
+impl From<DurationError> for String {
+    fn from(error: DurationError) -> String {
+        error.to_string()
+    }
+}
+
 /// Parses a duration made of `<number><unit>` parts, units `ms`, `s`, `m`, `h`, up to [`MAX`].
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("empty duration".into());
+        return Err(DurationError::Empty);
     }
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
-            return Err(format!("{text:?} is not a duration like 30s, 5m or 1h30m"));
+            return Err(DurationError::NotADuration(text.to_string()));
         }
-        let too_long = || format!("{text:?} is longer than the maximum of 366 days (8784h)");
+        let too_long = || DurationError::TooLong(text.to_string());
         let number: u64 = rest[..digits].parse().map_err(|_| too_long())?;
         rest = &rest[digits..];
         let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
@@ -28,7 +48,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "s" => Some(Duration::from_secs(number)),
             "m" => number.checked_mul(60).map(Duration::from_secs),
             "h" => number.checked_mul(3600).map(Duration::from_secs),
-            _ => return Err(format!("{text:?} needs a unit: ms, s, m or h")),
+            _ => return Err(DurationError::NoUnit(text.to_string())),
         };
         total = part
             .and_then(|part| total.checked_add(part))
@@ -71,7 +91,11 @@ mod tests {
             "8784h8784h",
         ] {
             let err = parse(text).unwrap_err();
-            assert!(err.contains("maximum of 366 days"), "{text}: {err}");
+            assert!(matches!(err, DurationError::TooLong(_)), "{text}: {err}");
+            assert!(
+                err.to_string().contains("maximum of 366 days"),
+                "{text}: {err}"
+            );
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line (`rotate`, `check`, `serve`, `history`, `recover`, `migrate`,
-//!   `rbac`) and its exit codes.
+//!   `rbac`).
+//! - [`exit`]: the process exit codes, shared by the command line and the run report.
 //! - [`config`]: the TOML schema, validation and credential references.
 //! - [`password`]: password generation under a policy.
 //! - [`secret`]: the unprintable string type every credential lives in.
@@ -16,6 +17,7 @@
 //!   Redis, ClickHouse).
 //! - [`store`]: the [`store::Store`] trait and one file per place credentials are published.
 //! - [`consumer`]: the [`consumer::Consumer`] trait: Deployments, StatefulSets, commands.
+//! - [`kube_api`]: Kubernetes API error text, conflict detection, the compare-and-swap retry.
 //! - [`server`]: `serve`: scheduler, HTTP API, auth, metrics.
 //! - [`schedule`]: 5-field cron schedules in UTC.
 //! - [`duration`]: `30s`/`5m` durations in config.
@@ -31,8 +33,10 @@ pub mod config;
 pub mod consumer;
 pub mod duration;
 pub mod engine;
+pub mod exit;
 pub mod failpoint;
 pub mod journal;
+pub mod kube_api;
 pub mod password;
 pub mod rbac;
 pub mod resolve;

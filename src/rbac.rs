@@ -135,6 +135,13 @@ fn role(out: &mut String, name: &str, ns: &str, objects: &BTreeMap<Object, BTree
     }
 }
 
+/// Why no Role can be rendered without more input.
+#[derive(Debug, thiserror::Error)]
+pub enum RbacError {
+    #[error("--namespace is required: the config touches namespaces {} and the ServiceAccount lives in one of them (or another)", .0.join(", "))]
+    NamespaceRequired(Vec<String>),
+}
+
 /// The Role and RoleBinding for every namespace the config touches, as YAML documents.
 /// `account_namespace` is where the rotator's ServiceAccount lives; without it, the one
 /// namespace the config touches. `Err` names what is missing.
@@ -142,16 +149,15 @@ pub fn render(
     config: &Config,
     service_account: &str,
     account_namespace: Option<&str>,
-) -> Result<String, String> {
+) -> Result<String, RbacError> {
     let needed = needed(config);
     let account_namespace = match (account_namespace, needed.len()) {
         (Some(ns), _) => ns.to_string(),
         (None, 1) => needed.keys().next().expect("one namespace").clone(),
         (None, 0) => String::new(),
         (None, _) => {
-            return Err(format!(
-                "--namespace is required: the config touches namespaces {} and the ServiceAccount lives in one of them (or another)",
-                needed.keys().cloned().collect::<Vec<_>>().join(", ")
+            return Err(RbacError::NamespaceRequired(
+                needed.keys().cloned().collect(),
             ))
         }
     };

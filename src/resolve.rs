@@ -4,8 +4,8 @@ use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kube::api::Api;
 
 use crate::config::Reference;
+use crate::kube_api::describe_kube_error;
 use crate::secret::Secret;
-use crate::store::kubernetes::describe_kube_error;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{field} = {reference}: {message}")]

@@ -22,8 +22,42 @@ thread_local! {
     static PARSED: RefCell<HashMap<String, Schedule>> = RefCell::new(HashMap::new());
 }
 
+/// Why a schedule is refused; each names the expression it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("{expression:?} is not a 5-field cron expression (minute hour day-of-month month day-of-week)")]
+    FieldCount { expression: String },
+    #[error("{expression:?}: {source}")]
+    Weekday {
+        expression: String,
+        #[source]
+        source: WeekdayError,
+    },
+    #[error("{expression:?} is not a valid cron expression: {source}")]
+    Cron {
+        expression: String,
+        #[source]
+        source: cron::error::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeekdayError {
+    #[error("day-of-week {0} is not 0-7")]
+    OutOfRange(String),
+    #[error("day-of-week {0:?} is not a number or a name")]
+    NotANumber(String),
+}
+
+/// Config collects every field's problem as text, reported together.
+impl From<ScheduleError> for String {
+    fn from(error: ScheduleError) -> String {
+        error.to_string()
+    }
+}
+
 impl Schedule {
-    pub fn parse(expression: &str) -> Result<Schedule, String> {
+    pub fn parse(expression: &str) -> Result<Schedule, ScheduleError> {
         if let Some(known) = PARSED.with(|parsed| parsed.borrow().get(expression).cloned()) {
             return Ok(known);
         }
@@ -36,25 +70,30 @@ impl Schedule {
         Ok(schedule)
     }
 
-    fn parse_new(expression: &str) -> Result<Schedule, String> {
+    fn parse_new(expression: &str) -> Result<Schedule, ScheduleError> {
         let mut fields: Vec<&str> = expression.split_whitespace().collect();
         let seconds = match fields.len() {
             5 => "0",
             6 => fields.remove(0),
             _ => {
-                return Err(format!(
-                    "{expression:?} is not a 5-field cron expression (minute hour day-of-month month day-of-week)"
-                ))
+                return Err(ScheduleError::FieldCount {
+                    expression: expression.to_string(),
+                })
             }
         };
-        let weekday = crontab_weekdays(fields[4]).map_err(|m| format!("{expression:?}: {m}"))?;
+        let weekday = crontab_weekdays(fields[4]).map_err(|source| ScheduleError::Weekday {
+            expression: expression.to_string(),
+            source,
+        })?;
         // The cron crate wants seconds first and numbers weekdays 1 (Sunday) to 7.
         let text = format!(
             "{seconds} {} {} {} {} {weekday}",
             fields[0], fields[1], fields[2], fields[3]
         );
-        let cron = cron::Schedule::from_str(&text)
-            .map_err(|e| format!("{expression:?} is not a valid cron expression: {e}"))?;
+        let cron = cron::Schedule::from_str(&text).map_err(|source| ScheduleError::Cron {
+            expression: expression.to_string(),
+            source,
+        })?;
         Ok(Schedule {
             expression: expression.into(),
             cron: Arc::new(cron),
@@ -86,12 +125,12 @@ impl Schedule {
 }
 
 /// Crontab numbers weekdays 0-7 with 0 and 7 both Sunday; names pass through.
-fn crontab_weekdays(field: &str) -> Result<String, String> {
-    let translate = |n: &str| -> Result<u32, String> {
+fn crontab_weekdays(field: &str) -> Result<String, WeekdayError> {
+    let translate = |n: &str| -> Result<u32, WeekdayError> {
         match n.parse::<u32>() {
             Ok(d @ 0..=7) => Ok(d % 7 + 1),
-            Ok(_) => Err(format!("day-of-week {n} is not 0-7")),
-            Err(_) => Err(format!("day-of-week {n:?} is not a number or a name")),
+            Ok(_) => Err(WeekdayError::OutOfRange(n.to_string())),
+            Err(_) => Err(WeekdayError::NotANumber(n.to_string())),
         }
     };
     let is_number = |s: &str| s.chars().all(|c| c.is_ascii_digit());

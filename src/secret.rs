@@ -48,6 +48,63 @@ impl From<&str> for Secret {
     }
 }
 
+/// A message from a server or library that may echo a credential (Redis repeats ACL rules,
+/// ClickHouse the statement): every given secret and every run of 64 or more hex digits (a
+/// password hash) is replaced before the text is kept. The only constructor scrubs, so a
+/// `Redacted` in an error type shows the message was scrubbed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redacted(String);
+
+impl Redacted {
+    /// Scrubs `message` of `secrets` and of anything that looks like a password hash.
+    pub fn new(message: impl fmt::Display, secrets: &[&Secret]) -> Self {
+        let mut out = message.to_string();
+        for secret in secrets {
+            if !secret.is_empty() {
+                out = out.replace(secret.expose(), "***");
+            }
+        }
+        let mut result = String::with_capacity(out.len());
+        let mut run = String::new();
+        for c in out.chars() {
+            if c.is_ascii_hexdigit() {
+                run.push(c);
+                continue;
+            }
+            result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
+            run.clear();
+            result.push(c);
+        }
+        result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
+        Redacted(result)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
+
+/// Our own messages, which name no credential; still scrubbed of hash-like runs.
+impl From<&str> for Redacted {
+    fn from(message: &str) -> Self {
+        Redacted::new(message, &[])
+    }
+}
+
+impl From<String> for Redacted {
+    fn from(message: String) -> Self {
+        Redacted::new(message, &[])
+    }
+}
+
 /// A login: the user name is not secret, the password is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credential {
@@ -68,6 +125,18 @@ mod tests {
             password: secret,
         };
         assert!(!format!("{cred:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn redacted_scrubs_given_secrets_and_hashes() {
+        let hash = "a".repeat(64);
+        let message = format!("ERR Error in ACL SETUSER modifier '>hunter2' #{hash} short cafe");
+        let redacted = Redacted::new(&message, &[&Secret::new("hunter2")]);
+        assert_eq!(
+            redacted.to_string(),
+            "ERR Error in ACL SETUSER modifier '>***' #<hash> short cafe"
+        );
+        assert!(!format!("{redacted:?}").contains("hunter2"));
     }
 }
 

@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use super::{redact, Backend, BackendError};
+use super::{Backend, BackendError};
 use crate::config::{ClickHouseMode, Strategy, Target};
-use crate::secret::{Credential, Secret};
+use crate::secret::{Credential, Redacted, Secret};
 
 /// A query that has not answered by then is treated as failed rather than hanging the run.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -30,7 +30,7 @@ const READONLY_STORAGE: u32 = 495;
 
 pub struct ClickHouse {
     base_url: String,
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, HttpClientError>,
     admin_user: String,
     admin_password: Secret,
     strategy: Strategy,
@@ -45,7 +45,7 @@ pub struct ClickHouse {
 /// A failed HTTP query: ClickHouse's error code when it gave one, and its message.
 struct QueryError {
     code: Option<u32>,
-    message: String,
+    message: Redacted,
 }
 
 /// Which change an `ALTER USER` makes.
@@ -298,18 +298,85 @@ fn strip_comments(text: &str) -> String {
     out
 }
 
+/// Why the users config files do not allow the users_xml mode. Paths and user names only: a
+/// file's contents (password hashes) are never quoted.
+#[derive(Debug, thiserror::Error)]
+enum UsersFileError {
+    #[error("strategy \"alternating\" compares the two users' definitions in {}, which is not \
+             readable: the users.d directory must sit beside the server's users.xml", .0.display())]
+    NoUsersXml(PathBuf),
+    #[error("cannot list {}: {source}", .path.display())]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("user {0:?} is not defined in {1}: define both users of the pair")]
+    Undefined(String, String),
+    #[error("users {a:?} and {b:?} differ in {differing} ({files}): give both the same definition but the password")]
+    Differ {
+        a: String,
+        b: String,
+        differing: String,
+        files: String,
+    },
+    #[error("users_xml.path: directory {} is not usable: {source}", .path.display())]
+    DirectoryUnusable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("users_xml.path: {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("users_xml.path: {} exists and was not written by the rotator; point it at a file of its own in users.d", .0.display())]
+    NotOurs(PathBuf),
+    #[error("users_xml.path: cannot write in {}: {source}", .path.display())]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("users_xml.path: cannot read {}: {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why the HTTP client cannot be built (a `ca_file` problem, usually).
+#[derive(Debug, thiserror::Error)]
+enum HttpClientError {
+    #[error("cannot read ca_file {}: {source}", .path.display())]
+    ReadCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ca_file {}: {source}", .path.display())]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{0}")]
+    Build(#[source] reqwest::Error),
+}
+
 /// The users config files that define users, in the order the server merges them: the main
 /// `users.xml` beside the users.d directory, then the other files in users.d and conf.d. The
 /// rotator's own file holds only passwords, which are not compared.
-fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
+fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, UsersFileError> {
     let users_d = own.parent().unwrap_or(Path::new("."));
     let main = users_d.parent().unwrap_or(Path::new(".")).join("users.xml");
     if !main.is_file() {
-        return Err(format!(
-            "strategy \"alternating\" compares the two users' definitions in {}, which is not \
-             readable: the users.d directory must sit beside the server's users.xml",
-            main.display()
-        ));
+        return Err(UsersFileError::NoUsersXml(main));
     }
     // The server merges users.d and conf.d beside users.xml (ConfigProcessor.cpp
     // `getConfigMergeFiles`); a directory that is absent adds nothing.
@@ -322,7 +389,7 @@ fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
                     .filter(|p| p.extension().is_some_and(|x| x == "xml") && p != own),
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != users_d => {}
-            Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+            Err(source) => return Err(UsersFileError::List { path: dir, source }),
         }
     }
     others.sort();
@@ -331,12 +398,14 @@ fn users_config_files(own: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// Both users of an alternating pair exist and are defined alike (profile, quota, networks,
 /// databases, grants...) but for the password, so either can serve the workload.
-fn check_pair_alike(own: &Path, a: &str, b: &str) -> Result<(), String> {
+fn check_pair_alike(own: &Path, a: &str, b: &str) -> Result<(), UsersFileError> {
     let files = users_config_files(own)?;
     let mut definitions = [(a, None), (b, None)];
     for file in &files {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let text = std::fs::read_to_string(file).map_err(|source| UsersFileError::Read {
+            path: file.clone(),
+            source,
+        })?;
         for (user, merged) in definitions.iter_mut() {
             if let Some(children) = user_definition(&text, user) {
                 merged.get_or_insert_with(BTreeMap::new).extend(children);
@@ -354,10 +423,7 @@ fn check_pair_alike(own: &Path, a: &str, b: &str) -> Result<(), String> {
             .filter(|(_, d)| d.is_none())
             .map(|(u, _)| *u)
             .collect();
-        return Err(format!(
-            "user {:?} is not defined in {names}: define both users of the pair",
-            missing.join("\", \"")
-        ));
+        return Err(UsersFileError::Undefined(missing.join("\", \""), names));
     };
     let differing: Vec<&str> = first
         .keys()
@@ -370,10 +436,12 @@ fn check_pair_alike(own: &Path, a: &str, b: &str) -> Result<(), String> {
     if differing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "users {a:?} and {b:?} differ in {} ({names}): give both the same definition but the password",
-            differing.join(", ")
-        ))
+        Err(UsersFileError::Differ {
+            a: a.to_string(),
+            b: b.to_string(),
+            differing: differing.join(", "),
+            files: names,
+        })
     }
 }
 
@@ -457,9 +525,9 @@ impl ClickHouse {
     }
 
     fn http(&self) -> Result<&reqwest::Client, QueryError> {
-        self.http.as_ref().map_err(|message| QueryError {
+        self.http.as_ref().map_err(|error| QueryError {
             code: None,
-            message: message.clone(),
+            message: error.to_string().into(),
         })
     }
 
@@ -478,7 +546,7 @@ impl ClickHouse {
             .body(sql.expose().to_string());
         let response = request.send().await.map_err(|e| QueryError {
             code: None,
-            message: e.without_url().to_string(),
+            message: Redacted::new(e.without_url(), &[password]),
         })?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
@@ -486,11 +554,11 @@ impl ClickHouse {
             return Ok(body);
         }
         // The server may echo the statement (hash and all) or the user's input: keep neither.
-        let message = redact(body.lines().next().unwrap_or(""), &[password]);
-        let message: String = message.chars().take(300).collect();
+        let message = Redacted::new(body.lines().next().unwrap_or(""), &[password]);
+        let message: String = message.as_str().chars().take(300).collect();
         Err(QueryError {
             code: error_code(&body),
-            message: format!("HTTP {status}: {message}"),
+            message: format!("HTTP {status}: {message}").into(),
         })
     }
 
@@ -509,6 +577,7 @@ impl ClickHouse {
                  rotate a SQL-managed user, or use mode = \"users_xml\")",
                 e.message
             )
+            .into()
         } else {
             e.message
         };
@@ -598,10 +667,12 @@ impl ClickHouse {
         let change = |cause: String| BackendError::Change {
             backend: self.describe(),
             user: credential.user.clone(),
-            cause,
+            cause: cause.into(),
         };
         let contents = if self.strategy == Strategy::Alternating {
-            self.pair_file(path, credential).await.map_err(change)?
+            self.pair_file(path, credential)
+                .await
+                .map_err(|e| change(e.to_string()))?
         } else {
             users_xml(&credential.user, &credential.password)
         };
@@ -688,11 +759,20 @@ impl ClickHouse {
 
     /// The pair's file with `credential` for its user: the other user's entry is kept as the
     /// file has it (absent before the first rotation: users.xml defines its password then).
-    async fn pair_file(&self, path: &Path, credential: &Credential) -> Result<Secret, String> {
+    async fn pair_file(
+        &self,
+        path: &Path,
+        credential: &Credential,
+    ) -> Result<Secret, UsersFileError> {
         let existing = match tokio::fs::read_to_string(path).await {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => {
+                return Err(UsersFileError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
         let mut entries = Vec::new();
         for user in &self.users {
@@ -706,20 +786,25 @@ impl ClickHouse {
     }
 }
 
-fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
+fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, HttpClientError> {
     let mut builder = reqwest::Client::builder()
         .timeout(TIMEOUT)
         .connect_timeout(TIMEOUT)
         // A fresh connection per login, so a login proves what a new pod would see.
         .pool_max_idle_per_host(0);
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|source| HttpClientError::ReadCa {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cert =
+            reqwest::Certificate::from_pem(&pem).map_err(|source| HttpClientError::BadCa {
+                path: path.to_path_buf(),
+                source,
+            })?;
         builder = builder.add_root_certificate(cert);
     }
-    builder.build().map_err(|e| e.to_string())
+    builder.build().map_err(HttpClientError::Build)
 }
 
 #[async_trait]
@@ -733,7 +818,7 @@ impl Backend for ClickHouse {
     }
 
     async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
-        let fail = |cause: String| BackendError::Login {
+        let fail = |cause: Redacted| BackendError::Login {
             backend: self.describe(),
             user: credential.user.clone(),
             cause,
@@ -747,17 +832,20 @@ impl Backend for ClickHouse {
         let response = request
             .send()
             .await
-            .map_err(|e| fail(e.without_url().to_string()))?;
+            .map_err(|e| fail(Redacted::new(e.without_url(), &[&credential.password])))?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         if status.is_success() && body.trim() == "1" {
             return Ok(());
         }
-        let first = redact(body.lines().next().unwrap_or(""), &[&credential.password]);
-        Err(fail(format!(
-            "HTTP {status}: {}",
-            first.chars().take(300).collect::<String>()
-        )))
+        let first = Redacted::new(body.lines().next().unwrap_or(""), &[&credential.password]);
+        Err(fail(
+            format!(
+                "HTTP {status}: {}",
+                first.as_str().chars().take(300).collect::<String>()
+            )
+            .into(),
+        ))
     }
 
     fn next_user(&self, current: &Credential) -> String {
@@ -791,13 +879,15 @@ impl Backend for ClickHouse {
                         "user {bad:?} cannot be written as a users.xml element; use mode = \"sql\""
                     )));
                 }
-                check_owned_file(path).await.map_err(setup)?;
+                check_owned_file(path)
+                    .await
+                    .map_err(|e| setup(e.to_string()))?;
                 if let [a, b] = users.as_slice() {
                     let (path, a, b) = (path.clone(), a.clone(), b.clone());
                     tokio::task::spawn_blocking(move || check_pair_alike(&path, &a, &b))
                         .await
                         .map_err(|e| setup(e.to_string()))?
-                        .map_err(setup)?;
+                        .map_err(|e| setup(e.to_string()))?;
                 }
                 Ok(())
             }
@@ -888,35 +978,32 @@ impl Backend for ClickHouse {
 
 /// The users.d file must be ours to replace: its directory writable, and any file already
 /// there written by the rotator.
-async fn check_owned_file(path: &Path) -> Result<(), String> {
+async fn check_owned_file(path: &Path) -> Result<(), UsersFileError> {
     let dir: PathBuf = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let meta = tokio::fs::metadata(&dir).await.map_err(|e| {
-        format!(
-            "users_xml.path: directory {} is not usable: {e}",
-            dir.display()
-        )
-    })?;
+    let meta = match tokio::fs::metadata(&dir).await {
+        Ok(meta) => meta,
+        Err(source) => return Err(UsersFileError::DirectoryUnusable { path: dir, source }),
+    };
     if !meta.is_dir() {
-        return Err(format!(
-            "users_xml.path: {} is not a directory",
-            dir.display()
-        ));
+        return Err(UsersFileError::NotADirectory(dir));
     }
     match tokio::fs::read_to_string(path).await {
-        Ok(text) if !text.contains("Written by llmtrace-rotator") => Err(format!(
-            "users_xml.path: {} exists and was not written by the rotator; point it at a file of its own in users.d",
-            path.display()
-        )),
+        Ok(text) if !text.contains("Written by llmtrace-rotator") => {
+            Err(UsersFileError::NotOurs(path.to_path_buf()))
+        }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let probe = dir.join(".llmtrace-rotator-probe");
-            tokio::fs::write(&probe, b"")
-                .await
-                .map_err(|e| format!("users_xml.path: cannot write in {}: {e}", dir.display()))?;
+            if let Err(source) = tokio::fs::write(&probe, b"").await {
+                return Err(UsersFileError::NotWritable { path: dir, source });
+            }
             let _ = tokio::fs::remove_file(&probe).await;
             Ok(())
         }
-        Err(e) => Err(format!("users_xml.path: cannot read {}: {e}", path.display())),
+        Err(source) => Err(UsersFileError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 

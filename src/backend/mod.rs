@@ -8,7 +8,7 @@ pub mod scram;
 use async_trait::async_trait;
 
 use crate::config::{BackendKind, Strategy, Target};
-use crate::secret::{Credential, Secret};
+use crate::secret::{Credential, Redacted, Secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -16,13 +16,13 @@ pub enum BackendError {
     Login {
         backend: String,
         user: String,
-        cause: String,
+        cause: Redacted,
     },
     #[error("cannot connect to {backend} as admin user {user}: {cause}")]
     Admin {
         backend: String,
         user: String,
-        cause: String,
+        cause: Redacted,
     },
     #[error("{backend}: {message}")]
     Setup { backend: String, message: String },
@@ -30,7 +30,7 @@ pub enum BackendError {
     Change {
         backend: String,
         user: String,
-        cause: String,
+        cause: Redacted,
     },
 }
 
@@ -140,28 +140,4 @@ pub fn for_target(
         BackendKind::Redis => Box::new(redis::Redis::new(target, admin_password)),
         BackendKind::ClickHouse => Box::new(clickhouse::ClickHouse::new(target, admin_password)),
     }
-}
-
-/// Replaces every 64-hex-digit run (a password hash Redis may echo in an error) and every
-/// given secret in a server message.
-pub(crate) fn redact(message: &str, secrets: &[&Secret]) -> String {
-    let mut out = message.to_string();
-    for secret in secrets {
-        if !secret.is_empty() {
-            out = out.replace(secret.expose(), "***");
-        }
-    }
-    let mut result = String::with_capacity(out.len());
-    let mut run = String::new();
-    for c in out.chars() {
-        if c.is_ascii_hexdigit() {
-            run.push(c);
-            continue;
-        }
-        result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
-        run.clear();
-        result.push(c);
-    }
-    result.push_str(if run.len() >= 64 { "<hash>" } else { &run });
-    result
 }

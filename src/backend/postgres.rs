@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::{scram, Backend, BackendError};
 use crate::config::{SslMode, Strategy, Target};
-use crate::secret::{Credential, Secret};
+use crate::secret::{Credential, Redacted, Secret};
 
 /// A login that has not answered by then is treated as failed rather than hanging the run.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -150,12 +150,12 @@ impl Postgres {
         options.disable_statement_logging()
     }
 
-    async fn connect(&self, user: &str, password: &Secret) -> Result<PgConnection, String> {
+    async fn connect(&self, user: &str, password: &Secret) -> Result<PgConnection, Redacted> {
         let options = self.options(user, password);
         match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
+            Ok(Err(e)) => Err(Redacted::new(e, &[password])),
+            Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()).into()),
         }
     }
 
@@ -237,7 +237,7 @@ impl Postgres {
         result.map(|_| ()).map_err(|e| BackendError::Change {
             backend: self.describe(),
             user: credential.user.clone(),
-            cause: e.to_string(),
+            cause: Redacted::new(e, &[&verifier]),
         })
     }
 }
@@ -250,7 +250,7 @@ impl Postgres {
         let admin_error = |e: sqlx::Error| BackendError::Admin {
             backend: self.describe(),
             user: self.admin_user.clone(),
-            cause: e.to_string(),
+            cause: Redacted::new(e, &[]),
         };
         let setup = |message: String| BackendError::Setup {
             backend: self.describe(),
@@ -398,7 +398,7 @@ impl Backend for Postgres {
         .map_err(|e| BackendError::Admin {
             backend: self.describe(),
             user: self.admin_user.clone(),
-            cause: e.to_string(),
+            cause: Redacted::new(e, &[]),
         })?;
         drop(admin);
         let setup = |message: String| BackendError::Setup {

@@ -21,9 +21,9 @@ use ::redis::{
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{redact, Backend, BackendError};
+use super::{Backend, BackendError};
 use crate::config::{Strategy, Target};
-use crate::secret::{Credential, Secret};
+use crate::secret::{Credential, Redacted, Secret};
 
 /// A login or command that has not answered by then is treated as failed rather than hanging the run.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -253,7 +253,8 @@ impl Redis {
         (host, port): (&str, u16),
         user: &str,
         password: &Secret,
-    ) -> Result<MultiplexedConnection, String> {
+    ) -> Result<MultiplexedConnection, Redacted> {
+        let scrub = |e: ::redis::RedisError| Redacted::new(e, &[password]);
         let addr = if self.tls {
             ConnectionAddr::TcpTls {
                 host: host.to_string(),
@@ -274,15 +275,13 @@ impl Redis {
         };
         let info = addr
             .into_connection_info()
-            .map_err(|e| e.to_string())?
+            .map_err(scrub)?
             .set_redis_settings(settings);
         let client = if self.tls {
             let root_cert = match &self.ca_file {
-                Some(path) => Some(
-                    tokio::fs::read(path)
-                        .await
-                        .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?,
-                ),
+                Some(path) => Some(tokio::fs::read(path).await.map_err(|e| {
+                    Redacted::new(format!("cannot read ca_file {}: {e}", path.display()), &[])
+                })?),
                 None => None,
             };
             Client::build_with_tls(
@@ -295,14 +294,14 @@ impl Redis {
         } else {
             Client::open(info)
         }
-        .map_err(|e| redact(&e.to_string(), &[password]))?;
+        .map_err(scrub)?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
         client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| redact(&e.to_string(), &[password]))
+            .map_err(scrub)
     }
 
     /// The master and the replicas to change: as configured, or as the Sentinel reports them
@@ -315,10 +314,11 @@ impl Redis {
                 replicas: self.replicas.clone(),
             });
         };
-        let fail = |cause: String| BackendError::Setup {
+        let fail = |cause: Redacted| BackendError::Setup {
             backend: self.describe(),
             message: format!("cannot ask the sentinel for master {name:?}: {cause}"),
         };
+        let ours = |message: String| fail(Redacted::new(message, &[]));
         let mut conn = self
             .sentinel_connection((host, *port))
             .await
@@ -328,21 +328,21 @@ impl Redis {
             .arg(name)
             .query_async(&mut conn)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(Redacted::new(e, &[])))?;
         let master = match strings(&master).as_slice() {
             [ip, port] => (
                 ip.clone(),
                 port.parse()
-                    .map_err(|_| fail(format!("bad master port {port:?}")))?,
+                    .map_err(|_| ours(format!("bad master port {port:?}")))?,
             ),
-            _ => return Err(fail("the sentinel does not monitor that master".into())),
+            _ => return Err(ours("the sentinel does not monitor that master".into())),
         };
         let listed: Value = ::redis::cmd("SENTINEL")
             .arg("REPLICAS")
             .arg(name)
             .query_async(&mut conn)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(Redacted::new(e, &[])))?;
         let mut replicas = Vec::new();
         let entries = match listed {
             Value::Array(items) | Value::Set(items) => items,
@@ -385,7 +385,7 @@ impl Redis {
     async fn sentinel_connection(
         &self,
         node: (&str, u16),
-    ) -> Result<MultiplexedConnection, String> {
+    ) -> Result<MultiplexedConnection, Redacted> {
         match self
             .connect(node, &self.admin_user, &self.admin_password)
             .await
@@ -432,13 +432,13 @@ impl Redis {
         &self,
         conn: &mut MultiplexedConnection,
         user: &str,
-    ) -> Result<Option<AclUser>, String> {
+    ) -> Result<Option<AclUser>, Redacted> {
         let value: Value = ::redis::cmd("ACL")
             .arg("GETUSER")
             .arg(user)
             .query_async(conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Redacted::new(e, &[]))?;
         Ok(acl_user(value))
     }
 
@@ -476,7 +476,7 @@ impl Redis {
         next: &Credential,
     ) -> Result<(), BackendError> {
         let user = &next.user;
-        let fail = |cause: String| BackendError::Change {
+        let fail = |cause: Redacted| BackendError::Change {
             backend: node.to_string(),
             user: user.clone(),
             cause,
@@ -484,13 +484,13 @@ impl Redis {
         let mut conn = self.admin(address, &[current, next]).await?;
         let held = match self.get_user(&mut conn, user).await.map_err(fail)? {
             Some(found) => found.passwords,
-            None if required => return Err(fail("the user does not exist".into())),
+            None if required => return Err(fail(Redacted::new("the user does not exist", &[]))),
             None => return Ok(()),
         };
         let old = password_hash(&current.password);
         let new = password_hash(&next.password);
         let rules = setuser_rules(self.strategy, change, &held, &old, &new)
-            .map_err(|cause| fail(cause.into()))?;
+            .map_err(|cause| fail(Redacted::new(cause, &[])))?;
         if rules.is_empty() {
             return Ok(());
         }
@@ -502,7 +502,7 @@ impl Redis {
         command
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| fail(redact(&e.to_string(), &[&old, &new])))?;
+            .map_err(|e| fail(Redacted::new(e, &[&old, &new])))?;
         self.persist_acl(&mut conn, user, node).await.map_err(fail)
     }
 
@@ -512,7 +512,7 @@ impl Redis {
         conn: &mut MultiplexedConnection,
         user: &str,
         node: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Redacted> {
         let aclfile = self.config_get(conn, "aclfile").await?;
         if !aclfile.is_empty() {
             let aclfile = aclfile.expose();
@@ -520,7 +520,7 @@ impl Redis {
                 .arg("SAVE")
                 .query_async::<()>(conn)
                 .await
-                .map_err(|e| format!("ACL SAVE to {aclfile} failed (the change is live but would be lost at restart): {e}"));
+                .map_err(|e| Redacted::new(format!("ACL SAVE to {aclfile} failed (the change is live but would be lost at restart): {e}"), &[]));
         }
         // `requirepass` is a config value that ACL SETUSER leaves stale: a rewrite would write the
         // old password back, and only `CONFIG SET requirepass` (plaintext) changes it.
@@ -540,18 +540,18 @@ impl Redis {
         &self,
         conn: &mut MultiplexedConnection,
         node: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Redacted> {
         let info: String = ::redis::cmd("INFO")
             .arg("server")
             .query_async(conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Redacted::new(e, &[]))?;
         if info_field(&info, "config_file").is_some_and(|f| !f.is_empty()) {
             return ::redis::cmd("CONFIG")
                 .arg("REWRITE")
                 .query_async::<()>(conn)
                 .await
-                .map_err(|e| format!("CONFIG REWRITE failed (the change is live but would be lost at restart): {e}"));
+                .map_err(|e| Redacted::new(format!("CONFIG REWRITE failed (the change is live but would be lost at restart): {e}"), &[]));
         }
         tracing::warn!(backend = %node, "no aclfile and no config file: the change is not persisted");
         self.note("not_persisted", format!(
@@ -565,13 +565,13 @@ impl Redis {
         &self,
         conn: &mut MultiplexedConnection,
         name: &str,
-    ) -> Result<Secret, String> {
+    ) -> Result<Secret, Redacted> {
         let value: Value = ::redis::cmd("CONFIG")
             .arg("GET")
             .arg(name)
             .query_async(conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Redacted::new(e, &[]))?;
         Ok(fields(value)
             .into_iter()
             .find(|(key, _)| key == name)
@@ -589,7 +589,7 @@ impl Redis {
     async fn follow(&self, from: &Credential, to: &Credential) -> Result<(), BackendError> {
         for (host, port) in &self.topology().await?.replicas {
             let node = format!("redis replica {host}:{port}");
-            let fail = |cause: String| BackendError::Change {
+            let fail = |cause: Redacted| BackendError::Change {
                 backend: node.clone(),
                 user: to.user.clone(),
                 cause,
@@ -613,29 +613,32 @@ impl Redis {
                 .arg(to.password.expose())
                 .query_async::<()>(&mut conn)
                 .await
-                .map_err(|e| fail(redact(&e.to_string(), &[&from.password, &to.password])))?;
+                .map_err(|e| fail(Redacted::new(e, &[&from.password, &to.password])))?;
             self.persist_config(&mut conn, &node).await.map_err(fail)?;
             self.wait_link_up(&mut conn).await.map_err(fail)?;
         }
         Ok(())
     }
 
-    async fn wait_link_up(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn wait_link_up(&self, conn: &mut MultiplexedConnection) -> Result<(), Redacted> {
         let deadline = tokio::time::Instant::now() + REPLICA_LINK_TIMEOUT;
         loop {
             let info: String = ::redis::cmd("INFO")
                 .arg("replication")
                 .query_async(conn)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Redacted::new(e, &[]))?;
             if info_field(&info, "master_link_status") == Some("up") {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "master_link_status is not up after {}s (role {})",
-                    REPLICA_LINK_TIMEOUT.as_secs(),
-                    info_field(&info, "role").unwrap_or("?")
+                return Err(Redacted::new(
+                    format!(
+                        "master_link_status is not up after {}s (role {})",
+                        REPLICA_LINK_TIMEOUT.as_secs(),
+                        info_field(&info, "role").unwrap_or("?")
+                    ),
+                    &[],
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -666,7 +669,7 @@ impl Backend for Redis {
             ::redis::cmd("PING")
                 .query_async::<()>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| Redacted::new(e, &[&credential.password]))
         };
         login.await.map_err(|cause| BackendError::Login {
             backend: self.describe(),
@@ -783,7 +786,7 @@ impl Redis {
         next: &Credential,
     ) -> Result<(), BackendError> {
         let user = &next.user;
-        let fail = |cause: String| BackendError::Change {
+        let fail = |cause: Redacted| BackendError::Change {
             backend: node.to_string(),
             user: user.clone(),
             cause,
@@ -812,7 +815,7 @@ impl Redis {
         command
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| fail(redact(&e.to_string(), &[&keep])))?;
+            .map_err(|e| fail(Redacted::new(e, &[&keep])))?;
         self.persist_acl(&mut conn, user, node).await.map_err(fail)
     }
 }
@@ -903,7 +906,7 @@ mod tests {
             hash("x").expose()
         );
         assert_eq!(
-            redact(&message, &[&Secret::new("hunter2")]),
+            Redacted::new(&message, &[&Secret::new("hunter2")]).to_string(),
             "ERR Error in ACL SETUSER modifier '#<hash>': *** nope"
         );
     }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::{Consumer, ConsumerError, POLL_INTERVAL};
 use crate::config::ConsumerKind;
-use crate::store::kubernetes::describe_kube_error;
+use crate::kube_api::describe_kube_error;
 
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 

@@ -99,6 +99,21 @@ impl ConsumerHandle {
         })
     }
 
+    /// A handle on a consumer built elsewhere: the engine's unit tests pass in-memory ones.
+    #[cfg(test)]
+    pub(crate) fn from_consumer(
+        name: &str,
+        consumer: Box<dyn Consumer>,
+        timeout: Duration,
+    ) -> Self {
+        ConsumerHandle {
+            name: name.to_string(),
+            consumer,
+            timeout,
+            health: None,
+        }
+    }
+
     pub fn describe(&self) -> String {
         self.consumer.describe()
     }

@@ -81,7 +81,7 @@ pub async fn check(deps: &Deps, names: &[String]) -> CheckReport {
                     target: target.name.clone(),
                     valid: false,
                     stores: Vec::new(),
-                    error: Some(error),
+                    error: Some(error.to_string()),
                 });
                 continue;
             }
@@ -95,7 +95,8 @@ pub async fn check(deps: &Deps, names: &[String]) -> CheckReport {
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or("the key is absent")?;
-                let credential = format::credential_from(&value, &config.format, &target.user)?;
+                let credential = format::credential_from(&value, &config.format, &target.user)
+                    .map_err(|e| e.to_string())?;
                 runtime
                     .backend
                     .login(&credential)

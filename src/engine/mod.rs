@@ -38,7 +38,9 @@ pub enum EngineError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("cannot set up the Kubernetes client: {0}")]
-    Kubernetes(String),
+    KubeConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot set up the Kubernetes client: {0}")]
+    Kubernetes(#[source] kube::Error),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error("internal error: {0}")]
@@ -50,9 +52,39 @@ impl EngineError {
         match self {
             EngineError::UnknownTarget(_) => "unknown_target",
             EngineError::Journal(e) => e.metric_label(),
-            EngineError::Kubernetes(_) => "kubernetes",
+            EngineError::KubeConfig(_) | EngineError::Kubernetes(_) => "kubernetes",
             EngineError::Resolve(_) => "reference",
             EngineError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Why a target's or consumer's live parts could not be built from the config; each cause is
+/// kept, with its own failure label.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A credential reference (the admin password) could not be read.
+    #[error(transparent)]
+    Reference(#[from] ResolveError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("target {target:?} sync: no Kubernetes client could be configured")]
+    SyncWithoutKubernetes { target: String },
+    #[error("consumer {0:?} is no longer in the config")]
+    UnknownConsumer(String),
+    #[error(transparent)]
+    Consumer(#[from] crate::consumer::ConsumerError),
+}
+
+impl RuntimeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            RuntimeError::Reference(_) => "reference",
+            RuntimeError::Store(e) => e.metric_label(),
+            RuntimeError::SyncWithoutKubernetes { .. } | RuntimeError::UnknownConsumer(_) => {
+                "config"
+            }
+            RuntimeError::Consumer(e) => e.metric_label(),
         }
     }
 }
@@ -92,7 +124,8 @@ step_error_from!(
     crate::backend::BackendError,
     crate::store::StoreError,
     crate::consumer::ConsumerError,
-    EngineError
+    EngineError,
+    RuntimeError
 );
 
 /// What every step needs that does not depend on the journal: the config and the clients.
@@ -109,16 +142,13 @@ impl Deps {
         let kube = if config.uses_kubernetes() {
             let mut settings = kube::Config::infer()
                 .await
-                .map_err(|e| EngineError::Kubernetes(e.to_string()))?;
+                .map_err(EngineError::KubeConfig)?;
             // A stalled API server fails the step instead of holding the run (and SIGTERM).
             let timeout = Some(config.rotator.kubernetes_timeout);
             settings.connect_timeout = timeout;
             settings.read_timeout = timeout;
             settings.write_timeout = timeout;
-            Some(
-                kube::Client::try_from(settings)
-                    .map_err(|e| EngineError::Kubernetes(e.to_string()))?,
-            )
+            Some(kube::Client::try_from(settings).map_err(EngineError::Kubernetes)?)
         } else {
             None
         };
@@ -137,20 +167,17 @@ impl Deps {
     pub async fn target_runtime<'a>(
         &self,
         target: &'a Target,
-    ) -> Result<TargetRuntime<'a>, String> {
+    ) -> Result<TargetRuntime<'a>, RuntimeError> {
         let field = format!("target {:?} admin.password", target.name);
         let admin_password = match &target.admin_password {
-            Some(reference) => resolve(reference, &field, self.kube.as_ref())
-                .await
-                .map_err(|e| e.to_string())?,
+            Some(reference) => resolve(reference, &field, self.kube.as_ref()).await?,
             None => crate::secret::Secret::new(""),
         };
         let stores = target
             .stores
             .iter()
             .map(|s| store::for_config(s, self.kube.as_ref()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, _>>()?;
         let syncs = match (&self.kube, target.sync.is_empty()) {
             (_, true) => Vec::new(),
             (Some(client), false) => target
@@ -159,10 +186,9 @@ impl Deps {
                 .map(|s| ExternalSecretSync::new(client.clone(), s))
                 .collect(),
             (None, false) => {
-                return Err(format!(
-                    "target {:?} sync: no Kubernetes client could be configured",
-                    target.name
-                ))
+                return Err(RuntimeError::SyncWithoutKubernetes {
+                    target: target.name.clone(),
+                })
             }
         };
         Ok(TargetRuntime {
@@ -173,12 +199,12 @@ impl Deps {
         })
     }
 
-    pub fn consumer(&self, name: &str) -> Result<ConsumerHandle, String> {
+    pub fn consumer(&self, name: &str) -> Result<ConsumerHandle, RuntimeError> {
         let config = self
             .config
             .consumer(name)
-            .ok_or_else(|| format!("consumer {name:?} is no longer in the config"))?;
-        ConsumerHandle::new(config, self.kube.as_ref()).map_err(|e| e.to_string())
+            .ok_or_else(|| RuntimeError::UnknownConsumer(name.to_string()))?;
+        Ok(ConsumerHandle::new(config, self.kube.as_ref())?)
     }
 }
 
@@ -217,5 +243,115 @@ impl Engine {
         .await?;
         let journal = Journal::open(&url, &key).await?;
         Ok(Engine { deps, journal })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// Deps without a Kubernetes client, whatever the config asks for; `target` ends target t.
+    fn deps(admin_password: &str, target: &str) -> Deps {
+        let text = format!(
+            r#"
+[rotator]
+journal = "sqlite://unused.db"
+journal_key = "literal:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+[[target]]
+name = "t"
+kind = "redis"
+address = "127.0.0.1:1"
+user = "app"
+admin = {{ user = "admin", password = "{admin_password}" }}
+{target}
+"#
+        );
+        Deps {
+            config: Config::parse(&text, std::path::Path::new(".")).expect("config parses"),
+            kube: None,
+            admin_sessions: Arc::new(backend::postgres::AdminPool::new(1)),
+        }
+    }
+
+    const FILE_STORE: &str = r#"
+  [[target.store]]
+  kind = "file"
+  path = "unused.env"
+  key = "URL"
+  format = "url""#;
+
+    #[tokio::test]
+    async fn an_unreadable_admin_password_is_a_reference_error_with_its_cause() {
+        let deps = deps("file:/nonexistent/admin-password", FILE_STORE);
+        let error = match deps.target_runtime(&deps.config.targets[0]).await {
+            Err(error) => error,
+            Ok(_) => panic!("the admin password cannot be read"),
+        };
+        assert!(matches!(error, RuntimeError::Reference(_)), "{error:?}");
+        assert_eq!(error.metric_label(), "reference");
+        assert!(error.to_string().contains("admin.password"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_be_built_keeps_the_store_error_and_its_label() {
+        let deps = deps(
+            "literal:admin",
+            r#"
+  [[target.store]]
+  kind = "kubernetes"
+  namespace = "llmtrace"
+  secret = "llmtrace"
+  key = "URL"
+  format = "url""#,
+        );
+        let error = match deps.target_runtime(&deps.config.targets[0]).await {
+            Err(error) => error,
+            Ok(_) => panic!("no Kubernetes client"),
+        };
+        // Labelled by its cause, no longer relabelled "reference".
+        assert!(matches!(error, RuntimeError::Store(_)), "{error:?}");
+        assert_eq!(error.metric_label(), "store_unavailable");
+        assert_eq!(
+            StepError::from(error).to_string(),
+            "kubernetes secret llmtrace/llmtrace#URL: no Kubernetes client could be configured"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sync_without_kubernetes_is_a_config_error() {
+        let deps = deps(
+            "literal:admin",
+            &format!(
+                r#"sync = [{{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "URL", format = "url" }}]
+{FILE_STORE}"#
+            ),
+        );
+        let error = match deps.target_runtime(&deps.config.targets[0]).await {
+            Err(error) => error,
+            Ok(_) => panic!("no Kubernetes client"),
+        };
+        assert_eq!(error.metric_label(), "config");
+        assert_eq!(
+            error.to_string(),
+            "target \"t\" sync: no Kubernetes client could be configured"
+        );
+        assert!(error.source().is_none());
+    }
+
+    #[test]
+    fn an_unknown_consumer_names_it() {
+        let deps = deps("literal:admin", FILE_STORE);
+        let error = match deps.consumer("gone") {
+            Err(error) => error,
+            Ok(_) => panic!("not in the config"),
+        };
+        assert_eq!(error.metric_label(), "config");
+        assert_eq!(
+            error.to_string(),
+            "consumer \"gone\" is no longer in the config"
+        );
     }
 }

@@ -130,7 +130,7 @@ pub async fn dry_run<'a>(deps: &Deps, plan: &'a Plan) -> DryRun<'a> {
     for name in &plan.consumers {
         let result = match deps.consumer(name) {
             Ok(handle) => handle.preflight().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         results.push(PreflightResult {
             subject: format!("consumer/{name}"),

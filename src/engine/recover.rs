@@ -60,9 +60,9 @@ async fn recover_one(
         return Ok(None);
     }
     let state =
-        RunState::assemble(&run.state, &run.parts).map_err(|message| JournalError::State {
+        RunState::assemble(&run.state, &run.parts).map_err(|source| JournalError::State {
             run: run.id.clone(),
-            message,
+            source,
         })?;
     let owner = super::run::new_owner();
     engine.journal.claim(&run.id, &owner).await?;
@@ -92,7 +92,7 @@ async fn recover_run(
     let mut targets = Vec::new();
     for target in &state.targets {
         let runtime = match deps.config.target(&target.name) {
-            Some(config) => deps.target_runtime(config).await,
+            Some(config) => deps.target_runtime(config).await.map_err(|e| e.to_string()),
             None => Err(format!(
                 "target {:?} is not in the config any more",
                 target.name
@@ -109,7 +109,11 @@ async fn recover_run(
     let consumers = state
         .consumers
         .iter()
-        .map(|c| deps.consumer(&c.name).map_err(|e| notes.push(e)).ok())
+        .map(|c| {
+            deps.consumer(&c.name)
+                .map_err(|e| notes.push(e.to_string()))
+                .ok()
+        })
         .collect();
     let rec = Recorder::new(&engine.journal, id, owner, state, steps);
     let mut run = RunContext::resume(engine, rec, targets, consumers, notes, lock)

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::exit::{EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_ROLLBACK_FAILED};
 use crate::journal::{RunSummary, StepRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,10 +37,10 @@ impl Outcome {
     /// The process exit code the command line contract gives this outcome.
     pub fn exit_code(self) -> i32 {
         match self {
-            Outcome::Succeeded => 0,
-            Outcome::Refused | Outcome::RolledBack => 1,
-            Outcome::RollbackFailed => 3,
-            Outcome::Interrupted => 4,
+            Outcome::Succeeded => EXIT_OK,
+            Outcome::Refused | Outcome::RolledBack => EXIT_FAILED,
+            Outcome::RollbackFailed => EXIT_ROLLBACK_FAILED,
+            Outcome::Interrupted => EXIT_CANNOT_START,
         }
     }
 

@@ -43,10 +43,7 @@ fn clients(sessions: &[&Session]) -> Vec<String> {
 /// Reads every store, checks each can take the new credential, and proves the current one logs
 /// in. Changes nothing; `rotate --dry-run` runs it too.
 pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, StepError> {
-    let runtime = deps
-        .target_runtime(target)
-        .await
-        .map_err(|e| StepError::new("reference", e))?;
+    let runtime = deps.target_runtime(target).await?;
     let mut originals = Vec::new();
     for store in &runtime.stores {
         store.preflight().await.map_err(StepError::from)?;
@@ -296,6 +293,12 @@ impl<'a> RunContext<'a> {
                 Outcome::Refused
             };
         }
+        self.after_preflight().await
+    }
+
+    /// The forward path once preflight has filled in the state and the live parts: generate,
+    /// apply, verify the backend, publish, complete; a stop rolls back.
+    async fn after_preflight(&mut self) -> Outcome {
         let forward = async {
             self.generate().await?;
             self.apply().await?;
@@ -601,9 +604,9 @@ impl<'a> RunContext<'a> {
                     self.consumers.push(Some(handle));
                     checked
                 }
-                Err(message) => {
+                Err(error) => {
                     self.consumers.push(None);
-                    Err(StepError::new("config", message))
+                    Err(StepError::from(error))
                 }
             };
             ok &= result.is_ok();
@@ -872,7 +875,7 @@ impl<'a> RunContext<'a> {
         i: usize,
         j: usize,
         original: Option<&Secret>,
-        written: &Result<Secret, String>,
+        written: &Result<Secret, format::FormatError>,
     ) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
         match written {
@@ -1692,3 +1695,7 @@ async fn undo_needed(
     }
     UndoNeeded::Yes
 }
+
+#[cfg(test)]
+#[path = "run_tests.rs"]
+mod tests;

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::journal::StateError;
 use crate::secret::{sealed_serde, Credential, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -150,13 +151,8 @@ impl RunState {
     pub fn assemble(
         header: &[u8],
         parts: &[(String, Zeroizing<Vec<u8>>)],
-    ) -> Result<RunState, String> {
-        let unreadable = |e: serde_json::Error| {
-            format!(
-                "the stored run state is not readable: {}",
-                e.classify_name()
-            )
-        };
+    ) -> Result<RunState, StateError> {
+        let unreadable = |e: serde_json::Error| StateError::Unreadable(e.classify_name());
         if parts.is_empty() {
             return serde_json::from_slice(header).map_err(unreadable);
         }
@@ -166,7 +162,7 @@ impl RunState {
             let (_, bytes) = parts
                 .iter()
                 .find(|(part, _)| part == name)
-                .ok_or_else(|| format!("the stored run state has no part for target {name:?}"))?;
+                .ok_or_else(|| StateError::MissingPart(name.clone()))?;
             targets.push(serde_json::from_slice(bytes).map_err(unreadable)?);
         }
         Ok(RunState {

@@ -14,19 +14,30 @@ const NONCE_LEN: usize = 12;
 
 pub struct Cipher(Aes256Gcm);
 
+/// Why the key is refused or a sealed blob cannot be opened; never holds key or plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CipherError {
+    #[error("journal_key is not valid base64")]
+    KeyNotBase64,
+    #[error("journal_key must be 32 bytes (base64 of `head -c 32 /dev/urandom`), not {0}")]
+    KeyLength(usize),
+    #[error("the stored run state is truncated")]
+    Truncated,
+    #[error("the stored run state cannot be decrypted: journal_key differs from the one it was written with, or the row was altered")]
+    Undecryptable,
+}
+
 impl Cipher {
     /// Takes the base64 text of a 32-byte key.
-    pub fn from_base64(key: &Secret) -> Result<Cipher, String> {
+    pub fn from_base64(key: &Secret) -> Result<Cipher, CipherError> {
+        // The decode error is dropped: it may quote the key.
         let bytes = Zeroizing::new(
             STANDARD
                 .decode(key.expose().trim())
-                .map_err(|_| "journal_key is not valid base64".to_string())?,
+                .map_err(|_| CipherError::KeyNotBase64)?,
         );
         if bytes.len() != 32 {
-            return Err(format!(
-                "journal_key must be 32 bytes (base64 of `head -c 32 /dev/urandom`), not {}",
-                bytes.len()
-            ));
+            return Err(CipherError::KeyLength(bytes.len()));
         }
         Ok(Cipher(
             Aes256Gcm::new_from_slice(&bytes).expect("32-byte key"),
@@ -52,15 +63,21 @@ impl Cipher {
         [nonce.as_slice(), &sealed].concat()
     }
 
-    pub fn open(&self, sealed: &[u8], context: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    pub fn open(&self, sealed: &[u8], context: &str) -> Result<Zeroizing<Vec<u8>>, CipherError> {
         if sealed.len() < NONCE_LEN {
-            return Err("the stored run state is truncated".into());
+            return Err(CipherError::Truncated);
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
         self.0
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: context.as_bytes(),
+                },
+            )
             .map(Zeroizing::new)
-            .map_err(|_| "the stored run state cannot be decrypted: journal_key differs from the one it was written with, or the row was altered".into())
+            .map_err(|_| CipherError::Undecryptable)
     }
 }
 

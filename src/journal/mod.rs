@@ -27,8 +27,14 @@ pub enum JournalError {
     Query(#[source] sqlx::Error),
     #[error("journal migrations failed: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
-    #[error("run {run}: {message}")]
-    State { run: String, message: String },
+    #[error("the journal cannot be opened: {0}")]
+    Key(#[source] cipher::CipherError),
+    #[error("run {run}: {source}")]
+    State {
+        run: String,
+        #[source]
+        source: StateError,
+    },
     #[error(
         "target {0} is being rotated by another run right now; try again when it has finished"
     )]
@@ -45,10 +51,25 @@ pub enum JournalError {
     Unfinished { run: String, target: String },
 }
 
+/// Why a run's stored state cannot be read back. Never quotes the state: it holds secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Sealed(#[from] cipher::CipherError),
+    /// The serde category only: its message could quote the input.
+    #[error("the stored run state is not readable: {0}")]
+    Unreadable(&'static str),
+    #[error("the stored run state has no part for target {0:?}")]
+    MissingPart(String),
+}
+
 impl JournalError {
     pub fn metric_label(&self) -> &'static str {
         match self {
-            JournalError::Open(_) | JournalError::Query(_) | JournalError::Migrate(_) => "journal",
+            JournalError::Open(_)
+            | JournalError::Key(_)
+            | JournalError::Query(_)
+            | JournalError::Migrate(_) => "journal",
             JournalError::State { .. } => "journal_state",
             JournalError::Busy(_) => "busy",
             JournalError::Lock(_) => "lock",
@@ -126,7 +147,7 @@ fn now_ms() -> i64 {
 impl Journal {
     /// Opens (creating a SQLite file if needed) and migrates the journal.
     pub async fn open(url: &Secret, key: &Secret) -> Result<Journal, JournalError> {
-        let cipher = Cipher::from_base64(key).map_err(JournalError::Open)?;
+        let cipher = Cipher::from_base64(key).map_err(JournalError::Key)?;
         sqlx::any::install_default_drivers();
         let url_text = url.expose();
         let is_sqlite = url_text.starts_with("sqlite:");
@@ -508,8 +529,8 @@ impl Journal {
             };
             let parts = match self.run_parts(&id).await {
                 Ok(parts) => parts,
-                Err(JournalError::State { message, .. }) => {
-                    tracing::error!(run = %id, cause = %message, "a run that needs recovery cannot be read; its targets stay blocked");
+                Err(JournalError::State { source, .. }) => {
+                    tracing::error!(run = %id, cause = %source, "a run that needs recovery cannot be read; its targets stay blocked");
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -538,9 +559,9 @@ impl Journal {
             let state = self
                 .cipher
                 .open(&sealed, &part_aad(id, &part))
-                .map_err(|message| JournalError::State {
+                .map_err(|e| JournalError::State {
                     run: id.to_string(),
-                    message,
+                    source: e.into(),
                 })?;
             parts.push((part, state));
         }

@@ -88,7 +88,7 @@ impl AwsSecret {
             .credentials
             .get_or_try_init(|| sigv4::credentials(&self.http, &self.config.region))
             .await
-            .map_err(|e| final_error(self.error(e)))?;
+            .map_err(|e| final_error(self.error(e.to_string())))?;
         let endpoint = self.endpoint();
         let url = url::Url::parse(&endpoint)
             .map_err(|_| final_error(self.error(format!("endpoint {endpoint:?} is not a URL"))))?;

@@ -11,9 +11,10 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
-use super::kubernetes::{describe_kube_error, SecretStore};
+use super::kubernetes::SecretStore;
 use super::{format, Store, StoreError};
 use crate::config::SyncConfig;
+use crate::kube_api::describe_kube_error;
 use crate::secret::Credential;
 
 /// ESO reconciles an ExternalSecret when this annotation changes (its documented force-sync).
@@ -185,9 +186,9 @@ impl ExternalSecretSync {
         };
         match format::credential_from(&value, &self.config.format, &expected.user) {
             Ok(found) => Ok(&found == expected),
-            Err(message) => Err(StoreError::Format {
+            Err(error) => Err(StoreError::Format {
                 store: self.describe(),
-                message,
+                message: error.to_string(),
             }),
         }
     }

@@ -12,17 +12,32 @@ const USERINFO: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// Why a stored value does not hold a credential where its format says. Never quotes the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("the stored value is not a URL (no scheme://)")]
+    NotAUrl,
+    #[error("the stored URL has no user@ part to put a password in")]
+    NoUserinfo,
+    #[error("the stored URL has no password")]
+    NoPassword,
+    #[error("the URL's user or password is not valid UTF-8 after percent-decoding")]
+    NotUtf8,
+    #[error("the store holds no URL yet to put the password in")]
+    NoUrlYet,
+    #[error("the stored value does not match the store's template")]
+    TemplateMismatch,
+}
+
 fn encode(text: &str) -> String {
     utf8_percent_encode(text, USERINFO).to_string()
 }
 
-fn decode(text: &str) -> Result<String, String> {
+fn decode(text: &str) -> Result<String, FormatError> {
     percent_decode_str(text)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| {
-            "the URL's user or password is not valid UTF-8 after percent-decoding".to_string()
-        })
+        .map_err(|_| FormatError::NotUtf8)
 }
 
 /// Byte ranges of the user and password inside a URL's userinfo.
@@ -31,18 +46,13 @@ struct Userinfo {
     password: Option<std::ops::Range<usize>>,
 }
 
-fn userinfo(url: &str) -> Result<Userinfo, String> {
-    let authority_start = url
-        .find("://")
-        .map(|i| i + 3)
-        .ok_or("the stored value is not a URL (no scheme://)")?;
+fn userinfo(url: &str) -> Result<Userinfo, FormatError> {
+    let authority_start = url.find("://").map(|i| i + 3).ok_or(FormatError::NotAUrl)?;
     let authority_len = url[authority_start..]
         .find(['/', '?', '#'])
         .unwrap_or(url.len() - authority_start);
     let authority = &url[authority_start..authority_start + authority_len];
-    let at = authority
-        .rfind('@')
-        .ok_or("the stored URL has no user@ part to put a password in")?;
+    let at = authority.rfind('@').ok_or(FormatError::NoUserinfo)?;
     let info = &authority[..at];
     Ok(match info.find(':') {
         Some(colon) => Userinfo {
@@ -61,7 +71,7 @@ pub fn credential_from(
     raw: &Secret,
     format: &Format,
     default_user: &str,
-) -> Result<Credential, String> {
+) -> Result<Credential, FormatError> {
     let raw = raw.expose();
     match format {
         Format::Password => Ok(Credential {
@@ -70,7 +80,7 @@ pub fn credential_from(
         }),
         Format::Url => {
             let info = userinfo(raw)?;
-            let password = info.password.ok_or("the stored URL has no password")?;
+            let password = info.password.ok_or(FormatError::NoPassword)?;
             let user = decode(&raw[info.user])?;
             Ok(Credential {
                 user: if user.is_empty() {
@@ -91,12 +101,12 @@ pub fn render(
     format: &Format,
     current: Option<&Secret>,
     credential: &Credential,
-) -> Result<Secret, String> {
+) -> Result<Secret, FormatError> {
     match format {
         Format::Password => Ok(credential.password.clone()),
         Format::Template(template) => Ok(Secret::new(fill_template(template, credential))),
         Format::Url => {
-            let current = current.ok_or("the store holds no URL yet to put the password in")?;
+            let current = current.ok_or(FormatError::NoUrlYet)?;
             let url = current.expose();
             let info = userinfo(url)?;
             let user =
@@ -127,9 +137,13 @@ fn fill_template(template: &str, credential: &Credential) -> String {
 }
 
 /// Finds `{user}` and `{password}` in `raw` by matching the template's literal text around them.
-fn match_template(template: &str, raw: &str, default_user: &str) -> Result<Credential, String> {
+fn match_template(
+    template: &str,
+    raw: &str,
+    default_user: &str,
+) -> Result<Credential, FormatError> {
     let is_url = template.contains("://");
-    let mismatch = || "the stored value does not match the store's template".to_string();
+    let mismatch = || FormatError::TemplateMismatch;
     let mut user = None;
     let mut password = None;
     let mut rest = raw;

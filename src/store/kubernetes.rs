@@ -1,18 +1,13 @@
 //! A key in a Kubernetes Secret: read-modify-write under the resourceVersion precondition.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 
 use super::{Store, StoreError};
+use crate::kube_api::{describe_kube_error, is_conflict, retry_on_conflict, Attempt};
 use crate::secret::Secret;
-
-/// A Secret that keeps changing under us this many times is contended; give up and roll back.
-const CONFLICT_RETRIES: u32 = 5;
-const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub struct SecretStore {
     api: Api<KubeSecret>,
@@ -61,21 +56,6 @@ impl SecretStore {
     }
 }
 
-/// The API server's own message, which names the object and never echoes Secret data.
-pub fn describe_kube_error(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) => format!(
-            "the API server answered {} {}: {}",
-            status.code, status.reason, status.message
-        ),
-        other => format!("the API server could not be reached: {other}"),
-    }
-}
-
-pub fn is_conflict(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 409)
-}
-
 #[async_trait]
 impl Store for SecretStore {
     fn describe(&self) -> String {
@@ -95,12 +75,12 @@ impl Store for SecretStore {
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
-        for attempt in 1..=CONFLICT_RETRIES {
-            let mut secret = self.get().await?;
-            if self.value_of(&secret)?.as_ref() != expected {
-                return Err(StoreError::Conflict {
+        retry_on_conflict(&self.describe(), "Secret", || async move {
+            let mut secret = self.get().await.map_err(Attempt::Failed)?;
+            if self.value_of(&secret).map_err(Attempt::Failed)?.as_ref() != expected {
+                return Err(Attempt::Failed(StoreError::Conflict {
                     store: self.describe(),
-                });
+                }));
             }
             let data = secret.data.get_or_insert_with(Default::default);
             match new {
@@ -116,15 +96,12 @@ impl Store for SecretStore {
                 .replace(&self.name, &PostParams::default(), &secret)
                 .await
             {
-                Ok(_) => return Ok(()),
-                Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
-                    tracing::info!(store = %self.describe(), attempt, "Secret changed while writing; reading it again");
-                    tokio::time::sleep(CONFLICT_BACKOFF * attempt).await;
-                }
-                Err(e) => return Err(self.api_error(e)),
+                Ok(_) => Ok(()),
+                Err(e) if is_conflict(&e) => Err(Attempt::Conflict(self.api_error(e))),
+                Err(e) => Err(Attempt::Failed(self.api_error(e))),
             }
-        }
-        unreachable!("the last attempt returns")
+        })
+        .await
     }
 
     /// A write whose answer never came (the call timed out) may still be applied by the API

@@ -18,13 +18,12 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use super::kubernetes::{describe_kube_error, is_conflict, SecretStore};
+use super::kubernetes::SecretStore;
 use super::{Store, StoreError};
 use crate::config::{Certificate, SealedSecretStore};
+use crate::kube_api::{describe_kube_error, is_conflict, retry_on_conflict, Attempt};
 use crate::secret::Secret;
 
-/// A SealedSecret rewritten under us this many times is contended; give up and roll back.
-const CONFLICT_RETRIES: u32 = 5;
 const POLL: Duration = Duration::from_millis(250);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 const CLUSTER_WIDE: &str = "sealedsecrets.bitnami.com/cluster-wide";
@@ -99,30 +98,32 @@ impl SealedStore {
     async fn seal(&self, value: &Secret, label: &str) -> Result<String, StoreError> {
         let key = self.public_key().await?;
         let sealed = hybrid_encrypt(key, value.expose().as_bytes(), label.as_bytes())
-            .map_err(|m| self.error(m))?;
+            .map_err(|e| self.error(e.to_string()))?;
         Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
     }
 
     /// Seals `value` for the object's scope as read, and writes `spec.encryptedData[key]` under
     /// the resourceVersion it was read at (so a scope change in between is a conflict).
     async fn write(&self, value: Option<&Secret>) -> Result<(), StoreError> {
-        for attempt in 1..=CONFLICT_RETRIES {
+        retry_on_conflict(&self.describe(), "SealedSecret", || async move {
             let object = self
                 .api
                 .get_opt(&self.config.name)
                 .await
-                .map_err(|e| self.error(describe_kube_error(&e)))?
-                .ok_or_else(|| StoreError::Missing {
-                    store: self.describe(),
-                    what: format!(
-                        "the SealedSecret {}/{}",
-                        self.config.namespace, self.config.name
-                    ),
+                .map_err(|e| Attempt::Failed(self.error(describe_kube_error(&e))))?
+                .ok_or_else(|| {
+                    Attempt::Failed(StoreError::Missing {
+                        store: self.describe(),
+                        what: format!(
+                            "the SealedSecret {}/{}",
+                            self.config.namespace, self.config.name
+                        ),
+                    })
                 })?;
             let sealed = match value {
                 Some(value) => {
                     let label = label_for(&object, &self.config.namespace, &self.config.name);
-                    Some(self.seal(value, &label).await?)
+                    Some(self.seal(value, &label).await.map_err(Attempt::Failed)?)
                 }
                 None => None,
             };
@@ -130,6 +131,7 @@ impl SealedStore {
                 "metadata": { "resourceVersion": object.metadata.resource_version },
                 "spec": { "encryptedData": { &self.key: sealed } },
             });
+            let error = |e: kube::Error| self.error(describe_kube_error(&e));
             match self
                 .api
                 .patch(
@@ -139,15 +141,12 @@ impl SealedStore {
                 )
                 .await
             {
-                Ok(_) => return Ok(()),
-                Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
-                    tracing::info!(store = %self.describe(), attempt, "SealedSecret changed while writing; reading it again");
-                    tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                }
-                Err(e) => return Err(self.error(describe_kube_error(&e))),
+                Ok(_) => Ok(()),
+                Err(e) if is_conflict(&e) => Err(Attempt::Conflict(error(e))),
+                Err(e) => Err(Attempt::Failed(error(e))),
             }
-        }
-        unreachable!("the last attempt returns")
+        })
+        .await
     }
 
     /// Polls the unsealed Secret until it holds `value`, or the timeout passes.
@@ -284,19 +283,66 @@ fn label_for(object: &DynamicObject, namespace: &str, name: &str) -> String {
     }
 }
 
+/// Why the sealing certificate is refused. Names what is wrong with it; it holds nothing secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("not PEM text")]
+    NotText,
+    #[error("not PEM: no BEGIN line")]
+    NoBegin,
+    #[error("not PEM: no END line")]
+    NoEnd,
+    #[error("not PEM: unterminated END line")]
+    UnterminatedEnd,
+    /// (The PEM error type implements no `std::error::Error` here, so it is not a source.)
+    #[error("not PEM: {0}")]
+    Pem(rsa::pkcs8::der::pem::Error),
+    #[error("its SHA-256 fingerprint is {found}, but certificate_sha256 pins {pin}; the certificate was replaced (or the controller's key renewed: pin the new one after checking it)")]
+    Pinned { found: String, pin: String },
+    #[error("expired on {}; fetch the controller's current one (kubeseal --fetch-cert)", .0.format("%Y-%m-%d %H:%M:%S UTC"))]
+    Expired(chrono::DateTime<chrono::Utc>),
+    #[error("expected a CERTIFICATE or PUBLIC KEY, found {0}")]
+    Label(String),
+    #[error("not an RSA public key: {0}")]
+    NotRsa(#[source] rsa::pkcs8::spki::Error),
+    #[error("malformed DER")]
+    MalformedDer,
+    #[error("not an X.509 certificate")]
+    NotX509,
+    #[error("bad certificate time")]
+    TimeNotText,
+    #[error("bad UTCTime")]
+    UtcTime,
+    #[error("bad certificate validity")]
+    Validity,
+    #[error("bad certificate time {0:?}")]
+    Time(String),
+}
+
+/// Why sealing a value failed; never holds the value.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("no randomness for the session key: {0}")]
+    Randomness(#[source] rand::rand_core::OsError),
+    #[error("RSA-OAEP failed: {0}")]
+    Rsa(#[source] rsa::Error),
+    #[error("RSA key too large")]
+    KeyTooLarge,
+    #[error("AES-GCM failed")]
+    Aes,
+}
+
 /// The first PEM block of `text` (a chain lists the controller's certificate first).
-fn first_pem_block(text: &str) -> Result<&str, String> {
-    let start = text
-        .find("-----BEGIN ")
-        .ok_or_else(|| "not PEM: no BEGIN line".to_string())?;
+fn first_pem_block(text: &str) -> Result<&str, CertificateError> {
+    let start = text.find("-----BEGIN ").ok_or(CertificateError::NoBegin)?;
     let end_line = text[start..]
         .find("-----END ")
         .map(|i| start + i)
-        .ok_or_else(|| "not PEM: no END line".to_string())?;
+        .ok_or(CertificateError::NoEnd)?;
     let end = text[end_line + 9..]
         .find("-----")
         .map(|i| end_line + 9 + i + 5)
-        .ok_or_else(|| "not PEM: unterminated END line".to_string())?;
+        .ok_or(CertificateError::UnterminatedEnd)?;
     Ok(&text[start..end])
 }
 
@@ -307,37 +353,31 @@ fn public_key_from_pem(
     pem: &[u8],
     pin: Option<&str>,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<RsaPublicKey, String> {
-    let text = std::str::from_utf8(pem).map_err(|_| "not PEM text".to_string())?;
+) -> Result<RsaPublicKey, CertificateError> {
+    let text = std::str::from_utf8(pem).map_err(|_| CertificateError::NotText)?;
     let (label, der) = rsa::pkcs8::der::pem::decode_vec(first_pem_block(text)?.as_bytes())
-        .map_err(|e| format!("not PEM: {e}"))?;
+        .map_err(CertificateError::Pem)?;
     if let Some(pin) = pin {
         let found = hex(&Sha256::digest(&der));
         if found != pin {
-            return Err(format!(
-                "its SHA-256 fingerprint is {found}, but certificate_sha256 pins {pin}; the certificate was replaced (or the controller's key renewed: pin the new one after checking it)"
-            ));
+            return Err(CertificateError::Pinned {
+                found,
+                pin: pin.to_string(),
+            });
         }
     }
     let spki = match label {
         "CERTIFICATE" => {
             let (not_after, spki) = certificate_fields(&der)?;
             if now > not_after {
-                return Err(format!(
-                    "expired on {}; fetch the controller's current one (kubeseal --fetch-cert)",
-                    not_after.format("%Y-%m-%d %H:%M:%S UTC")
-                ));
+                return Err(CertificateError::Expired(not_after));
             }
             spki
         }
         "PUBLIC KEY" => &der[..],
-        other => {
-            return Err(format!(
-                "expected a CERTIFICATE or PUBLIC KEY, found {other}"
-            ))
-        }
+        other => return Err(CertificateError::Label(other.to_string())),
     };
-    RsaPublicKey::from_public_key_der(spki).map_err(|e| format!("not an RSA public key: {e}"))
+    RsaPublicKey::from_public_key_der(spki).map_err(CertificateError::NotRsa)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -356,8 +396,8 @@ struct Der<'a> {
     rest: &'a [u8],
 }
 
-fn der_element(input: &[u8]) -> Result<Der<'_>, String> {
-    let bad = || "malformed DER".to_string();
+fn der_element(input: &[u8]) -> Result<Der<'_>, CertificateError> {
+    let bad = || CertificateError::MalformedDer;
     let tag = *input.first().ok_or_else(bad)?;
     let first = *input.get(1).ok_or_else(bad)?;
     let (len, header) = if first < 0x80 {
@@ -385,12 +425,14 @@ fn der_element(input: &[u8]) -> Result<Der<'_>, String> {
 
 /// The notAfter time and the SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 §4.1):
 /// the fifth and seventh fields of tbsCertificate, counting the optional `[0] version`.
-fn certificate_fields(der: &[u8]) -> Result<(chrono::DateTime<chrono::Utc>, &[u8]), String> {
+fn certificate_fields(
+    der: &[u8],
+) -> Result<(chrono::DateTime<chrono::Utc>, &[u8]), CertificateError> {
     let sequence = |input| {
         der_element(input).and_then(|e| {
             (e.tag == SEQUENCE)
                 .then_some(e)
-                .ok_or_else(|| "not an X.509 certificate".to_string())
+                .ok_or(CertificateError::NotX509)
         })
     };
     let certificate = sequence(der)?.contents;
@@ -412,28 +454,32 @@ fn certificate_fields(der: &[u8]) -> Result<(chrono::DateTime<chrono::Utc>, &[u8
 
 /// RFC 5280 §4.1.2.5: UTCTime `YYMMDDHHMMSSZ` (years 1950-2049) or GeneralizedTime
 /// `YYYYMMDDHHMMSSZ`.
-fn x509_time(element: &Der<'_>) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    let text = std::str::from_utf8(element.contents).map_err(|_| "bad certificate time")?;
+fn x509_time(element: &Der<'_>) -> Result<chrono::DateTime<chrono::Utc>, CertificateError> {
+    let text = std::str::from_utf8(element.contents).map_err(|_| CertificateError::TimeNotText)?;
     let full = match element.tag {
         0x17 => {
             let year: u32 = text
                 .get(..2)
                 .and_then(|y| y.parse().ok())
-                .ok_or("bad UTCTime")?;
+                .ok_or(CertificateError::UtcTime)?;
             format!("{}{text}", if year >= 50 { "19" } else { "20" })
         }
         0x18 => text.to_string(),
-        _ => return Err("bad certificate validity".into()),
+        _ => return Err(CertificateError::Validity),
     };
     chrono::NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%SZ")
         .map(|t| t.and_utc())
-        .map_err(|_| format!("bad certificate time {text:?}"))
+        .map_err(|_| CertificateError::Time(text.to_string()))
 }
 
 /// kubeseal's HybridEncrypt: a random AES-256-GCM session key (zero nonce: the key is used
 /// once) sealed with RSA-OAEP SHA-256 under `label`; output is
 /// `u16 BE length of the RSA ciphertext || RSA ciphertext || AES-GCM ciphertext`.
-fn hybrid_encrypt(key: &RsaPublicKey, plaintext: &[u8], label: &[u8]) -> Result<Vec<u8>, String> {
+fn hybrid_encrypt(
+    key: &RsaPublicKey,
+    plaintext: &[u8],
+    label: &[u8],
+) -> Result<Vec<u8>, SealError> {
     use aes_gcm::aead::{Aead, KeyInit};
     use aes_gcm::{Aes256Gcm, Nonce};
     use rand::TryRngCore as _;
@@ -441,7 +487,7 @@ fn hybrid_encrypt(key: &RsaPublicKey, plaintext: &[u8], label: &[u8]) -> Result<
     let mut session = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng
         .try_fill_bytes(&mut session[..])
-        .map_err(|e| format!("no randomness for the session key: {e}"))?;
+        .map_err(SealError::Randomness)?;
     let label = String::from_utf8_lossy(label).into_owned();
     let sealed_key = key
         .encrypt(
@@ -449,12 +495,12 @@ fn hybrid_encrypt(key: &RsaPublicKey, plaintext: &[u8], label: &[u8]) -> Result<
             Oaep::new_with_label::<sha2::Sha256, _>(label),
             &session[..],
         )
-        .map_err(|e| format!("RSA-OAEP failed: {e}"))?;
-    let length = u16::try_from(sealed_key.len()).map_err(|_| "RSA key too large".to_string())?;
+        .map_err(SealError::Rsa)?;
+    let length = u16::try_from(sealed_key.len()).map_err(|_| SealError::KeyTooLarge)?;
     let cipher = Aes256Gcm::new_from_slice(&session[..]).expect("32-byte key");
     let body = cipher
         .encrypt(Nonce::from_slice(&[0u8; 12]), plaintext)
-        .map_err(|_| "AES-GCM failed".to_string())?;
+        .map_err(|_| SealError::Aes)?;
     let mut out = Vec::with_capacity(2 + sealed_key.len() + body.len());
     out.extend_from_slice(&length.to_be_bytes());
     out.extend_from_slice(&sealed_key);

@@ -83,9 +83,36 @@ pub fn sign(
     out
 }
 
+/// Why no AWS credentials could be had. Never holds a key or the web identity token.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN (IRSA)")]
+    Missing,
+    #[error("cannot read AWS_WEB_IDENTITY_TOKEN_FILE {path}: {source}")]
+    TokenFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The error without its URL (the form body is not in it either).
+    #[error("STS could not be reached: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("STS AssumeRoleWithWebIdentity for {role} failed: {status} {code}")]
+    Refused {
+        role: String,
+        status: reqwest::StatusCode,
+        code: String,
+    },
+    #[error("STS answered without credentials")]
+    NoCredentials,
+}
+
 /// Credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, else
 /// from `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` through STS (IRSA on EKS).
-pub async fn credentials(http: &reqwest::Client, region: &str) -> Result<Credentials, String> {
+pub async fn credentials(
+    http: &reqwest::Client,
+    region: &str,
+) -> Result<Credentials, CredentialsError> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
         return Ok(Credentials {
@@ -96,10 +123,13 @@ pub async fn credentials(http: &reqwest::Client, region: &str) -> Result<Credent
     }
     let (Some(token_file), Some(role)) = (env("AWS_WEB_IDENTITY_TOKEN_FILE"), env("AWS_ROLE_ARN"))
     else {
-        return Err("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN (IRSA)".into());
+        return Err(CredentialsError::Missing);
     };
-    let token = std::fs::read_to_string(&token_file)
-        .map_err(|e| format!("cannot read AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}"))?;
+    let token =
+        std::fs::read_to_string(&token_file).map_err(|source| CredentialsError::TokenFile {
+            path: token_file.clone(),
+            source,
+        })?;
     let endpoint = env("AWS_ENDPOINT_URL_STS")
         .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
     let session = env("AWS_ROLE_SESSION_NAME").unwrap_or_else(|| "llmtrace-rotator".into());
@@ -119,14 +149,12 @@ pub async fn credentials(http: &reqwest::Client, region: &str) -> Result<Credent
         .body(body)
         .send()
         .await
-        .map_err(|e| format!("STS could not be reached: {}", e.without_url()))?;
+        .map_err(|e| CredentialsError::Unreachable(e.without_url()))?;
     let status = response.status();
     let xml = response.text().await.unwrap_or_default();
     if !status.is_success() {
         let code = xml_field(&xml, "Code").unwrap_or_default();
-        return Err(format!(
-            "STS AssumeRoleWithWebIdentity for {role} failed: {status} {code}"
-        ));
+        return Err(CredentialsError::Refused { role, status, code });
     }
     match (
         xml_field(&xml, "AccessKeyId"),
@@ -138,7 +166,7 @@ pub async fn credentials(http: &reqwest::Client, region: &str) -> Result<Credent
             secret_access_key: Secret::new(secret),
             session_token: Some(Secret::new(token)),
         }),
-        _ => Err("STS answered without credentials".into()),
+        _ => Err(CredentialsError::NoCredentials),
     }
 }
 

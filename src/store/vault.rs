@@ -9,18 +9,17 @@ use tokio::sync::OnceCell;
 
 use super::{Store, StoreError};
 use crate::config::{VaultAuth, VaultStore};
+use crate::kube_api::{retry_on_conflict, Attempt};
 use crate::resolve::resolve;
 use crate::secret::Secret;
 
-/// A secret rewritten under us this many times is contended; give up and roll back.
-const CAS_RETRIES: u32 = 5;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct VaultKv {
     config: VaultStore,
     property: String,
     kube: Option<kube::Client>,
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, HttpClientError>,
     /// The configured token, resolved once. Kubernetes logins are never cached: see [`Session`].
     token: OnceCell<Secret>,
 }
@@ -57,7 +56,7 @@ impl VaultKv {
     }
 
     fn http(&self) -> Result<&reqwest::Client, StoreError> {
-        self.http.as_ref().map_err(|e| self.error(e.clone()))
+        self.http.as_ref().map_err(|e| self.error(e.to_string()))
     }
 
     fn request(
@@ -209,12 +208,12 @@ impl VaultKv {
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
-        for attempt in 1..=CAS_RETRIES {
-            let mut secret = self.read_versioned(token).await?;
-            if self.value_of(&secret)?.as_ref() != expected {
-                return Err(StoreError::Conflict {
+        retry_on_conflict(&self.describe(), "the secret", || async move {
+            let mut secret = self.read_versioned(token).await.map_err(Attempt::Failed)?;
+            if self.value_of(&secret).map_err(Attempt::Failed)?.as_ref() != expected {
+                return Err(Attempt::Failed(StoreError::Conflict {
                     store: self.describe(),
-                });
+                }));
             }
             match new {
                 Some(value) => secret.data.insert(
@@ -228,21 +227,21 @@ impl VaultKv {
                 .request(
                     reqwest::Method::POST,
                     &format!("{}/data/{}", self.config.mount, self.config.path),
-                )?
+                )
+                .map_err(Attempt::Failed)?
                 .header("X-Vault-Token", token.expose())
                 .json(&body);
-            let (status, answer) = self.send(request).await?;
+            let (status, answer) = self.send(request).await.map_err(Attempt::Failed)?;
             if status.is_success() {
                 return Ok(());
             }
-            if is_cas_mismatch(status, &answer) && attempt < CAS_RETRIES {
-                tracing::info!(store = %self.describe(), attempt, "the secret changed while writing; reading it again");
-                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                continue;
+            let error = self.error(vault_errors(status, &answer));
+            if is_cas_mismatch(status, &answer) {
+                return Err(Attempt::Conflict(error));
             }
-            return Err(self.error(vault_errors(status, &answer)));
-        }
-        unreachable!("the last attempt returns")
+            Err(Attempt::Failed(error))
+        })
+        .await
     }
 
     fn value_of(&self, secret: &Versioned) -> Result<Option<Secret>, StoreError> {
@@ -254,18 +253,40 @@ impl VaultKv {
     }
 }
 
-fn http_client(config: &VaultStore) -> Result<reqwest::Client, String> {
+/// Why the HTTP client cannot be built (a `ca_file` problem, usually).
+#[derive(Debug, thiserror::Error)]
+enum HttpClientError {
+    #[error("cannot read ca_file {}: {source}", .path.display())]
+    ReadCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ca_file {} is not a PEM certificate: {source}", .path.display())]
+    BadCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot build an HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+fn http_client(config: &VaultStore) -> Result<reqwest::Client, HttpClientError> {
     let mut builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
     if let Some(ca) = &config.ca_file {
-        let pem =
-            std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
-        let certificate = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| format!("ca_file {} is not a PEM certificate: {e}", ca.display()))?;
+        let pem = std::fs::read(ca).map_err(|source| HttpClientError::ReadCa {
+            path: ca.clone(),
+            source,
+        })?;
+        let certificate =
+            reqwest::Certificate::from_pem(&pem).map_err(|source| HttpClientError::BadCa {
+                path: ca.clone(),
+                source,
+            })?;
         builder = builder.add_root_certificate(certificate);
     }
-    builder
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+    builder.build().map_err(HttpClientError::Build)
 }
 
 /// Vault's own error list; it names paths and policies, never secret data.

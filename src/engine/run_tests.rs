@@ -1,0 +1,676 @@
+//! The transaction against in-memory parts: a backend, two stores and a consumer that keep
+//! their state in memory and write every call, in order, to one shared log, over an in-memory
+//! SQLite journal. Each test injects one failure and checks what the rollback did and in which
+//! order (DESIGN.md: stores first; `single` restores the password before rolling the consumers
+//! out again, `dual`/`alternating` only after), and what `undo_needed` decides. No server is
+//! started: each test takes milliseconds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::backend::{Backend, BackendError};
+use crate::config::Config;
+use crate::consumer::{Consumer, ConsumerError};
+use crate::journal::Journal;
+use crate::store::{Store, StoreError};
+
+const OLD: &str = "oldpassword";
+/// A password neither the run nor the test's "before" state holds: someone else's rotation.
+const OTHER: &str = "otherpassword";
+
+/// Every call the fakes receive, in order, as `part.call(argument)`; a failed call ends in
+/// ` failed`.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, entry: String) {
+        self.0.lock().unwrap().push(entry);
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The calls that change something (no reads, no logins): the order the tests check.
+    fn changes(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|e| !e.contains(".read") && !e.contains(".login"))
+            .collect()
+    }
+}
+
+/// Which call fails, and on which of its calls (1-based): `("backend.login(new)", 2)`.
+#[derive(Clone, Default)]
+struct Faults {
+    fail: Arc<Mutex<Vec<(String, usize)>>>,
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Faults {
+    fn fail(&self, call: &str, nth: usize) {
+        self.fail.lock().unwrap().push((call.to_string(), nth));
+    }
+
+    /// Counts `call` and says whether this one fails.
+    fn hit(&self, call: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap();
+        let count = seen.entry(call.to_string()).or_default();
+        *count += 1;
+        let n = *count;
+        self.fail
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, nth)| c == call && *nth == n)
+    }
+}
+
+/// Names a password (or a URL holding one) in the log without printing it.
+fn label(value: &str) -> &'static str {
+    if value.contains(OLD) {
+        "old"
+    } else if value.contains(OTHER) {
+        "other"
+    } else {
+        "new"
+    }
+}
+
+/// Both ends of every fake: the log and the faults.
+#[derive(Clone, Default)]
+struct Shared {
+    log: Log,
+    faults: Faults,
+}
+
+impl Shared {
+    /// Logs `call` and fails it when a fault says so.
+    fn call(&self, call: String) -> Result<(), ()> {
+        let failed = self.faults.hit(&call);
+        self.log
+            .push(format!("{call}{}", if failed { " failed" } else { "" }));
+        if failed {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A server that keeps the credentials that log in.
+struct FakeBackend {
+    shared: Shared,
+    strategy: Strategy,
+    /// The alternating pair; empty otherwise.
+    pair: Vec<String>,
+    valid: Mutex<Vec<Credential>>,
+}
+
+impl FakeBackend {
+    fn error(&self, user: &str, what: &str) -> BackendError {
+        BackendError::Change {
+            backend: "fake".into(),
+            user: user.into(),
+            cause: what.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn describe(&self) -> String {
+        "fake backend".into()
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    async fn login(&self, credential: &Credential) -> Result<(), BackendError> {
+        let call = format!("backend.login({})", label(credential.password.expose()));
+        let valid = self.valid.lock().unwrap().contains(credential);
+        if self.shared.call(call).is_err() || !valid {
+            return Err(BackendError::Login {
+                backend: "fake".into(),
+                user: credential.user.clone(),
+                cause: "refused".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn check_admin(&self, _current: &Credential) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn next_user(&self, current: &Credential) -> String {
+        self.pair
+            .iter()
+            .find(|u| **u != current.user)
+            .cloned()
+            .unwrap_or_else(|| current.user.clone())
+    }
+
+    async fn apply(&self, current: &Credential, next: &Credential) -> Result<(), BackendError> {
+        let call = format!("backend.apply({})", label(next.password.expose()));
+        self.shared
+            .call(call)
+            .map_err(|()| self.error(&next.user, "apply"))?;
+        let mut valid = self.valid.lock().unwrap();
+        if self.strategy != Strategy::Dual {
+            // One password per login: the new one replaces whatever that login had.
+            valid.retain(|c| c.user != next.user);
+        }
+        valid.push(next.clone());
+        let _ = current;
+        Ok(())
+    }
+
+    async fn undo_apply(
+        &self,
+        current: &Credential,
+        next: &Credential,
+    ) -> Result<(), BackendError> {
+        let call = format!("backend.undo_apply({})", label(next.password.expose()));
+        self.shared
+            .call(call)
+            .map_err(|()| self.error(&next.user, "undo"))?;
+        let mut valid = self.valid.lock().unwrap();
+        valid.retain(|c| c != next);
+        if !valid.contains(current) {
+            valid.push(current.clone());
+        }
+        Ok(())
+    }
+
+    async fn retire(&self, current: &Credential, _next: &Credential) -> Result<(), BackendError> {
+        let call = format!("backend.retire({})", label(current.password.expose()));
+        self.shared
+            .call(call)
+            .map_err(|()| self.error(&current.user, "retire"))
+    }
+}
+
+/// A key holding a whole value, written by compare-and-swap.
+struct FakeStore {
+    shared: Shared,
+    name: &'static str,
+    value: Mutex<Option<Secret>>,
+}
+
+impl FakeStore {
+    fn error(&self) -> StoreError {
+        StoreError::Unavailable {
+            store: self.name.into(),
+            cause: "unavailable".into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FakeStore {
+    fn describe(&self) -> String {
+        self.name.into()
+    }
+
+    async fn read(&self) -> Result<Option<Secret>, StoreError> {
+        self.shared
+            .call(format!("{}.read", self.name))
+            .map_err(|()| self.error())?;
+        Ok(self.value.lock().unwrap().clone())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<&Secret>,
+        new: Option<&Secret>,
+    ) -> Result<(), StoreError> {
+        let written = new.map_or("none", |v| label(v.expose()));
+        self.shared
+            .call(format!("{}.cas({written})", self.name))
+            .map_err(|()| self.error())?;
+        let mut value = self.value.lock().unwrap();
+        if value.as_ref() != expected {
+            return Err(StoreError::Conflict {
+                store: self.name.into(),
+            });
+        }
+        *value = new.cloned();
+        Ok(())
+    }
+
+    async fn settle(&self, _value: Option<&Secret>) -> Result<(), StoreError> {
+        self.shared
+            .call(format!("{}.settle", self.name))
+            .map_err(|()| self.error())
+    }
+}
+
+struct FakeConsumer {
+    shared: Shared,
+}
+
+#[async_trait]
+impl Consumer for FakeConsumer {
+    fn describe(&self) -> String {
+        "fake consumer".into()
+    }
+
+    async fn restart(&self, _timeout: Duration) -> Result<(), ConsumerError> {
+        self.shared
+            .call("consumer.restart".into())
+            .map_err(|()| ConsumerError::RolloutFailed {
+                consumer: "fake consumer".into(),
+                message: "stuck".into(),
+            })
+    }
+}
+
+/// The config of one target with two stores and one consumer. Its backend, stores and consumer
+/// are never built from it: the fakes stand in for them. It gives the strategy, formats and
+/// password policy.
+fn config(strategy: Strategy) -> Config {
+    let backend = match strategy {
+        Strategy::Single => {
+            r#"kind = "redis"
+address = "127.0.0.1:1"
+user = "app"
+strategy = "single""#
+        }
+        Strategy::Dual => {
+            r#"kind = "redis"
+address = "127.0.0.1:1"
+user = "app"
+strategy = "dual""#
+        }
+        Strategy::Alternating => {
+            r#"kind = "postgres"
+address = "127.0.0.1:1"
+database = "app"
+users = ["app_a", "app_b"]
+strategy = "alternating""#
+        }
+    };
+    let text = format!(
+        r#"
+[rotator]
+journal = "sqlite://unused.db"
+journal_key = "literal:{KEY}"
+
+[[target]]
+name = "t"
+{backend}
+admin = {{ user = "admin", password = "literal:admin" }}
+consumers = ["proxy"]
+
+  [[target.store]]
+  kind = "file"
+  path = "unused.env"
+  key = "URL"
+  format = "url"
+
+  [[target.store]]
+  kind = "file"
+  path = "unused.env"
+  key = "URL_COPY"
+  format = "url"
+
+[[consumer]]
+name = "proxy"
+kind = "command"
+command = ["true"]
+"#
+    );
+    Config::parse(&text, std::path::Path::new(".")).expect("test config parses")
+}
+
+/// Base64 of 32 zero bytes: a valid journal key.
+const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+async fn engine(strategy: Strategy) -> Engine {
+    let deps = Deps::new(config(strategy)).await.expect("no client needed");
+    let journal = Journal::open(&Secret::new("sqlite::memory:"), &Secret::new(KEY))
+        .await
+        .expect("in-memory journal");
+    Engine { deps, journal }
+}
+
+/// The credential the stores hold before the run.
+fn old_credential(strategy: Strategy) -> Credential {
+    let user = if strategy == Strategy::Alternating {
+        "app_a"
+    } else {
+        "app"
+    };
+    Credential {
+        user: user.into(),
+        password: Secret::new(OLD),
+    }
+}
+
+fn url_of(credential: &Credential) -> Secret {
+    Secret::new(format!(
+        "redis://{}:{}@127.0.0.1:1/0",
+        credential.user,
+        credential.password.expose()
+    ))
+}
+
+fn backend(shared: &Shared, strategy: Strategy, valid: Vec<Credential>) -> FakeBackend {
+    FakeBackend {
+        shared: shared.clone(),
+        strategy,
+        pair: if strategy == Strategy::Alternating {
+            vec!["app_a".into(), "app_b".into()]
+        } else {
+            Vec::new()
+        },
+        valid: Mutex::new(valid),
+    }
+}
+
+fn stores(shared: &Shared, credential: &Credential) -> Vec<Box<dyn Store>> {
+    vec![
+        Box::new(FakeStore {
+            shared: shared.clone(),
+            name: "store0",
+            value: Mutex::new(Some(url_of(credential))),
+        }),
+        Box::new(FakeStore {
+            shared: shared.clone(),
+            name: "store1",
+            value: Mutex::new(Some(url_of(credential))),
+        }),
+    ]
+}
+
+/// Runs one rotation from generate on, with `faults` set, and returns the outcome and the log.
+async fn rotate_with(strategy: Strategy, faults: &[(&str, usize)]) -> (Outcome, Log) {
+    let engine = engine(strategy).await;
+    let shared = Shared::default();
+    for (call, nth) in faults {
+        shared.faults.fail(call, *nth);
+    }
+    let old = old_credential(strategy);
+    let plan = Plan::new(&engine.deps.config, &[]).expect("plan");
+    let mut run = start(&engine, &plan, "test").await.expect("run starts");
+    // What preflight leaves behind: the current credential, each store's value, the parts.
+    let target = engine.deps.config.target("t").expect("target t");
+    let state = &mut run.rec.state.targets[0];
+    state.current = Some(SavedCredential::from(&old));
+    state.stores = [Some(url_of(&old)), Some(url_of(&old))]
+        .into_iter()
+        .map(|original| StoreState {
+            original,
+            ..Default::default()
+        })
+        .collect();
+    run.targets.push(Some(TargetRuntime {
+        config: target,
+        backend: Box::new(backend(&shared, strategy, vec![old.clone()])),
+        stores: stores(&shared, &old),
+        syncs: Vec::new(),
+    }));
+    run.consumers.push(Some(ConsumerHandle::from_consumer(
+        "proxy",
+        Box::new(FakeConsumer {
+            shared: shared.clone(),
+        }),
+        Duration::from_secs(5),
+    )));
+    let outcome = run.after_preflight().await;
+    let report = run.finish(outcome).await;
+    assert_eq!(report.outcome, outcome);
+    (outcome, shared.log)
+}
+
+const ALL: [Strategy; 3] = [Strategy::Single, Strategy::Dual, Strategy::Alternating];
+
+fn strings(calls: &[&str]) -> Vec<String> {
+    calls.iter().map(|c| c.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_run_without_failure_applies_publishes_restarts_then_retires() {
+    for strategy in ALL {
+        let (outcome, log) = rotate_with(strategy, &[]).await;
+        assert_eq!(outcome, Outcome::Succeeded, "{strategy:?}");
+        assert_eq!(
+            log.changes(),
+            strings(&[
+                "backend.apply(new)",
+                "store0.cas(new)",
+                "store1.cas(new)",
+                "consumer.restart",
+                "backend.retire(old)",
+            ]),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn failed_apply_undoes_only_what_may_have_changed() {
+    for strategy in ALL {
+        let (outcome, log) = rotate_with(strategy, &[("backend.apply(new)", 1)]).await;
+        assert_eq!(outcome, Outcome::RolledBack, "{strategy:?}");
+        let expected = match strategy {
+            // A dual undo only removes the run's own password: always done.
+            Strategy::Dual => strings(&["backend.apply(new) failed", "backend.undo_apply(new)"]),
+            // The new credential does not log in and the old one does: nothing to undo.
+            _ => strings(&["backend.apply(new) failed"]),
+        };
+        assert_eq!(log.changes(), expected, "{strategy:?}");
+        // The decision was made by logging in, new credential first.
+        if strategy != Strategy::Dual {
+            let logins: Vec<String> = log
+                .all()
+                .into_iter()
+                .filter(|e| e.starts_with("backend.login"))
+                .collect();
+            assert_eq!(
+                logins[..2],
+                strings(&["backend.login(new)", "backend.login(old)"]),
+                "{strategy:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn failed_backend_verification_undoes_the_apply_before_any_store_is_written() {
+    for strategy in ALL {
+        let (outcome, log) = rotate_with(strategy, &[("backend.login(new)", 1)]).await;
+        assert_eq!(outcome, Outcome::RolledBack, "{strategy:?}");
+        assert_eq!(
+            log.changes(),
+            strings(&["backend.apply(new)", "backend.undo_apply(new)"]),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn failed_publish_restores_the_written_store_settles_the_other_then_undoes_apply() {
+    for strategy in ALL {
+        let (outcome, log) = rotate_with(strategy, &[("store1.cas(new)", 1)]).await;
+        assert_eq!(outcome, Outcome::RolledBack, "{strategy:?}");
+        assert_eq!(
+            log.changes(),
+            strings(&[
+                "backend.apply(new)",
+                "store0.cas(new)",
+                "store1.cas(new) failed",
+                // store0 holds what the run wrote: written back; store1 kept its value.
+                "store0.cas(old)",
+                "store1.settle",
+                "backend.undo_apply(new)",
+            ]),
+            "{strategy:?}"
+        );
+    }
+}
+
+/// The order that matters: one password (`single`) is put back before the consumers roll out
+/// again; with two (`dual`, `alternating`) the consumers roll out first, while both still log
+/// in, and only then is the new one removed.
+fn expected_after_restart(strategy: Strategy, restart: &str) -> Vec<String> {
+    let mut calls = strings(&[
+        "backend.apply(new)",
+        "store0.cas(new)",
+        "store1.cas(new)",
+        restart,
+        "store0.cas(old)",
+        "store1.cas(old)",
+    ]);
+    calls.extend(match strategy {
+        Strategy::Single => strings(&["backend.undo_apply(new)", "consumer.restart"]),
+        _ => strings(&["consumer.restart", "backend.undo_apply(new)"]),
+    });
+    calls
+}
+
+#[tokio::test]
+async fn failed_restart_restores_stores_then_orders_backend_and_consumers_by_strategy() {
+    for strategy in ALL {
+        let (outcome, log) = rotate_with(strategy, &[("consumer.restart", 1)]).await;
+        assert_eq!(outcome, Outcome::RolledBack, "{strategy:?}");
+        assert_eq!(
+            log.changes(),
+            expected_after_restart(strategy, "consumer.restart failed"),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn failed_verify_after_restart_rolls_back_in_the_same_order() {
+    for strategy in ALL {
+        // The first login with the new credential is verify-backend's; the second, verify's.
+        let (outcome, log) = rotate_with(strategy, &[("backend.login(new)", 2)]).await;
+        assert_eq!(outcome, Outcome::RolledBack, "{strategy:?}");
+        assert_eq!(
+            log.changes(),
+            expected_after_restart(strategy, "consumer.restart"),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failed_undo_is_reported_as_rollback_failed() {
+    for strategy in ALL {
+        let (outcome, log) = rotate_with(
+            strategy,
+            &[("consumer.restart", 1), ("backend.undo_apply(new)", 1)],
+        )
+        .await;
+        assert_eq!(outcome, Outcome::RollbackFailed, "{strategy:?}");
+        // The other undo steps still ran.
+        assert!(log.changes().contains(&"store0.cas(old)".to_string()));
+        assert!(log.changes().contains(&"store1.cas(old)".to_string()));
+    }
+}
+
+/// `undo_needed` on a target whose backend accepts `valid` and whose first store holds `held`.
+async fn decide(strategy: Strategy, valid: &[&Credential], held: &Credential) -> UndoNeeded {
+    let config = config(strategy);
+    let shared = Shared::default();
+    let runtime = TargetRuntime {
+        config: config.target("t").expect("target t"),
+        backend: Box::new(backend(
+            &shared,
+            strategy,
+            valid.iter().map(|c| (*c).clone()).collect(),
+        )),
+        stores: stores(&shared, held),
+        syncs: Vec::new(),
+    };
+    let old = old_credential(strategy);
+    let new = Credential {
+        user: runtime.backend.next_user(&old),
+        password: Secret::new("newpassword"),
+    };
+    undo_needed(&runtime, &old, &new).await
+}
+
+fn credential(user: &str, password: &str) -> Credential {
+    Credential {
+        user: user.into(),
+        password: Secret::new(password),
+    }
+}
+
+#[tokio::test]
+async fn undo_is_needed_when_the_new_credential_logs_in() {
+    for strategy in [Strategy::Single, Strategy::Alternating] {
+        let old = old_credential(strategy);
+        let user = if strategy == Strategy::Alternating {
+            "app_b"
+        } else {
+            "app"
+        };
+        let new = credential(user, "newpassword");
+        assert!(
+            matches!(decide(strategy, &[&new], &old).await, UndoNeeded::Yes),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nothing_to_undo_when_only_the_old_credential_logs_in() {
+    for strategy in [Strategy::Single, Strategy::Alternating] {
+        let old = old_credential(strategy);
+        assert!(
+            matches!(
+                decide(strategy, &[&old], &old).await,
+                UndoNeeded::NotApplied
+            ),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_credential_a_store_holds_that_logs_in_is_left_alone() {
+    for strategy in [Strategy::Single, Strategy::Alternating] {
+        // Someone rotated since: neither of the run's credentials logs in, the stored one does.
+        let theirs = credential(&old_credential(strategy).user, OTHER);
+        assert!(
+            matches!(
+                decide(strategy, &[&theirs], &theirs).await,
+                UndoNeeded::Superseded
+            ),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn when_nothing_logs_in_the_undo_is_attempted() {
+    // An unreachable backend, say: the undo then fails or restores the old credential.
+    let old = old_credential(Strategy::Single);
+    assert!(matches!(
+        decide(Strategy::Single, &[], &old).await,
+        UndoNeeded::Yes
+    ));
+}
+
+#[tokio::test]
+async fn a_dual_undo_always_removes_the_new_password() {
+    // Removing the run's own extra password is always safe, whatever logs in.
+    let old = old_credential(Strategy::Dual);
+    for valid in [vec![], vec![&old]] {
+        assert!(matches!(
+            decide(Strategy::Dual, &valid, &old).await,
+            UndoNeeded::Yes
+        ));
+    }
+}
