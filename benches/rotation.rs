@@ -587,40 +587,79 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// A config and .env with `n` PostgreSQL targets (`t0`...), each a login of its own.
 async fn many_targets(pg: &Postgres, n: usize, password: &str) -> Workdir {
-    many_targets_with(pg, n, password, "").await
+    many_targets_with(pg, n, password, "", Stores::OneFile).await
+}
+
+/// Where the targets of [`many_targets_with`] keep their URLs.
+#[derive(Clone, Copy, PartialEq)]
+enum Stores {
+    /// One .env with a key per target: every write rewrites the whole file, so a run's publish
+    /// costs grow with the square of the target count.
+    OneFile,
+    /// A .env per target, as a fleet keeps one Secret (or vault path) per credential.
+    FilePerTarget,
 }
 
 /// [`many_targets`] with extra lines in `[rotator]`.
-async fn many_targets_with(pg: &Postgres, n: usize, password: &str, rotator: &str) -> Workdir {
+async fn many_targets_with(
+    pg: &Postgres,
+    n: usize,
+    password: &str,
+    rotator: &str,
+    stores: Stores,
+) -> Workdir {
     let mut config = format!("[rotator]\njournal = \"sqlite://journal.db\"\njournal_key = \"env:ROTATOR_JOURNAL_KEY\"\nlisten = \"127.0.0.1:0\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n{rotator}\n[[consumer]]\nname = \"proxy\"\nkind = \"command\"\ncommand = [\"true\"]\n");
     let mut dotenv = String::new();
+    let mut own_files = Vec::new();
     let mut sql = String::from("SET log_statement = 'none';");
     for i in 0..n {
         sql.push_str(&format!(
             "DROP ROLE IF EXISTS many{i}; CREATE ROLE many{i} LOGIN PASSWORD '{password}';"
         ));
+        let url = pg.url(&format!("many{i}"), password, "bench");
+        let (path, key) = match stores {
+            Stores::OneFile => {
+                dotenv.push_str(&format!("URL{i}={url}\n"));
+                (".env".to_string(), format!("URL{i}"))
+            }
+            Stores::FilePerTarget => {
+                let path = format!("env/t{i}.env");
+                own_files.push((path.clone(), format!("URL={url}\n")));
+                (path, "URL".to_string())
+            }
+        };
         config.push_str(&format!(
-            "[[target]]\nname = \"t{i}\"\nkind = \"postgres\"\naddress = \"{}\"\ndatabase = \"bench\"\nuser = \"many{i}\"\nadmin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\nsslmode = \"disable\"\nschedule = \"0 3 * * SUN\"\nconsumers = [\"proxy\"]\n  [[target.store]]\n  kind = \"file\"\n  path = \".env\"\n  key = \"URL{i}\"\n",
+            "[[target]]\nname = \"t{i}\"\nkind = \"postgres\"\naddress = \"{}\"\ndatabase = \"bench\"\nuser = \"many{i}\"\nadmin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\nsslmode = \"disable\"\nschedule = \"0 3 * * SUN\"\nconsumers = [\"proxy\"]\n  [[target.store]]\n  kind = \"file\"\n  path = \"{path}\"\n  key = \"{key}\"\n",
             pg.address()
-        ));
-        dotenv.push_str(&format!(
-            "URL{i}={}\n",
-            pg.url(&format!("many{i}"), password, "bench")
         ));
     }
     for chunk in sql.split_inclusive("';").collect::<Vec<_>>().chunks(2000) {
         pg.exec(&chunk.concat()).await;
     }
-    Workdir::new(
+    let work = Workdir::new(
         &config,
         &dotenv,
         &[("PG_ADMIN_PASSWORD", pg.admin_password())],
-    )
+    );
+    if !own_files.is_empty() {
+        std::fs::create_dir(work.dir.path().join("env")).unwrap();
+    }
+    for (path, text) in own_files {
+        std::fs::write(work.dir.path().join(path), text).unwrap();
+    }
+    work
 }
 
 /// One run over `n` targets with `max_parallel`, timed; its wall time in seconds and peak RSS.
-async fn fleet_run(pg: &Postgres, password: &str, n: usize, max_parallel: usize) -> (f64, u64) {
-    let work = many_targets_with(pg, n, password, &format!("max_parallel = {max_parallel}")).await;
+async fn fleet_run(
+    pg: &Postgres,
+    password: &str,
+    n: usize,
+    max_parallel: usize,
+    stores: Stores,
+) -> (f64, u64) {
+    let rotator = format!("max_parallel = {max_parallel}");
+    let work = many_targets_with(pg, n, password, &rotator, stores).await;
     let started = Instant::now();
     let mut child = work.command(&["rotate"]).spawn().unwrap();
     let mut peak = 0;
@@ -653,16 +692,25 @@ async fn fleet_rows(
     let mut seconds = std::collections::BTreeMap::new();
     for &n in sizes {
         for max_parallel in [1, default] {
-            let (elapsed, peak) = fleet_run(pg, password, n, max_parallel).await;
+            let (elapsed, peak) =
+                fleet_run(pg, password, n, max_parallel, Stores::FilePerTarget).await;
             seconds.insert((n, max_parallel), elapsed);
             rows.push(Row {
                 what: format!("one run over {n} targets, max_parallel {max_parallel}"),
                 figure: format!("{elapsed:.2} s, peak RSS {:.1} MiB", peak as f64 / 1024.0),
-                note: "one transaction, one restart; backend steps max_parallel targets at a time"
+                note: "a .env per target; one transaction, one restart; backend steps \
+                       max_parallel targets at a time"
                     .into(),
             });
         }
     }
+    let (elapsed, _) = fleet_run(pg, password, 1000, default, Stores::OneFile).await;
+    rows.push(Row {
+        what: format!("one run over 1000 targets sharing one .env, max_parallel {default}"),
+        figure: format!("{elapsed:.2} s"),
+        note: "every write rewrites the whole file: publish grows with the square of the count"
+            .into(),
+    });
     let (t100, t1000) = (seconds[&(100, default)], seconds[&(1000, default)]);
     rows.push(Row {
         what: "ratio: 1,000 targets / 100 targets (default max_parallel)".into(),
@@ -683,7 +731,7 @@ async fn api_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
         .local_addr()
         .unwrap()
         .port();
-    let work = many_targets_with(pg, 1, password, "").await;
+    let work = many_targets_with(pg, 1, password, "", Stores::OneFile).await;
     let config = std::fs::read_to_string(work.dir.path().join("rotator.toml"))
         .unwrap()
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
@@ -801,19 +849,8 @@ async fn main() {
         }
         Ok("fleet") => {
             single_row(&mut rows, &pg, &password).await;
-            let default = llmtrace_rotator::config::DEFAULT_MAX_PARALLEL;
-            let (elapsed, _) = fleet_run(&pg, &password, 1000, default).await;
             let single = single_rotation_ms(&rows);
-            rows.push(Row {
-                what: format!("one run over 1000 targets, max_parallel {default}"),
-                figure: format!("{elapsed:.2} s"),
-                note: String::new(),
-            });
-            rows.push(Row {
-                what: "ratio: 1,000 targets / one single-target rotation".into(),
-                figure: format!("{:.0}", elapsed * 1000.0 / single),
-                note: "target ≤ 250".into(),
-            });
+            fleet_rows(&mut rows, &pg, &password, quick, single).await;
             return print_rows(rows, quick, started);
         }
         _ => {}
