@@ -199,58 +199,7 @@ async fn execute(command: Command) -> Result<i32, Failure> {
             targets,
             dry_run,
             output,
-        } => {
-            let deps = load(&config).await?;
-            let plan = Plan::new(&deps.config, &targets)?;
-            if dry_run {
-                return Ok(dry_run_report(&deps, &plan, output).await);
-            }
-            let engine = Engine::new(deps).await?;
-            // SIGTERM (a CronJob's deadline, a node drain) stops the run at the next step and
-            // rolls it back, rather than leaving pods on a half-rotated credential until next week.
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let on_signal = cancel.clone();
-            let listener = tokio::spawn(async move {
-                shutdown_signal().await;
-                on_signal.cancel();
-            });
-            let recovered = recover::recover_all(&engine, &cancel).await?;
-            let context = match run::start(&engine, &plan, "cli").await {
-                Ok(context) => context,
-                Err(error) => {
-                    // Say what recovery did before refusing: it is why the run cannot start.
-                    print(output, &recovered, || {
-                        recovered.iter().map(RunReport::to_text).collect()
-                    });
-                    return Err(Failure {
-                        // A failed rollback needs a person more than a refused start does.
-                        code: match recovery_code(&recovered) {
-                            EXIT_OK => EXIT_CANNOT_START,
-                            code => code,
-                        },
-                        message: error.to_string(),
-                    });
-                }
-            };
-            let report = context.with_cancel(cancel).execute().await;
-            listener.abort();
-            print(
-                output,
-                &RotateOutput {
-                    run: &report,
-                    recovered: &recovered,
-                },
-                || {
-                    recovered
-                        .iter()
-                        .chain([&report])
-                        .map(RunReport::to_text)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                },
-            );
-            Ok(report.outcome.exit_code().max(recovery_code(&recovered)))
-        }
+        } => run_rotate(&config, &targets, dry_run, output).await,
         Command::Check { config, output } => {
             let deps = load(&config).await?;
             let report = check::check(&deps, &[]).await;
@@ -275,23 +224,7 @@ async fn execute(command: Command) -> Result<i32, Failure> {
             print(output, &runs, || history_text(&runs));
             Ok(EXIT_OK)
         }
-        Command::Recover { config, output } => {
-            let engine = Engine::new(load(&config).await?).await?;
-            let reports =
-                recover::recover_all(&engine, &tokio_util::sync::CancellationToken::new()).await?;
-            print(output, &reports, || {
-                if reports.is_empty() {
-                    "nothing to recover\n".to_string()
-                } else {
-                    reports
-                        .iter()
-                        .map(RunReport::to_text)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                }
-            });
-            Ok(recovery_code(&reports))
-        }
+        Command::Recover { config, output } => run_recover(&config, output).await,
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             match crate::server::serve(config, shutdown_signal()).await {
@@ -307,25 +240,107 @@ async fn execute(command: Command) -> Result<i32, Failure> {
             config,
             service_account,
             namespace,
-        } => {
-            let config = Config::load(&config)?;
-            let yaml = crate::rbac::render(&config, &service_account, namespace.as_deref())
-                .map_err(|e| Failure {
-                    code: EXIT_USAGE,
-                    message: e.to_string(),
-                })?;
-            if yaml.is_empty() {
-                eprintln!("this config makes no Kubernetes request: no Role is needed");
-            }
-            print!("{yaml}");
-            Ok(EXIT_OK)
-        }
+        } => print_rbac(&config, &service_account, namespace.as_deref()),
         Command::Migrate { config } => {
             Engine::new(load(&config).await?).await?;
             println!("journal is up to date");
             Ok(EXIT_OK)
         }
     }
+}
+
+/// `rotate`: recovers what a crash left first, then runs the plan; SIGTERM rolls it back.
+async fn run_rotate(
+    config: &Path,
+    targets: &[String],
+    dry_run: bool,
+    output: OutputFormat,
+) -> Result<i32, Failure> {
+    let deps = load(config).await?;
+    let plan = Plan::new(&deps.config, targets)?;
+    if dry_run {
+        return Ok(dry_run_report(&deps, &plan, output).await);
+    }
+    let engine = Engine::new(deps).await?;
+    // SIGTERM (a CronJob's deadline, a node drain) stops the run at the next step and
+    // rolls it back, rather than leaving pods on a half-rotated credential until next week.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    let listener = tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let recovered = recover::recover_all(&engine, &cancel).await?;
+    let context = match run::start(&engine, &plan, "cli").await {
+        Ok(context) => context,
+        Err(error) => {
+            // Say what recovery did before refusing: it is why the run cannot start.
+            print(output, &recovered, || {
+                recovered.iter().map(RunReport::to_text).collect()
+            });
+            return Err(Failure {
+                // A failed rollback needs a person more than a refused start does.
+                code: match recovery_code(&recovered) {
+                    EXIT_OK => EXIT_CANNOT_START,
+                    code => code,
+                },
+                message: error.to_string(),
+            });
+        }
+    };
+    let report = context.with_cancel(cancel).execute().await;
+    listener.abort();
+    let text = || {
+        recovered
+            .iter()
+            .chain([&report])
+            .map(RunReport::to_text)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let both = RotateOutput {
+        run: &report,
+        recovered: &recovered,
+    };
+    print(output, &both, text);
+    Ok(report.outcome.exit_code().max(recovery_code(&recovered)))
+}
+
+/// `recover`: finishes or rolls back every run a crash left unfinished.
+async fn run_recover(config: &Path, output: OutputFormat) -> Result<i32, Failure> {
+    let engine = Engine::new(load(config).await?).await?;
+    let reports =
+        recover::recover_all(&engine, &tokio_util::sync::CancellationToken::new()).await?;
+    print(output, &reports, || {
+        if reports.is_empty() {
+            "nothing to recover\n".to_string()
+        } else {
+            reports
+                .iter()
+                .map(RunReport::to_text)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    });
+    Ok(recovery_code(&reports))
+}
+
+/// `rbac`: the least-privilege Role and RoleBinding this config needs, as YAML.
+fn print_rbac(
+    config: &Path,
+    service_account: &str,
+    namespace: Option<&str>,
+) -> Result<i32, Failure> {
+    let config = Config::load(config)?;
+    let yaml = crate::rbac::render(&config, service_account, namespace).map_err(|e| Failure {
+        code: EXIT_USAGE,
+        message: e.to_string(),
+    })?;
+    if yaml.is_empty() {
+        eprintln!("this config makes no Kubernetes request: no Role is needed");
+    }
+    print!("{yaml}");
+    Ok(EXIT_OK)
 }
 
 /// The plan and the read-only preflight, without the journal: nothing is written anywhere.

@@ -173,14 +173,11 @@ fn replica_name() -> String {
     format!("{host}-{}", &suffix[..8])
 }
 
-/// Runs the daemon until `shutdown` resolves, then stops taking requests, cancels the runs in
-/// flight and gives them `shutdown_grace` to roll back; what is left then is for recovery.
-pub async fn serve(
+/// The daemon's state, after recovering what a crash left and loading each target's history
+/// into the metrics; also the API token text when it comes from a file (to watch it).
+async fn start_daemon(
     config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let listen = config.rotator.listen;
-    let grace = config.rotator.shutdown_grace;
+) -> Result<(Arc<Daemon>, Option<crate::secret::Secret>), ServeError> {
     let deps = Deps::new(config).await?;
     let (tokens, token_text) = match &deps.config.rotator.api_tokens {
         Some(reference) => {
@@ -194,27 +191,18 @@ pub async fn serve(
             (auth::Tokens::none(), None)
         }
     };
-    let tokens = Arc::new(auth::LiveTokens::new(tokens));
     let engine = Arc::new(Engine::new(deps).await?);
-    let names: Vec<String> = engine
+    let ages: Vec<(String, std::time::Duration)> = engine
         .deps
         .config
         .targets
         .iter()
-        .map(|t| t.name.clone())
+        .map(|t| (t.name.clone(), t.max_age))
         .collect();
     let daemon = Arc::new(Daemon {
-        metrics: metrics::Metrics::new(
-            &engine
-                .deps
-                .config
-                .targets
-                .iter()
-                .map(|t| (t.name.clone(), t.max_age))
-                .collect::<Vec<_>>(),
-        ),
+        metrics: metrics::Metrics::new(&ages),
         engine: engine.clone(),
-        tokens,
+        tokens: Arc::new(auth::LiveTokens::new(tokens)),
         tracker: TaskTracker::new(),
         cancel_runs: CancellationToken::new(),
         replica: replica_name(),
@@ -225,7 +213,7 @@ pub async fn serve(
         tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered an interrupted run");
         daemon.observe(&report);
     }
-    for name in &names {
+    for (name, _) in &ages {
         let history = engine
             .journal
             .target_history(name)
@@ -233,6 +221,19 @@ pub async fn serve(
             .map_err(EngineError::from)?;
         daemon.metrics.set_history(name, &history);
     }
+    Ok((daemon, token_text))
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops taking requests, cancels the runs in
+/// flight and gives them `shutdown_grace` to roll back; what is left then is for recovery.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listen = config.rotator.listen;
+    let grace = config.rotator.shutdown_grace;
+    let (daemon, token_text) = start_daemon(config).await?;
+    let engine = daemon.engine.clone();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Listen {
