@@ -159,3 +159,89 @@ async fn two_replicas_run_each_fire_once_and_survive_losing_one() {
         "replica logs",
     );
 }
+
+/// A replica that dies between claiming a fire and starting its run (stopped there by a
+/// failpoint, then SIGKILLed) does not cost the fire: after `takeover_grace`, another
+/// replica's periodic recovery takes the undecided claim over and runs it within its window.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fire_claimed_by_a_replica_that_died_is_run_by_another() {
+    let mut host = ComposeHost::start().await;
+    host.use_postgres_journal().await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let log = host.restart_log.display().to_string();
+    let config = |port: u16| {
+        postgres_journal(&file_config_with(
+            &host.pg.address(),
+            &["sh".into(), "-c".into(), format!("echo restarted >> {log}")],
+            &format!(
+                "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\n\
+                 check_interval = \"0s\"\nrecover_interval = \"1s\""
+            ),
+            // Every 20 seconds: the fire taken over runs long before the next one.
+            "schedule = \"*/20 * * * * *\"\nwindow = \"5m\"",
+        ))
+    };
+    host.rotator.write_config(&config(port_a));
+    let config_b = host.rotator.path("replica-b.toml");
+    std::fs::write(&config_b, config(port_b)).unwrap();
+
+    host.rotator.env.insert(
+        "LLMTRACE_ROTATOR_PAUSE_AT".into(),
+        "claimed:postgres:ok".into(),
+    );
+    let mut a = host.rotator.serve(port_a).await;
+    host.rotator.env.remove("LLMTRACE_ROTATOR_PAUSE_AT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.log().contains("failpoint reached: claimed:postgres:ok") {
+        assert!(
+            Instant::now() < deadline,
+            "A never claimed a fire: {}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.child.start_kill().unwrap();
+    a.wait(Duration::from_secs(10)).await;
+    let claims = journal_rows(&host, "SELECT target, scheduled_at FROM rotator_fires").await;
+    assert_eq!(claims.len(), 1, "A's claim: {claims:?}");
+    let (_, fire) = claims[0];
+
+    let mut b = host.rotator.serve_with(&config_b, port_b).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let run = loop {
+        let runs = journal_rows(
+            &host,
+            "SELECT id, started_at FROM rotator_runs WHERE trigger_kind = 'schedule' \
+             AND outcome = 'succeeded'",
+        )
+        .await;
+        if let Some(run) = runs.first() {
+            break run.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B took the fire over: {}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        run.1 < fire + 20_000,
+        "the run is A's fire taken over, not B's own next fire ({} ms after A's)",
+        run.1 - fire
+    );
+    assert!(b.log().contains("is taken over"), "{}", b.log());
+    let settled = journal_rows(
+        &host,
+        &format!("SELECT replica, settled::bigint FROM rotator_fires WHERE scheduled_at = {fire}"),
+    )
+    .await;
+    assert_eq!(settled[0].1, 1, "decided by B: {settled:?}");
+    host.assert_stores_log_in().await;
+
+    b.signal("TERM");
+    assert_eq!(b.wait(Duration::from_secs(30)).await, 0, "{}", b.log());
+    let secrets = [host.pg.admin_password()];
+    assert_no_secret(&format!("{}{}", a.log(), b.log()), &secrets, "replica logs");
+}

@@ -447,6 +447,77 @@ impl Journal {
         Ok(inserted.rows_affected() == 1)
     }
 
+    /// Records that `replica` decided its claimed fire (started a run, or skipped it).
+    pub async fn settle_fire(
+        &self,
+        target: &str,
+        scheduled_at_ms: i64,
+        replica: &str,
+    ) -> Result<(), JournalError> {
+        sqlx::query(
+            "UPDATE rotator_fires SET settled = 1 \
+             WHERE target = $1 AND scheduled_at = $2 AND replica = $3",
+        )
+        .bind(target)
+        .bind(scheduled_at_ms)
+        .bind(replica)
+        .execute(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        Ok(())
+    }
+
+    /// Fires claimed before `claimed_before_ms`, never settled, scheduled after
+    /// `scheduled_after_ms`, and with no run started on their target since: their replica died
+    /// between claiming and starting. `(target, scheduled_at, claimed_at)`, oldest first.
+    pub async fn orphaned_fires(
+        &self,
+        claimed_before_ms: i64,
+        scheduled_after_ms: i64,
+    ) -> Result<Vec<(String, i64, i64)>, JournalError> {
+        let rows = sqlx::query(
+            "SELECT f.target, f.scheduled_at, f.claimed_at FROM rotator_fires f \
+             WHERE f.settled = 0 AND f.claimed_at < $1 AND f.scheduled_at > $2 \
+               AND NOT EXISTS (SELECT 1 FROM rotator_run_targets t \
+                               JOIN rotator_runs r ON r.id = t.run_id \
+                               WHERE t.target = f.target AND r.started_at >= f.scheduled_at) \
+             ORDER BY f.scheduled_at",
+        )
+        .bind(claimed_before_ms)
+        .bind(scheduled_after_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(JournalError::Query)
+    }
+
+    /// Takes over an orphaned fire for `replica`; `false` when another replica was first (the
+    /// claim changed since it was read).
+    pub async fn take_over_fire(
+        &self,
+        target: &str,
+        scheduled_at_ms: i64,
+        claimed_at_ms: i64,
+        replica: &str,
+    ) -> Result<bool, JournalError> {
+        let taken = sqlx::query(
+            "UPDATE rotator_fires SET replica = $1, claimed_at = $2 \
+             WHERE target = $3 AND scheduled_at = $4 AND claimed_at = $5 AND settled = 0",
+        )
+        .bind(replica)
+        .bind(now_ms())
+        .bind(target)
+        .bind(scheduled_at_ms)
+        .bind(claimed_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(JournalError::Query)?;
+        Ok(taken.rows_affected() == 1)
+    }
+
     /// Marks a run as needing no recovery: for one that holds no state to act on.
     pub async fn settle_stateless(&self, id: &str) -> Result<(), JournalError> {
         sqlx::query("UPDATE rotator_runs SET needs_recovery = 0 WHERE id = $1")

@@ -102,6 +102,7 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
             .map(|(t, f)| (t.clone(), *f))
             .collect();
         let mut runnable = Vec::new();
+        let mut claimed = Vec::new();
         for (name, fire) in due {
             let Some(target) = daemon.engine.deps.config.target(&name) else {
                 continue;
@@ -116,6 +117,8 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
             if !claim(&daemon, &name, fire).await {
                 continue;
             }
+            claimed.push((name.clone(), fire.scheduled.timestamp_millis()));
+            crate::failpoint::boundary("claimed", &name, "ok").await;
             let late = (now - fire.at).to_std().unwrap_or_default();
             if late > target.window {
                 tracing::warn!(target = %name, late_seconds = late.as_secs(), "scheduled rotation missed its window; skipped");
@@ -127,6 +130,7 @@ pub async fn run(daemon: Arc<Daemon>, stop: CancellationToken) {
         for group in group_by_consumer(&daemon.engine.deps.config, &runnable) {
             launch(&daemon, group).await;
         }
+        settle(&daemon, &claimed).await;
     }
     daemon.metrics.set_leader(false);
     let _ = checker.await;
@@ -143,7 +147,75 @@ async fn recoveries(daemon: Arc<Daemon>, stop: CancellationToken) {
             _ = tokio::time::sleep(interval) => {}
         }
         daemon.recover().await;
+        take_over_orphaned_fires(&daemon).await;
     }
+}
+
+/// Records that this replica decided its claimed fires: no other replica takes them over.
+async fn settle(daemon: &Daemon, claimed: &[(String, i64)]) {
+    for (target, scheduled_at) in claimed {
+        let settled = daemon
+            .engine
+            .journal
+            .settle_fire(target, *scheduled_at, &daemon.replica)
+            .await;
+        if let Err(error) = settled {
+            tracing::warn!(target, cause = %error, "cannot mark a scheduled fire as decided");
+        }
+    }
+}
+
+/// Runs, if still within their window, the fires a replica claimed and then died before
+/// starting: claims left undecided past `takeover_grace` with no run on their target since.
+async fn take_over_orphaned_fires(daemon: &Arc<Daemon>) {
+    let config = &daemon.engine.deps.config;
+    let journal = &daemon.engine.journal;
+    let now = Utc::now();
+    let grace = chrono::Duration::from_std(config.rotator.takeover_grace).unwrap_or_default();
+    let longest_window = config.targets.iter().map(|t| t.window).max();
+    let oldest =
+        now - chrono::Duration::from_std(longest_window.unwrap_or_default()).unwrap_or_default();
+    let orphans = match journal
+        .orphaned_fires((now - grace).timestamp_millis(), oldest.timestamp_millis())
+        .await
+    {
+        Ok(orphans) => orphans,
+        Err(error) => {
+            tracing::error!(cause = %error, "cannot look for scheduled fires left by a stopped replica");
+            return;
+        }
+    };
+    let mut runnable = Vec::new();
+    let mut taken = Vec::new();
+    for (name, scheduled_at, claimed_at) in orphans {
+        let Some(target) = config.target(&name) else {
+            continue;
+        };
+        match journal
+            .take_over_fire(&name, scheduled_at, claimed_at, &daemon.replica)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::error!(target = %name, cause = %error, "cannot take over a scheduled fire");
+                continue;
+            }
+        }
+        tracing::warn!(target = %name, "a scheduled fire claimed by a replica that stopped before starting it is taken over");
+        taken.push((name.clone(), scheduled_at));
+        let scheduled = DateTime::from_timestamp_millis(scheduled_at).unwrap_or(now);
+        if (now - scheduled).to_std().unwrap_or_default() > target.window {
+            tracing::warn!(target = %name, "scheduled rotation missed its window; skipped");
+            daemon.metrics.skipped(&name, "missed_window");
+        } else if !runnable.contains(&name) {
+            runnable.push(name);
+        }
+    }
+    for group in group_by_consumer(config, &runnable) {
+        launch(daemon, group).await;
+    }
+    settle(daemon, &taken).await;
 }
 
 /// The next fire of every scheduled target. A fire missed while the daemon was down runs now
