@@ -8,6 +8,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
 use crate::password::{Alphabet, PasswordPolicy};
 use crate::secret::Secret;
 
@@ -260,87 +263,76 @@ pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// theirs on start: two minutes after a finished rollout, a session still on the old credential
 /// belongs to something the rotation did not restart.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
-/// The sealed-secrets controller unseals within seconds; one minute covers a busy one.
-pub const DEFAULT_SEALED_TIMEOUT: Duration = Duration::from_secs(60);
-
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    pub key: String,
     pub format: Format,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreKind {
-    Kubernetes {
-        namespace: String,
-        secret: String,
-    },
-    File {
-        path: PathBuf,
-    },
-    /// A property of a Vault/OpenBao KV v2 secret; the store's `key` is the property.
-    Vault(VaultStore),
-    /// AWS Secrets Manager; the store's `key` is the JSON property, empty for the whole string.
-    Aws(AwsStore),
-    /// A key of a SealedSecret, read back from the Secret the controller unseals it into.
-    SealedSecret(SealedSecretStore),
+impl StoreConfig {
+    /// The key (or property) the credential is stored under.
+    pub fn key(&self) -> &str {
+        self.kind.settings().key()
+    }
+
+    /// Names the place, as the store itself does in reports.
+    pub fn describe(&self) -> String {
+        self.kind.settings().describe()
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedSecretStore {
-    pub namespace: String,
-    pub name: String,
-    pub certificate: Certificate,
-    /// SHA-256 of the certificate (DER, as `openssl x509 -noout -fingerprint -sha256` prints
-    /// it), lower-case hex: a fetched certificate must match it.
-    pub certificate_sha256: Option<String>,
-    /// How long to wait for the controller to unseal a write into the Secret.
-    pub timeout: Duration,
+/// Declares a kind enum from its table: each line names a kind as config spells it, its
+/// variant, and its settings type (defined in the kind's own file).
+macro_rules! kinds {
+    ($(#[$doc:meta])* $Enum:ident: $Settings:path { $($name:literal => $Variant:ident($Config:ty),)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum $Enum {
+            $($Variant($Config),)+
+        }
+
+        impl $Enum {
+            /// Every kind, as config spells it.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            /// Reads the table of the kind named `kind` (the `kind` key itself taken out).
+            fn read(kind: &str, table: toml::Table, at: &At, errors: &mut Errors) -> Option<Self> {
+                match kind {
+                    "" => {
+                        errors.missing(at.of("kind"), "is required");
+                        None
+                    }
+                    $($name => parse::<$Config>(table, at, errors).map(Self::$Variant),)+
+                    other => {
+                        errors.push(
+                            at.of("kind"),
+                            format!("{other:?} is not one of {}", Self::NAMES.join(", ")),
+                        );
+                        None
+                    }
+                }
+            }
+
+            /// The kind's settings, behind the trait the rest of the rotator uses.
+            pub fn settings(&self) -> &dyn $Settings {
+                match self {
+                    $(Self::$Variant(settings) => settings,)+
+                }
+            }
+        }
+    };
 }
 
-/// The sealed-secrets controller's public certificate (PEM), as `kubeseal --cert` takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Certificate {
-    File(PathBuf),
-    /// `http://sealed-secrets-controller.kube-system:8080/v1/cert.pem`
-    Url(String),
+kinds! {
+    /// Where a target's credential is stored: one line per store kind.
+    StoreKind: crate::store::StoreSettings {
+        "kubernetes" => Kubernetes(crate::store::kubernetes::SecretConfig),
+        "file" => File(crate::store::file::FileConfig),
+        "vault" => Vault(crate::store::vault::VaultConfig),
+        "aws" => Aws(crate::store::aws::AwsConfig),
+        "sealedsecret" => SealedSecret(crate::store::sealedsecret::SealedSecretConfig),
+    }
 }
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AwsStore {
-    pub secret_id: String,
-    pub region: String,
-    /// Another Secrets Manager endpoint (a VPC endpoint, an emulator).
-    pub endpoint: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultStore {
-    /// `https://vault.example:8200`
-    pub address: String,
-    /// The KV v2 mount, `secret` by default.
-    pub mount: String,
-    pub path: String,
-    /// Sent as `X-Vault-Namespace` (Vault Enterprise, OpenBao namespaces).
-    pub namespace: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub auth: VaultAuth,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VaultAuth {
-    Token(Reference),
-    /// Kubernetes auth: the pod's service account token is exchanged for a Vault token.
-    Kubernetes {
-        role: String,
-        mount: String,
-        token_file: PathBuf,
-    },
-}
-
-/// Where Kubernetes mounts the pod's service account token.
-pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
@@ -411,7 +403,23 @@ impl fmt::Display for Reference {
     }
 }
 
+impl std::str::FromStr for Reference {
+    type Err = String;
+
+    /// A relative `file:` path stays relative until [`Reference::resolve`].
+    fn from_str(text: &str) -> Result<Reference, String> {
+        Reference::parse(text, Path::new(""))
+    }
+}
+
 impl Reference {
+    /// Takes a relative `file:` path from the config file's directory.
+    pub fn resolve(&mut self, at: &At) {
+        if let Reference::File(path) = self {
+            at.resolve(path);
+        }
+    }
+
     /// Parses `env:NAME`, `file:PATH`, `k8s:NS/SECRET#KEY` or `literal:VALUE`; relative paths are
     /// taken from `base` (the config file's directory).
     pub fn parse(text: &str, base: &Path) -> Result<Reference, String> {
@@ -468,8 +476,9 @@ impl Config {
 
     /// Parses config text; relative paths resolve against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let root: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         let mut errors = Errors::default();
+        drop_empty_strings(&mut root, "", &mut errors);
         let root = Fields::new(String::new(), &root);
         let config = parse_root(&root, base, &mut errors);
         root.finish(&mut errors);
@@ -496,14 +505,7 @@ impl Config {
             t.admin_password
                 .as_ref()
                 .is_some_and(Reference::uses_kubernetes)
-                || t.stores.iter().any(|s| match &s.kind {
-                    StoreKind::Kubernetes { .. } => true,
-                    StoreKind::Vault(vault) => {
-                        matches!(&vault.auth, VaultAuth::Token(r) if r.uses_kubernetes())
-                    }
-                    StoreKind::SealedSecret(_) => true,
-                    StoreKind::File { .. } | StoreKind::Aws(_) => false,
-                })
+                || t.stores.iter().any(|s| s.kind.settings().uses_kubernetes())
                 || !t.sync.is_empty()
         });
         let consumer = self
@@ -557,16 +559,285 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
     }
 }
 
+/// Where a table sits in the file (`target[1].store[0]`) and the directory its relative paths
+/// are taken from: what a kind's `validate` needs to name a field and resolve a path.
+#[derive(Clone, Copy)]
+pub struct At<'a> {
+    pub path: &'a str,
+    pub base: &'a Path,
+}
+
+impl At<'_> {
+    /// The path of `key` in this table, as errors name it.
+    pub fn of(&self, key: &str) -> String {
+        join(self.path, key)
+    }
+
+    /// A path from the config, taken relative to the config file's directory.
+    pub fn resolve(&self, path: &mut PathBuf) {
+        if !path.as_os_str().is_empty() {
+            *path = self.base.join(&*path);
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Every problem found in a config, collected so that all are reported at once.
 #[derive(Default)]
-struct Errors(Vec<FieldError>);
+pub struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
             message: message.into(),
         });
     }
+
+    /// Reports a missing field, unless that field was already reported (a value of the wrong
+    /// type, or an empty one, is dropped before validation and must not also read as missing).
+    pub fn missing(&mut self, path: String, message: impl Into<String>) {
+        if !self.reported(&path) {
+            self.push(path, message);
+        }
+    }
+
+    /// Whether something at `path` (or inside it) was reported.
+    pub fn reported(&self, path: &str) -> bool {
+        self.0.iter().any(|e| {
+            e.path
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    }
+
+    /// A required text field: empty means absent (empty strings were reported on reading).
+    pub fn require(&mut self, value: &str, at: &At, key: &str) {
+        if value.is_empty() {
+            self.missing(at.of(key), "is required");
+        }
+    }
+}
+
+/// A kind's own settings: deserialized from its table, then checked as a whole.
+pub trait Validate {
+    /// Reports every bad field under `at` and resolves relative paths against `at.base`.
+    fn validate(&mut self, at: &At, errors: &mut Errors);
+}
+
+/// Reads a table into `T` and validates it: every value of the wrong type, every unknown key and
+/// every bad field is reported. `None` when a value had the wrong type.
+pub fn parse<T: DeserializeOwned + Validate>(
+    table: toml::Table,
+    at: &At,
+    errors: &mut Errors,
+) -> Option<T> {
+    let (value, rest) = read_part::<T>(table, at, errors);
+    unknown_keys(rest, at, errors);
+    let (mut value, typed) = value?;
+    value.validate(at, errors);
+    typed.then_some(value)
+}
+
+/// Reports each key of `rest` as unknown (a typo, or a key of another kind).
+fn unknown_keys(rest: toml::Table, at: &At, errors: &mut Errors) {
+    for key in rest.keys() {
+        errors.push(at.of(key), "unknown key");
+    }
+}
+
+/// Deserializes the part of `table` that `T` describes. A value of the wrong type is reported
+/// by its path and dropped, and the rest read again, so one bad value hides no other. Returns
+/// `T` (with whether every value had its type) and the top-level keys `T` does not know, left for
+/// another reader; unknown keys nested deeper are reported here.
+fn read_part<T: DeserializeOwned>(
+    mut table: toml::Table,
+    at: &At,
+    errors: &mut Errors,
+) -> (Option<(T, bool)>, toml::Table) {
+    let mut typed = true;
+    loop {
+        let mut ignored: Vec<(String, Option<String>)> = Vec::new();
+        let value = toml::Value::Table(table.clone());
+        let mut record = |path: serde_ignored::Path| {
+            let top = match &path {
+                serde_ignored::Path::Map { parent, key }
+                    if matches!(parent, serde_ignored::Path::Root) =>
+                {
+                    Some(key.clone())
+                }
+                _ => None,
+            };
+            ignored.push((ignored_path(&path), top));
+        };
+        let de = serde_ignored::Deserializer::new(value, &mut record);
+        match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(parsed) => {
+                let mut rest = toml::Table::new();
+                for (path, top) in ignored {
+                    match top.and_then(|key| table.remove_entry(&key)) {
+                        Some((key, value)) => {
+                            rest.insert(key, value);
+                        }
+                        None => errors.push(join(at.path, &path), "unknown key"),
+                    }
+                }
+                return (Some((parsed, typed)), rest);
+            }
+            Err(error) => {
+                typed = false;
+                let segments: Vec<&Segment> = error.path().iter().collect();
+                let in_array = matches!(segments.last(), Some(Segment::Seq { .. }));
+                errors.push(
+                    join(at.path, &segment_path(&segments)),
+                    type_error(error.inner(), in_array),
+                );
+                let mut root = toml::Value::Table(std::mem::take(&mut table));
+                let removed = remove(&mut root, &segments);
+                if let toml::Value::Table(t) = root {
+                    table = t;
+                }
+                if !removed {
+                    return (None, toml::Table::new());
+                }
+            }
+        }
+    }
+}
+
+use serde_path_to_error::Segment;
+
+fn segment_path(segments: &[&Segment]) -> String {
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => out = join(&out, key),
+            Segment::Enum { variant } => out = join(&out, variant),
+            Segment::Unknown => out = join(&out, "?"),
+        }
+    }
+    out
+}
+
+fn ignored_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        Path::Map { parent, key } => join(&ignored_path(parent), key),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
+    }
+}
+
+/// Drops the value at `segments` so the table can be read again without it.
+fn remove(value: &mut toml::Value, segments: &[&Segment]) -> bool {
+    match (value, segments) {
+        (toml::Value::Table(table), [Segment::Map { key }]) => table.remove(key).is_some(),
+        (toml::Value::Array(array), [Segment::Seq { index }]) if *index < array.len() => {
+            array.remove(*index);
+            true
+        }
+        (toml::Value::Table(table), [Segment::Map { key }, rest @ ..]) => {
+            table.get_mut(key).is_some_and(|v| remove(v, rest))
+        }
+        (toml::Value::Array(array), [Segment::Seq { index }, rest @ ..]) => {
+            array.get_mut(*index).is_some_and(|v| remove(v, rest))
+        }
+        _ => false,
+    }
+}
+
+/// Says what type a value should have, in the words the TOML spec uses, and never repeats the
+/// value (it may be a secret). Messages of the config's own readers (a bad duration) pass as they are.
+fn type_error(error: &toml::de::Error, in_array: bool) -> String {
+    let message = error.message();
+    let Some(rest) = message.strip_prefix("invalid type: ") else {
+        return message.to_string();
+    };
+    let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+    let found = match found.split(' ').next().unwrap_or("") {
+        "integer" => "integer",
+        "boolean" => "boolean",
+        "floating" => "float",
+        "string" => "string",
+        "sequence" => "array",
+        "map" => "table",
+        _ => "another type",
+    };
+    match expected {
+        "a string" if in_array => "must be a non-empty string".into(),
+        "a string" => format!("must be a string, not {found}"),
+        "a boolean" => format!("must be true or false, not {found}"),
+        "a sequence" => "must be an array of strings".into(),
+        e if e.starts_with(['i', 'u']) => format!("must be an integer, not {found}"),
+        _ => format!("must be a table, not {found}"),
+    }
+}
+
+/// Reports every empty string in the document by its path and drops it: an empty value is a
+/// mistake wherever it appears, and dropped it reads as absent, so a required field is not
+/// reported twice. Empty items of arrays are reported and dropped likewise.
+fn drop_empty_strings(table: &mut toml::Table, path: &str, errors: &mut Errors) {
+    table.retain(|key, value| {
+        let path = join(path, key);
+        match value {
+            toml::Value::String(s) if s.trim().is_empty() => {
+                errors.push(path, "must not be empty");
+                false
+            }
+            toml::Value::Table(t) => {
+                drop_empty_strings(t, &path, errors);
+                true
+            }
+            toml::Value::Array(items) => {
+                let mut i = 0;
+                items.retain_mut(|item| {
+                    let item_path = format!("{path}[{i}]");
+                    i += 1;
+                    match item {
+                        toml::Value::String(s) if s.is_empty() => {
+                            errors.push(item_path, "must be a non-empty string");
+                            false
+                        }
+                        toml::Value::Table(t) => {
+                            drop_empty_strings(t, &item_path, errors);
+                            true
+                        }
+                        _ => true,
+                    }
+                });
+                true
+            }
+            _ => true,
+        }
+    });
+}
+
+/// `#[serde(deserialize_with)]` for an optional value written as text (a duration, a
+/// reference, one of a list of words): the text's own error message is kept.
+pub fn parsed<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// `#[serde(deserialize_with)]` for a duration like `30s` (see [`crate::duration`]).
+pub fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::duration::parse(&text).map_err(serde::de::Error::custom)
 }
 
 /// A TOML table being read: remembers which keys were used so unknown ones can be reported.
@@ -620,7 +891,7 @@ impl<'a> Fields<'a> {
         if self.table.contains_key(key) {
             self.string(key, errors)
         } else {
-            errors.push(self.path_of(key), "is required");
+            errors.missing(self.path_of(key), "is required");
             None
         }
     }
@@ -1194,9 +1465,11 @@ fn parse_target(
     // Exact capacity (a filtered collect grows to 4): configs hold thousands of targets.
     let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_fields.len());
     stores.extend(store_fields.iter().filter_map(|store| {
-        let parsed = parse_store(store, base, errors);
-        store.finish(errors);
-        parsed
+        let at = At {
+            path: &store.path,
+            base,
+        };
+        parse_store(store.table.clone(), &at, errors)
     }));
     if stores.len() != store_fields.len() {
         return None;
@@ -1221,7 +1494,29 @@ fn parse_target(
         let logins: Vec<&str> = std::iter::once(user.as_str())
             .chain(users.iter().map(String::as_str))
             .collect();
-        check_file_stores(fields, &password, &logins, &stores, &store_fields, errors);
+        let target_sets_alphabet = fields
+            .table
+            .get("password")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.contains_key("alphabet"));
+        let alphabet_path = if target_sets_alphabet {
+            fields.path_of("password.alphabet")
+        } else {
+            "password.alphabet".to_string()
+        };
+        for (store, fields) in stores.iter().zip(&store_fields) {
+            let writes = crate::store::Writes {
+                policy: &password,
+                logins: &logins,
+                format: &store.format,
+                alphabet_path: &alphabet_path,
+            };
+            let at = At {
+                path: &fields.path,
+                base,
+            };
+            store.kind.settings().check_writes(&writes, &at, errors);
+        }
     }
     let (admin_user, admin_password) = admin?;
     Some(Target {
@@ -1251,86 +1546,6 @@ fn parse_target(
         sync_timeout,
         confirm_timeout,
     })
-}
-
-/// A file store must be able to write every value the target can produce so that bash and
-/// python-dotenv read it back unchanged (see [`crate::store::dotenv`]); refused here otherwise.
-fn check_file_stores(
-    fields: &Fields,
-    policy: &PasswordPolicy,
-    logins: &[&str],
-    stores: &[StoreConfig],
-    store_fields: &[Fields],
-    errors: &mut Errors,
-) {
-    let alphabet: BTreeSet<char> = policy
-        .alphabet
-        .characters()
-        .into_iter()
-        .map(char::from)
-        .collect();
-    // Percent-encoding leaves only unreserved characters and `%`.
-    let encoded: BTreeSet<char> = ('a'..='z')
-        .chain('A'..='Z')
-        .chain('0'..='9')
-        .chain("-._~%".chars())
-        .collect();
-    let target_sets_alphabet = fields
-        .table
-        .get("password")
-        .and_then(toml::Value::as_table)
-        .is_some_and(|t| t.contains_key("alphabet"));
-    let alphabet_path = if target_sets_alphabet {
-        fields.path_of("password.alphabet")
-    } else {
-        "password.alphabet".to_string()
-    };
-    for (store, store_fields) in stores.iter().zip(store_fields) {
-        if !matches!(store.kind, StoreKind::File { .. }) {
-            continue;
-        }
-        let (literal, generated): (BTreeSet<char>, BTreeSet<char>) = match &store.format {
-            Format::Url => continue,
-            Format::Password => (BTreeSet::new(), alphabet.clone()),
-            Format::Template(template) if template.contains("://") => (
-                template
-                    .replace("{user}", "")
-                    .replace("{password}", "")
-                    .chars()
-                    .collect(),
-                encoded.clone(),
-            ),
-            Format::Template(template) => {
-                let mut generated = alphabet.clone();
-                if template.contains("{user}") {
-                    generated.extend(logins.iter().flat_map(|l| l.chars()));
-                }
-                (
-                    template
-                        .replace("{user}", "")
-                        .replace("{password}", "")
-                        .chars()
-                        .collect(),
-                    generated,
-                )
-            }
-        };
-        if let Some(why) = crate::store::dotenv::unwritable(&literal) {
-            errors.push(
-                store_fields.path_of("template"),
-                format!("cannot be written to a dotenv file so that bash and python-dotenv read it back unchanged: it holds {why}"),
-            );
-        } else if let Some(why) = crate::store::dotenv::unwritable(&(&literal | &generated)) {
-            errors.push(
-                alphabet_path.clone(),
-                format!(
-                    "{:?} can generate values the file store {} cannot write so that bash and python-dotenv read them back unchanged (they may hold {why}): use alphanumeric or urlsafe, or format = \"url\"",
-                    format!("{:?}", policy.alphabet).to_lowercase(),
-                    store_fields.path,
-                ),
-            );
-        }
-    }
 }
 
 fn parse_clickhouse_mode(
@@ -1400,80 +1615,70 @@ fn is_host_port(address: &str) -> bool {
     }
 }
 
-fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<StoreConfig> {
-    let kind = match fields.required_string("kind", errors).as_deref() {
-        Some("kubernetes") => {
-            let namespace = fields.required_string("namespace", errors);
-            let secret = fields.required_string("secret", errors);
-            namespace
-                .zip(secret)
-                .map(|(namespace, secret)| StoreKind::Kubernetes { namespace, secret })
-        }
-        Some("file") => fields
-            .required_string("path", errors)
-            .map(|path| StoreKind::File {
-                path: base.join(path),
-            }),
-        Some("vault") => parse_vault(fields, base, errors).map(StoreKind::Vault),
-        Some("aws") => parse_aws(fields, errors).map(StoreKind::Aws),
-        Some("sealedsecret") => {
-            parse_sealed_secret(fields, base, errors).map(StoreKind::SealedSecret)
-        }
-        Some(other) => {
-            errors.push(
-                fields.path_of("kind"),
-                format!("{other:?} is not one of {STORE_KINDS}"),
-            );
-            None
-        }
-        None => None,
-    };
-    // Vault and AWS secrets hold properties; the rotated one plays the part of the key. An AWS
-    // secret without a property is rotated as a whole string (the empty key).
-    let key = match fields.table.get("kind").and_then(toml::Value::as_str) {
-        Some("vault") => fields.required_string("property", errors),
-        Some("aws") => Some(fields.string("property", errors).unwrap_or_default()),
-        _ => fields.required_string("key", errors),
-    };
-    let format = parse_format(fields, errors);
+/// The keys every store has; the rest belong to its kind.
+#[derive(Deserialize)]
+struct StoreKeys {
+    #[serde(default)]
+    kind: String,
+    format: Option<String>,
+    template: Option<String>,
+}
+
+fn parse_store(table: toml::Table, at: &At, errors: &mut Errors) -> Option<StoreConfig> {
+    let (keys, rest) = read_part::<StoreKeys>(table, at, errors);
+    let (keys, _) = keys?;
+    let format = format_of(keys.format.as_deref(), keys.template, at, errors);
+    let kind = StoreKind::read(&keys.kind, rest, at, errors);
     Some(StoreConfig {
         kind: kind?,
-        key: key?,
         format: format?,
     })
 }
 
-const STORE_KINDS: &str = "kubernetes, file, vault, aws, sealedsecret";
-
 /// `format` (and `template`) of a store or a sync entry; `url` when absent.
-fn parse_format(fields: &Fields, errors: &mut Errors) -> Option<Format> {
-    let format = match fields.string("format", errors).as_deref() {
+fn format_of(
+    format: Option<&str>,
+    template: Option<String>,
+    at: &At,
+    errors: &mut Errors,
+) -> Option<Format> {
+    let is_template = format == Some("template");
+    if !is_template && template.is_some() {
+        errors.push(at.of("template"), "is only used with format = \"template\"");
+    }
+    match format {
         None | Some("url") => Some(Format::Url),
         Some("password") => Some(Format::Password),
-        Some("template") => match fields.required_string("template", errors) {
+        Some("template") => match template {
             Some(template) if template.contains("{password}") => Some(Format::Template(template)),
             Some(_) => {
-                errors.push(fields.path_of("template"), "must contain {password}");
+                errors.push(at.of("template"), "must contain {password}");
                 None
             }
-            None => None,
+            None => {
+                errors.missing(at.of("template"), "is required");
+                None
+            }
         },
         Some(other) => {
             errors.push(
-                fields.path_of("format"),
+                at.of("format"),
                 format!("{other:?} is not one of url, password, template"),
             );
             None
         }
-    };
-    if !matches!(format, Some(Format::Template(_))) && fields.table.contains_key("template") {
-        fields.get("template");
-        errors.push(
-            fields.path_of("template"),
-            "is only used with format = \"template\"",
-        );
     }
-    format
+}
+
+/// `format` (and `template`) of a sync entry; `url` when absent.
+fn parse_format(fields: &Fields, errors: &mut Errors) -> Option<Format> {
+    let format = fields.string("format", errors);
+    let template = fields.string("template", errors);
+    let at = At {
+        path: &fields.path,
+        base: Path::new(""),
+    };
+    format_of(format.as_deref(), template, &at, errors)
 }
 
 fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
@@ -1489,172 +1694,6 @@ fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
         secret: secret?,
         key: key?,
         format: format?,
-    })
-}
-
-fn parse_aws(fields: &Fields, errors: &mut Errors) -> Option<AwsStore> {
-    let secret_id = fields.required_string("secret_id", errors);
-    let region = fields.required_string("region", errors);
-    let endpoint = fields.string("endpoint", errors).and_then(|endpoint| {
-        let ok = url::Url::parse(&endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-        if !ok {
-            errors.push(
-                fields.path_of("endpoint"),
-                format!("{endpoint:?} is not an http(s) URL"),
-            );
-        }
-        ok.then(|| endpoint.trim_end_matches('/').to_string())
-    });
-    Some(AwsStore {
-        secret_id: secret_id?,
-        region: region?,
-        endpoint,
-    })
-}
-
-fn parse_sealed_secret(
-    fields: &Fields,
-    base: &Path,
-    errors: &mut Errors,
-) -> Option<SealedSecretStore> {
-    let namespace = fields.required_string("namespace", errors);
-    let name = fields.required_string("name", errors);
-    let file = fields.string("certificate", errors);
-    let url = fields.string("certificate_url", errors);
-    let certificate = match (file, url) {
-        (Some(file), None) => Some(Certificate::File(base.join(file))),
-        (None, Some(url)) => {
-            let ok = url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                errors.push(
-                    fields.path_of("certificate_url"),
-                    format!("{url:?} is not an http(s) URL like http://sealed-secrets-controller.kube-system:8080/v1/cert.pem"),
-                );
-            }
-            ok.then_some(Certificate::Url(url))
-        }
-        (Some(_), Some(_)) => {
-            errors.push(
-                fields.path_of("certificate"),
-                "give either certificate or certificate_url, not both",
-            );
-            None
-        }
-        (None, None) => {
-            if !fields.table.contains_key("certificate")
-                && !fields.table.contains_key("certificate_url")
-            {
-                errors.push(
-                    fields.path_of("certificate"),
-                    "is required: the controller's certificate PEM file (kubeseal --fetch-cert), or certificate_url",
-                );
-            }
-            None
-        }
-    };
-    let certificate_sha256 = fields
-        .string("certificate_sha256", errors)
-        .and_then(|pin| {
-            // openssl prints `AB:CD:...`; `sha256sum` prints plain hex.
-            let hex: String = pin.chars().filter(|c| *c != ':').collect();
-            if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                Some(hex.to_ascii_lowercase())
-            } else {
-                errors.push(
-                    fields.path_of("certificate_sha256"),
-                    "is not a SHA-256 fingerprint (64 hex digits, colons allowed: openssl x509 -noout -fingerprint -sha256 -in cert.pem)",
-                );
-                None
-            }
-        });
-    let timeout = fields.duration("timeout", DEFAULT_SEALED_TIMEOUT, errors);
-    Some(SealedSecretStore {
-        namespace: namespace?,
-        name: name?,
-        certificate: certificate?,
-        certificate_sha256,
-        timeout,
-    })
-}
-
-fn parse_vault(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<VaultStore> {
-    let address = fields
-        .required_string("address", errors)
-        .and_then(|address| {
-            let ok =
-                url::Url::parse(&address).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                errors.push(
-                    fields.path_of("address"),
-                    format!("{address:?} is not an http(s) URL like https://vault:8200"),
-                );
-            }
-            ok.then(|| address.trim_end_matches('/').to_string())
-        });
-    let mount = fields
-        .string("mount", errors)
-        .unwrap_or_else(|| "secret".into());
-    let path = fields
-        .required_string("path", errors)
-        .map(|p| p.trim_matches('/').to_string());
-    let namespace = fields.string("namespace", errors);
-    let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
-    let token = fields
-        .table
-        .contains_key("token")
-        .then(|| parse_reference(fields, "token", base, errors));
-    let kubernetes = fields.table("auth", errors).and_then(|auth| {
-        let kubernetes = auth.table("kubernetes", errors).map(|k| {
-            let role = k.required_string("role", errors);
-            let mount = k
-                .string("mount", errors)
-                .unwrap_or_else(|| "kubernetes".into());
-            let token_file = k
-                .string("token_file", errors)
-                .map_or_else(|| PathBuf::from(SERVICE_ACCOUNT_TOKEN), |p| base.join(p));
-            k.finish(errors);
-            role.map(|role| VaultAuth::Kubernetes {
-                role,
-                mount,
-                token_file,
-            })
-        });
-        if kubernetes.is_none() && !auth.table.contains_key("kubernetes") {
-            errors.push(
-                auth.path_of("kubernetes"),
-                "is required: auth = { kubernetes = { role = \"...\" } }",
-            );
-        }
-        auth.finish(errors);
-        kubernetes.flatten()
-    });
-    let auth = match (token, kubernetes) {
-        (Some(token), None) => token.map(VaultAuth::Token),
-        (None, Some(kubernetes)) => Some(kubernetes),
-        (Some(_), Some(_)) => {
-            errors.push(
-                fields.path_of("auth"),
-                "give either token or auth.kubernetes, not both",
-            );
-            None
-        }
-        (None, None) => {
-            if !fields.table.contains_key("auth") {
-                errors.push(
-                    fields.path_of("token"),
-                    "is required (or auth = { kubernetes = { role = \"...\" } })",
-                );
-            }
-            None
-        }
-    };
-    Some(VaultStore {
-        address: address?,
-        mount,
-        path: path?,
-        namespace,
-        ca_file,
-        auth: auth?,
     })
 }
 
@@ -1808,9 +1847,10 @@ timeout = "2m"
         assert_eq!(target.stores.len(), 2);
         assert_eq!(
             target.stores[1].kind,
-            StoreKind::File {
-                path: "/etc/rotator/.env".into()
-            }
+            StoreKind::File(crate::store::file::FileConfig {
+                path: "/etc/rotator/.env".into(),
+                key: "PGPASSWORD".into(),
+            })
         );
         assert_eq!(target.stores[0].format, Format::Url);
         assert_eq!(config.consumers[0].timeout, Duration::from_secs(120));
@@ -2160,10 +2200,12 @@ sync_timeout = "30s"
         assert_eq!(target.sync_timeout, Duration::from_secs(30));
         assert_eq!(
             target.stores[0].kind,
-            StoreKind::SealedSecret(SealedSecretStore {
+            StoreKind::SealedSecret(crate::store::sealedsecret::SealedSecretConfig {
                 namespace: "llmtrace".into(),
                 name: "llmtrace-postgresql".into(),
-                certificate: Certificate::File("/etc/rotator/cert.pem".into()),
+                key: "password".into(),
+                certificate: Some("/etc/rotator/cert.pem".into()),
+                certificate_url: None,
                 certificate_sha256: None,
                 timeout: Duration::from_secs(20),
             })
@@ -2179,7 +2221,7 @@ sync_timeout = "30s"
         assert_eq!(defaults.targets[0].sync_timeout, DEFAULT_SYNC_TIMEOUT);
         assert!(matches!(
             &defaults.targets[0].stores[0].kind,
-            StoreKind::SealedSecret(s) if s.timeout == DEFAULT_SEALED_TIMEOUT
+            StoreKind::SealedSecret(s) if s.timeout == crate::store::sealedsecret::DEFAULT_TIMEOUT
         ));
     }
 
@@ -2198,10 +2240,10 @@ sync_timeout = "30s"
         assert_eq!(
             paths,
             [
+                "target[0].store[0].name",
                 "target[0].sync[0].key",
                 "target[0].sync[0].formt",
                 "target[0].sync_timeout",
-                "target[0].store[0].name",
                 "target[0].store[0].certificate",
             ],
             "{errors:#?}"

@@ -55,8 +55,9 @@ pub fn needed(config: &Config) -> BTreeMap<String, BTreeMap<Object, BTreeSet<&'s
         for store in &target.stores {
             match &store.kind {
                 // Read, then PUT with the resourceVersion read; an Event on it after the run.
-                StoreKind::Kubernetes { namespace, secret } => {
-                    grant(namespace, "", "secrets", secret, &["get", "update"]);
+                StoreKind::Kubernetes(secret) => {
+                    let namespace = &secret.namespace;
+                    grant(namespace, "", "secrets", &secret.secret, &["get", "update"]);
                     grant(namespace, "events.k8s.io", "events", "", &["create"]);
                 }
                 // Read (resourceVersion, scopes) and merge-patch the SealedSecret; poll the

@@ -410,11 +410,12 @@ impl<'a> RunContext<'a> {
             let Some(runtime) = runtime else { continue };
             for (store, config) in state.stores.iter().zip(&runtime.config.stores) {
                 match &config.kind {
-                    StoreKind::Kubernetes { namespace, secret }
-                        if store.publish != Progress::NotStarted =>
-                    {
-                        add(events::Kind::Secret, namespace, secret, &state.name)
-                    }
+                    StoreKind::Kubernetes(secret) if store.publish != Progress::NotStarted => add(
+                        events::Kind::Secret,
+                        &secret.namespace,
+                        &secret.secret,
+                        &state.name,
+                    ),
                     _ => {}
                 }
             }
