@@ -352,21 +352,13 @@ pub struct ConsumerConfig {
     pub health: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsumerKind {
-    Deployment {
-        namespace: String,
-        object: String,
-    },
-    StatefulSet {
-        namespace: String,
-        object: String,
-    },
-    /// `env`: names passed through besides PATH, HOME, LANG and TZ (the rest is cleared).
-    Command {
-        argv: Vec<String>,
-        env: Vec<String>,
-    },
+kinds! {
+    /// How a consumer is restarted: one line per consumer kind.
+    ConsumerKind: crate::consumer::ConsumerSettings {
+        "deployment" => Deployment(crate::consumer::kubernetes::DeploymentConfig),
+        "statefulset" => StatefulSet(crate::consumer::kubernetes::StatefulSetConfig),
+        "command" => Command(crate::consumer::command::CommandConfig),
+    }
 }
 
 /// Where a credential is read from. `Debug` never shows a literal value.
@@ -511,7 +503,7 @@ impl Config {
         let consumer = self
             .consumers
             .iter()
-            .any(|c| !matches!(c.kind, ConsumerKind::Command { .. }));
+            .any(|c| c.kind.settings().uses_kubernetes());
         store || consumer || self.rotator.journal_key.uses_kubernetes()
     }
 }
@@ -1035,9 +1027,11 @@ fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config>
     let consumers: Vec<ConsumerConfig> = consumer_fields
         .iter()
         .filter_map(|fields| {
-            let consumer = parse_consumer(fields, base, errors);
-            fields.finish(errors);
-            consumer
+            let at = At {
+                path: &fields.path,
+                base,
+            };
+            parse_consumer(fields.table.clone(), &at, errors)
         })
         .collect();
 
@@ -1697,96 +1691,45 @@ fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
     })
 }
 
-fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<ConsumerConfig> {
-    let name = fields.required_string("name", errors);
-    let workload = |errors: &mut Errors| {
-        let namespace = fields.required_string("namespace", errors);
-        let object = fields.required_string("object", errors);
-        namespace.zip(object)
-    };
-    let kind = match fields.required_string("kind", errors).as_deref() {
-        Some("deployment") => workload(errors)
-            .map(|(namespace, object)| ConsumerKind::Deployment { namespace, object }),
-        Some("statefulset") => workload(errors)
-            .map(|(namespace, object)| ConsumerKind::StatefulSet { namespace, object }),
-        Some("command") => match fields.strings("command", errors) {
-            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command {
-                argv,
-                env: parse_env_names(fields, errors),
-            }),
-            Some(_) => {
-                errors.push(
-                    fields.path_of("command"),
-                    "must name a program: [\"program\", \"arg\", ...]",
-                );
-                None
-            }
-            None => {
-                errors.push(
-                    fields.path_of("command"),
-                    "is required for kind = \"command\"",
-                );
-                None
-            }
-        },
-        Some(other) => {
-            errors.push(
-                fields.path_of("kind"),
-                format!("{other:?} is not one of deployment, statefulset, command"),
-            );
-            None
-        }
-        None => None,
-    };
-    let timeout = match fields.string("timeout", errors) {
-        Some(text) => match crate::duration::parse(&text) {
-            Ok(d) if !d.is_zero() => Some(d),
-            Ok(_) => {
-                errors.push(fields.path_of("timeout"), "must be more than zero");
-                None
-            }
-            Err(message) => {
-                errors.push(fields.path_of("timeout"), message);
-                None
-            }
-        },
-        None => Some(DEFAULT_CONSUMER_TIMEOUT),
-    };
-    let health = fields.string("health", errors);
-    if let Some(health) = &health {
-        let ok = url::Url::parse(health).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-        if !ok {
-            errors.push(
-                fields.path_of("health"),
-                format!("{health:?} is not an http(s) URL"),
-            );
-        }
-    }
-    Some(ConsumerConfig {
-        name: name?,
-        kind: kind?,
-        timeout: timeout?,
-        health,
-    })
+/// The keys every consumer has; the rest belong to its kind.
+#[derive(Deserialize)]
+struct ConsumerKeys {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default = "default_consumer_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    health: Option<String>,
 }
 
-/// `env = ["NAME", ...]` of a command consumer: variable names, nothing else.
-fn parse_env_names(fields: &Fields, errors: &mut Errors) -> Vec<String> {
-    let names = fields.strings("env", errors).unwrap_or_default();
-    for (i, name) in names.iter().enumerate() {
-        let mut chars = name.chars();
-        let valid = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            errors.push(
-                format!("{}[{i}]", fields.path_of("env")),
-                format!("{name:?} is not a variable name (letters, digits and _)"),
-            );
+fn default_consumer_timeout() -> Duration {
+    DEFAULT_CONSUMER_TIMEOUT
+}
+
+fn parse_consumer(table: toml::Table, at: &At, errors: &mut Errors) -> Option<ConsumerConfig> {
+    let (keys, rest) = read_part::<ConsumerKeys>(table, at, errors);
+    let (keys, typed) = keys?;
+    errors.require(&keys.name, at, "name");
+    let kind = ConsumerKind::read(&keys.kind, rest, at, errors);
+    if keys.timeout.is_zero() {
+        errors.push(at.of("timeout"), "must be more than zero");
+    }
+    if let Some(health) = &keys.health {
+        let ok = url::Url::parse(health).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !ok {
+            errors.push(at.of("health"), format!("{health:?} is not an http(s) URL"));
         }
     }
-    names
+    if !typed || keys.name.is_empty() || keys.timeout.is_zero() {
+        return None;
+    }
+    Some(ConsumerConfig {
+        name: keys.name,
+        kind: kind?,
+        timeout: keys.timeout,
+        health: keys.health,
+    })
 }
 
 #[cfg(test)]
@@ -2305,10 +2248,10 @@ sync_timeout = "30s"
         .unwrap();
         assert_eq!(
             config.consumers[0].kind,
-            ConsumerKind::Command {
-                argv: vec!["true".into()],
+            ConsumerKind::Command(crate::consumer::command::CommandConfig {
+                command: Some(vec!["true".into()]),
                 env: vec!["DOCKER_HOST".into()],
-            }
+            })
         );
         let deployment = VALID.replace("timeout = \"2m\"", "timeout = \"2m\"\nenv = [\"X\"]");
         assert_eq!(errors_of(&deployment), ["consumer[0].env: unknown key"]);

@@ -86,9 +86,9 @@ pub fn needed(config: &Config) -> BTreeMap<String, BTreeMap<Object, BTreeSet<&'s
     }
     for consumer in &config.consumers {
         let (resource, namespace, object) = match &consumer.kind {
-            ConsumerKind::Deployment { namespace, object } => ("deployments", namespace, object),
-            ConsumerKind::StatefulSet { namespace, object } => ("statefulsets", namespace, object),
-            ConsumerKind::Command { .. } => continue,
+            ConsumerKind::Deployment(w) => ("deployments", &w.namespace, &w.object),
+            ConsumerKind::StatefulSet(w) => ("statefulsets", &w.namespace, &w.object),
+            ConsumerKind::Command(_) => continue,
         };
         // Read (preflight, rollout status), strategic-merge-patch the restart annotation.
         grant(namespace, "apps", resource, object, &["get", "patch"]);

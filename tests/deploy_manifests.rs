@@ -787,9 +787,9 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
     }
     for consumer in &config.consumers {
         let (resource, namespace, object) = match &consumer.kind {
-            ConsumerKind::Deployment { namespace, object } => ("deployments", namespace, object),
-            ConsumerKind::StatefulSet { namespace, object } => ("statefulsets", namespace, object),
-            ConsumerKind::Command { .. } => continue,
+            ConsumerKind::Deployment(w) => ("deployments", &w.namespace, &w.object),
+            ConsumerKind::StatefulSet(w) => ("statefulsets", &w.namespace, &w.object),
+            ConsumerKind::Command(_) => continue,
         };
         namespaces.insert(namespace.clone());
         grants.insert(grant("apps", resource, object, "get"));

@@ -428,11 +428,9 @@ impl<'a> RunContext<'a> {
                 continue;
             };
             let (kind, namespace, object) = match &config.kind {
-                ConsumerKind::Deployment { namespace, object } => {
-                    (events::Kind::Deployment, namespace, object)
-                }
-                ConsumerKind::StatefulSet { namespace, object } => {
-                    (events::Kind::StatefulSet, namespace, object)
+                ConsumerKind::Deployment(w) => (events::Kind::Deployment, &w.namespace, &w.object),
+                ConsumerKind::StatefulSet(w) => {
+                    (events::Kind::StatefulSet, &w.namespace, &w.object)
                 }
                 _ => continue,
             };
@@ -1059,7 +1057,7 @@ impl<'a> RunContext<'a> {
                 self.deps.config.consumer(name).is_some_and(|c| {
                     matches!(
                         c.kind,
-                        ConsumerKind::Deployment { .. } | ConsumerKind::StatefulSet { .. }
+                        ConsumerKind::Deployment(_) | ConsumerKind::StatefulSet(_)
                     )
                 })
             })
