@@ -3,7 +3,7 @@
 //! Parsing walks the TOML tree by hand so that every bad field is reported at once, by its
 //! path (`target[1].store[0].key`), before anything is touched.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -120,23 +120,6 @@ pub enum JournalLocation {
     Reference(Reference),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Postgres,
-    Redis,
-    ClickHouse,
-}
-
-impl BackendKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Postgres => "postgres",
-            BackendKind::Redis => "redis",
-            BackendKind::ClickHouse => "clickhouse",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
@@ -147,6 +130,19 @@ pub enum Strategy {
     /// Two logins used in turn (PostgreSQL): the idle one gets the new password and the stores
     /// move to it; the other keeps working until the next rotation.
     Alternating,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Strategy, String> {
+        match text {
+            "single" => Ok(Strategy::Single),
+            "dual" => Ok(Strategy::Dual),
+            "alternating" => Ok(Strategy::Alternating),
+            other => Err(format!("{other:?} is not one of single, dual, alternating")),
+        }
+    }
 }
 
 impl Strategy {
@@ -168,22 +164,11 @@ impl Strategy {
     }
 }
 
-/// PostgreSQL `sslmode`, as libpq spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
-    pub kind: BackendKind,
+    /// `HOST:PORT` (for a Redis Sentinel target, the Sentinel's).
     pub address: String,
-    pub database: Option<String>,
     pub user: String,
     /// The two logins of `strategy = "alternating"`; empty otherwise.
     pub users: Vec<String>,
@@ -201,41 +186,21 @@ pub struct Target {
     pub consumers: Vec<String>,
     pub stores: Vec<StoreConfig>,
     pub password: PasswordPolicy,
-    pub sslmode: SslMode,
-    pub ca_file: Option<PathBuf>,
-    /// Redis: replicas that get the same ACL change, and whose `masterauth` follows it.
-    pub replicas: Vec<String>,
-    /// Redis: a Sentinel that names the master and its replicas (instead of `address` and
-    /// `replicas`), asked again at each step so a failover is followed.
-    pub sentinel: Option<Sentinel>,
-    /// Redis: connect with TLS (`rediss://`); ClickHouse: HTTPS.
-    pub tls: bool,
-    /// ClickHouse: how the user's password is changed.
-    pub clickhouse: ClickHouseMode,
     /// ExternalSecrets to force-sync after the upstream stores are written.
     pub sync: Vec<SyncConfig>,
     pub sync_timeout: Duration,
     /// How long `confirm` waits for the sessions on the old credential to end; zero: no wait.
     pub confirm_timeout: Duration,
-}
-
-/// `sentinel = { address = "HOST:PORT", master_name = "mymaster" }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sentinel {
-    pub address: String,
-    pub master_name: String,
-}
-
-/// How a ClickHouse user's password is changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClickHouseMode {
-    /// `ALTER USER` (SQL-managed users, 20.5+), optionally `ON CLUSTER`.
-    Sql { on_cluster: Option<String> },
-    /// A users.d file the rotator owns, for users defined in XML and servers before 20.5.
-    UsersXml { path: PathBuf },
+    /// The backend kind's own settings.
+    pub backend: BackendConfig,
 }
 
 impl Target {
+    /// The backend kind, as config spells it.
+    pub fn kind(&self) -> &'static str {
+        self.backend.name()
+    }
+
     /// The logins a store may name: both of an alternating pair, else `user`.
     pub fn logins(&self) -> Vec<&str> {
         if self.users.is_empty() {
@@ -284,7 +249,9 @@ impl StoreConfig {
 /// Declares a kind enum from its table: each line names a kind as config spells it, its
 /// variant, and its settings type (defined in the kind's own file).
 macro_rules! kinds {
-    ($(#[$doc:meta])* $Enum:ident: $Settings:path { $($name:literal => $Variant:ident($Config:ty),)+ }) => {
+    ($(#[$doc:meta])* $Enum:ident: $Settings:path $(, only_used_by $noun:literal)? {
+        $($name:literal => $Variant:ident($Config:ty),)+
+    }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq)]
         pub enum $Enum {
@@ -297,12 +264,13 @@ macro_rules! kinds {
 
             /// Reads the table of the kind named `kind` (the `kind` key itself taken out).
             fn read(kind: &str, table: toml::Table, at: &At, errors: &mut Errors) -> Option<Self> {
+                let unknown = |key: &str| Self::unknown(kind, key);
                 match kind {
                     "" => {
                         errors.missing(at.of("kind"), "is required");
                         None
                     }
-                    $($name => parse::<$Config>(table, at, errors).map(Self::$Variant),)+
+                    $($name => parse_with::<$Config>(table, at, errors, unknown).map(Self::$Variant),)+
                     other => {
                         errors.push(
                             at.of("kind"),
@@ -310,6 +278,29 @@ macro_rules! kinds {
                         );
                         None
                     }
+                }
+            }
+
+            /// What to say of a key this kind does not read.
+            fn unknown(kind: &str, key: &str) -> String {
+                let owners: Vec<&str> = [$(($name, keys_of::<$Config>()),)+]
+                    .into_iter()
+                    .filter(|(_, keys)| keys.contains(&key))
+                    .map(|(name, _)| name)
+                    .collect();
+                $(
+                    if !owners.is_empty() {
+                        return format!("is only used by {} {}, not {kind}", owners.join(", "), $noun);
+                    }
+                )?
+                let _ = (kind, owners);
+                "unknown key".into()
+            }
+
+            /// The kind, as config spells it.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$Variant(_) => $name,)+
                 }
             }
 
@@ -471,14 +462,12 @@ impl Config {
         let mut root: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         let mut errors = Errors::default();
         drop_empty_strings(&mut root, "", &mut errors);
-        let root = Fields::new(String::new(), &root);
-        let config = parse_root(&root, base, &mut errors);
-        root.finish(&mut errors);
+        let config = parse_root(root, base, &mut errors);
         match config {
             Some(config) if errors.0.is_empty() => Ok(config),
             _ => Err(ConfigError::Invalid {
                 path: PathBuf::new(),
-                errors: errors.0,
+                errors: errors.sorted(),
             }),
         }
     }
@@ -505,6 +494,17 @@ impl Config {
             .iter()
             .any(|c| c.kind.settings().uses_kubernetes());
         store || consumer || self.rotator.journal_key.uses_kubernetes()
+    }
+}
+
+impl Format {
+    /// Whether a stored value says which login it is for.
+    fn names_user(&self) -> bool {
+        match self {
+            Format::Url => true,
+            Format::Template(template) => template.contains("{user}"),
+            Format::Password => false,
+        }
     }
 }
 
@@ -610,6 +610,30 @@ impl Errors {
         })
     }
 
+    /// In the order of their paths (`target[2]` before `target[10]`), each table's together.
+    fn sorted(mut self) -> Vec<FieldError> {
+        #[derive(PartialEq, Eq, PartialOrd, Ord)]
+        enum Part<'a> {
+            Index(usize),
+            Key(&'a str),
+        }
+        fn parts(path: &str) -> Vec<Part<'_>> {
+            let mut parts = Vec::new();
+            for segment in path.split('.') {
+                let mut pieces = segment.split('[');
+                parts.push(Part::Key(pieces.next().unwrap_or("")));
+                for index in pieces {
+                    parts.push(Part::Index(
+                        index.trim_end_matches(']').parse().unwrap_or(0),
+                    ));
+                }
+            }
+            parts
+        }
+        self.0.sort_by(|a, b| parts(&a.path).cmp(&parts(&b.path)));
+        self.0
+    }
+
     /// A required text field: empty means absent (empty strings were reported on reading).
     pub fn require(&mut self, value: &str, at: &At, key: &str) {
         if value.is_empty() {
@@ -626,16 +650,50 @@ pub trait Validate {
 
 /// Reads a table into `T` and validates it: every value of the wrong type, every unknown key and
 /// every bad field is reported. `None` when a value had the wrong type.
-pub fn parse<T: DeserializeOwned + Validate>(
+fn parse_with<T: DeserializeOwned + Validate>(
     table: toml::Table,
     at: &At,
     errors: &mut Errors,
+    unknown: impl Fn(&str) -> String,
 ) -> Option<T> {
     let (value, rest) = read_part::<T>(table, at, errors);
-    unknown_keys(rest, at, errors);
     let (mut value, typed) = value?;
     value.validate(at, errors);
+    for key in rest.keys() {
+        errors.push(at.of(key), unknown(key));
+    }
     typed.then_some(value)
+}
+
+/// The keys a kind's settings read, as its `Deserialize` impl names them.
+fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Keys(&'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for &mut Keys {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("only structs name their keys"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = fields;
+            Err(serde::de::Error::custom("keys taken"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut keys = Keys(&[]);
+    let _ = T::deserialize(&mut keys);
+    keys.0
 }
 
 /// Reports each key of `rest` as unknown (a typo, or a key of another kind).
@@ -826,343 +884,273 @@ where
     text.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
+/// `#[serde(deserialize_with)]` for a value written as text, with a default when absent.
+pub fn text<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+/// `#[serde(deserialize_with)]` for a key read only to be refused: true when present, whatever its value.
+pub fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    // Through `deserialize_any`: an ignored value would be reported as an unknown key.
+    deserializer
+        .deserialize_any(serde::de::IgnoredAny)
+        .map(|_| true)
+}
+
+/// `#[serde(deserialize_with)]` for an optional duration like `30s`.
+fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
 /// `#[serde(deserialize_with)]` for a duration like `30s` (see [`crate::duration`]).
 pub fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     crate::duration::parse(&text).map_err(serde::de::Error::custom)
 }
 
-/// A TOML table being read: remembers which keys were used so unknown ones can be reported.
-struct Fields<'a> {
-    path: String,
-    table: &'a toml::Table,
-    used: std::cell::RefCell<BTreeSet<&'a str>>,
-}
-
-impl<'a> Fields<'a> {
-    fn new(path: String, table: &'a toml::Table) -> Self {
-        Fields {
-            path,
-            table,
-            used: Default::default(),
-        }
-    }
-
-    fn path_of(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a toml::Value> {
-        let (k, v) = self.table.get_key_value(key)?;
-        self.used.borrow_mut().insert(k.as_str());
-        Some(v)
-    }
-
-    fn string(&self, key: &str, errors: &mut Errors) -> Option<String> {
-        match self.get(key)? {
-            toml::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-            toml::Value::String(_) => {
-                errors.push(self.path_of(key), "must not be empty");
-                None
-            }
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be a string, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn required_string(&self, key: &str, errors: &mut Errors) -> Option<String> {
-        if self.table.contains_key(key) {
-            self.string(key, errors)
-        } else {
-            errors.missing(self.path_of(key), "is required");
+/// Takes `key` out of `table` when it is a table; anything else there is reported.
+fn take_table(
+    table: &mut toml::Table,
+    key: &str,
+    at: &At,
+    errors: &mut Errors,
+) -> Option<toml::Table> {
+    match table.remove(key)? {
+        toml::Value::Table(t) => Some(t),
+        other => {
+            errors.push(
+                at.of(key),
+                format!("must be a table, not {}", other.type_str()),
+            );
             None
         }
     }
-
-    fn integer(&self, key: &str, errors: &mut Errors) -> Option<i64> {
-        match self.get(key)? {
-            toml::Value::Integer(i) => Some(*i),
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be an integer, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    /// A duration like `30s`; `default` when absent (and on error, which is reported).
-    fn duration(&self, key: &str, default: Duration, errors: &mut Errors) -> Duration {
-        match self.string(key, errors) {
-            Some(text) => crate::duration::parse(&text)
-                .map_err(|message| errors.push(self.path_of(key), message))
-                .unwrap_or(default),
-            None => default,
-        }
-    }
-
-    fn boolean(&self, key: &str, errors: &mut Errors) -> Option<bool> {
-        match self.get(key)? {
-            toml::Value::Boolean(b) => Some(*b),
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be true or false, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn strings(&self, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
-        let value = self.get(key)?;
-        let Some(array) = value.as_array() else {
-            errors.push(self.path_of(key), "must be an array of strings");
-            return None;
-        };
-        let mut out = Vec::with_capacity(array.len());
-        for (i, item) in array.iter().enumerate() {
-            match item.as_str() {
-                Some(s) if !s.is_empty() => out.push(s.to_string()),
-                _ => errors.push(
-                    format!("{}[{i}]", self.path_of(key)),
-                    "must be a non-empty string",
-                ),
-            }
-        }
-        Some(out)
-    }
-
-    fn table(&self, key: &str, errors: &mut Errors) -> Option<Fields<'a>> {
-        match self.get(key)? {
-            toml::Value::Table(t) => Some(Fields::new(self.path_of(key), t)),
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be a table, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    /// `[[name]]` entries; `path_name` is how each is named in errors (`target[0]`).
-    fn tables(&self, key: &str, path_name: &str, errors: &mut Errors) -> Vec<Fields<'a>> {
-        let Some(value) = self.get(key) else {
-            return Vec::new();
-        };
-        let Some(array) = value.as_array() else {
-            errors.push(self.path_of(key), format!("must be [[{key}]] tables"));
-            return Vec::new();
-        };
-        let prefix = if self.path.is_empty() {
-            path_name.to_string()
-        } else {
-            format!("{}.{path_name}", self.path)
-        };
-        array
-            .iter()
-            .enumerate()
-            .filter_map(|(i, item)| match item.as_table() {
-                Some(t) => Some(Fields::new(format!("{prefix}[{i}]"), t)),
-                None => {
-                    errors.push(format!("{prefix}[{i}]"), "must be a table");
-                    None
-                }
-            })
-            .collect()
-    }
-
-    /// Reports every key that no parser asked for (typos, keys of another kind).
-    fn finish(&self, errors: &mut Errors) {
-        let used = self.used.borrow();
-        for key in self.table.keys() {
-            if !used.contains(key.as_str()) {
-                errors.push(self.path_of(key), "unknown key");
-            }
-        }
-    }
 }
 
-fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config> {
-    let rotator = match root.table("rotator", errors) {
-        Some(section) => {
-            let parsed = parse_rotator(&section, base, errors);
-            section.finish(errors);
-            parsed
-        }
-        None => {
-            if root.table.get("rotator").is_none() {
-                errors.push("rotator", "is required (journal and journal_key)");
+/// Takes the `[[key]]` tables out of `table`, each with its path (`target[0].store[1]`).
+fn take_tables(
+    table: &mut toml::Table,
+    key: &str,
+    at: &At,
+    errors: &mut Errors,
+) -> Vec<(String, toml::Table)> {
+    let Some(value) = table.remove(key) else {
+        return Vec::new();
+    };
+    let toml::Value::Array(items) = value else {
+        errors.push(at.of(key), format!("must be [[{key}]] tables"));
+        return Vec::new();
+    };
+    let prefix = at.of(key);
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| match item {
+            toml::Value::Table(t) => Some((format!("{prefix}[{i}]"), t)),
+            _ => {
+                errors.push(format!("{prefix}[{i}]"), "must be a table");
+                None
             }
+        })
+        .collect()
+}
+
+fn parse_root(mut root: toml::Table, base: &Path, errors: &mut Errors) -> Option<Config> {
+    let at = At { path: "", base };
+    let rotator = match take_table(&mut root, "rotator", &at, errors) {
+        Some(section) => parse_rotator(
+            section,
+            &At {
+                path: "rotator",
+                base,
+            },
+            errors,
+        ),
+        None => {
+            errors.missing("rotator".into(), "is required (journal and journal_key)");
             None
         }
     };
-
-    let defaults = match root.table("password", errors) {
-        Some(section) => {
-            let policy = parse_policy(&section, &PasswordPolicy::default(), errors);
-            section.finish(errors);
-            policy
-        }
+    let defaults = match take_table(&mut root, "password", &at, errors) {
+        Some(section) => parse_policy(section, &PasswordPolicy::default(), "password", errors),
         None => PasswordPolicy::default(),
     };
 
-    let consumer_fields = root.tables("consumer", "consumer", errors);
+    let consumer_tables = take_tables(&mut root, "consumer", &at, errors);
     // Names count even for consumers with other errors, so references to them are not reported twice.
-    let consumer_names: Vec<&str> = consumer_fields
+    let consumer_names: Vec<String> = consumer_tables
         .iter()
-        .filter_map(|c| c.table.get("name").and_then(toml::Value::as_str))
+        .filter_map(|(_, t)| t.get("name")?.as_str().map(String::from))
         .collect();
-    let consumers: Vec<ConsumerConfig> = consumer_fields
-        .iter()
-        .filter_map(|fields| {
-            let at = At {
-                path: &fields.path,
-                base,
-            };
-            parse_consumer(fields.table.clone(), &at, errors)
+    let consumers: Vec<(ConsumerConfig, String)> = consumer_tables
+        .into_iter()
+        .filter_map(|(path, table)| {
+            let consumer = parse_consumer(table, &At { path: &path, base }, errors)?;
+            Some((consumer, path))
         })
         .collect();
 
-    let target_fields = root.tables("target", "target", errors);
-    if target_fields.is_empty() && !root.table.contains_key("target") {
+    let has_targets = root.contains_key("target");
+    let target_tables = take_tables(&mut root, "target", &at, errors);
+    if target_tables.is_empty() && !has_targets {
         errors.push("target", "at least one [[target]] is required");
     }
-    let parsed: Vec<(Target, &Fields)> = target_fields
-        .iter()
-        .filter_map(|fields| {
-            let target = parse_target(fields, base, &defaults, &consumer_names, errors);
-            fields.finish(errors);
-            Some((target?, fields))
-        })
-        .collect();
-    check_names(&parsed, &consumers, errors);
-    // Exact capacity: collecting in place would keep the larger buffer of `parsed`.
-    let mut targets = Vec::with_capacity(parsed.len());
-    targets.extend(parsed.into_iter().map(|(target, _)| target));
+    // Exact capacity: configs hold thousands of targets, and a filtered collect over-allocates.
+    let mut targets = Vec::with_capacity(target_tables.len());
+    let mut target_paths = Vec::with_capacity(target_tables.len());
+    for (path, table) in target_tables {
+        let at = At { path: &path, base };
+        if let Some(target) = parse_target(table, &at, &defaults, &consumer_names, errors) {
+            targets.push(target);
+            target_paths.push(path);
+        }
+    }
+    check_names(&targets, &target_paths, &consumers, errors);
+    unknown_keys(root, &at, errors);
+    targets.shrink_to_fit();
     Some(Config {
         rotator: rotator?,
         password: defaults,
         targets,
-        consumers,
+        consumers: consumers.into_iter().map(|(c, _)| c).collect(),
     })
 }
 
-fn check_names(targets: &[(Target, &Fields)], consumers: &[ConsumerConfig], errors: &mut Errors) {
+fn check_names(
+    targets: &[Target],
+    paths: &[String],
+    consumers: &[(ConsumerConfig, String)],
+    errors: &mut Errors,
+) {
     // Consumer references are checked per target, where a target with other errors still gets them.
     let mut seen = HashSet::new();
-    for (target, fields) in targets {
+    for (target, path) in targets.iter().zip(paths) {
         if !seen.insert(&target.name) {
             errors.push(
-                fields.path_of("name"),
+                join(path, "name"),
                 format!("duplicate target name {:?}", target.name),
             );
         }
     }
     let mut seen = HashSet::new();
-    for (i, consumer) in consumers.iter().enumerate() {
+    for (consumer, path) in consumers {
         if !seen.insert(&consumer.name) {
             errors.push(
-                format!("consumer[{i}].name"),
+                join(path, "name"),
                 format!("duplicate consumer name {:?}", consumer.name),
             );
         }
     }
 }
 
-fn parse_reference(
-    fields: &Fields,
-    key: &str,
-    base: &Path,
-    errors: &mut Errors,
-) -> Option<Reference> {
-    let text = fields.required_string(key, errors)?;
-    Reference::parse(&text, base)
-        .map_err(|message| errors.push(fields.path_of(key), message))
-        .ok()
+/// The `[rotator]` section as written; defaults and checks follow in [`parse_rotator`].
+#[derive(Deserialize)]
+struct RotatorKeys {
+    #[serde(default)]
+    journal: String,
+    #[serde(default, deserialize_with = "parsed")]
+    journal_key: Option<Reference>,
+    listen: Option<String>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    check_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    recover_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    kubernetes_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    takeover_grace: Option<Duration>,
+    max_parallel: Option<i64>,
+    #[serde(default, deserialize_with = "parsed")]
+    api_tokens: Option<Reference>,
 }
 
-fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<RotatorSection> {
-    let journal = section.required_string("journal", errors).and_then(|text| {
-        if text.starts_with("sqlite:") || text.starts_with("postgres:") || text.starts_with("postgresql:") {
-            Some(JournalLocation::Url(Secret::new(resolve_sqlite_path(&text, base))))
-        } else {
-            Reference::parse(&text, base)
-                .map(JournalLocation::Reference)
-                .map_err(|_| {
-                    errors.push(
-                        section.path_of("journal"),
-                        "must be sqlite://PATH, postgres://... or a reference like env:ROTATOR_JOURNAL_URL",
-                    )
-                })
-                .ok()
-        }
-    });
-    let journal_key = parse_reference(section, "journal_key", base, errors);
-    let listen = section
-        .string("listen", errors)
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
-        .parse::<std::net::SocketAddr>()
-        .map_err(|_| {
-            errors.push(
-                section.path_of("listen"),
-                "is not an address like 0.0.0.0:8080",
-            )
-        })
-        .ok();
-    let check_interval = section.duration("check_interval", DEFAULT_CHECK_INTERVAL, errors);
-    let shutdown_grace = section.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, errors);
-    let recover_interval = section.duration("recover_interval", DEFAULT_RECOVER_INTERVAL, errors);
-    let kubernetes_timeout =
-        section.duration("kubernetes_timeout", DEFAULT_KUBERNETES_TIMEOUT, errors);
-    let takeover_grace = section.duration("takeover_grace", DEFAULT_TAKEOVER_GRACE, errors);
-    let max_parallel = match section.integer("max_parallel", errors) {
-        None => DEFAULT_MAX_PARALLEL,
-        Some(n @ 1..=256) => n as usize,
-        Some(_) => {
-            errors.push(section.path_of("max_parallel"), "must be from 1 to 256");
-            DEFAULT_MAX_PARALLEL
+fn parse_rotator(section: toml::Table, at: &At, errors: &mut Errors) -> Option<RotatorSection> {
+    let (keys, rest) = read_part::<RotatorKeys>(section, at, errors);
+    let (mut keys, _) = keys?;
+    let journal = if keys.journal.is_empty() {
+        errors.missing(at.of("journal"), "is required");
+        None
+    } else if ["sqlite:", "postgres:", "postgresql:"]
+        .iter()
+        .any(|scheme| keys.journal.starts_with(scheme))
+    {
+        Some(JournalLocation::Url(Secret::new(resolve_sqlite_path(
+            &keys.journal,
+            at.base,
+        ))))
+    } else {
+        match keys.journal.parse::<Reference>() {
+            Ok(mut reference) => {
+                reference.resolve(at);
+                Some(JournalLocation::Reference(reference))
+            }
+            Err(_) => {
+                errors.push(
+                    at.of("journal"),
+                    "must be sqlite://PATH, postgres://... or a reference like env:ROTATOR_JOURNAL_URL",
+                );
+                None
+            }
         }
     };
-    if kubernetes_timeout.is_zero() {
-        errors.push(
-            section.path_of("kubernetes_timeout"),
-            "must be more than 0s",
-        );
+    zeroize::Zeroize::zeroize(&mut keys.journal);
+    if keys.journal_key.is_none() {
+        errors.missing(at.of("journal_key"), "is required");
     }
+    let listen = keys
+        .listen
+        .as_deref()
+        .unwrap_or(DEFAULT_LISTEN)
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| errors.push(at.of("listen"), "is not an address like 0.0.0.0:8080"))
+        .ok();
+    let kubernetes_timeout = keys
+        .kubernetes_timeout
+        .unwrap_or(DEFAULT_KUBERNETES_TIMEOUT);
+    if kubernetes_timeout.is_zero() {
+        errors.push(at.of("kubernetes_timeout"), "must be more than 0s");
+    }
+    let recover_interval = keys.recover_interval.unwrap_or(DEFAULT_RECOVER_INTERVAL);
     if recover_interval.is_zero() {
         errors.push(
-            section.path_of("recover_interval"),
+            at.of("recover_interval"),
             "must be more than 0s: runs that need recovery block their targets",
         );
     }
-    let api_tokens = if section.table.contains_key("api_tokens") {
-        parse_reference(section, "api_tokens", base, errors)
-    } else {
-        None
+    let max_parallel = match keys.max_parallel {
+        None => DEFAULT_MAX_PARALLEL,
+        Some(n @ 1..=256) => n as usize,
+        Some(_) => {
+            errors.push(at.of("max_parallel"), "must be from 1 to 256");
+            DEFAULT_MAX_PARALLEL
+        }
     };
+    let mut references = [keys.journal_key.as_mut(), keys.api_tokens.as_mut()];
+    for reference in references.iter_mut().flatten() {
+        reference.resolve(at);
+    }
+    unknown_keys(rest, at, errors);
     Some(RotatorSection {
         journal: journal?,
-        journal_key: journal_key?,
+        journal_key: keys.journal_key?,
         listen: listen?,
-        api_tokens,
-        check_interval: Some(check_interval).filter(|d| !d.is_zero()),
-        shutdown_grace,
+        api_tokens: keys.api_tokens,
+        check_interval: Some(keys.check_interval.unwrap_or(DEFAULT_CHECK_INTERVAL))
+            .filter(|d| !d.is_zero()),
+        shutdown_grace: keys.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         recover_interval,
         kubernetes_timeout,
         max_parallel,
-        takeover_grace,
+        takeover_grace: keys.takeover_grace.unwrap_or(DEFAULT_TAKEOVER_GRACE),
     })
 }
 
@@ -1180,13 +1168,34 @@ pub fn resolve_sqlite_path(url: &str, base: &Path) -> String {
     format!("sqlite://{}", base.join(rest).display())
 }
 
-fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors) -> PasswordPolicy {
+/// `[password]`, or a target's `password = { ... }`.
+#[derive(Deserialize)]
+struct PolicyKeys {
+    length: Option<i64>,
+    alphabet: Option<String>,
+}
+
+/// Applies a `[password]` table (at `path`) to `defaults`.
+fn parse_policy(
+    table: toml::Table,
+    defaults: &PasswordPolicy,
+    path: &str,
+    errors: &mut Errors,
+) -> PasswordPolicy {
+    let at = At {
+        path,
+        base: Path::new(""),
+    };
+    let (keys, rest) = read_part::<PolicyKeys>(table, &at, errors);
     let mut policy = defaults.clone();
-    if let Some(length) = fields.integer("length", errors) {
+    let Some((keys, _)) = keys else {
+        return policy;
+    };
+    if let Some(length) = keys.length {
         match usize::try_from(length) {
             Ok(length) if PasswordPolicy::LENGTHS.contains(&length) => policy.length = length,
             _ => errors.push(
-                fields.path_of("length"),
+                at.of("length"),
                 format!(
                     "{length} is out of range {}..={}",
                     PasswordPolicy::LENGTHS.start(),
@@ -1195,414 +1204,343 @@ fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors)
             ),
         }
     }
-    if let Some(alphabet) = fields.string("alphabet", errors) {
+    if let Some(alphabet) = keys.alphabet {
         match Alphabet::parse(&alphabet) {
             Some(a) => policy.alphabet = a,
             None => errors.push(
-                fields.path_of("alphabet"),
+                at.of("alphabet"),
                 format!("{alphabet:?} is not one of alphanumeric, urlsafe, printable"),
             ),
         }
     }
+    unknown_keys(rest, &at, errors);
     policy
 }
 
-const TARGET_KINDS: &str = "postgres, redis, clickhouse";
+/// The keys every target has; the rest belong to its backend kind.
+#[derive(Deserialize)]
+struct TargetKeys {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: String,
+    address: Option<String>,
+    user: Option<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    admin: Option<AdminKeys>,
+    #[serde(default, deserialize_with = "parsed")]
+    strategy: Option<Strategy>,
+    #[serde(default, deserialize_with = "parsed")]
+    schedule: Option<crate::schedule::Schedule>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    jitter: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    max_age: Option<Duration>,
+    #[serde(default)]
+    consumers: Vec<String>,
+    password: Option<toml::Table>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    sync_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    confirm_timeout: Option<Duration>,
+}
 
-/// Redis clients that name no user authenticate as this one.
-const REDIS_DEFAULT_USER: &str = "default";
+/// `admin = { user = "...", password = "env:..." }`.
+#[derive(Deserialize)]
+struct AdminKeys {
+    #[serde(default)]
+    user: String,
+    #[serde(default, deserialize_with = "parsed")]
+    password: Option<Reference>,
+}
+
+kinds! {
+    /// The server whose password a target rotates: one line per backend kind.
+    BackendConfig: crate::backend::BackendSettings, only_used_by "targets" {
+        "postgres" => Postgres(crate::backend::postgres::PostgresConfig),
+        "redis" => Redis(crate::backend::redis::RedisConfig),
+        "clickhouse" => ClickHouse(crate::backend::clickhouse::ClickHouseConfig),
+    }
+}
+
+/// Before each kind had its own keys every target read these PostgreSQL keys; other kinds
+/// still accept them, checked as PostgreSQL checks them, and ignore them.
+const SHARED_POSTGRES_KEYS: [&str; 2] = ["database", "sslmode"];
 
 fn parse_target(
-    fields: &Fields,
-    base: &Path,
+    mut table: toml::Table,
+    at: &At,
     defaults: &PasswordPolicy,
-    known_consumers: &[&str],
+    known_consumers: &[String],
     errors: &mut Errors,
 ) -> Option<Target> {
-    let name = fields.required_string("name", errors);
-    if let Some(name) = &name {
-        if !name
+    let has_stores = table.contains_key("store");
+    let store_tables = take_tables(&mut table, "store", at, errors);
+    let sync_tables = take_tables(&mut table, "sync", at, errors);
+    let (keys, mut rest) = read_part::<TargetKeys>(table, at, errors);
+    let (keys, typed) = keys?;
+    if !keys.name.is_empty()
+        && !keys
+            .name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            errors.push(
-                fields.path_of("name"),
-                format!("{name:?} may hold only letters, digits, '-' and '_'"),
-            );
-        }
-    }
-    let kind = fields
-        .required_string("kind", errors)
-        .and_then(|kind| match kind.as_str() {
-            "postgres" => Some(BackendKind::Postgres),
-            "redis" => Some(BackendKind::Redis),
-            "clickhouse" => Some(BackendKind::ClickHouse),
-            _ => {
-                errors.push(
-                    fields.path_of("kind"),
-                    format!("{kind:?} is not one of {TARGET_KINDS}"),
-                );
-                None
-            }
-        });
-    let sentinel = fields.table("sentinel", errors).and_then(|section| {
-        let address = section.required_string("address", errors);
-        let master_name = section.required_string("master_name", errors);
-        if let Some(address) = address.as_ref().filter(|a| !is_host_port(a)) {
-            errors.push(
-                section.path_of("address"),
-                format!("{address:?} is not HOST:PORT"),
-            );
-        }
-        section.finish(errors);
-        Some(Sentinel {
-            address: address?,
-            master_name: master_name?,
-        })
-    });
-    // With a Sentinel the master is found through it; `address` then names the Sentinel.
-    let address = match &sentinel {
-        Some(sentinel) if !fields.table.contains_key("address") => Some(sentinel.address.clone()),
-        _ => fields.required_string("address", errors),
-    };
-    if let Some(address) = &address {
-        if !is_host_port(address) {
-            errors.push(
-                fields.path_of("address"),
-                format!("{address:?} is not HOST:PORT"),
-            );
-        }
-    }
-    let database = fields.string("database", errors);
-    if kind == Some(BackendKind::Postgres)
-        && database.is_none()
-        && !fields.table.contains_key("database")
     {
         errors.push(
-            fields.path_of("database"),
-            "is required for a postgres target",
+            at.of("name"),
+            format!("{:?} may hold only letters, digits, '-' and '_'", keys.name),
         );
     }
-    let users = fields.strings("users", errors).unwrap_or_default();
-    let alternating =
-        fields.table.get("strategy").and_then(toml::Value::as_str) == Some("alternating");
+    errors.require(&keys.name, at, "name");
+    if !matches!(keys.kind.as_str(), "" | "postgres") {
+        let shared: toml::Table = SHARED_POSTGRES_KEYS
+            .iter()
+            .filter_map(|key| rest.remove_entry(*key))
+            .collect();
+        if !shared.is_empty() {
+            read_part::<crate::backend::postgres::PostgresConfig>(shared, at, errors);
+        }
+    }
+    let backend = BackendConfig::read(&keys.kind, rest, at, errors);
+    let settings = backend.as_ref().map(BackendConfig::settings);
+
+    let address = match (&keys.address, settings.and_then(|s| s.default_address())) {
+        (Some(address), _) => {
+            if !is_host_port(address) {
+                errors.push(at.of("address"), format!("{address:?} is not HOST:PORT"));
+            }
+            Some(address.clone())
+        }
+        (None, Some(address)) => Some(address.to_string()),
+        (None, None) => {
+            errors.missing(at.of("address"), "is required");
+            None
+        }
+    };
+
+    let alternating = keys.strategy == Some(Strategy::Alternating);
+    let users = keys.users;
     if alternating && (users.len() != 2 || users[0] == users[1]) {
         errors.push(
-            fields.path_of("users"),
+            at.of("users"),
             "strategy \"alternating\" needs two different logins: users = [\"app_a\", \"app_b\"]",
         );
     } else if !alternating && !users.is_empty() {
         errors.push(
-            fields.path_of("users"),
+            at.of("users"),
             "is only used with strategy = \"alternating\"",
         );
     }
-    let user = if alternating && !fields.table.contains_key("user") {
-        users.first().cloned()
-    } else if kind == Some(BackendKind::Redis) {
-        Some(
-            fields
-                .string("user", errors)
-                .unwrap_or_else(|| REDIS_DEFAULT_USER.to_string()),
-        )
-    } else {
-        fields.required_string("user", errors)
-    };
-    let admin = match fields.table("admin", errors) {
-        Some(admin) => {
-            let user = admin.required_string("user", errors);
-            let password = parse_reference(&admin, "password", base, errors);
-            admin.finish(errors);
-            user.zip(password.map(Some))
-        }
-        // users_xml mode writes a file and logs in as the user itself: no admin to speak of.
-        None if kind == Some(BackendKind::ClickHouse)
-            && fields.table.get("mode").and_then(toml::Value::as_str) == Some("users_xml") =>
-        {
-            Some((String::new(), None))
-        }
-        None => {
-            if !fields.table.contains_key("admin") {
-                errors.push(
-                    fields.path_of("admin"),
-                    "is required: { user = \"...\", password = \"env:...\" }",
-                );
-            }
+    let user = match (keys.user, settings.and_then(|s| s.default_user())) {
+        (Some(user), _) => Some(user),
+        (None, _) if alternating => users.first().cloned(),
+        (None, Some(default)) => Some(default.to_string()),
+        (None, None) => {
+            errors.missing(at.of("user"), "is required");
             None
         }
     };
-    let strategy = match fields.string("strategy", errors).as_deref() {
-        None | Some("single") => Some(Strategy::Single),
-        Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
-        Some("alternating")
-            if matches!(kind, Some(BackendKind::Postgres | BackendKind::ClickHouse)) =>
-        {
-            Some(Strategy::Alternating)
+
+    let admin = match keys.admin {
+        Some(mut admin) => {
+            let path = at.of("admin");
+            let admin_at = At {
+                path: &path,
+                base: at.base,
+            };
+            errors.require(&admin.user, &admin_at, "user");
+            match &mut admin.password {
+                Some(password) => password.resolve(&admin_at),
+                None => errors.missing(admin_at.of("password"), "is required"),
+            }
+            admin
+                .password
+                .is_some()
+                .then_some((admin.user, admin.password))
         }
-        Some(other @ ("dual" | "alternating")) => {
+        None if settings.is_some_and(|s| !s.needs_admin()) => Some((String::new(), None)),
+        None => {
+            errors.missing(
+                at.of("admin"),
+                "is required: { user = \"...\", password = \"env:...\" }",
+            );
+            None
+        }
+    };
+
+    let strategy = keys.strategy.unwrap_or(Strategy::Single);
+    if let Some(settings) = settings {
+        let available = settings.strategies();
+        if !available.contains(&strategy) {
+            let names: Vec<&str> = available.iter().map(|s| s.as_str()).collect();
             errors.push(
-                fields.path_of("strategy"),
+                at.of("strategy"),
                 format!(
-                    "{other:?} is not available for this kind (postgres: single, alternating; redis: single, dual; clickhouse: single, dual, alternating)"
+                    "{:?} is not available for this kind ({}: {})",
+                    strategy.as_str(),
+                    keys.kind,
+                    names.join(", ")
                 ),
             );
-            None
         }
-        Some(other) => {
+        settings.check_strategy(strategy, at, errors);
+    }
+
+    for (j, name) in keys.consumers.iter().enumerate() {
+        if !known_consumers.contains(name) {
             errors.push(
-                fields.path_of("strategy"),
-                format!("{other:?} is not one of single, dual, alternating"),
-            );
-            None
-        }
-    };
-    let schedule = fields.string("schedule", errors).and_then(|text| {
-        crate::schedule::Schedule::parse(&text)
-            .map_err(|message| errors.push(fields.path_of("schedule"), message))
-            .ok()
-    });
-    let window = fields.duration("window", DEFAULT_WINDOW, errors);
-    let jitter = fields.duration("jitter", Duration::ZERO, errors);
-    let max_age = fields.duration("max_age", default_max_age(schedule.as_ref()), errors);
-    let consumers = fields.strings("consumers", errors).unwrap_or_default();
-    for (j, name) in consumers.iter().enumerate() {
-        if !known_consumers.contains(&name.as_str()) {
-            errors.push(
-                format!("{}[{j}]", fields.path_of("consumers")),
+                format!("{}[{j}]", at.of("consumers")),
                 format!("no [[consumer]] is named {name:?}"),
             );
         }
     }
-    let password = match fields.table("password", errors) {
-        Some(section) => {
-            let policy = parse_policy(&section, defaults, errors);
-            section.finish(errors);
-            policy
-        }
+    let alphabet_path = match &keys.password {
+        Some(table) if table.contains_key("alphabet") => at.of("password.alphabet"),
+        _ => "password.alphabet".to_string(),
+    };
+    let password = match keys.password {
+        Some(table) => parse_policy(table, defaults, &at.of("password"), errors),
         None => defaults.clone(),
     };
-    let sslmode = match fields.string("sslmode", errors).as_deref() {
-        None | Some("prefer") => Some(SslMode::Prefer),
-        Some("disable") => Some(SslMode::Disable),
-        Some("require") => Some(SslMode::Require),
-        Some("verify-ca") => Some(SslMode::VerifyCa),
-        Some("verify-full") => Some(SslMode::VerifyFull),
-        Some(other) => {
-            errors.push(
-                fields.path_of("sslmode"),
-                format!("{other:?} is not one of disable, prefer, require, verify-ca, verify-full"),
-            );
-            None
-        }
-    };
-    let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
-    let redis_only = |key: &str, errors: &mut Errors| {
-        if kind.is_some_and(|k| k != BackendKind::Redis) && fields.table.contains_key(key) {
-            errors.push(
-                fields.path_of(key),
-                format!(
-                    "is only used by redis targets, not {}",
-                    kind.map_or("", |k| k.as_str())
-                ),
-            );
-        }
-    };
-    redis_only("replicas", errors);
-    redis_only("sentinel", errors);
-    if fields.table.contains_key("sentinel") && fields.table.contains_key("replicas") {
-        errors.push(
-            fields.path_of("replicas"),
-            "is found through the sentinel: list replicas or give a sentinel, not both",
-        );
-    }
-    if kind == Some(BackendKind::Postgres) && fields.table.contains_key("tls") {
-        errors.push(
-            fields.path_of("tls"),
-            "is not used by postgres targets: use sslmode",
-        );
-    }
-    let clickhouse = parse_clickhouse_mode(fields, kind, base, errors);
-    if let (Some(Strategy::Dual), Some(ClickHouseMode::UsersXml { .. })) = (strategy, &clickhouse) {
-        errors.push(
-            fields.path_of("strategy"),
-            "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
-        );
-    }
-    let replicas = fields.strings("replicas", errors).unwrap_or_default();
-    for (j, replica) in replicas.iter().enumerate() {
-        if !is_host_port(replica) {
-            errors.push(
-                format!("{}[{j}]", fields.path_of("replicas")),
-                format!("{replica:?} is not HOST:PORT"),
-            );
-        }
-    }
-    let tls = fields.boolean("tls", errors).unwrap_or(false);
-    let sync: Vec<SyncConfig> = fields
-        .tables("sync", "sync", errors)
-        .iter()
-        .filter_map(|entry| {
-            let parsed = parse_sync(entry, errors);
-            entry.finish(errors);
-            parsed
+    let sync: Vec<SyncConfig> = sync_tables
+        .into_iter()
+        .filter_map(|(path, table)| {
+            parse_sync(
+                table,
+                &At {
+                    path: &path,
+                    base: at.base,
+                },
+                errors,
+            )
         })
         .collect();
-    let sync_timeout = fields.duration("sync_timeout", DEFAULT_SYNC_TIMEOUT, errors);
-    let confirm_timeout = fields.duration("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, errors);
-    let store_fields = fields.tables("store", "store", errors);
-    if store_fields.is_empty() && !fields.table.contains_key("store") {
-        errors.push(
-            fields.path_of("store"),
-            "at least one [[target.store]] is required",
-        );
+
+    if store_tables.is_empty() && !has_stores {
+        errors.push(at.of("store"), "at least one [[target.store]] is required");
     }
     // Exact capacity (a filtered collect grows to 4): configs hold thousands of targets.
-    let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_fields.len());
-    stores.extend(store_fields.iter().filter_map(|store| {
-        let at = At {
-            path: &store.path,
-            base,
-        };
-        parse_store(store.table.clone(), &at, errors)
-    }));
-    if stores.len() != store_fields.len() {
+    let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_tables.len());
+    let mut store_paths = Vec::with_capacity(store_tables.len());
+    for (path, table) in store_tables {
+        if let Some(store) = parse_store(
+            table,
+            &At {
+                path: &path,
+                base: at.base,
+            },
+            errors,
+        ) {
+            stores.push(store);
+        }
+        store_paths.push(path);
+    }
+    if stores.len() != store_paths.len() {
         return None;
     }
-    if alternating {
-        // The consumer must learn which login to use: the stored value has to name the user.
-        for (store, fields) in stores.iter().zip(&store_fields) {
-            let names_user = match &store.format {
-                Format::Url => true,
-                Format::Template(template) => template.contains("{user}"),
-                Format::Password => false,
-            };
-            if !names_user {
-                errors.push(
-                    fields.path_of("format"),
-                    "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
-                );
-            }
-        }
-    }
-    if let Some(user) = &user {
-        let logins: Vec<&str> = std::iter::once(user.as_str())
-            .chain(users.iter().map(String::as_str))
-            .collect();
-        let target_sets_alphabet = fields
-            .table
-            .get("password")
-            .and_then(toml::Value::as_table)
-            .is_some_and(|t| t.contains_key("alphabet"));
-        let alphabet_path = if target_sets_alphabet {
-            fields.path_of("password.alphabet")
-        } else {
-            "password.alphabet".to_string()
+    let logins: Vec<&str> = user.iter().chain(&users).map(String::as_str).collect();
+    for (store, path) in stores.iter().zip(&store_paths) {
+        let store_at = At {
+            path,
+            base: at.base,
         };
-        for (store, fields) in stores.iter().zip(&store_fields) {
+        // The consumer must learn which login to use: the stored value has to name the user.
+        if alternating && !store.format.names_user() {
+            errors.push(
+                store_at.of("format"),
+                "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
+            );
+        }
+        if user.is_some() {
             let writes = crate::store::Writes {
                 policy: &password,
                 logins: &logins,
                 format: &store.format,
                 alphabet_path: &alphabet_path,
             };
-            let at = At {
-                path: &fields.path,
-                base,
-            };
-            store.kind.settings().check_writes(&writes, &at, errors);
+            store
+                .kind
+                .settings()
+                .check_writes(&writes, &store_at, errors);
         }
+    }
+
+    if !typed {
+        return None;
     }
     let (admin_user, admin_password) = admin?;
     Some(Target {
-        name: name?,
-        kind: kind?,
+        name: Some(keys.name).filter(|n| !n.is_empty())?,
         address: address?,
-        database,
         user: user?,
         users,
         admin_user,
         admin_password,
-        strategy: strategy?,
-        schedule,
-        window,
-        jitter,
-        max_age,
-        consumers,
+        strategy,
+        max_age: keys
+            .max_age
+            .unwrap_or_else(|| default_max_age(keys.schedule.as_ref())),
+        schedule: keys.schedule,
+        window: keys.window.unwrap_or(DEFAULT_WINDOW),
+        jitter: keys.jitter.unwrap_or_default(),
+        consumers: keys.consumers,
         stores,
         password,
-        sslmode: sslmode?,
-        ca_file,
-        replicas,
-        sentinel,
-        tls,
-        clickhouse: clickhouse?,
         sync,
-        sync_timeout,
-        confirm_timeout,
+        sync_timeout: keys.sync_timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT),
+        confirm_timeout: keys.confirm_timeout.unwrap_or(DEFAULT_CONFIRM_TIMEOUT),
+        backend: backend?,
     })
 }
 
-fn parse_clickhouse_mode(
-    fields: &Fields,
-    kind: Option<BackendKind>,
-    base: &Path,
-    errors: &mut Errors,
-) -> Option<ClickHouseMode> {
-    let keys = ["mode", "users_xml", "on_cluster"];
-    if kind != Some(BackendKind::ClickHouse) {
-        for key in keys.into_iter().filter(|k| fields.table.contains_key(*k)) {
-            fields.get(key);
-            errors.push(fields.path_of(key), "is only used by clickhouse targets");
-        }
-        return Some(ClickHouseMode::Sql { on_cluster: None });
-    }
-    let on_cluster = fields.string("on_cluster", errors);
-    let users_xml = fields.table("users_xml", errors).and_then(|section| {
-        let path = section.required_string("path", errors);
-        section.finish(errors);
-        path.map(|p| base.join(p))
-    });
-    match fields.string("mode", errors).as_deref() {
-        None | Some("sql") => {
-            if users_xml.is_some() {
-                errors.push(
-                    fields.path_of("users_xml"),
-                    "is only used with mode = \"users_xml\"",
-                );
-            }
-            Some(ClickHouseMode::Sql { on_cluster })
-        }
-        Some("users_xml") => {
-            if on_cluster.is_some() {
-                errors.push(
-                    fields.path_of("on_cluster"),
-                    "is only used with mode = \"sql\"",
-                );
-            }
-            match users_xml {
-                Some(path) => Some(ClickHouseMode::UsersXml { path }),
-                None => {
-                    if !fields.table.contains_key("users_xml") {
-                        errors.push(
-                            fields.path_of("users_xml"),
-                            "is required with mode = \"users_xml\": { path = \"/etc/clickhouse-server/users.d/llmtrace.xml\" }",
-                        );
-                    }
-                    None
-                }
-            }
-        }
-        Some(other) => {
-            errors.push(
-                fields.path_of("mode"),
-                format!("{other:?} is not one of sql, users_xml"),
-            );
-            None
-        }
-    }
+/// A `sync` entry as written.
+#[derive(Deserialize)]
+struct SyncKeys {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    external_secret: String,
+    #[serde(default)]
+    secret: String,
+    /// Without the key the wait could not tell a synced Secret from a stale one.
+    #[serde(default)]
+    key: String,
+    format: Option<String>,
+    template: Option<String>,
 }
 
-fn is_host_port(address: &str) -> bool {
+fn parse_sync(table: toml::Table, at: &At, errors: &mut Errors) -> Option<SyncConfig> {
+    let (keys, rest) = read_part::<SyncKeys>(table, at, errors);
+    let (keys, typed) = keys?;
+    errors.require(&keys.namespace, at, "namespace");
+    errors.require(&keys.external_secret, at, "external_secret");
+    errors.require(&keys.secret, at, "secret");
+    errors.require(&keys.key, at, "key");
+    let format = format_of(keys.format.as_deref(), keys.template, at, errors);
+    unknown_keys(rest, at, errors);
+    let complete = [
+        &keys.namespace,
+        &keys.external_secret,
+        &keys.secret,
+        &keys.key,
+    ]
+    .iter()
+    .all(|v| !v.is_empty());
+    if !typed || !complete {
+        return None;
+    }
+    Some(SyncConfig {
+        namespace: keys.namespace,
+        external_secret: keys.external_secret,
+        secret: keys.secret,
+        key: keys.key,
+        format: format?,
+    })
+}
+
+pub fn is_host_port(address: &str) -> bool {
     match address.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
         None => false,
@@ -1664,33 +1602,6 @@ fn format_of(
     }
 }
 
-/// `format` (and `template`) of a sync entry; `url` when absent.
-fn parse_format(fields: &Fields, errors: &mut Errors) -> Option<Format> {
-    let format = fields.string("format", errors);
-    let template = fields.string("template", errors);
-    let at = At {
-        path: &fields.path,
-        base: Path::new(""),
-    };
-    format_of(format.as_deref(), template, &at, errors)
-}
-
-fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
-    let namespace = fields.required_string("namespace", errors);
-    let external_secret = fields.required_string("external_secret", errors);
-    let secret = fields.required_string("secret", errors);
-    // Without the key the wait could not tell a synced Secret from a stale one.
-    let key = fields.required_string("key", errors);
-    let format = parse_format(fields, errors);
-    Some(SyncConfig {
-        namespace: namespace?,
-        external_secret: external_secret?,
-        secret: secret?,
-        key: key?,
-        format: format?,
-    })
-}
-
 /// The keys every consumer has; the rest belong to its kind.
 #[derive(Deserialize)]
 struct ConsumerKeys {
@@ -1735,6 +1646,7 @@ fn parse_consumer(table: toml::Table, at: &At, errors: &mut Errors) -> Option<Co
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::clickhouse::ClickHouseMode;
 
     const VALID: &str = r#"
 [rotator]
@@ -1914,12 +1826,15 @@ tls = true
     fn parses_a_redis_target_with_the_default_user() {
         let config = Config::parse(REDIS, Path::new("/etc/rotator")).unwrap();
         let target = &config.targets[0];
-        assert_eq!(target.kind, BackendKind::Redis);
+        assert_eq!(target.kind(), "redis");
+        let BackendConfig::Redis(redis) = &target.backend else {
+            panic!("{target:?}")
+        };
         assert_eq!(target.user, "default");
         assert_eq!(target.strategy, Strategy::Dual);
         assert!(target.strategy.keeps_old_until_retire());
-        assert_eq!(target.replicas, ["llmtrace-redis-replicas-0:6379"]);
-        assert!(target.tls);
+        assert_eq!(redis.replicas, ["llmtrace-redis-replicas-0:6379"]);
+        assert!(redis.tls);
     }
 
     #[test]
@@ -1932,15 +1847,18 @@ tls = true
             );
         let config = Config::parse(&text, Path::new("/")).unwrap();
         let target = &config.targets[0];
+        let BackendConfig::Redis(redis) = &target.backend else {
+            panic!("{target:?}")
+        };
         assert_eq!(
-            target.sentinel,
-            Some(Sentinel {
+            redis.sentinel,
+            Some(crate::backend::redis::SentinelConfig {
                 address: "llmtrace-redis:26379".into(),
                 master_name: "mymaster".into()
             })
         );
         assert_eq!(target.address, "llmtrace-redis:26379");
-        assert!(target.replicas.is_empty());
+        assert!(redis.replicas.is_empty());
         let both = REDIS.replace(
             "tls = true",
             "tls = true\nsentinel = { address = \"s\", master_name = \"m\" }",
@@ -1980,6 +1898,13 @@ tls = true
         );
     }
 
+    fn clickhouse_mode(target: &Target) -> ClickHouseMode {
+        match &target.backend {
+            BackendConfig::ClickHouse(clickhouse) => clickhouse.mode(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     const CLICKHOUSE: &str = r#"
 [rotator]
 journal = "sqlite://rotator.db"
@@ -2003,10 +1928,10 @@ users_xml = { path = "users.d/llmtrace.xml" }
     fn parses_a_clickhouse_users_xml_target_without_admin() {
         let config = Config::parse(CLICKHOUSE, Path::new("/etc/rotator")).unwrap();
         let target = &config.targets[0];
-        assert_eq!(target.kind, BackendKind::ClickHouse);
+        assert_eq!(target.kind(), "clickhouse");
         assert!(target.admin_password.is_none());
         assert_eq!(
-            target.clickhouse,
+            clickhouse_mode(target),
             ClickHouseMode::UsersXml {
                 path: "/etc/rotator/users.d/llmtrace.xml".into()
             }
@@ -2032,7 +1957,7 @@ users_xml = { path = "users.d/llmtrace.xml" }
         );
         let config = Config::parse(&sql, Path::new(".")).unwrap();
         assert_eq!(
-            config.targets[0].clickhouse,
+            clickhouse_mode(&config.targets[0]),
             ClickHouseMode::Sql {
                 on_cluster: Some("main".into())
             }
@@ -2183,11 +2108,11 @@ sync_timeout = "30s"
         assert_eq!(
             paths,
             [
-                "target[0].store[0].name",
-                "target[0].sync[0].key",
-                "target[0].sync[0].formt",
-                "target[0].sync_timeout",
                 "target[0].store[0].certificate",
+                "target[0].store[0].name",
+                "target[0].sync[0].formt",
+                "target[0].sync[0].key",
+                "target[0].sync_timeout",
             ],
             "{errors:#?}"
         );

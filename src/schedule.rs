@@ -12,6 +12,14 @@ pub struct Schedule {
     cron: cron::Schedule,
 }
 
+impl std::str::FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(expression: &str) -> Result<Schedule, String> {
+        Schedule::parse(expression)
+    }
+}
+
 impl Schedule {
     pub fn parse(expression: &str) -> Result<Schedule, String> {
         let mut fields: Vec<&str> = expression.split_whitespace().collect();

@@ -52,7 +52,7 @@ impl Plan {
             .iter()
             .map(|t| PlannedTarget {
                 name: t.name.clone(),
-                kind: t.kind.as_str().into(),
+                kind: t.kind().into(),
                 address: t.address.clone(),
                 user: t.user.clone(),
                 strategy: t.strategy.as_str().into(),
