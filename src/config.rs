@@ -1,18 +1,28 @@
 //! The TOML configuration: schema, validation and credential references.
 //!
-//! Parsing walks the TOML tree by hand so that every bad field is reported at once, by its
-//! path (`target[1].store[0].key`), before anything is touched.
+//! Every bad field is reported at once, by its path (`target[1].store[0].key`), before anything
+//! is touched. Each backend, store and consumer kind owns its settings (a serde struct in its own
+//! file that validates itself); this module keeps the root, the keys every target, store and
+//! consumer shares, credential references, and one table of kinds per trait ([`BackendConfig`],
+//! [`StoreKind`], [`ConsumerKind`]). How tables are read is in `read.rs`.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+#[macro_use]
+mod read;
 
 use crate::password::{Alphabet, PasswordPolicy};
 use crate::secret::Secret;
+use read::{
+    drop_empty_strings, join, keys_of, optional_duration, parse_with, read_part, take_table,
+    take_tables, unknown_keys,
+};
+pub use read::{duration, parsed, present, text, At, Errors, Validate};
 
 /// A consumer that does not say how long to wait gets the time `kubectl rollout status` users expect.
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -244,74 +254,6 @@ impl StoreConfig {
     pub fn describe(&self) -> String {
         self.kind.settings().describe()
     }
-}
-
-/// Declares a kind enum from its table: each line names a kind as config spells it, its
-/// variant, and its settings type (defined in the kind's own file).
-macro_rules! kinds {
-    ($(#[$doc:meta])* $Enum:ident: $Settings:path $(, only_used_by $noun:literal)? {
-        $($name:literal => $Variant:ident($Config:ty),)+
-    }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq)]
-        pub enum $Enum {
-            $($Variant($Config),)+
-        }
-
-        impl $Enum {
-            /// Every kind, as config spells it.
-            pub const NAMES: &'static [&'static str] = &[$($name),+];
-
-            /// Reads the table of the kind named `kind` (the `kind` key itself taken out).
-            fn read(kind: &str, table: toml::Table, at: &At, errors: &mut Errors) -> Option<Self> {
-                let unknown = |key: &str| Self::unknown(kind, key);
-                match kind {
-                    "" => {
-                        errors.missing(at.of("kind"), "is required");
-                        None
-                    }
-                    $($name => parse_with::<$Config>(table, at, errors, unknown).map(Self::$Variant),)+
-                    other => {
-                        errors.push(
-                            at.of("kind"),
-                            format!("{other:?} is not one of {}", Self::NAMES.join(", ")),
-                        );
-                        None
-                    }
-                }
-            }
-
-            /// What to say of a key this kind does not read.
-            fn unknown(kind: &str, key: &str) -> String {
-                let owners: Vec<&str> = [$(($name, keys_of::<$Config>()),)+]
-                    .into_iter()
-                    .filter(|(_, keys)| keys.contains(&key))
-                    .map(|(name, _)| name)
-                    .collect();
-                $(
-                    if !owners.is_empty() {
-                        return format!("is only used by {} {}, not {kind}", owners.join(", "), $noun);
-                    }
-                )?
-                let _ = (kind, owners);
-                "unknown key".into()
-            }
-
-            /// The kind, as config spells it.
-            pub fn name(&self) -> &'static str {
-                match self {
-                    $(Self::$Variant(_) => $name,)+
-                }
-            }
-
-            /// The kind's settings, behind the trait the rest of the rotator uses.
-            pub fn settings(&self) -> &dyn $Settings {
-                match self {
-                    $(Self::$Variant(settings) => settings,)+
-                }
-            }
-        }
-    };
 }
 
 kinds! {
@@ -551,417 +493,6 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
     }
 }
 
-/// Where a table sits in the file (`target[1].store[0]`) and the directory its relative paths
-/// are taken from: what a kind's `validate` needs to name a field and resolve a path.
-#[derive(Clone, Copy)]
-pub struct At<'a> {
-    pub path: &'a str,
-    pub base: &'a Path,
-}
-
-impl At<'_> {
-    /// The path of `key` in this table, as errors name it.
-    pub fn of(&self, key: &str) -> String {
-        join(self.path, key)
-    }
-
-    /// A path from the config, taken relative to the config file's directory.
-    pub fn resolve(&self, path: &mut PathBuf) {
-        if !path.as_os_str().is_empty() {
-            *path = self.base.join(&*path);
-        }
-    }
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-/// Every problem found in a config, collected so that all are reported at once.
-#[derive(Default)]
-pub struct Errors(Vec<FieldError>);
-
-impl Errors {
-    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-
-    /// Reports a missing field, unless that field was already reported (a value of the wrong
-    /// type, or an empty one, is dropped before validation and must not also read as missing).
-    pub fn missing(&mut self, path: String, message: impl Into<String>) {
-        if !self.reported(&path) {
-            self.push(path, message);
-        }
-    }
-
-    /// Whether something at `path` (or inside it) was reported.
-    pub fn reported(&self, path: &str) -> bool {
-        self.0.iter().any(|e| {
-            e.path
-                .strip_prefix(path)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-        })
-    }
-
-    /// In the order of their paths (`target[2]` before `target[10]`), each table's together.
-    fn sorted(mut self) -> Vec<FieldError> {
-        #[derive(PartialEq, Eq, PartialOrd, Ord)]
-        enum Part<'a> {
-            Index(usize),
-            Key(&'a str),
-        }
-        fn parts(path: &str) -> Vec<Part<'_>> {
-            let mut parts = Vec::new();
-            for segment in path.split('.') {
-                let mut pieces = segment.split('[');
-                parts.push(Part::Key(pieces.next().unwrap_or("")));
-                for index in pieces {
-                    parts.push(Part::Index(
-                        index.trim_end_matches(']').parse().unwrap_or(0),
-                    ));
-                }
-            }
-            parts
-        }
-        self.0.sort_by(|a, b| parts(&a.path).cmp(&parts(&b.path)));
-        self.0
-    }
-
-    /// A required text field: empty means absent (empty strings were reported on reading).
-    pub fn require(&mut self, value: &str, at: &At, key: &str) {
-        if value.is_empty() {
-            self.missing(at.of(key), "is required");
-        }
-    }
-}
-
-/// A kind's own settings: deserialized from its table, then checked as a whole.
-pub trait Validate {
-    /// Reports every bad field under `at` and resolves relative paths against `at.base`.
-    fn validate(&mut self, at: &At, errors: &mut Errors);
-}
-
-/// Reads a table into `T` and validates it: every value of the wrong type, every unknown key and
-/// every bad field is reported. `None` when a value had the wrong type.
-fn parse_with<T: DeserializeOwned + Validate>(
-    table: toml::Table,
-    at: &At,
-    errors: &mut Errors,
-    unknown: impl Fn(&str) -> String,
-) -> Option<T> {
-    let (value, rest) = read_part::<T>(table, at, errors);
-    let (mut value, typed) = value?;
-    value.validate(at, errors);
-    for key in rest.keys() {
-        errors.push(at.of(key), unknown(key));
-    }
-    typed.then_some(value)
-}
-
-/// The keys a kind's settings read, as its `Deserialize` impl names them.
-fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
-    struct Keys(&'static [&'static str]);
-    impl<'de> serde::Deserializer<'de> for &mut Keys {
-        type Error = serde::de::value::Error;
-        fn deserialize_any<V: serde::de::Visitor<'de>>(
-            self,
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            Err(serde::de::Error::custom("only structs name their keys"))
-        }
-        fn deserialize_struct<V: serde::de::Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            self.0 = fields;
-            Err(serde::de::Error::custom("keys taken"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
-            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
-            identifier ignored_any
-        }
-    }
-    let mut keys = Keys(&[]);
-    let _ = T::deserialize(&mut keys);
-    keys.0
-}
-
-/// Reports each key of `rest` as unknown (a typo, or a key of another kind).
-fn unknown_keys(rest: toml::Table, at: &At, errors: &mut Errors) {
-    for key in rest.keys() {
-        errors.push(at.of(key), "unknown key");
-    }
-}
-
-/// Deserializes the part of `table` that `T` describes. A value of the wrong type is reported
-/// by its path and dropped, and the rest read again, so one bad value hides no other. Returns
-/// `T` (with whether every value had its type) and the top-level keys `T` does not know, left for
-/// another reader; unknown keys nested deeper are reported here.
-fn read_part<T: DeserializeOwned>(
-    mut table: toml::Table,
-    at: &At,
-    errors: &mut Errors,
-) -> (Option<(T, bool)>, toml::Table) {
-    let mut typed = true;
-    loop {
-        let mut ignored: Vec<(String, Option<String>)> = Vec::new();
-        let value = toml::Value::Table(table.clone());
-        let mut record = |path: serde_ignored::Path| {
-            let top = match &path {
-                serde_ignored::Path::Map { parent, key }
-                    if matches!(parent, serde_ignored::Path::Root) =>
-                {
-                    Some(key.clone())
-                }
-                _ => None,
-            };
-            ignored.push((ignored_path(&path), top));
-        };
-        let de = serde_ignored::Deserializer::new(value, &mut record);
-        match serde_path_to_error::deserialize::<_, T>(de) {
-            Ok(parsed) => {
-                let mut rest = toml::Table::new();
-                for (path, top) in ignored {
-                    match top.and_then(|key| table.remove_entry(&key)) {
-                        Some((key, value)) => {
-                            rest.insert(key, value);
-                        }
-                        None => errors.push(join(at.path, &path), "unknown key"),
-                    }
-                }
-                return (Some((parsed, typed)), rest);
-            }
-            Err(error) => {
-                typed = false;
-                let segments: Vec<&Segment> = error.path().iter().collect();
-                let in_array = matches!(segments.last(), Some(Segment::Seq { .. }));
-                errors.push(
-                    join(at.path, &segment_path(&segments)),
-                    type_error(error.inner(), in_array),
-                );
-                let mut root = toml::Value::Table(std::mem::take(&mut table));
-                let removed = remove(&mut root, &segments);
-                if let toml::Value::Table(t) = root {
-                    table = t;
-                }
-                if !removed {
-                    return (None, toml::Table::new());
-                }
-            }
-        }
-    }
-}
-
-use serde_path_to_error::Segment;
-
-fn segment_path(segments: &[&Segment]) -> String {
-    let mut out = String::new();
-    for segment in segments {
-        match segment {
-            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Map { key } => out = join(&out, key),
-            Segment::Enum { variant } => out = join(&out, variant),
-            Segment::Unknown => out = join(&out, "?"),
-        }
-    }
-    out
-}
-
-fn ignored_path(path: &serde_ignored::Path) -> String {
-    use serde_ignored::Path;
-    match path {
-        Path::Root => String::new(),
-        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
-        Path::Map { parent, key } => join(&ignored_path(parent), key),
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => ignored_path(parent),
-    }
-}
-
-/// Drops the value at `segments` so the table can be read again without it.
-fn remove(value: &mut toml::Value, segments: &[&Segment]) -> bool {
-    match (value, segments) {
-        (toml::Value::Table(table), [Segment::Map { key }]) => table.remove(key).is_some(),
-        (toml::Value::Array(array), [Segment::Seq { index }]) if *index < array.len() => {
-            array.remove(*index);
-            true
-        }
-        (toml::Value::Table(table), [Segment::Map { key }, rest @ ..]) => {
-            table.get_mut(key).is_some_and(|v| remove(v, rest))
-        }
-        (toml::Value::Array(array), [Segment::Seq { index }, rest @ ..]) => {
-            array.get_mut(*index).is_some_and(|v| remove(v, rest))
-        }
-        _ => false,
-    }
-}
-
-/// Says what type a value should have, in the words the TOML spec uses, and never repeats the
-/// value (it may be a secret). Messages of the config's own readers (a bad duration) pass as they are.
-fn type_error(error: &toml::de::Error, in_array: bool) -> String {
-    let message = error.message();
-    let Some(rest) = message.strip_prefix("invalid type: ") else {
-        return message.to_string();
-    };
-    let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
-    let found = match found.split(' ').next().unwrap_or("") {
-        "integer" => "integer",
-        "boolean" => "boolean",
-        "floating" => "float",
-        "string" => "string",
-        "sequence" => "array",
-        "map" => "table",
-        _ => "another type",
-    };
-    match expected {
-        "a string" if in_array => "must be a non-empty string".into(),
-        "a string" => format!("must be a string, not {found}"),
-        "a boolean" => format!("must be true or false, not {found}"),
-        "a sequence" => "must be an array of strings".into(),
-        e if e.starts_with(['i', 'u']) => format!("must be an integer, not {found}"),
-        _ => format!("must be a table, not {found}"),
-    }
-}
-
-/// Reports every empty string in the document by its path and drops it: an empty value is a
-/// mistake wherever it appears, and dropped it reads as absent, so a required field is not
-/// reported twice. Empty items of arrays are reported and dropped likewise.
-fn drop_empty_strings(table: &mut toml::Table, path: &str, errors: &mut Errors) {
-    table.retain(|key, value| {
-        let path = join(path, key);
-        match value {
-            toml::Value::String(s) if s.trim().is_empty() => {
-                errors.push(path, "must not be empty");
-                false
-            }
-            toml::Value::Table(t) => {
-                drop_empty_strings(t, &path, errors);
-                true
-            }
-            toml::Value::Array(items) => {
-                let mut i = 0;
-                items.retain_mut(|item| {
-                    let item_path = format!("{path}[{i}]");
-                    i += 1;
-                    match item {
-                        toml::Value::String(s) if s.is_empty() => {
-                            errors.push(item_path, "must be a non-empty string");
-                            false
-                        }
-                        toml::Value::Table(t) => {
-                            drop_empty_strings(t, &item_path, errors);
-                            true
-                        }
-                        _ => true,
-                    }
-                });
-                true
-            }
-            _ => true,
-        }
-    });
-}
-
-/// `#[serde(deserialize_with)]` for an optional value written as text (a duration, a
-/// reference, one of a list of words): the text's own error message is kept.
-pub fn parsed<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
-{
-    let text = String::deserialize(deserializer)?;
-    text.parse().map(Some).map_err(serde::de::Error::custom)
-}
-
-/// `#[serde(deserialize_with)]` for a value written as text, with a default when absent.
-pub fn text<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
-{
-    let text = String::deserialize(deserializer)?;
-    text.parse().map_err(serde::de::Error::custom)
-}
-
-/// `#[serde(deserialize_with)]` for a key read only to be refused: true when present, whatever its value.
-pub fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    // Through `deserialize_any`: an ignored value would be reported as an unknown key.
-    deserializer
-        .deserialize_any(serde::de::IgnoredAny)
-        .map(|_| true)
-}
-
-/// `#[serde(deserialize_with)]` for an optional duration like `30s`.
-fn optional_duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    duration(deserializer).map(Some)
-}
-
-/// `#[serde(deserialize_with)]` for a duration like `30s` (see [`crate::duration`]).
-pub fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    crate::duration::parse(&text).map_err(serde::de::Error::custom)
-}
-
-/// Takes `key` out of `table` when it is a table; anything else there is reported.
-fn take_table(
-    table: &mut toml::Table,
-    key: &str,
-    at: &At,
-    errors: &mut Errors,
-) -> Option<toml::Table> {
-    match table.remove(key)? {
-        toml::Value::Table(t) => Some(t),
-        other => {
-            errors.push(
-                at.of(key),
-                format!("must be a table, not {}", other.type_str()),
-            );
-            None
-        }
-    }
-}
-
-/// Takes the `[[key]]` tables out of `table`, each with its path (`target[0].store[1]`).
-fn take_tables(
-    table: &mut toml::Table,
-    key: &str,
-    at: &At,
-    errors: &mut Errors,
-) -> Vec<(String, toml::Table)> {
-    let Some(value) = table.remove(key) else {
-        return Vec::new();
-    };
-    let toml::Value::Array(items) = value else {
-        errors.push(at.of(key), format!("must be [[{key}]] tables"));
-        return Vec::new();
-    };
-    let prefix = at.of(key);
-    items
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, item)| match item {
-            toml::Value::Table(t) => Some((format!("{prefix}[{i}]"), t)),
-            _ => {
-                errors.push(format!("{prefix}[{i}]"), "must be a table");
-                None
-            }
-        })
-        .collect()
-}
-
 fn parse_root(mut root: toml::Table, base: &Path, errors: &mut Errors) -> Option<Config> {
     let at = At { path: "", base };
     let rotator = match take_table(&mut root, "rotator", &at, errors) {
@@ -989,13 +520,14 @@ fn parse_root(mut root: toml::Table, base: &Path, errors: &mut Errors) -> Option
         .iter()
         .filter_map(|(_, t)| t.get("name")?.as_str().map(String::from))
         .collect();
-    let consumers: Vec<(ConsumerConfig, String)> = consumer_tables
-        .into_iter()
-        .filter_map(|(path, table)| {
-            let consumer = parse_consumer(table, &At { path: &path, base }, errors)?;
-            Some((consumer, path))
-        })
-        .collect();
+    let mut consumers = Vec::with_capacity(consumer_tables.len());
+    let mut consumer_paths = Vec::with_capacity(consumer_tables.len());
+    for (path, table) in consumer_tables {
+        if let Some(consumer) = parse_consumer(table, &At { path: &path, base }, errors) {
+            consumers.push(consumer);
+            consumer_paths.push(path);
+        }
+    }
 
     let has_targets = root.contains_key("target");
     let target_tables = take_tables(&mut root, "target", &at, errors);
@@ -1012,21 +544,22 @@ fn parse_root(mut root: toml::Table, base: &Path, errors: &mut Errors) -> Option
             target_paths.push(path);
         }
     }
-    check_names(&targets, &target_paths, &consumers, errors);
+    check_names(&targets, &target_paths, &consumers, &consumer_paths, errors);
     unknown_keys(root, &at, errors);
     targets.shrink_to_fit();
     Some(Config {
         rotator: rotator?,
         password: defaults,
         targets,
-        consumers: consumers.into_iter().map(|(c, _)| c).collect(),
+        consumers,
     })
 }
 
 fn check_names(
     targets: &[Target],
     paths: &[String],
-    consumers: &[(ConsumerConfig, String)],
+    consumers: &[ConsumerConfig],
+    consumer_paths: &[String],
     errors: &mut Errors,
 ) {
     // Consumer references are checked per target, where a target with other errors still gets them.
@@ -1040,7 +573,7 @@ fn check_names(
         }
     }
     let mut seen = HashSet::new();
-    for (consumer, path) in consumers {
+    for (consumer, path) in consumers.iter().zip(consumer_paths) {
         if !seen.insert(&consumer.name) {
             errors.push(
                 join(path, "name"),
@@ -1280,114 +813,11 @@ fn parse_target(
     let has_stores = table.contains_key("store");
     let store_tables = take_tables(&mut table, "store", at, errors);
     let sync_tables = take_tables(&mut table, "sync", at, errors);
-    let (keys, mut rest) = read_part::<TargetKeys>(table, at, errors);
-    let (keys, typed) = keys?;
-    if !keys.name.is_empty()
-        && !keys
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        errors.push(
-            at.of("name"),
-            format!("{:?} may hold only letters, digits, '-' and '_'", keys.name),
-        );
-    }
-    errors.require(&keys.name, at, "name");
-    if !matches!(keys.kind.as_str(), "" | "postgres") {
-        let shared: toml::Table = SHARED_POSTGRES_KEYS
-            .iter()
-            .filter_map(|key| rest.remove_entry(*key))
-            .collect();
-        if !shared.is_empty() {
-            read_part::<crate::backend::postgres::PostgresConfig>(shared, at, errors);
-        }
-    }
-    let backend = BackendConfig::read(&keys.kind, rest, at, errors);
-    let settings = backend.as_ref().map(BackendConfig::settings);
-
-    let address = match (&keys.address, settings.and_then(|s| s.default_address())) {
-        (Some(address), _) => {
-            if !is_host_port(address) {
-                errors.push(at.of("address"), format!("{address:?} is not HOST:PORT"));
-            }
-            Some(address.clone())
-        }
-        (None, Some(address)) => Some(address.to_string()),
-        (None, None) => {
-            errors.missing(at.of("address"), "is required");
-            None
-        }
-    };
-
-    let alternating = keys.strategy == Some(Strategy::Alternating);
-    let users = keys.users;
-    if alternating && (users.len() != 2 || users[0] == users[1]) {
-        errors.push(
-            at.of("users"),
-            "strategy \"alternating\" needs two different logins: users = [\"app_a\", \"app_b\"]",
-        );
-    } else if !alternating && !users.is_empty() {
-        errors.push(
-            at.of("users"),
-            "is only used with strategy = \"alternating\"",
-        );
-    }
-    let user = match (keys.user, settings.and_then(|s| s.default_user())) {
-        (Some(user), _) => Some(user),
-        (None, _) if alternating => users.first().cloned(),
-        (None, Some(default)) => Some(default.to_string()),
-        (None, None) => {
-            errors.missing(at.of("user"), "is required");
-            None
-        }
-    };
-
-    let admin = match keys.admin {
-        Some(mut admin) => {
-            let path = at.of("admin");
-            let admin_at = At {
-                path: &path,
-                base: at.base,
-            };
-            errors.require(&admin.user, &admin_at, "user");
-            match &mut admin.password {
-                Some(password) => password.resolve(&admin_at),
-                None => errors.missing(admin_at.of("password"), "is required"),
-            }
-            admin
-                .password
-                .is_some()
-                .then_some((admin.user, admin.password))
-        }
-        None if settings.is_some_and(|s| !s.needs_admin()) => Some((String::new(), None)),
-        None => {
-            errors.missing(
-                at.of("admin"),
-                "is required: { user = \"...\", password = \"env:...\" }",
-            );
-            None
-        }
-    };
-
-    let strategy = keys.strategy.unwrap_or(Strategy::Single);
-    if let Some(settings) = settings {
-        let available = settings.strategies();
-        if !available.contains(&strategy) {
-            let names: Vec<&str> = available.iter().map(|s| s.as_str()).collect();
-            errors.push(
-                at.of("strategy"),
-                format!(
-                    "{:?} is not available for this kind ({}: {})",
-                    strategy.as_str(),
-                    keys.kind,
-                    names.join(", ")
-                ),
-            );
-        }
-        settings.check_strategy(strategy, at, errors);
-    }
-
+    let (keys, rest) = read_part::<TargetKeys>(table, at, errors);
+    let (mut keys, typed) = keys?;
+    check_name(&keys.name, at, errors);
+    let backend = read_backend(&keys.kind, rest, at, errors);
+    let login = check_login(&mut keys, backend.as_ref(), at, errors);
     for (j, name) in keys.consumers.iter().enumerate() {
         if !known_consumers.contains(name) {
             errors.push(
@@ -1400,7 +830,7 @@ fn parse_target(
         Some(table) if table.contains_key("alphabet") => at.of("password.alphabet"),
         _ => "password.alphabet".to_string(),
     };
-    let password = match keys.password {
+    let password = match keys.password.take() {
         Some(table) => parse_policy(table, defaults, &at.of("password"), errors),
         None => defaults.clone(),
     };
@@ -1417,68 +847,31 @@ fn parse_target(
             )
         })
         .collect();
-
     if store_tables.is_empty() && !has_stores {
         errors.push(at.of("store"), "at least one [[target.store]] is required");
     }
-    // Exact capacity (a filtered collect grows to 4): configs hold thousands of targets.
-    let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_tables.len());
-    let mut store_paths = Vec::with_capacity(store_tables.len());
-    for (path, table) in store_tables {
-        if let Some(store) = parse_store(
-            table,
-            &At {
-                path: &path,
-                base: at.base,
-            },
-            errors,
-        ) {
-            stores.push(store);
-        }
-        store_paths.push(path);
-    }
-    if stores.len() != store_paths.len() {
-        return None;
-    }
-    let logins: Vec<&str> = user.iter().chain(&users).map(String::as_str).collect();
-    for (store, path) in stores.iter().zip(&store_paths) {
-        let store_at = At {
-            path,
-            base: at.base,
-        };
-        // The consumer must learn which login to use: the stored value has to name the user.
-        if alternating && !store.format.names_user() {
-            errors.push(
-                store_at.of("format"),
-                "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
-            );
-        }
-        if user.is_some() {
-            let writes = crate::store::Writes {
-                policy: &password,
-                logins: &logins,
-                format: &store.format,
-                alphabet_path: &alphabet_path,
-            };
-            store
-                .kind
-                .settings()
-                .check_writes(&writes, &store_at, errors);
-        }
-    }
-
+    let (stores, store_paths) = parse_stores(store_tables, at.base, errors)?;
+    check_stores(
+        &stores,
+        &store_paths,
+        &login,
+        &password,
+        &alphabet_path,
+        at.base,
+        errors,
+    );
     if !typed {
         return None;
     }
-    let (admin_user, admin_password) = admin?;
+    let (admin_user, admin_password) = login.admin?;
     Some(Target {
         name: Some(keys.name).filter(|n| !n.is_empty())?,
-        address: address?,
-        user: user?,
-        users,
+        address: login.address?,
+        user: login.user?,
+        users: login.users,
         admin_user,
         admin_password,
-        strategy,
+        strategy: login.strategy,
         max_age: keys
             .max_age
             .unwrap_or_else(|| default_max_age(keys.schedule.as_ref())),
@@ -1493,6 +886,201 @@ fn parse_target(
         confirm_timeout: keys.confirm_timeout.unwrap_or(DEFAULT_CONFIRM_TIMEOUT),
         backend: backend?,
     })
+}
+
+fn check_name(name: &str, at: &At, errors: &mut Errors) {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errors.push(
+            at.of("name"),
+            format!("{name:?} may hold only letters, digits, '-' and '_'"),
+        );
+    }
+    errors.require(name, at, "name");
+}
+
+/// The backend kind's own keys: whatever the target's common keys left.
+fn read_backend(
+    kind: &str,
+    mut rest: toml::Table,
+    at: &At,
+    errors: &mut Errors,
+) -> Option<BackendConfig> {
+    if !matches!(kind, "" | "postgres") {
+        let shared: toml::Table = SHARED_POSTGRES_KEYS
+            .iter()
+            .filter_map(|key| rest.remove_entry(*key))
+            .collect();
+        if !shared.is_empty() {
+            read_part::<crate::backend::postgres::PostgresConfig>(shared, at, errors);
+        }
+    }
+    BackendConfig::read(kind, rest, at, errors)
+}
+
+/// Who logs in where: the target's keys whose rules depend on its backend kind.
+struct Login {
+    address: Option<String>,
+    user: Option<String>,
+    users: Vec<String>,
+    admin: Option<(String, Option<Reference>)>,
+    strategy: Strategy,
+}
+
+fn check_login(
+    keys: &mut TargetKeys,
+    backend: Option<&BackendConfig>,
+    at: &At,
+    errors: &mut Errors,
+) -> Login {
+    let settings = backend.map(BackendConfig::settings);
+    let address = match (
+        keys.address.take(),
+        settings.and_then(|s| s.default_address()),
+    ) {
+        (Some(address), _) => {
+            if !is_host_port(&address) {
+                errors.push(at.of("address"), format!("{address:?} is not HOST:PORT"));
+            }
+            Some(address)
+        }
+        (None, Some(address)) => Some(address.to_string()),
+        (None, None) => {
+            errors.missing(at.of("address"), "is required");
+            None
+        }
+    };
+
+    let alternating = keys.strategy == Some(Strategy::Alternating);
+    let users = std::mem::take(&mut keys.users);
+    if alternating && (users.len() != 2 || users[0] == users[1]) {
+        errors.push(
+            at.of("users"),
+            "strategy \"alternating\" needs two different logins: users = [\"app_a\", \"app_b\"]",
+        );
+    } else if !alternating && !users.is_empty() {
+        errors.push(
+            at.of("users"),
+            "is only used with strategy = \"alternating\"",
+        );
+    }
+    let user = match (keys.user.take(), settings.and_then(|s| s.default_user())) {
+        (Some(user), _) => Some(user),
+        (None, _) if alternating => users.first().cloned(),
+        (None, Some(default)) => Some(default.to_string()),
+        (None, None) => {
+            errors.missing(at.of("user"), "is required");
+            None
+        }
+    };
+
+    let admin = match keys.admin.take() {
+        Some(mut admin) => {
+            let path = at.of("admin");
+            let admin_at = At {
+                path: &path,
+                base: at.base,
+            };
+            errors.require(&admin.user, &admin_at, "user");
+            match &mut admin.password {
+                Some(password) => password.resolve(&admin_at),
+                None => errors.missing(admin_at.of("password"), "is required"),
+            }
+            (!admin.user.is_empty() && admin.password.is_some())
+                .then_some((admin.user, admin.password))
+        }
+        None if settings.is_some_and(|s| !s.needs_admin()) => Some((String::new(), None)),
+        None => {
+            errors.missing(
+                at.of("admin"),
+                "is required: { user = \"...\", password = \"env:...\" }",
+            );
+            None
+        }
+    };
+
+    let strategy = keys.strategy.unwrap_or(Strategy::Single);
+    if let (Some(backend), Some(settings)) = (backend, settings) {
+        let available = settings.strategies();
+        if !available.contains(&strategy) {
+            let names: Vec<&str> = available.iter().map(|s| s.as_str()).collect();
+            errors.push(
+                at.of("strategy"),
+                format!(
+                    "{:?} is not available for this kind ({}: {})",
+                    strategy.as_str(),
+                    backend.name(),
+                    names.join(", ")
+                ),
+            );
+        }
+        settings.check_strategy(strategy, at, errors);
+    }
+    Login {
+        address,
+        user,
+        users,
+        admin,
+        strategy,
+    }
+}
+
+/// Every `[[target.store]]`, and the path of each; `None` when one of them is unusable.
+fn parse_stores(
+    tables: Vec<(String, toml::Table)>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<(Vec<StoreConfig>, Vec<String>)> {
+    // Exact capacity (a filtered or mapped collect may keep a larger buffer): configs hold
+    // thousands of targets.
+    let mut stores = Vec::with_capacity(tables.len());
+    let mut paths = Vec::with_capacity(tables.len());
+    for (path, table) in tables {
+        if let Some(store) = parse_store(table, &At { path: &path, base }, errors) {
+            stores.push(store);
+        }
+        paths.push(path);
+    }
+    (stores.len() == paths.len()).then_some((stores, paths))
+}
+
+/// Checks each store against what the target will write to it.
+fn check_stores(
+    stores: &[StoreConfig],
+    paths: &[String],
+    login: &Login,
+    policy: &PasswordPolicy,
+    alphabet_path: &str,
+    base: &Path,
+    errors: &mut Errors,
+) {
+    let logins: Vec<&str> = login
+        .user
+        .iter()
+        .chain(&login.users)
+        .map(String::as_str)
+        .collect();
+    for (store, path) in stores.iter().zip(paths) {
+        let at = At { path, base };
+        // The consumer must learn which login to use: the stored value has to name the user.
+        if login.strategy == Strategy::Alternating && !store.format.names_user() {
+            errors.push(
+                at.of("format"),
+                "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
+            );
+        }
+        if login.user.is_some() {
+            let writes = crate::store::Writes {
+                policy,
+                logins: &logins,
+                format: &store.format,
+                alphabet_path,
+            };
+            store.kind.settings().check_writes(&writes, &at, errors);
+        }
+    }
 }
 
 /// A `sync` entry as written.
@@ -2180,5 +1768,81 @@ sync_timeout = "30s"
         );
         let deployment = VALID.replace("timeout = \"2m\"", "timeout = \"2m\"\nenv = [\"X\"]");
         assert_eq!(errors_of(&deployment), ["consumer[0].env: unknown key"]);
+    }
+
+    #[test]
+    fn every_value_of_the_wrong_type_in_one_table_is_reported_without_its_value() {
+        let text = VALID
+            .replace(
+                "namespace = \"llmtrace\"\n  secret",
+                "namespace = 5\n  secret",
+            )
+            .replace(
+                "secret = \"llmtrace\"\n  key",
+                "secret = [\"hunter2\"]\n  kee",
+            )
+            .replace("length = 40", "length = \"hunter2\"");
+        let errors = errors_of(&text);
+        assert_eq!(
+            errors,
+            [
+                "password.length: must be an integer, not string",
+                "target[0].store[0].kee: unknown key",
+                "target[0].store[0].key: is required",
+                "target[0].store[0].namespace: must be a string, not integer",
+                "target[0].store[0].secret: must be a string, not array",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_nested_in_a_kinds_tables_are_reported_by_path() {
+        let text = VALID.replace(
+            "password = \"k8s:llmtrace/llmtrace-postgresql#postgres-password\" }",
+            "password = \"env:PG\", pasword = \"env:PG\" }",
+        );
+        assert_eq!(errors_of(&text), ["target[0].admin.pasword: unknown key"]);
+        let vault = VALID.replace(
+            "kind = \"file\"\n  path = \".env\"\n  key = \"PGPASSWORD\"",
+            "kind = \"vault\"\n  address = \"http://vault:8200\"\n  path = \"app\"\n  property = \"pw\"\n  auth = { kubernetes = { role = \"r\", rol = \"r\" } }",
+        );
+        assert_eq!(
+            errors_of(&vault),
+            ["target[0].store[1].auth.kubernetes.rol: unknown key"]
+        );
+    }
+
+    #[test]
+    fn a_key_of_another_backend_kind_names_the_kinds_that_read_it() {
+        let text = REDIS.replace(
+            "tls = true",
+            "tls = true\nmode = \"sql\"\non_cluster = \"c\"",
+        );
+        assert_eq!(
+            errors_of(&text),
+            [
+                "target[0].mode: is only used by clickhouse targets, not redis",
+                "target[0].on_cluster: is only used by clickhouse targets, not redis",
+            ]
+        );
+        let postgres = VALID.replace("user = \"llmtrace\"", "user = \"llmtrace\"\ntls = true");
+        assert_eq!(
+            errors_of(&postgres),
+            ["target[0].tls: is not used by postgres targets: use sslmode"]
+        );
+    }
+
+    #[test]
+    fn postgres_keys_every_target_read_before_stay_accepted_and_checked() {
+        let text = REDIS.replace(
+            "tls = true",
+            "tls = true\ndatabase = \"0\"\nsslmode = \"require\"",
+        );
+        Config::parse(&text, Path::new("/")).unwrap();
+        let bad = REDIS.replace("tls = true", "tls = true\nsslmode = \"always\"");
+        assert_eq!(
+            errors_of(&bad),
+            ["target[0].sslmode: \"always\" is not one of disable, prefer, require, verify-ca, verify-full"]
+        );
     }
 }

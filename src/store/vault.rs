@@ -36,7 +36,8 @@ pub struct VaultConfig {
     /// A Vault token, or else `auth.kubernetes`: exactly one of them.
     #[serde(default, deserialize_with = "crate::config::parsed")]
     pub token: Option<Reference>,
-    pub auth: Option<VaultAuthConfig>,
+    /// Boxed: most stores have none, and configs hold thousands of stores.
+    pub auth: Option<Box<VaultAuthConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -92,7 +93,7 @@ impl Validate for VaultConfig {
         if let Some(token) = &mut self.token {
             token.resolve(at);
         }
-        let kubernetes = match &mut self.auth {
+        let kubernetes = match self.auth.as_deref_mut() {
             Some(VaultAuthConfig {
                 kubernetes: Some(k),
             }) => {
@@ -215,7 +216,7 @@ impl VaultKv {
 
     /// A token for one operation: the configured one, or a fresh Kubernetes login.
     async fn session(&self) -> Result<Session, StoreError> {
-        match (&self.config.token, &self.config.auth) {
+        match (&self.config.token, self.config.auth.as_deref()) {
             (Some(reference), _) => {
                 let token = self
                     .token
