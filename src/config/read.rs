@@ -247,11 +247,10 @@ pub(super) fn read_part<T: DeserializeOwned>(
         let value = toml::Value::Table(table.clone());
         let mut record = |path: serde_ignored::Path| {
             let top = match &path {
-                serde_ignored::Path::Map { parent, key }
-                    if matches!(parent, serde_ignored::Path::Root) =>
-                {
-                    Some(key.clone())
-                }
+                serde_ignored::Path::Map {
+                    parent: serde_ignored::Path::Root,
+                    key,
+                } => Some(key.clone()),
                 _ => None,
             };
             ignored.push((ignored_path(&path), top));
