@@ -255,8 +255,9 @@ pub(super) fn read_part<T: DeserializeOwned>(
             };
             ignored.push((ignored_path(&path), top));
         };
+        // Paths are tracked only to name a bad value: reading without them is the common case.
         let de = serde_ignored::Deserializer::new(value, &mut record);
-        match serde_path_to_error::deserialize::<_, T>(de) {
+        match T::deserialize(de) {
             Ok(parsed) => {
                 let mut rest = toml::Table::new();
                 for (path, top) in ignored {
@@ -269,7 +270,11 @@ pub(super) fn read_part<T: DeserializeOwned>(
                 }
                 return (Some((parsed, typed)), rest);
             }
-            Err(error) => {
+            Err(_) => {
+                let value = toml::Value::Table(table.clone());
+                let Err(error) = serde_path_to_error::deserialize::<_, T>(value) else {
+                    return (None, toml::Table::new());
+                };
                 typed = false;
                 let segments: Vec<&Segment> = error.path().iter().collect();
                 let in_array = matches!(segments.last(), Some(Segment::Seq { .. }));
@@ -364,38 +369,36 @@ fn type_error(error: &toml::de::Error, in_array: bool) -> String {
 /// mistake wherever it appears, and dropped it reads as absent, so a required field is not
 /// reported twice. Empty items of arrays are reported and dropped likewise.
 pub(super) fn drop_empty_strings(table: &mut toml::Table, path: &str, errors: &mut Errors) {
-    table.retain(|key, value| {
-        let path = join(path, key);
-        match value {
-            toml::Value::String(s) if s.trim().is_empty() => {
-                errors.push(path, "must not be empty");
-                false
-            }
-            toml::Value::Table(t) => {
-                drop_empty_strings(t, &path, errors);
-                true
-            }
-            toml::Value::Array(items) => {
-                let mut i = 0;
-                items.retain_mut(|item| {
-                    let item_path = format!("{path}[{i}]");
-                    i += 1;
-                    match item {
-                        toml::Value::String(s) if s.is_empty() => {
-                            errors.push(item_path, "must be a non-empty string");
-                            false
-                        }
-                        toml::Value::Table(t) => {
-                            drop_empty_strings(t, &item_path, errors);
-                            true
-                        }
-                        _ => true,
-                    }
-                });
-                true
-            }
-            _ => true,
+    // Paths are only spelled out where needed: this visits every value of the file.
+    table.retain(|key, value| match value {
+        toml::Value::String(s) if s.trim().is_empty() => {
+            errors.push(join(path, key), "must not be empty");
+            false
         }
+        toml::Value::Table(t) => {
+            drop_empty_strings(t, &join(path, key), errors);
+            true
+        }
+        toml::Value::Array(items) => {
+            let mut i = 0;
+            items.retain_mut(|item| {
+                i += 1;
+                let item_path = || format!("{}[{}]", join(path, key), i - 1);
+                match item {
+                    toml::Value::String(s) if s.is_empty() => {
+                        errors.push(item_path(), "must be a non-empty string");
+                        false
+                    }
+                    toml::Value::Table(t) => {
+                        drop_empty_strings(t, &item_path(), errors);
+                        true
+                    }
+                    _ => true,
+                }
+            });
+            true
+        }
+        _ => true,
     });
 }
 
