@@ -238,6 +238,7 @@ pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// theirs on start: two minutes after a finished rollout, a session still on the old credential
 /// belongs to something the rotation did not restart.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
@@ -253,6 +254,15 @@ impl StoreConfig {
     /// Names the place, as the store itself does in reports.
     pub fn describe(&self) -> String {
         self.kind.settings().describe()
+    }
+}
+
+kinds! {
+    /// The server whose password a target rotates: one line per backend kind.
+    BackendConfig: crate::backend::BackendSettings, only_used_by "targets" {
+        "postgres" => Postgres(crate::backend::postgres::PostgresConfig),
+        "redis" => Redis(crate::backend::redis::RedisConfig),
+        "clickhouse" => ClickHouse(crate::backend::clickhouse::ClickHouseConfig),
     }
 }
 
@@ -788,15 +798,6 @@ struct AdminKeys {
     user: String,
     #[serde(default, deserialize_with = "parsed")]
     password: Option<Reference>,
-}
-
-kinds! {
-    /// The server whose password a target rotates: one line per backend kind.
-    BackendConfig: crate::backend::BackendSettings, only_used_by "targets" {
-        "postgres" => Postgres(crate::backend::postgres::PostgresConfig),
-        "redis" => Redis(crate::backend::redis::RedisConfig),
-        "clickhouse" => ClickHouse(crate::backend::clickhouse::ClickHouseConfig),
-    }
 }
 
 /// Before each kind had its own keys every target read these PostgreSQL keys; other kinds
