@@ -1846,4 +1846,16 @@ sync_timeout = "30s"
             ["target[0].sslmode: \"always\" is not one of disable, prefer, require, verify-ca, verify-full"]
         );
     }
+
+    #[test]
+    fn a_template_without_its_password_is_reported_once() {
+        let text = VALID.replace(
+            "format = \"password\"",
+            "format = \"template\"\n  template = \"{user}\"",
+        );
+        assert_eq!(
+            errors_of(&text),
+            ["target[0].store[1].template: must contain {password}"]
+        );
+    }
 }
