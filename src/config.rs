@@ -1,15 +1,28 @@
 //! The TOML configuration: schema, validation and credential references.
 //!
-//! Parsing walks the TOML tree by hand so that every bad field is reported at once, by its
-//! path (`target[1].store[0].key`), before anything is touched.
+//! Every bad field is reported at once, by its path (`target[1].store[0].key`), before anything
+//! is touched. Each backend, store and consumer kind owns its settings (a serde struct in its own
+//! file that validates itself); this module keeps the root, the keys every target, store and
+//! consumer shares, credential references, and one table of kinds per trait ([`BackendConfig`],
+//! [`StoreKind`], [`ConsumerKind`]). How tables are read is in `read.rs`.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
+
+#[macro_use]
+mod read;
+
 use crate::password::{Alphabet, PasswordPolicy};
 use crate::secret::Secret;
+use read::{
+    drop_empty_strings, join, keys_of, optional_duration, parse_with, read_part, take_table,
+    take_tables, unknown_keys,
+};
+pub use read::{duration, parsed, present, text, At, Errors, Validate};
 
 /// A consumer that does not say how long to wait gets the time `kubectl rollout status` users expect.
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -117,23 +130,6 @@ pub enum JournalLocation {
     Reference(Reference),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Postgres,
-    Redis,
-    ClickHouse,
-}
-
-impl BackendKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Postgres => "postgres",
-            BackendKind::Redis => "redis",
-            BackendKind::ClickHouse => "clickhouse",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
@@ -144,6 +140,19 @@ pub enum Strategy {
     /// Two logins used in turn (PostgreSQL): the idle one gets the new password and the stores
     /// move to it; the other keeps working until the next rotation.
     Alternating,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Strategy, String> {
+        match text {
+            "single" => Ok(Strategy::Single),
+            "dual" => Ok(Strategy::Dual),
+            "alternating" => Ok(Strategy::Alternating),
+            other => Err(format!("{other:?} is not one of single, dual, alternating")),
+        }
+    }
 }
 
 impl Strategy {
@@ -165,22 +174,11 @@ impl Strategy {
     }
 }
 
-/// PostgreSQL `sslmode`, as libpq spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
-    pub kind: BackendKind,
+    /// `HOST:PORT` (for a Redis Sentinel target, the Sentinel's).
     pub address: String,
-    pub database: Option<String>,
     pub user: String,
     /// The two logins of `strategy = "alternating"`; empty otherwise.
     pub users: Vec<String>,
@@ -198,41 +196,21 @@ pub struct Target {
     pub consumers: Vec<String>,
     pub stores: Vec<StoreConfig>,
     pub password: PasswordPolicy,
-    pub sslmode: SslMode,
-    pub ca_file: Option<PathBuf>,
-    /// Redis: replicas that get the same ACL change, and whose `masterauth` follows it.
-    pub replicas: Vec<String>,
-    /// Redis: a Sentinel that names the master and its replicas (instead of `address` and
-    /// `replicas`), asked again at each step so a failover is followed.
-    pub sentinel: Option<Sentinel>,
-    /// Redis: connect with TLS (`rediss://`); ClickHouse: HTTPS.
-    pub tls: bool,
-    /// ClickHouse: how the user's password is changed.
-    pub clickhouse: ClickHouseMode,
     /// ExternalSecrets to force-sync after the upstream stores are written.
     pub sync: Vec<SyncConfig>,
     pub sync_timeout: Duration,
     /// How long `confirm` waits for the sessions on the old credential to end; zero: no wait.
     pub confirm_timeout: Duration,
-}
-
-/// `sentinel = { address = "HOST:PORT", master_name = "mymaster" }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sentinel {
-    pub address: String,
-    pub master_name: String,
-}
-
-/// How a ClickHouse user's password is changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClickHouseMode {
-    /// `ALTER USER` (SQL-managed users, 20.5+), optionally `ON CLUSTER`.
-    Sql { on_cluster: Option<String> },
-    /// A users.d file the rotator owns, for users defined in XML and servers before 20.5.
-    UsersXml { path: PathBuf },
+    /// The backend kind's own settings.
+    pub backend: BackendConfig,
 }
 
 impl Target {
+    /// The backend kind, as config spells it.
+    pub fn kind(&self) -> &'static str {
+        self.backend.name()
+    }
+
     /// The logins a store may name: both of an alternating pair, else `user`.
     pub fn logins(&self) -> Vec<&str> {
         if self.users.is_empty() {
@@ -260,87 +238,44 @@ pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// theirs on start: two minutes after a finished rollout, a session still on the old credential
 /// belongs to something the rotation did not restart.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
-/// The sealed-secrets controller unseals within seconds; one minute covers a busy one.
-pub const DEFAULT_SEALED_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    pub key: String,
     pub format: Format,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreKind {
-    Kubernetes {
-        namespace: String,
-        secret: String,
-    },
-    File {
-        path: PathBuf,
-    },
-    /// A property of a Vault/OpenBao KV v2 secret; the store's `key` is the property.
-    Vault(VaultStore),
-    /// AWS Secrets Manager; the store's `key` is the JSON property, empty for the whole string.
-    Aws(AwsStore),
-    /// A key of a SealedSecret, read back from the Secret the controller unseals it into.
-    SealedSecret(SealedSecretStore),
+impl StoreConfig {
+    /// The key (or property) the credential is stored under.
+    pub fn key(&self) -> &str {
+        self.kind.settings().key()
+    }
+
+    /// Names the place, as the store itself does in reports.
+    pub fn describe(&self) -> String {
+        self.kind.settings().describe()
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedSecretStore {
-    pub namespace: String,
-    pub name: String,
-    pub certificate: Certificate,
-    /// SHA-256 of the certificate (DER, as `openssl x509 -noout -fingerprint -sha256` prints
-    /// it), lower-case hex: a fetched certificate must match it.
-    pub certificate_sha256: Option<String>,
-    /// How long to wait for the controller to unseal a write into the Secret.
-    pub timeout: Duration,
+kinds! {
+    /// The server whose password a target rotates: one line per backend kind.
+    BackendConfig: crate::backend::BackendSettings, only_used_by "targets" {
+        "postgres" => Postgres(crate::backend::postgres::PostgresConfig),
+        "redis" => Redis(crate::backend::redis::RedisConfig),
+        "clickhouse" => ClickHouse(crate::backend::clickhouse::ClickHouseConfig),
+    }
 }
 
-/// The sealed-secrets controller's public certificate (PEM), as `kubeseal --cert` takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Certificate {
-    File(PathBuf),
-    /// `http://sealed-secrets-controller.kube-system:8080/v1/cert.pem`
-    Url(String),
+kinds! {
+    /// Where a target's credential is stored: one line per store kind.
+    StoreKind: crate::store::StoreSettings {
+        "kubernetes" => Kubernetes(crate::store::kubernetes::SecretConfig),
+        "file" => File(crate::store::file::FileConfig),
+        "vault" => Vault(crate::store::vault::VaultConfig),
+        "aws" => Aws(crate::store::aws::AwsConfig),
+        "sealedsecret" => SealedSecret(crate::store::sealedsecret::SealedSecretConfig),
+    }
 }
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AwsStore {
-    pub secret_id: String,
-    pub region: String,
-    /// Another Secrets Manager endpoint (a VPC endpoint, an emulator).
-    pub endpoint: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultStore {
-    /// `https://vault.example:8200`
-    pub address: String,
-    /// The KV v2 mount, `secret` by default.
-    pub mount: String,
-    pub path: String,
-    /// Sent as `X-Vault-Namespace` (Vault Enterprise, OpenBao namespaces).
-    pub namespace: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub auth: VaultAuth,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VaultAuth {
-    Token(Reference),
-    /// Kubernetes auth: the pod's service account token is exchanged for a Vault token.
-    Kubernetes {
-        role: String,
-        mount: String,
-        token_file: PathBuf,
-    },
-}
-
-/// Where Kubernetes mounts the pod's service account token.
-pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
@@ -360,21 +295,13 @@ pub struct ConsumerConfig {
     pub health: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsumerKind {
-    Deployment {
-        namespace: String,
-        object: String,
-    },
-    StatefulSet {
-        namespace: String,
-        object: String,
-    },
-    /// `env`: names passed through besides PATH, HOME, LANG and TZ (the rest is cleared).
-    Command {
-        argv: Vec<String>,
-        env: Vec<String>,
-    },
+kinds! {
+    /// How a consumer is restarted: one line per consumer kind.
+    ConsumerKind: crate::consumer::ConsumerSettings {
+        "deployment" => Deployment(crate::consumer::kubernetes::DeploymentConfig),
+        "statefulset" => StatefulSet(crate::consumer::kubernetes::StatefulSetConfig),
+        "command" => Command(crate::consumer::command::CommandConfig),
+    }
 }
 
 /// Where a credential is read from. `Debug` never shows a literal value.
@@ -435,7 +362,23 @@ impl From<ReferenceError> for String {
     }
 }
 
+impl std::str::FromStr for Reference {
+    type Err = ReferenceError;
+
+    /// A relative `file:` path stays relative until [`Reference::resolve`].
+    fn from_str(text: &str) -> Result<Reference, ReferenceError> {
+        Reference::parse(text, Path::new(""))
+    }
+}
+
 impl Reference {
+    /// Takes a relative `file:` path from the config file's directory.
+    pub fn resolve(&mut self, at: &At) {
+        if let Reference::File(path) = self {
+            at.resolve(path);
+        }
+    }
+
     /// Parses `env:NAME`, `file:PATH`, `k8s:NS/SECRET#KEY` or `literal:VALUE`; relative paths are
     /// taken from `base` (the config file's directory).
     pub fn parse(text: &str, base: &Path) -> Result<Reference, ReferenceError> {
@@ -484,16 +427,15 @@ impl Config {
 
     /// Parses config text; relative paths resolve against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let root: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         let mut errors = Errors::default();
-        let root = Fields::new(String::new(), &root);
-        let config = parse_root(&root, base, &mut errors);
-        root.finish(&mut errors);
+        drop_empty_strings(&mut root, "", &mut errors);
+        let config = parse_root(root, base, &mut errors);
         match config {
             Some(config) if errors.0.is_empty() => Ok(config),
             _ => Err(ConfigError::Invalid {
                 path: PathBuf::new(),
-                errors: errors.0,
+                errors: errors.sorted(),
             }),
         }
     }
@@ -512,21 +454,25 @@ impl Config {
             t.admin_password
                 .as_ref()
                 .is_some_and(Reference::uses_kubernetes)
-                || t.stores.iter().any(|s| match &s.kind {
-                    StoreKind::Kubernetes { .. } => true,
-                    StoreKind::Vault(vault) => {
-                        matches!(&vault.auth, VaultAuth::Token(r) if r.uses_kubernetes())
-                    }
-                    StoreKind::SealedSecret(_) => true,
-                    StoreKind::File { .. } | StoreKind::Aws(_) => false,
-                })
+                || t.stores.iter().any(|s| s.kind.settings().uses_kubernetes())
                 || !t.sync.is_empty()
         });
         let consumer = self
             .consumers
             .iter()
-            .any(|c| !matches!(c.kind, ConsumerKind::Command { .. }));
+            .any(|c| c.kind.settings().uses_kubernetes());
         store || consumer || self.rotator.journal_key.uses_kubernetes()
+    }
+}
+
+impl Format {
+    /// Whether a stored value says which login it is for.
+    fn names_user(&self) -> bool {
+        match self {
+            Format::Url => true,
+            Format::Template(template) => template.contains("{user}"),
+            Format::Password => false,
+        }
     }
 }
 
@@ -573,235 +519,60 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
     }
 }
 
-#[derive(Default)]
-struct Errors(Vec<FieldError>);
-
-impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-}
-
-/// A TOML table being read: remembers which keys were used so unknown ones can be reported.
-struct Fields<'a> {
-    path: String,
-    table: &'a toml::Table,
-    used: std::cell::RefCell<BTreeSet<&'a str>>,
-}
-
-impl<'a> Fields<'a> {
-    fn new(path: String, table: &'a toml::Table) -> Self {
-        Fields {
-            path,
-            table,
-            used: Default::default(),
-        }
-    }
-
-    fn path_of(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a toml::Value> {
-        let (k, v) = self.table.get_key_value(key)?;
-        self.used.borrow_mut().insert(k.as_str());
-        Some(v)
-    }
-
-    fn string(&self, key: &str, errors: &mut Errors) -> Option<String> {
-        match self.get(key)? {
-            toml::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-            toml::Value::String(_) => {
-                errors.push(self.path_of(key), "must not be empty");
-                None
-            }
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be a string, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn required_string(&self, key: &str, errors: &mut Errors) -> Option<String> {
-        if self.table.contains_key(key) {
-            self.string(key, errors)
-        } else {
-            errors.push(self.path_of(key), "is required");
-            None
-        }
-    }
-
-    fn integer(&self, key: &str, errors: &mut Errors) -> Option<i64> {
-        match self.get(key)? {
-            toml::Value::Integer(i) => Some(*i),
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be an integer, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    /// A duration like `30s`; `default` when absent (and on error, which is reported).
-    fn duration(&self, key: &str, default: Duration, errors: &mut Errors) -> Duration {
-        match self.string(key, errors) {
-            Some(text) => crate::duration::parse(&text)
-                .map_err(|message| errors.push(self.path_of(key), message))
-                .unwrap_or(default),
-            None => default,
-        }
-    }
-
-    fn boolean(&self, key: &str, errors: &mut Errors) -> Option<bool> {
-        match self.get(key)? {
-            toml::Value::Boolean(b) => Some(*b),
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be true or false, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn strings(&self, key: &str, errors: &mut Errors) -> Option<Vec<String>> {
-        let value = self.get(key)?;
-        let Some(array) = value.as_array() else {
-            errors.push(self.path_of(key), "must be an array of strings");
-            return None;
-        };
-        let mut out = Vec::with_capacity(array.len());
-        for (i, item) in array.iter().enumerate() {
-            match item.as_str() {
-                Some(s) if !s.is_empty() => out.push(s.to_string()),
-                _ => errors.push(
-                    format!("{}[{i}]", self.path_of(key)),
-                    "must be a non-empty string",
-                ),
-            }
-        }
-        Some(out)
-    }
-
-    fn table(&self, key: &str, errors: &mut Errors) -> Option<Fields<'a>> {
-        match self.get(key)? {
-            toml::Value::Table(t) => Some(Fields::new(self.path_of(key), t)),
-            other => {
-                errors.push(
-                    self.path_of(key),
-                    format!("must be a table, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    /// `[[name]]` entries; `path_name` is how each is named in errors (`target[0]`).
-    fn tables(&self, key: &str, path_name: &str, errors: &mut Errors) -> Vec<Fields<'a>> {
-        let Some(value) = self.get(key) else {
-            return Vec::new();
-        };
-        let Some(array) = value.as_array() else {
-            errors.push(self.path_of(key), format!("must be [[{key}]] tables"));
-            return Vec::new();
-        };
-        let prefix = if self.path.is_empty() {
-            path_name.to_string()
-        } else {
-            format!("{}.{path_name}", self.path)
-        };
-        array
-            .iter()
-            .enumerate()
-            .filter_map(|(i, item)| match item.as_table() {
-                Some(t) => Some(Fields::new(format!("{prefix}[{i}]"), t)),
-                None => {
-                    errors.push(format!("{prefix}[{i}]"), "must be a table");
-                    None
-                }
-            })
-            .collect()
-    }
-
-    /// Reports every key that no parser asked for (typos, keys of another kind).
-    fn finish(&self, errors: &mut Errors) {
-        let used = self.used.borrow();
-        for key in self.table.keys() {
-            if !used.contains(key.as_str()) {
-                errors.push(self.path_of(key), "unknown key");
-            }
-        }
-    }
-}
-
-fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config> {
-    let rotator = match root.table("rotator", errors) {
-        Some(section) => {
-            let parsed = parse_rotator(&section, base, errors);
-            section.finish(errors);
-            parsed
-        }
+fn parse_root(mut root: toml::Table, base: &Path, errors: &mut Errors) -> Option<Config> {
+    let at = At { path: "", base };
+    let rotator = match take_table(&mut root, "rotator", &at, errors) {
+        Some(section) => parse_rotator(
+            section,
+            &At {
+                path: "rotator",
+                base,
+            },
+            errors,
+        ),
         None => {
-            if root.table.get("rotator").is_none() {
-                errors.push("rotator", "is required (journal and journal_key)");
-            }
+            errors.missing("rotator".into(), "is required (journal and journal_key)");
             None
         }
     };
-
-    let defaults = match root.table("password", errors) {
-        Some(section) => {
-            let policy = parse_policy(&section, &PasswordPolicy::default(), errors);
-            section.finish(errors);
-            policy
-        }
+    let defaults = match take_table(&mut root, "password", &at, errors) {
+        Some(section) => parse_policy(section, &PasswordPolicy::default(), "password", errors),
         None => PasswordPolicy::default(),
     };
 
-    let consumer_fields = root.tables("consumer", "consumer", errors);
+    let consumer_tables = take_tables(&mut root, "consumer", &at, errors);
     // Names count even for consumers with other errors, so references to them are not reported twice.
-    let consumer_names: Vec<&str> = consumer_fields
+    let consumer_names: Vec<String> = consumer_tables
         .iter()
-        .filter_map(|c| c.table.get("name").and_then(toml::Value::as_str))
+        .filter_map(|(_, t)| t.get("name")?.as_str().map(String::from))
         .collect();
-    let consumers: Vec<ConsumerConfig> = consumer_fields
-        .iter()
-        .filter_map(|fields| {
-            let consumer = parse_consumer(fields, base, errors);
-            fields.finish(errors);
-            consumer
-        })
-        .collect();
+    let mut consumers = Vec::with_capacity(consumer_tables.len());
+    let mut consumer_paths = Vec::with_capacity(consumer_tables.len());
+    for (path, table) in consumer_tables {
+        if let Some(consumer) = parse_consumer(table, &At { path: &path, base }, errors) {
+            consumers.push(consumer);
+            consumer_paths.push(path);
+        }
+    }
 
-    let target_fields = root.tables("target", "target", errors);
-    if target_fields.is_empty() && !root.table.contains_key("target") {
+    let has_targets = root.contains_key("target");
+    let target_tables = take_tables(&mut root, "target", &at, errors);
+    if target_tables.is_empty() && !has_targets {
         errors.push("target", "at least one [[target]] is required");
     }
-    let parsed: Vec<(Target, &Fields)> = target_fields
-        .iter()
-        .filter_map(|fields| {
-            let target = parse_target(fields, base, &defaults, &consumer_names, errors);
-            fields.finish(errors);
-            Some((target?, fields))
-        })
-        .collect();
-    check_names(&parsed, &consumers, errors);
-    // Exact capacity: collecting in place would keep the larger buffer of `parsed`.
-    let mut targets = Vec::with_capacity(parsed.len());
-    targets.extend(parsed.into_iter().map(|(target, _)| target));
+    // Exact capacity: configs hold thousands of targets, and a filtered collect over-allocates.
+    let mut targets = Vec::with_capacity(target_tables.len());
+    let mut target_paths = Vec::with_capacity(target_tables.len());
+    for (path, table) in target_tables {
+        let at = At { path: &path, base };
+        if let Some(target) = parse_target(table, &at, &defaults, &consumer_names, errors) {
+            targets.push(target);
+            target_paths.push(path);
+        }
+    }
+    check_names(&targets, &target_paths, &consumers, &consumer_paths, errors);
+    unknown_keys(root, &at, errors);
+    targets.shrink_to_fit();
     Some(Config {
         rotator: rotator?,
         password: defaults,
@@ -810,110 +581,135 @@ fn parse_root(root: &Fields, base: &Path, errors: &mut Errors) -> Option<Config>
     })
 }
 
-fn check_names(targets: &[(Target, &Fields)], consumers: &[ConsumerConfig], errors: &mut Errors) {
+fn check_names(
+    targets: &[Target],
+    paths: &[String],
+    consumers: &[ConsumerConfig],
+    consumer_paths: &[String],
+    errors: &mut Errors,
+) {
     // Consumer references are checked per target, where a target with other errors still gets them.
     let mut seen = HashSet::new();
-    for (target, fields) in targets {
+    for (target, path) in targets.iter().zip(paths) {
         if !seen.insert(&target.name) {
             errors.push(
-                fields.path_of("name"),
+                join(path, "name"),
                 format!("duplicate target name {:?}", target.name),
             );
         }
     }
     let mut seen = HashSet::new();
-    for (i, consumer) in consumers.iter().enumerate() {
+    for (consumer, path) in consumers.iter().zip(consumer_paths) {
         if !seen.insert(&consumer.name) {
             errors.push(
-                format!("consumer[{i}].name"),
+                join(path, "name"),
                 format!("duplicate consumer name {:?}", consumer.name),
             );
         }
     }
 }
 
-fn parse_reference(
-    fields: &Fields,
-    key: &str,
-    base: &Path,
-    errors: &mut Errors,
-) -> Option<Reference> {
-    let text = fields.required_string(key, errors)?;
-    Reference::parse(&text, base)
-        .map_err(|message| errors.push(fields.path_of(key), message))
-        .ok()
+/// The `[rotator]` section as written; defaults and checks follow in [`parse_rotator`].
+#[derive(Deserialize)]
+struct RotatorKeys {
+    #[serde(default)]
+    journal: String,
+    #[serde(default, deserialize_with = "parsed")]
+    journal_key: Option<Reference>,
+    listen: Option<String>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    check_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    recover_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    kubernetes_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    takeover_grace: Option<Duration>,
+    max_parallel: Option<i64>,
+    #[serde(default, deserialize_with = "parsed")]
+    api_tokens: Option<Reference>,
 }
 
-fn parse_rotator(section: &Fields, base: &Path, errors: &mut Errors) -> Option<RotatorSection> {
-    let journal = section.required_string("journal", errors).and_then(|text| {
-        if text.starts_with("sqlite:") || text.starts_with("postgres:") || text.starts_with("postgresql:") {
-            Some(JournalLocation::Url(Secret::new(resolve_sqlite_path(&text, base))))
-        } else {
-            Reference::parse(&text, base)
-                .map(JournalLocation::Reference)
-                .map_err(|_| {
-                    errors.push(
-                        section.path_of("journal"),
-                        "must be sqlite://PATH, postgres://... or a reference like env:ROTATOR_JOURNAL_URL",
-                    )
-                })
-                .ok()
-        }
-    });
-    let journal_key = parse_reference(section, "journal_key", base, errors);
-    let listen = section
-        .string("listen", errors)
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
-        .parse::<std::net::SocketAddr>()
-        .map_err(|_| {
-            errors.push(
-                section.path_of("listen"),
-                "is not an address like 0.0.0.0:8080",
-            )
-        })
-        .ok();
-    let check_interval = section.duration("check_interval", DEFAULT_CHECK_INTERVAL, errors);
-    let shutdown_grace = section.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, errors);
-    let recover_interval = section.duration("recover_interval", DEFAULT_RECOVER_INTERVAL, errors);
-    let kubernetes_timeout =
-        section.duration("kubernetes_timeout", DEFAULT_KUBERNETES_TIMEOUT, errors);
-    let takeover_grace = section.duration("takeover_grace", DEFAULT_TAKEOVER_GRACE, errors);
-    let max_parallel = match section.integer("max_parallel", errors) {
-        None => DEFAULT_MAX_PARALLEL,
-        Some(n @ 1..=256) => n as usize,
-        Some(_) => {
-            errors.push(section.path_of("max_parallel"), "must be from 1 to 256");
-            DEFAULT_MAX_PARALLEL
+fn parse_rotator(section: toml::Table, at: &At, errors: &mut Errors) -> Option<RotatorSection> {
+    let (keys, rest) = read_part::<RotatorKeys>(section, at, errors);
+    let (mut keys, _) = keys?;
+    let journal = if keys.journal.is_empty() {
+        errors.missing(at.of("journal"), "is required");
+        None
+    } else if ["sqlite:", "postgres:", "postgresql:"]
+        .iter()
+        .any(|scheme| keys.journal.starts_with(scheme))
+    {
+        Some(JournalLocation::Url(Secret::new(resolve_sqlite_path(
+            &keys.journal,
+            at.base,
+        ))))
+    } else {
+        match keys.journal.parse::<Reference>() {
+            Ok(mut reference) => {
+                reference.resolve(at);
+                Some(JournalLocation::Reference(reference))
+            }
+            Err(_) => {
+                errors.push(
+                    at.of("journal"),
+                    "must be sqlite://PATH, postgres://... or a reference like env:ROTATOR_JOURNAL_URL",
+                );
+                None
+            }
         }
     };
-    if kubernetes_timeout.is_zero() {
-        errors.push(
-            section.path_of("kubernetes_timeout"),
-            "must be more than 0s",
-        );
+    zeroize::Zeroize::zeroize(&mut keys.journal);
+    if keys.journal_key.is_none() {
+        errors.missing(at.of("journal_key"), "is required");
     }
+    let listen = keys
+        .listen
+        .as_deref()
+        .unwrap_or(DEFAULT_LISTEN)
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| errors.push(at.of("listen"), "is not an address like 0.0.0.0:8080"))
+        .ok();
+    let kubernetes_timeout = keys
+        .kubernetes_timeout
+        .unwrap_or(DEFAULT_KUBERNETES_TIMEOUT);
+    if kubernetes_timeout.is_zero() {
+        errors.push(at.of("kubernetes_timeout"), "must be more than 0s");
+    }
+    let recover_interval = keys.recover_interval.unwrap_or(DEFAULT_RECOVER_INTERVAL);
     if recover_interval.is_zero() {
         errors.push(
-            section.path_of("recover_interval"),
+            at.of("recover_interval"),
             "must be more than 0s: runs that need recovery block their targets",
         );
     }
-    let api_tokens = if section.table.contains_key("api_tokens") {
-        parse_reference(section, "api_tokens", base, errors)
-    } else {
-        None
+    let max_parallel = match keys.max_parallel {
+        None => DEFAULT_MAX_PARALLEL,
+        Some(n @ 1..=256) => n as usize,
+        Some(_) => {
+            errors.push(at.of("max_parallel"), "must be from 1 to 256");
+            DEFAULT_MAX_PARALLEL
+        }
     };
+    let mut references = [keys.journal_key.as_mut(), keys.api_tokens.as_mut()];
+    for reference in references.iter_mut().flatten() {
+        reference.resolve(at);
+    }
+    unknown_keys(rest, at, errors);
     Some(RotatorSection {
         journal: journal?,
-        journal_key: journal_key?,
+        journal_key: keys.journal_key?,
         listen: listen?,
-        api_tokens,
-        check_interval: Some(check_interval).filter(|d| !d.is_zero()),
-        shutdown_grace,
+        api_tokens: keys.api_tokens,
+        check_interval: Some(keys.check_interval.unwrap_or(DEFAULT_CHECK_INTERVAL))
+            .filter(|d| !d.is_zero()),
+        shutdown_grace: keys.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         recover_interval,
         kubernetes_timeout,
         max_parallel,
-        takeover_grace,
+        takeover_grace: keys.takeover_grace.unwrap_or(DEFAULT_TAKEOVER_GRACE),
     })
 }
 
@@ -931,13 +727,34 @@ pub fn resolve_sqlite_path(url: &str, base: &Path) -> String {
     format!("sqlite://{}", base.join(rest).display())
 }
 
-fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors) -> PasswordPolicy {
+/// `[password]`, or a target's `password = { ... }`.
+#[derive(Deserialize)]
+struct PolicyKeys {
+    length: Option<i64>,
+    alphabet: Option<String>,
+}
+
+/// Applies a `[password]` table (at `path`) to `defaults`.
+fn parse_policy(
+    table: toml::Table,
+    defaults: &PasswordPolicy,
+    path: &str,
+    errors: &mut Errors,
+) -> PasswordPolicy {
+    let at = At {
+        path,
+        base: Path::new(""),
+    };
+    let (keys, rest) = read_part::<PolicyKeys>(table, &at, errors);
     let mut policy = defaults.clone();
-    if let Some(length) = fields.integer("length", errors) {
+    let Some((keys, _)) = keys else {
+        return policy;
+    };
+    if let Some(length) = keys.length {
         match usize::try_from(length) {
             Ok(length) if PasswordPolicy::LENGTHS.contains(&length) => policy.length = length,
             _ => errors.push(
-                fields.path_of("length"),
+                at.of("length"),
                 format!(
                     "{length} is out of range {}..={}",
                     PasswordPolicy::LENGTHS.start(),
@@ -946,829 +763,495 @@ fn parse_policy(fields: &Fields, defaults: &PasswordPolicy, errors: &mut Errors)
             ),
         }
     }
-    if let Some(alphabet) = fields.string("alphabet", errors) {
+    if let Some(alphabet) = keys.alphabet {
         match Alphabet::parse(&alphabet) {
             Some(a) => policy.alphabet = a,
             None => errors.push(
-                fields.path_of("alphabet"),
+                at.of("alphabet"),
                 format!("{alphabet:?} is not one of alphanumeric, urlsafe, printable"),
             ),
         }
     }
+    unknown_keys(rest, &at, errors);
     policy
 }
 
-const TARGET_KINDS: &str = "postgres, redis, clickhouse";
+/// The keys every target has; the rest belong to its backend kind.
+#[derive(Deserialize)]
+struct TargetKeys {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: String,
+    address: Option<String>,
+    user: Option<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    admin: Option<AdminKeys>,
+    #[serde(default, deserialize_with = "parsed")]
+    strategy: Option<Strategy>,
+    #[serde(default, deserialize_with = "parsed")]
+    schedule: Option<crate::schedule::Schedule>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    jitter: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    max_age: Option<Duration>,
+    #[serde(default)]
+    consumers: Vec<String>,
+    password: Option<toml::Table>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    sync_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    confirm_timeout: Option<Duration>,
+}
 
-/// Redis clients that name no user authenticate as this one.
-const REDIS_DEFAULT_USER: &str = "default";
+/// `admin = { user = "...", password = "env:..." }`.
+#[derive(Deserialize)]
+struct AdminKeys {
+    #[serde(default)]
+    user: String,
+    #[serde(default, deserialize_with = "parsed")]
+    password: Option<Reference>,
+}
+
+/// Before each kind had its own keys every target read these PostgreSQL keys; other kinds
+/// still accept them, checked as PostgreSQL checks them, and ignore them.
+const SHARED_POSTGRES_KEYS: [&str; 2] = ["database", "sslmode"];
 
 fn parse_target(
-    fields: &Fields,
-    base: &Path,
+    mut table: toml::Table,
+    at: &At,
     defaults: &PasswordPolicy,
-    known_consumers: &[&str],
+    known_consumers: &[String],
     errors: &mut Errors,
 ) -> Option<Target> {
-    let name = fields.required_string("name", errors);
-    if let Some(name) = &name {
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+    let has_stores = table.contains_key("store");
+    let store_tables = take_tables(&mut table, "store", at, errors);
+    let sync_tables = take_tables(&mut table, "sync", at, errors);
+    let (keys, rest) = read_part::<TargetKeys>(table, at, errors);
+    let (mut keys, typed) = keys?;
+    check_name(&keys.name, at, errors);
+    let backend = read_backend(&keys.kind, rest, at, errors);
+    let login = check_login(&mut keys, backend.as_ref(), at, errors);
+    for (j, name) in keys.consumers.iter().enumerate() {
+        if !known_consumers.contains(name) {
             errors.push(
-                fields.path_of("name"),
-                format!("{name:?} may hold only letters, digits, '-' and '_'"),
-            );
-        }
-    }
-    let kind = fields
-        .required_string("kind", errors)
-        .and_then(|kind| match kind.as_str() {
-            "postgres" => Some(BackendKind::Postgres),
-            "redis" => Some(BackendKind::Redis),
-            "clickhouse" => Some(BackendKind::ClickHouse),
-            _ => {
-                errors.push(
-                    fields.path_of("kind"),
-                    format!("{kind:?} is not one of {TARGET_KINDS}"),
-                );
-                None
-            }
-        });
-    let sentinel = fields.table("sentinel", errors).and_then(|section| {
-        let address = section.required_string("address", errors);
-        let master_name = section.required_string("master_name", errors);
-        if let Some(address) = address.as_ref().filter(|a| !is_host_port(a)) {
-            errors.push(
-                section.path_of("address"),
-                format!("{address:?} is not HOST:PORT"),
-            );
-        }
-        section.finish(errors);
-        Some(Sentinel {
-            address: address?,
-            master_name: master_name?,
-        })
-    });
-    // With a Sentinel the master is found through it; `address` then names the Sentinel.
-    let address = match &sentinel {
-        Some(sentinel) if !fields.table.contains_key("address") => Some(sentinel.address.clone()),
-        _ => fields.required_string("address", errors),
-    };
-    if let Some(address) = &address {
-        if !is_host_port(address) {
-            errors.push(
-                fields.path_of("address"),
-                format!("{address:?} is not HOST:PORT"),
-            );
-        }
-    }
-    let database = fields.string("database", errors);
-    if kind == Some(BackendKind::Postgres)
-        && database.is_none()
-        && !fields.table.contains_key("database")
-    {
-        errors.push(
-            fields.path_of("database"),
-            "is required for a postgres target",
-        );
-    }
-    let users = fields.strings("users", errors).unwrap_or_default();
-    let alternating =
-        fields.table.get("strategy").and_then(toml::Value::as_str) == Some("alternating");
-    if alternating && (users.len() != 2 || users[0] == users[1]) {
-        errors.push(
-            fields.path_of("users"),
-            "strategy \"alternating\" needs two different logins: users = [\"app_a\", \"app_b\"]",
-        );
-    } else if !alternating && !users.is_empty() {
-        errors.push(
-            fields.path_of("users"),
-            "is only used with strategy = \"alternating\"",
-        );
-    }
-    let user = if alternating && !fields.table.contains_key("user") {
-        users.first().cloned()
-    } else if kind == Some(BackendKind::Redis) {
-        Some(
-            fields
-                .string("user", errors)
-                .unwrap_or_else(|| REDIS_DEFAULT_USER.to_string()),
-        )
-    } else {
-        fields.required_string("user", errors)
-    };
-    let admin = match fields.table("admin", errors) {
-        Some(admin) => {
-            let user = admin.required_string("user", errors);
-            let password = parse_reference(&admin, "password", base, errors);
-            admin.finish(errors);
-            user.zip(password.map(Some))
-        }
-        // users_xml mode writes a file and logs in as the user itself: no admin to speak of.
-        None if kind == Some(BackendKind::ClickHouse)
-            && fields.table.get("mode").and_then(toml::Value::as_str) == Some("users_xml") =>
-        {
-            Some((String::new(), None))
-        }
-        None => {
-            if !fields.table.contains_key("admin") {
-                errors.push(
-                    fields.path_of("admin"),
-                    "is required: { user = \"...\", password = \"env:...\" }",
-                );
-            }
-            None
-        }
-    };
-    let strategy = match fields.string("strategy", errors).as_deref() {
-        None | Some("single") => Some(Strategy::Single),
-        Some("dual") if kind != Some(BackendKind::Postgres) => Some(Strategy::Dual),
-        Some("alternating")
-            if matches!(kind, Some(BackendKind::Postgres | BackendKind::ClickHouse)) =>
-        {
-            Some(Strategy::Alternating)
-        }
-        Some(other @ ("dual" | "alternating")) => {
-            errors.push(
-                fields.path_of("strategy"),
-                format!(
-                    "{other:?} is not available for this kind (postgres: single, alternating; redis: single, dual; clickhouse: single, dual, alternating)"
-                ),
-            );
-            None
-        }
-        Some(other) => {
-            errors.push(
-                fields.path_of("strategy"),
-                format!("{other:?} is not one of single, dual, alternating"),
-            );
-            None
-        }
-    };
-    let schedule = fields.string("schedule", errors).and_then(|text| {
-        crate::schedule::Schedule::parse(&text)
-            .map_err(|message| errors.push(fields.path_of("schedule"), message))
-            .ok()
-    });
-    let window = fields.duration("window", DEFAULT_WINDOW, errors);
-    let jitter = fields.duration("jitter", Duration::ZERO, errors);
-    let max_age = fields.duration("max_age", default_max_age(schedule.as_ref()), errors);
-    let consumers = fields.strings("consumers", errors).unwrap_or_default();
-    for (j, name) in consumers.iter().enumerate() {
-        if !known_consumers.contains(&name.as_str()) {
-            errors.push(
-                format!("{}[{j}]", fields.path_of("consumers")),
+                format!("{}[{j}]", at.of("consumers")),
                 format!("no [[consumer]] is named {name:?}"),
             );
         }
     }
-    let password = match fields.table("password", errors) {
-        Some(section) => {
-            let policy = parse_policy(&section, defaults, errors);
-            section.finish(errors);
-            policy
-        }
+    let alphabet_path = match &keys.password {
+        Some(table) if table.contains_key("alphabet") => at.of("password.alphabet"),
+        _ => "password.alphabet".to_string(),
+    };
+    let password = match keys.password.take() {
+        Some(table) => parse_policy(table, defaults, &at.of("password"), errors),
         None => defaults.clone(),
     };
-    let sslmode = match fields.string("sslmode", errors).as_deref() {
-        None | Some("prefer") => Some(SslMode::Prefer),
-        Some("disable") => Some(SslMode::Disable),
-        Some("require") => Some(SslMode::Require),
-        Some("verify-ca") => Some(SslMode::VerifyCa),
-        Some("verify-full") => Some(SslMode::VerifyFull),
-        Some(other) => {
-            errors.push(
-                fields.path_of("sslmode"),
-                format!("{other:?} is not one of disable, prefer, require, verify-ca, verify-full"),
-            );
-            None
-        }
-    };
-    let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
-    let redis_only = |key: &str, errors: &mut Errors| {
-        if kind.is_some_and(|k| k != BackendKind::Redis) && fields.table.contains_key(key) {
-            errors.push(
-                fields.path_of(key),
-                format!(
-                    "is only used by redis targets, not {}",
-                    kind.map_or("", |k| k.as_str())
-                ),
-            );
-        }
-    };
-    redis_only("replicas", errors);
-    redis_only("sentinel", errors);
-    if fields.table.contains_key("sentinel") && fields.table.contains_key("replicas") {
-        errors.push(
-            fields.path_of("replicas"),
-            "is found through the sentinel: list replicas or give a sentinel, not both",
-        );
-    }
-    if kind == Some(BackendKind::Postgres) && fields.table.contains_key("tls") {
-        errors.push(
-            fields.path_of("tls"),
-            "is not used by postgres targets: use sslmode",
-        );
-    }
-    let clickhouse = parse_clickhouse_mode(fields, kind, base, errors);
-    if let (Some(Strategy::Dual), Some(ClickHouseMode::UsersXml { .. })) = (strategy, &clickhouse) {
-        errors.push(
-            fields.path_of("strategy"),
-            "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
-        );
-    }
-    let replicas = fields.strings("replicas", errors).unwrap_or_default();
-    for (j, replica) in replicas.iter().enumerate() {
-        if !is_host_port(replica) {
-            errors.push(
-                format!("{}[{j}]", fields.path_of("replicas")),
-                format!("{replica:?} is not HOST:PORT"),
-            );
-        }
-    }
-    let tls = fields.boolean("tls", errors).unwrap_or(false);
-    let sync: Vec<SyncConfig> = fields
-        .tables("sync", "sync", errors)
-        .iter()
-        .filter_map(|entry| {
-            let parsed = parse_sync(entry, errors);
-            entry.finish(errors);
-            parsed
+    let sync: Vec<SyncConfig> = sync_tables
+        .into_iter()
+        .filter_map(|(path, table)| {
+            parse_sync(
+                table,
+                &At {
+                    path: &path,
+                    base: at.base,
+                },
+                errors,
+            )
         })
         .collect();
-    let sync_timeout = fields.duration("sync_timeout", DEFAULT_SYNC_TIMEOUT, errors);
-    let confirm_timeout = fields.duration("confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, errors);
-    let store_fields = fields.tables("store", "store", errors);
-    if store_fields.is_empty() && !fields.table.contains_key("store") {
-        errors.push(
-            fields.path_of("store"),
-            "at least one [[target.store]] is required",
-        );
+    if store_tables.is_empty() && !has_stores {
+        errors.push(at.of("store"), "at least one [[target.store]] is required");
     }
-    // Exact capacity (a filtered collect grows to 4): configs hold thousands of targets.
-    let mut stores: Vec<StoreConfig> = Vec::with_capacity(store_fields.len());
-    stores.extend(store_fields.iter().filter_map(|store| {
-        let parsed = parse_store(store, base, errors);
-        store.finish(errors);
-        parsed
-    }));
-    if stores.len() != store_fields.len() {
+    let (stores, store_paths) = parse_stores(store_tables, at.base, errors)?;
+    check_stores(
+        &stores,
+        &store_paths,
+        &login,
+        &password,
+        &alphabet_path,
+        at.base,
+        errors,
+    );
+    if !typed {
         return None;
     }
-    if alternating {
-        // The consumer must learn which login to use: the stored value has to name the user.
-        for (store, fields) in stores.iter().zip(&store_fields) {
-            let names_user = match &store.format {
-                Format::Url => true,
-                Format::Template(template) => template.contains("{user}"),
-                Format::Password => false,
-            };
-            if !names_user {
-                errors.push(
-                    fields.path_of("format"),
-                    "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
-                );
-            }
-        }
-    }
-    if let Some(user) = &user {
-        let logins: Vec<&str> = std::iter::once(user.as_str())
-            .chain(users.iter().map(String::as_str))
-            .collect();
-        check_file_stores(fields, &password, &logins, &stores, &store_fields, errors);
-    }
-    let (admin_user, admin_password) = admin?;
+    let (admin_user, admin_password) = login.admin?;
     Some(Target {
-        name: name?,
-        kind: kind?,
-        address: address?,
-        database,
-        user: user?,
-        users,
+        name: Some(keys.name).filter(|n| !n.is_empty())?,
+        address: login.address?,
+        user: login.user?,
+        users: login.users,
         admin_user,
         admin_password,
-        strategy: strategy?,
-        schedule,
-        window,
-        jitter,
-        max_age,
-        consumers,
+        strategy: login.strategy,
+        max_age: keys
+            .max_age
+            .unwrap_or_else(|| default_max_age(keys.schedule.as_ref())),
+        schedule: keys.schedule,
+        window: keys.window.unwrap_or(DEFAULT_WINDOW),
+        jitter: keys.jitter.unwrap_or_default(),
+        consumers: keys.consumers,
         stores,
         password,
-        sslmode: sslmode?,
-        ca_file,
-        replicas,
-        sentinel,
-        tls,
-        clickhouse: clickhouse?,
         sync,
-        sync_timeout,
-        confirm_timeout,
+        sync_timeout: keys.sync_timeout.unwrap_or(DEFAULT_SYNC_TIMEOUT),
+        confirm_timeout: keys.confirm_timeout.unwrap_or(DEFAULT_CONFIRM_TIMEOUT),
+        backend: backend?,
     })
 }
 
-/// A file store must be able to write every value the target can produce so that bash and
-/// python-dotenv read it back unchanged (see [`crate::store::dotenv`]); refused here otherwise.
-fn check_file_stores(
-    fields: &Fields,
-    policy: &PasswordPolicy,
-    logins: &[&str],
-    stores: &[StoreConfig],
-    store_fields: &[Fields],
-    errors: &mut Errors,
-) {
-    let alphabet: BTreeSet<char> = policy
-        .alphabet
-        .characters()
-        .into_iter()
-        .map(char::from)
-        .collect();
-    // Percent-encoding leaves only unreserved characters and `%`.
-    let encoded: BTreeSet<char> = ('a'..='z')
-        .chain('A'..='Z')
-        .chain('0'..='9')
-        .chain("-._~%".chars())
-        .collect();
-    let target_sets_alphabet = fields
-        .table
-        .get("password")
-        .and_then(toml::Value::as_table)
-        .is_some_and(|t| t.contains_key("alphabet"));
-    let alphabet_path = if target_sets_alphabet {
-        fields.path_of("password.alphabet")
-    } else {
-        "password.alphabet".to_string()
-    };
-    for (store, store_fields) in stores.iter().zip(store_fields) {
-        if !matches!(store.kind, StoreKind::File { .. }) {
-            continue;
-        }
-        let (literal, generated): (BTreeSet<char>, BTreeSet<char>) = match &store.format {
-            Format::Url => continue,
-            Format::Password => (BTreeSet::new(), alphabet.clone()),
-            Format::Template(template) if template.contains("://") => (
-                template
-                    .replace("{user}", "")
-                    .replace("{password}", "")
-                    .chars()
-                    .collect(),
-                encoded.clone(),
-            ),
-            Format::Template(template) => {
-                let mut generated = alphabet.clone();
-                if template.contains("{user}") {
-                    generated.extend(logins.iter().flat_map(|l| l.chars()));
-                }
-                (
-                    template
-                        .replace("{user}", "")
-                        .replace("{password}", "")
-                        .chars()
-                        .collect(),
-                    generated,
-                )
-            }
-        };
-        if let Some(why) = crate::store::dotenv::unwritable(&literal) {
-            errors.push(
-                store_fields.path_of("template"),
-                format!("cannot be written to a dotenv file so that bash and python-dotenv read it back unchanged: it holds {why}"),
-            );
-        } else if let Some(why) = crate::store::dotenv::unwritable(&(&literal | &generated)) {
-            errors.push(
-                alphabet_path.clone(),
-                format!(
-                    "{:?} can generate values the file store {} cannot write so that bash and python-dotenv read them back unchanged (they may hold {why}): use alphanumeric or urlsafe, or format = \"url\"",
-                    format!("{:?}", policy.alphabet).to_lowercase(),
-                    store_fields.path,
-                ),
-            );
-        }
+fn check_name(name: &str, at: &At, errors: &mut Errors) {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errors.push(
+            at.of("name"),
+            format!("{name:?} may hold only letters, digits, '-' and '_'"),
+        );
     }
+    errors.require(name, at, "name");
 }
 
-fn parse_clickhouse_mode(
-    fields: &Fields,
-    kind: Option<BackendKind>,
-    base: &Path,
+/// The backend kind's own keys: whatever the target's common keys left.
+fn read_backend(
+    kind: &str,
+    mut rest: toml::Table,
+    at: &At,
     errors: &mut Errors,
-) -> Option<ClickHouseMode> {
-    let keys = ["mode", "users_xml", "on_cluster"];
-    if kind != Some(BackendKind::ClickHouse) {
-        for key in keys.into_iter().filter(|k| fields.table.contains_key(*k)) {
-            fields.get(key);
-            errors.push(fields.path_of(key), "is only used by clickhouse targets");
+) -> Option<BackendConfig> {
+    if !matches!(kind, "" | "postgres") {
+        let shared: toml::Table = SHARED_POSTGRES_KEYS
+            .iter()
+            .filter_map(|key| rest.remove_entry(*key))
+            .collect();
+        if !shared.is_empty() {
+            read_part::<crate::backend::postgres::PostgresConfig>(shared, at, errors);
         }
-        return Some(ClickHouseMode::Sql { on_cluster: None });
     }
-    let on_cluster = fields.string("on_cluster", errors);
-    let users_xml = fields.table("users_xml", errors).and_then(|section| {
-        let path = section.required_string("path", errors);
-        section.finish(errors);
-        path.map(|p| base.join(p))
-    });
-    match fields.string("mode", errors).as_deref() {
-        None | Some("sql") => {
-            if users_xml.is_some() {
-                errors.push(
-                    fields.path_of("users_xml"),
-                    "is only used with mode = \"users_xml\"",
-                );
+    BackendConfig::read(kind, rest, at, errors)
+}
+
+/// Who logs in where: the target's keys whose rules depend on its backend kind.
+struct Login {
+    address: Option<String>,
+    user: Option<String>,
+    users: Vec<String>,
+    admin: Option<(String, Option<Reference>)>,
+    strategy: Strategy,
+}
+
+fn check_login(
+    keys: &mut TargetKeys,
+    backend: Option<&BackendConfig>,
+    at: &At,
+    errors: &mut Errors,
+) -> Login {
+    let settings = backend.map(BackendConfig::settings);
+    let address = match (
+        keys.address.take(),
+        settings.and_then(|s| s.default_address()),
+    ) {
+        (Some(address), _) => {
+            if !is_host_port(&address) {
+                errors.push(at.of("address"), format!("{address:?} is not HOST:PORT"));
             }
-            Some(ClickHouseMode::Sql { on_cluster })
+            Some(address)
         }
-        Some("users_xml") => {
-            if on_cluster.is_some() {
-                errors.push(
-                    fields.path_of("on_cluster"),
-                    "is only used with mode = \"sql\"",
-                );
-            }
-            match users_xml {
-                Some(path) => Some(ClickHouseMode::UsersXml { path }),
-                None => {
-                    if !fields.table.contains_key("users_xml") {
-                        errors.push(
-                            fields.path_of("users_xml"),
-                            "is required with mode = \"users_xml\": { path = \"/etc/clickhouse-server/users.d/llmtrace.xml\" }",
-                        );
-                    }
-                    None
-                }
-            }
+        (None, Some(address)) => Some(address.to_string()),
+        (None, None) => {
+            errors.missing(at.of("address"), "is required");
+            None
         }
-        Some(other) => {
-            errors.push(
-                fields.path_of("mode"),
-                format!("{other:?} is not one of sql, users_xml"),
+    };
+
+    let alternating = keys.strategy == Some(Strategy::Alternating);
+    let users = std::mem::take(&mut keys.users);
+    if alternating && (users.len() != 2 || users[0] == users[1]) {
+        errors.push(
+            at.of("users"),
+            "strategy \"alternating\" needs two different logins: users = [\"app_a\", \"app_b\"]",
+        );
+    } else if !alternating && !users.is_empty() {
+        errors.push(
+            at.of("users"),
+            "is only used with strategy = \"alternating\"",
+        );
+    }
+    let user = match (keys.user.take(), settings.and_then(|s| s.default_user())) {
+        (Some(user), _) => Some(user),
+        (None, _) if alternating => users.first().cloned(),
+        (None, Some(default)) => Some(default.to_string()),
+        (None, None) => {
+            errors.missing(at.of("user"), "is required");
+            None
+        }
+    };
+
+    let admin = match keys.admin.take() {
+        Some(mut admin) => {
+            let path = at.of("admin");
+            let admin_at = At {
+                path: &path,
+                base: at.base,
+            };
+            errors.require(&admin.user, &admin_at, "user");
+            match &mut admin.password {
+                Some(password) => password.resolve(&admin_at),
+                None => errors.missing(admin_at.of("password"), "is required"),
+            }
+            (!admin.user.is_empty() && admin.password.is_some())
+                .then_some((admin.user, admin.password))
+        }
+        None if settings.is_some_and(|s| !s.needs_admin()) => Some((String::new(), None)),
+        None => {
+            errors.missing(
+                at.of("admin"),
+                "is required: { user = \"...\", password = \"env:...\" }",
             );
             None
         }
+    };
+
+    let strategy = keys.strategy.unwrap_or(Strategy::Single);
+    if let (Some(backend), Some(settings)) = (backend, settings) {
+        let available = settings.strategies();
+        if !available.contains(&strategy) {
+            let names: Vec<&str> = available.iter().map(|s| s.as_str()).collect();
+            errors.push(
+                at.of("strategy"),
+                format!(
+                    "{:?} is not available for this kind ({}: {})",
+                    strategy.as_str(),
+                    backend.name(),
+                    names.join(", ")
+                ),
+            );
+        }
+        settings.check_strategy(strategy, at, errors);
+    }
+    Login {
+        address,
+        user,
+        users,
+        admin,
+        strategy,
     }
 }
 
-fn is_host_port(address: &str) -> bool {
+/// Every `[[target.store]]`, and the path of each; `None` when one of them is unusable.
+fn parse_stores(
+    tables: Vec<(String, toml::Table)>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<(Vec<StoreConfig>, Vec<String>)> {
+    // Exact capacity (a filtered or mapped collect may keep a larger buffer): configs hold
+    // thousands of targets.
+    let mut stores = Vec::with_capacity(tables.len());
+    let mut paths = Vec::with_capacity(tables.len());
+    for (path, table) in tables {
+        if let Some(store) = parse_store(table, &At { path: &path, base }, errors) {
+            stores.push(store);
+        }
+        paths.push(path);
+    }
+    (stores.len() == paths.len()).then_some((stores, paths))
+}
+
+/// Checks each store against what the target will write to it.
+fn check_stores(
+    stores: &[StoreConfig],
+    paths: &[String],
+    login: &Login,
+    policy: &PasswordPolicy,
+    alphabet_path: &str,
+    base: &Path,
+    errors: &mut Errors,
+) {
+    let logins: Vec<&str> = login
+        .user
+        .iter()
+        .chain(&login.users)
+        .map(String::as_str)
+        .collect();
+    for (store, path) in stores.iter().zip(paths) {
+        let at = At { path, base };
+        // The consumer must learn which login to use: the stored value has to name the user.
+        if login.strategy == Strategy::Alternating && !store.format.names_user() {
+            errors.push(
+                at.of("format"),
+                "with strategy = \"alternating\" every store must name the user: format url, or a template with {user}",
+            );
+        }
+        if login.user.is_some() {
+            let writes = crate::store::Writes {
+                policy,
+                logins: &logins,
+                format: &store.format,
+                alphabet_path,
+            };
+            store.kind.settings().check_writes(&writes, &at, errors);
+        }
+    }
+}
+
+/// A `sync` entry as written.
+#[derive(Deserialize)]
+struct SyncKeys {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    external_secret: String,
+    #[serde(default)]
+    secret: String,
+    /// Without the key the wait could not tell a synced Secret from a stale one.
+    #[serde(default)]
+    key: String,
+    format: Option<String>,
+    template: Option<String>,
+}
+
+fn parse_sync(table: toml::Table, at: &At, errors: &mut Errors) -> Option<SyncConfig> {
+    let (keys, rest) = read_part::<SyncKeys>(table, at, errors);
+    let (keys, typed) = keys?;
+    errors.require(&keys.namespace, at, "namespace");
+    errors.require(&keys.external_secret, at, "external_secret");
+    errors.require(&keys.secret, at, "secret");
+    errors.require(&keys.key, at, "key");
+    let format = format_of(keys.format.as_deref(), keys.template, at, errors);
+    unknown_keys(rest, at, errors);
+    let complete = [
+        &keys.namespace,
+        &keys.external_secret,
+        &keys.secret,
+        &keys.key,
+    ]
+    .iter()
+    .all(|v| !v.is_empty());
+    if !typed || !complete {
+        return None;
+    }
+    Some(SyncConfig {
+        namespace: keys.namespace,
+        external_secret: keys.external_secret,
+        secret: keys.secret,
+        key: keys.key,
+        format: format?,
+    })
+}
+
+pub fn is_host_port(address: &str) -> bool {
     match address.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
         None => false,
     }
 }
 
-fn parse_store(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<StoreConfig> {
-    let kind = match fields.required_string("kind", errors).as_deref() {
-        Some("kubernetes") => {
-            let namespace = fields.required_string("namespace", errors);
-            let secret = fields.required_string("secret", errors);
-            namespace
-                .zip(secret)
-                .map(|(namespace, secret)| StoreKind::Kubernetes { namespace, secret })
-        }
-        Some("file") => fields
-            .required_string("path", errors)
-            .map(|path| StoreKind::File {
-                path: base.join(path),
-            }),
-        Some("vault") => parse_vault(fields, base, errors).map(StoreKind::Vault),
-        Some("aws") => parse_aws(fields, errors).map(StoreKind::Aws),
-        Some("sealedsecret") => {
-            parse_sealed_secret(fields, base, errors).map(StoreKind::SealedSecret)
-        }
-        Some(other) => {
-            errors.push(
-                fields.path_of("kind"),
-                format!("{other:?} is not one of {STORE_KINDS}"),
-            );
-            None
-        }
-        None => None,
-    };
-    // Vault and AWS secrets hold properties; the rotated one plays the part of the key. An AWS
-    // secret without a property is rotated as a whole string (the empty key).
-    let key = match fields.table.get("kind").and_then(toml::Value::as_str) {
-        Some("vault") => fields.required_string("property", errors),
-        Some("aws") => Some(fields.string("property", errors).unwrap_or_default()),
-        _ => fields.required_string("key", errors),
-    };
-    let format = parse_format(fields, errors);
+/// The keys every store has; the rest belong to its kind.
+#[derive(Deserialize)]
+struct StoreKeys {
+    #[serde(default)]
+    kind: String,
+    format: Option<String>,
+    template: Option<String>,
+}
+
+fn parse_store(table: toml::Table, at: &At, errors: &mut Errors) -> Option<StoreConfig> {
+    let (keys, rest) = read_part::<StoreKeys>(table, at, errors);
+    let (keys, _) = keys?;
+    let format = format_of(keys.format.as_deref(), keys.template, at, errors);
+    let kind = StoreKind::read(&keys.kind, rest, at, errors);
     Some(StoreConfig {
         kind: kind?,
-        key: key?,
         format: format?,
     })
 }
 
-const STORE_KINDS: &str = "kubernetes, file, vault, aws, sealedsecret";
-
 /// `format` (and `template`) of a store or a sync entry; `url` when absent.
-fn parse_format(fields: &Fields, errors: &mut Errors) -> Option<Format> {
-    let format = match fields.string("format", errors).as_deref() {
+fn format_of(
+    format: Option<&str>,
+    template: Option<String>,
+    at: &At,
+    errors: &mut Errors,
+) -> Option<Format> {
+    let is_template = format == Some("template");
+    if !is_template && template.is_some() {
+        errors.push(at.of("template"), "is only used with format = \"template\"");
+    }
+    match format {
         None | Some("url") => Some(Format::Url),
         Some("password") => Some(Format::Password),
-        Some("template") => match fields.required_string("template", errors) {
+        Some("template") => match template {
             Some(template) if template.contains("{password}") => Some(Format::Template(template)),
             Some(_) => {
-                errors.push(fields.path_of("template"), "must contain {password}");
+                errors.push(at.of("template"), "must contain {password}");
                 None
             }
-            None => None,
+            None => {
+                errors.missing(at.of("template"), "is required");
+                None
+            }
         },
         Some(other) => {
             errors.push(
-                fields.path_of("format"),
+                at.of("format"),
                 format!("{other:?} is not one of url, password, template"),
             );
             None
         }
-    };
-    if !matches!(format, Some(Format::Template(_))) && fields.table.contains_key("template") {
-        fields.get("template");
-        errors.push(
-            fields.path_of("template"),
-            "is only used with format = \"template\"",
-        );
     }
-    format
 }
 
-fn parse_sync(fields: &Fields, errors: &mut Errors) -> Option<SyncConfig> {
-    let namespace = fields.required_string("namespace", errors);
-    let external_secret = fields.required_string("external_secret", errors);
-    let secret = fields.required_string("secret", errors);
-    // Without the key the wait could not tell a synced Secret from a stale one.
-    let key = fields.required_string("key", errors);
-    let format = parse_format(fields, errors);
-    Some(SyncConfig {
-        namespace: namespace?,
-        external_secret: external_secret?,
-        secret: secret?,
-        key: key?,
-        format: format?,
-    })
+/// The keys every consumer has; the rest belong to its kind.
+#[derive(Deserialize)]
+struct ConsumerKeys {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default = "default_consumer_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    health: Option<String>,
 }
 
-fn parse_aws(fields: &Fields, errors: &mut Errors) -> Option<AwsStore> {
-    let secret_id = fields.required_string("secret_id", errors);
-    let region = fields.required_string("region", errors);
-    let endpoint = fields.string("endpoint", errors).and_then(|endpoint| {
-        let ok = url::Url::parse(&endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-        if !ok {
-            errors.push(
-                fields.path_of("endpoint"),
-                format!("{endpoint:?} is not an http(s) URL"),
-            );
-        }
-        ok.then(|| endpoint.trim_end_matches('/').to_string())
-    });
-    Some(AwsStore {
-        secret_id: secret_id?,
-        region: region?,
-        endpoint,
-    })
+fn default_consumer_timeout() -> Duration {
+    DEFAULT_CONSUMER_TIMEOUT
 }
 
-fn parse_sealed_secret(
-    fields: &Fields,
-    base: &Path,
-    errors: &mut Errors,
-) -> Option<SealedSecretStore> {
-    let namespace = fields.required_string("namespace", errors);
-    let name = fields.required_string("name", errors);
-    let file = fields.string("certificate", errors);
-    let url = fields.string("certificate_url", errors);
-    let certificate = match (file, url) {
-        (Some(file), None) => Some(Certificate::File(base.join(file))),
-        (None, Some(url)) => {
-            let ok = url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                errors.push(
-                    fields.path_of("certificate_url"),
-                    format!("{url:?} is not an http(s) URL like http://sealed-secrets-controller.kube-system:8080/v1/cert.pem"),
-                );
-            }
-            ok.then_some(Certificate::Url(url))
-        }
-        (Some(_), Some(_)) => {
-            errors.push(
-                fields.path_of("certificate"),
-                "give either certificate or certificate_url, not both",
-            );
-            None
-        }
-        (None, None) => {
-            if !fields.table.contains_key("certificate")
-                && !fields.table.contains_key("certificate_url")
-            {
-                errors.push(
-                    fields.path_of("certificate"),
-                    "is required: the controller's certificate PEM file (kubeseal --fetch-cert), or certificate_url",
-                );
-            }
-            None
-        }
-    };
-    let certificate_sha256 = fields
-        .string("certificate_sha256", errors)
-        .and_then(|pin| {
-            // openssl prints `AB:CD:...`; `sha256sum` prints plain hex.
-            let hex: String = pin.chars().filter(|c| *c != ':').collect();
-            if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                Some(hex.to_ascii_lowercase())
-            } else {
-                errors.push(
-                    fields.path_of("certificate_sha256"),
-                    "is not a SHA-256 fingerprint (64 hex digits, colons allowed: openssl x509 -noout -fingerprint -sha256 -in cert.pem)",
-                );
-                None
-            }
-        });
-    let timeout = fields.duration("timeout", DEFAULT_SEALED_TIMEOUT, errors);
-    Some(SealedSecretStore {
-        namespace: namespace?,
-        name: name?,
-        certificate: certificate?,
-        certificate_sha256,
-        timeout,
-    })
-}
-
-fn parse_vault(fields: &Fields, base: &Path, errors: &mut Errors) -> Option<VaultStore> {
-    let address = fields
-        .required_string("address", errors)
-        .and_then(|address| {
-            let ok =
-                url::Url::parse(&address).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                errors.push(
-                    fields.path_of("address"),
-                    format!("{address:?} is not an http(s) URL like https://vault:8200"),
-                );
-            }
-            ok.then(|| address.trim_end_matches('/').to_string())
-        });
-    let mount = fields
-        .string("mount", errors)
-        .unwrap_or_else(|| "secret".into());
-    let path = fields
-        .required_string("path", errors)
-        .map(|p| p.trim_matches('/').to_string());
-    let namespace = fields.string("namespace", errors);
-    let ca_file = fields.string("ca_file", errors).map(|p| base.join(p));
-    let token = fields
-        .table
-        .contains_key("token")
-        .then(|| parse_reference(fields, "token", base, errors));
-    let kubernetes = fields.table("auth", errors).and_then(|auth| {
-        let kubernetes = auth.table("kubernetes", errors).map(|k| {
-            let role = k.required_string("role", errors);
-            let mount = k
-                .string("mount", errors)
-                .unwrap_or_else(|| "kubernetes".into());
-            let token_file = k
-                .string("token_file", errors)
-                .map_or_else(|| PathBuf::from(SERVICE_ACCOUNT_TOKEN), |p| base.join(p));
-            k.finish(errors);
-            role.map(|role| VaultAuth::Kubernetes {
-                role,
-                mount,
-                token_file,
-            })
-        });
-        if kubernetes.is_none() && !auth.table.contains_key("kubernetes") {
-            errors.push(
-                auth.path_of("kubernetes"),
-                "is required: auth = { kubernetes = { role = \"...\" } }",
-            );
-        }
-        auth.finish(errors);
-        kubernetes.flatten()
-    });
-    let auth = match (token, kubernetes) {
-        (Some(token), None) => token.map(VaultAuth::Token),
-        (None, Some(kubernetes)) => Some(kubernetes),
-        (Some(_), Some(_)) => {
-            errors.push(
-                fields.path_of("auth"),
-                "give either token or auth.kubernetes, not both",
-            );
-            None
-        }
-        (None, None) => {
-            if !fields.table.contains_key("auth") {
-                errors.push(
-                    fields.path_of("token"),
-                    "is required (or auth = { kubernetes = { role = \"...\" } })",
-                );
-            }
-            None
-        }
-    };
-    Some(VaultStore {
-        address: address?,
-        mount,
-        path: path?,
-        namespace,
-        ca_file,
-        auth: auth?,
-    })
-}
-
-fn parse_consumer(fields: &Fields, _base: &Path, errors: &mut Errors) -> Option<ConsumerConfig> {
-    let name = fields.required_string("name", errors);
-    let workload = |errors: &mut Errors| {
-        let namespace = fields.required_string("namespace", errors);
-        let object = fields.required_string("object", errors);
-        namespace.zip(object)
-    };
-    let kind = match fields.required_string("kind", errors).as_deref() {
-        Some("deployment") => workload(errors)
-            .map(|(namespace, object)| ConsumerKind::Deployment { namespace, object }),
-        Some("statefulset") => workload(errors)
-            .map(|(namespace, object)| ConsumerKind::StatefulSet { namespace, object }),
-        Some("command") => match fields.strings("command", errors) {
-            Some(argv) if !argv.is_empty() => Some(ConsumerKind::Command {
-                argv,
-                env: parse_env_names(fields, errors),
-            }),
-            Some(_) => {
-                errors.push(
-                    fields.path_of("command"),
-                    "must name a program: [\"program\", \"arg\", ...]",
-                );
-                None
-            }
-            None => {
-                errors.push(
-                    fields.path_of("command"),
-                    "is required for kind = \"command\"",
-                );
-                None
-            }
-        },
-        Some(other) => {
-            errors.push(
-                fields.path_of("kind"),
-                format!("{other:?} is not one of deployment, statefulset, command"),
-            );
-            None
-        }
-        None => None,
-    };
-    let timeout = match fields.string("timeout", errors) {
-        Some(text) => match crate::duration::parse(&text) {
-            Ok(d) if !d.is_zero() => Some(d),
-            Ok(_) => {
-                errors.push(fields.path_of("timeout"), "must be more than zero");
-                None
-            }
-            Err(message) => {
-                errors.push(fields.path_of("timeout"), message);
-                None
-            }
-        },
-        None => Some(DEFAULT_CONSUMER_TIMEOUT),
-    };
-    let health = fields.string("health", errors);
-    if let Some(health) = &health {
+fn parse_consumer(table: toml::Table, at: &At, errors: &mut Errors) -> Option<ConsumerConfig> {
+    let (keys, rest) = read_part::<ConsumerKeys>(table, at, errors);
+    let (keys, typed) = keys?;
+    errors.require(&keys.name, at, "name");
+    let kind = ConsumerKind::read(&keys.kind, rest, at, errors);
+    if keys.timeout.is_zero() {
+        errors.push(at.of("timeout"), "must be more than zero");
+    }
+    if let Some(health) = &keys.health {
         let ok = url::Url::parse(health).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
         if !ok {
-            errors.push(
-                fields.path_of("health"),
-                format!("{health:?} is not an http(s) URL"),
-            );
+            errors.push(at.of("health"), format!("{health:?} is not an http(s) URL"));
         }
+    }
+    if !typed || keys.name.is_empty() || keys.timeout.is_zero() {
+        return None;
     }
     Some(ConsumerConfig {
-        name: name?,
+        name: keys.name,
         kind: kind?,
-        timeout: timeout?,
-        health,
+        timeout: keys.timeout,
+        health: keys.health,
     })
-}
-
-/// `env = ["NAME", ...]` of a command consumer: variable names, nothing else.
-fn parse_env_names(fields: &Fields, errors: &mut Errors) -> Vec<String> {
-    let names = fields.strings("env", errors).unwrap_or_default();
-    for (i, name) in names.iter().enumerate() {
-        let mut chars = name.chars();
-        let valid = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            errors.push(
-                format!("{}[{i}]", fields.path_of("env")),
-                format!("{name:?} is not a variable name (letters, digits and _)"),
-            );
-        }
-    }
-    names
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::clickhouse::ClickHouseMode;
 
     const VALID: &str = r#"
 [rotator]
@@ -1824,9 +1307,10 @@ timeout = "2m"
         assert_eq!(target.stores.len(), 2);
         assert_eq!(
             target.stores[1].kind,
-            StoreKind::File {
-                path: "/etc/rotator/.env".into()
-            }
+            StoreKind::File(crate::store::file::FileConfig {
+                path: "/etc/rotator/.env".into(),
+                key: "PGPASSWORD".into(),
+            })
         );
         assert_eq!(target.stores[0].format, Format::Url);
         assert_eq!(config.consumers[0].timeout, Duration::from_secs(120));
@@ -1947,12 +1431,15 @@ tls = true
     fn parses_a_redis_target_with_the_default_user() {
         let config = Config::parse(REDIS, Path::new("/etc/rotator")).unwrap();
         let target = &config.targets[0];
-        assert_eq!(target.kind, BackendKind::Redis);
+        assert_eq!(target.kind(), "redis");
+        let BackendConfig::Redis(redis) = &target.backend else {
+            panic!("{target:?}")
+        };
         assert_eq!(target.user, "default");
         assert_eq!(target.strategy, Strategy::Dual);
         assert!(target.strategy.keeps_old_until_retire());
-        assert_eq!(target.replicas, ["llmtrace-redis-replicas-0:6379"]);
-        assert!(target.tls);
+        assert_eq!(redis.replicas, ["llmtrace-redis-replicas-0:6379"]);
+        assert!(redis.tls);
     }
 
     #[test]
@@ -1965,15 +1452,18 @@ tls = true
             );
         let config = Config::parse(&text, Path::new("/")).unwrap();
         let target = &config.targets[0];
+        let BackendConfig::Redis(redis) = &target.backend else {
+            panic!("{target:?}")
+        };
         assert_eq!(
-            target.sentinel,
-            Some(Sentinel {
+            redis.sentinel,
+            Some(crate::backend::redis::SentinelConfig {
                 address: "llmtrace-redis:26379".into(),
                 master_name: "mymaster".into()
             })
         );
         assert_eq!(target.address, "llmtrace-redis:26379");
-        assert!(target.replicas.is_empty());
+        assert!(redis.replicas.is_empty());
         let both = REDIS.replace(
             "tls = true",
             "tls = true\nsentinel = { address = \"s\", master_name = \"m\" }",
@@ -2013,6 +1503,13 @@ tls = true
         );
     }
 
+    fn clickhouse_mode(target: &Target) -> ClickHouseMode {
+        match &target.backend {
+            BackendConfig::ClickHouse(clickhouse) => clickhouse.mode(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     const CLICKHOUSE: &str = r#"
 [rotator]
 journal = "sqlite://rotator.db"
@@ -2036,10 +1533,10 @@ users_xml = { path = "users.d/llmtrace.xml" }
     fn parses_a_clickhouse_users_xml_target_without_admin() {
         let config = Config::parse(CLICKHOUSE, Path::new("/etc/rotator")).unwrap();
         let target = &config.targets[0];
-        assert_eq!(target.kind, BackendKind::ClickHouse);
+        assert_eq!(target.kind(), "clickhouse");
         assert!(target.admin_password.is_none());
         assert_eq!(
-            target.clickhouse,
+            clickhouse_mode(target),
             ClickHouseMode::UsersXml {
                 path: "/etc/rotator/users.d/llmtrace.xml".into()
             }
@@ -2065,7 +1562,7 @@ users_xml = { path = "users.d/llmtrace.xml" }
         );
         let config = Config::parse(&sql, Path::new(".")).unwrap();
         assert_eq!(
-            config.targets[0].clickhouse,
+            clickhouse_mode(&config.targets[0]),
             ClickHouseMode::Sql {
                 on_cluster: Some("main".into())
             }
@@ -2176,10 +1673,12 @@ sync_timeout = "30s"
         assert_eq!(target.sync_timeout, Duration::from_secs(30));
         assert_eq!(
             target.stores[0].kind,
-            StoreKind::SealedSecret(SealedSecretStore {
+            StoreKind::SealedSecret(crate::store::sealedsecret::SealedSecretConfig {
                 namespace: "llmtrace".into(),
                 name: "llmtrace-postgresql".into(),
-                certificate: Certificate::File("/etc/rotator/cert.pem".into()),
+                key: "password".into(),
+                certificate: Some("/etc/rotator/cert.pem".into()),
+                certificate_url: None,
                 certificate_sha256: None,
                 timeout: Duration::from_secs(20),
             })
@@ -2195,7 +1694,7 @@ sync_timeout = "30s"
         assert_eq!(defaults.targets[0].sync_timeout, DEFAULT_SYNC_TIMEOUT);
         assert!(matches!(
             &defaults.targets[0].stores[0].kind,
-            StoreKind::SealedSecret(s) if s.timeout == DEFAULT_SEALED_TIMEOUT
+            StoreKind::SealedSecret(s) if s.timeout == crate::store::sealedsecret::DEFAULT_TIMEOUT
         ));
     }
 
@@ -2214,11 +1713,11 @@ sync_timeout = "30s"
         assert_eq!(
             paths,
             [
-                "target[0].sync[0].key",
-                "target[0].sync[0].formt",
-                "target[0].sync_timeout",
-                "target[0].store[0].name",
                 "target[0].store[0].certificate",
+                "target[0].store[0].name",
+                "target[0].sync[0].formt",
+                "target[0].sync[0].key",
+                "target[0].sync_timeout",
             ],
             "{errors:#?}"
         );
@@ -2279,12 +1778,100 @@ sync_timeout = "30s"
         .unwrap();
         assert_eq!(
             config.consumers[0].kind,
-            ConsumerKind::Command {
-                argv: vec!["true".into()],
+            ConsumerKind::Command(crate::consumer::command::CommandConfig {
+                command: Some(vec!["true".into()]),
                 env: vec!["DOCKER_HOST".into()],
-            }
+            })
         );
         let deployment = VALID.replace("timeout = \"2m\"", "timeout = \"2m\"\nenv = [\"X\"]");
         assert_eq!(errors_of(&deployment), ["consumer[0].env: unknown key"]);
+    }
+
+    #[test]
+    fn every_value_of_the_wrong_type_in_one_table_is_reported_without_its_value() {
+        let text = VALID
+            .replace(
+                "namespace = \"llmtrace\"\n  secret",
+                "namespace = 5\n  secret",
+            )
+            .replace(
+                "secret = \"llmtrace\"\n  key",
+                "secret = [\"hunter2\"]\n  kee",
+            )
+            .replace("length = 40", "length = \"hunter2\"");
+        let errors = errors_of(&text);
+        assert_eq!(
+            errors,
+            [
+                "password.length: must be an integer, not string",
+                "target[0].store[0].kee: unknown key",
+                "target[0].store[0].key: is required",
+                "target[0].store[0].namespace: must be a string, not integer",
+                "target[0].store[0].secret: must be a string, not array",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_nested_in_a_kinds_tables_are_reported_by_path() {
+        let text = VALID.replace(
+            "password = \"k8s:llmtrace/llmtrace-postgresql#postgres-password\" }",
+            "password = \"env:PG\", pasword = \"env:PG\" }",
+        );
+        assert_eq!(errors_of(&text), ["target[0].admin.pasword: unknown key"]);
+        let vault = VALID.replace(
+            "kind = \"file\"\n  path = \".env\"\n  key = \"PGPASSWORD\"",
+            "kind = \"vault\"\n  address = \"http://vault:8200\"\n  path = \"app\"\n  property = \"pw\"\n  auth = { kubernetes = { role = \"r\", rol = \"r\" } }",
+        );
+        assert_eq!(
+            errors_of(&vault),
+            ["target[0].store[1].auth.kubernetes.rol: unknown key"]
+        );
+    }
+
+    #[test]
+    fn a_key_of_another_backend_kind_names_the_kinds_that_read_it() {
+        let text = REDIS.replace(
+            "tls = true",
+            "tls = true\nmode = \"sql\"\non_cluster = \"c\"",
+        );
+        assert_eq!(
+            errors_of(&text),
+            [
+                "target[0].mode: is only used by clickhouse targets, not redis",
+                "target[0].on_cluster: is only used by clickhouse targets, not redis",
+            ]
+        );
+        let postgres = VALID.replace("user = \"llmtrace\"", "user = \"llmtrace\"\ntls = true");
+        assert_eq!(
+            errors_of(&postgres),
+            ["target[0].tls: is not used by postgres targets: use sslmode"]
+        );
+    }
+
+    #[test]
+    fn postgres_keys_every_target_read_before_stay_accepted_and_checked() {
+        let text = REDIS.replace(
+            "tls = true",
+            "tls = true\ndatabase = \"0\"\nsslmode = \"require\"",
+        );
+        Config::parse(&text, Path::new("/")).unwrap();
+        let bad = REDIS.replace("tls = true", "tls = true\nsslmode = \"always\"");
+        assert_eq!(
+            errors_of(&bad),
+            ["target[0].sslmode: \"always\" is not one of disable, prefer, require, verify-ca, verify-full"]
+        );
+    }
+
+    #[test]
+    fn a_template_without_its_password_is_reported_once() {
+        let text = VALID.replace(
+            "format = \"password\"",
+            "format = \"template\"\n  template = \"{user}\"",
+        );
+        assert_eq!(
+            errors_of(&text),
+            ["target[0].store[1].template: must contain {password}"]
+        );
     }
 }

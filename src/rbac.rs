@@ -55,8 +55,9 @@ pub fn needed(config: &Config) -> BTreeMap<String, BTreeMap<Object, BTreeSet<&'s
         for store in &target.stores {
             match &store.kind {
                 // Read, then PUT with the resourceVersion read; an Event on it after the run.
-                StoreKind::Kubernetes { namespace, secret } => {
-                    grant(namespace, "", "secrets", secret, &["get", "update"]);
+                StoreKind::Kubernetes(secret) => {
+                    let namespace = &secret.namespace;
+                    grant(namespace, "", "secrets", &secret.secret, &["get", "update"]);
                     grant(namespace, "events.k8s.io", "events", "", &["create"]);
                 }
                 // Read (resourceVersion, scopes) and merge-patch the SealedSecret; poll the
@@ -85,9 +86,9 @@ pub fn needed(config: &Config) -> BTreeMap<String, BTreeMap<Object, BTreeSet<&'s
     }
     for consumer in &config.consumers {
         let (resource, namespace, object) = match &consumer.kind {
-            ConsumerKind::Deployment { namespace, object } => ("deployments", namespace, object),
-            ConsumerKind::StatefulSet { namespace, object } => ("statefulsets", namespace, object),
-            ConsumerKind::Command { .. } => continue,
+            ConsumerKind::Deployment(w) => ("deployments", &w.namespace, &w.object),
+            ConsumerKind::StatefulSet(w) => ("statefulsets", &w.namespace, &w.object),
+            ConsumerKind::Command(_) => continue,
         };
         // Read (preflight, rollout status), strategic-merge-patch the restart annotation.
         grant(namespace, "apps", resource, object, &["get", "patch"]);

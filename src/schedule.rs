@@ -56,6 +56,14 @@ impl From<ScheduleError> for String {
     }
 }
 
+impl std::str::FromStr for Schedule {
+    type Err = ScheduleError;
+
+    fn from_str(expression: &str) -> Result<Schedule, ScheduleError> {
+        Schedule::parse(expression)
+    }
+}
+
 impl Schedule {
     pub fn parse(expression: &str) -> Result<Schedule, ScheduleError> {
         if let Some(known) = PARSED.with(|parsed| parsed.borrow().get(expression).cloned()) {

@@ -751,8 +751,9 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
         for store in &target.stores {
             match &store.kind {
                 // An Event on the Secret after the run.
-                StoreKind::Kubernetes { namespace, secret } => {
-                    namespaces.insert(namespace.clone());
+                StoreKind::Kubernetes(store) => {
+                    let secret = &store.secret;
+                    namespaces.insert(store.namespace.clone());
                     grants.insert(grant("", "secrets", secret, "get"));
                     grants.insert(grant("", "secrets", secret, "update"));
                     grants.insert(grant("events.k8s.io", "events", "", "create"));
@@ -786,9 +787,9 @@ fn needed_grants(config: &Config) -> (BTreeSet<Grant>, BTreeSet<String>) {
     }
     for consumer in &config.consumers {
         let (resource, namespace, object) = match &consumer.kind {
-            ConsumerKind::Deployment { namespace, object } => ("deployments", namespace, object),
-            ConsumerKind::StatefulSet { namespace, object } => ("statefulsets", namespace, object),
-            ConsumerKind::Command { .. } => continue,
+            ConsumerKind::Deployment(w) => ("deployments", &w.namespace, &w.object),
+            ConsumerKind::StatefulSet(w) => ("statefulsets", &w.namespace, &w.object),
+            ConsumerKind::Command(_) => continue,
         };
         namespaces.insert(namespace.clone());
         grants.insert(grant("apps", resource, object, "get"));

@@ -15,9 +15,119 @@ use async_trait::async_trait;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use super::{Backend, BackendError};
-use crate::config::{ClickHouseMode, Strategy, Target};
+use super::{Backend, BackendError, BackendSettings};
+use crate::config::{At, Errors, Strategy, Target, Validate};
 use crate::secret::{Credential, Redacted, Secret};
+
+/// `kind = "clickhouse"`: a ClickHouse server over HTTP(S).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ClickHouseConfig {
+    /// `sql` (the default) or `users_xml`: see [`ClickHouseMode`].
+    pub mode: Option<String>,
+    /// `users_xml = { path = "..." }`: the users.d file of `mode = "users_xml"`.
+    pub users_xml: Option<UsersXml>,
+    /// `ALTER USER ... ON CLUSTER` this cluster (`mode = "sql"`).
+    pub on_cluster: Option<String>,
+    /// HTTPS instead of HTTP.
+    #[serde(default)]
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct UsersXml {
+    #[serde(default)]
+    pub path: PathBuf,
+}
+
+/// How a ClickHouse user's password is changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClickHouseMode {
+    /// `ALTER USER` (SQL-managed users, 20.5+), optionally `ON CLUSTER`.
+    Sql { on_cluster: Option<String> },
+    /// A users.d file the rotator owns, for users defined in XML and servers before 20.5.
+    UsersXml { path: PathBuf },
+}
+
+impl ClickHouseConfig {
+    fn users_xml_mode(&self) -> bool {
+        self.mode.as_deref() == Some("users_xml")
+    }
+
+    pub fn mode(&self) -> ClickHouseMode {
+        match &self.users_xml {
+            Some(users_xml) if self.users_xml_mode() => ClickHouseMode::UsersXml {
+                path: users_xml.path.clone(),
+            },
+            _ => ClickHouseMode::Sql {
+                on_cluster: self.on_cluster.clone(),
+            },
+        }
+    }
+}
+
+impl Validate for ClickHouseConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        match self.mode.as_deref() {
+            None | Some("sql") => {
+                if self.users_xml.is_some() {
+                    errors.push(at.of("users_xml"), "is only used with mode = \"users_xml\"");
+                }
+            }
+            Some("users_xml") => {
+                if self.on_cluster.is_some() {
+                    errors.push(at.of("on_cluster"), "is only used with mode = \"sql\"");
+                }
+                match &mut self.users_xml {
+                    Some(users_xml) if users_xml.path.as_os_str().is_empty() => {
+                        errors.missing(at.of("users_xml.path"), "is required");
+                    }
+                    Some(users_xml) => at.resolve(&mut users_xml.path),
+                    None => errors.missing(
+                        at.of("users_xml"),
+                        "is required with mode = \"users_xml\": { path = \"/etc/clickhouse-server/users.d/llmtrace.xml\" }",
+                    ),
+                }
+            }
+            Some(other) => errors.push(
+                at.of("mode"),
+                format!("{other:?} is not one of sql, users_xml"),
+            ),
+        }
+        if let Some(ca_file) = &mut self.ca_file {
+            at.resolve(ca_file);
+        }
+    }
+}
+
+impl BackendSettings for ClickHouseConfig {
+    fn strategies(&self) -> &'static [Strategy] {
+        &[Strategy::Single, Strategy::Dual, Strategy::Alternating]
+    }
+
+    fn check_strategy(&self, strategy: Strategy, at: &At, errors: &mut Errors) {
+        if strategy == Strategy::Dual && self.users_xml_mode() {
+            errors.push(
+                at.of("strategy"),
+                "\"dual\" needs mode = \"sql\": users.xml holds one password per user",
+            );
+        }
+    }
+
+    /// users_xml mode writes a file and logs in as the user itself: no admin to speak of.
+    fn needs_admin(&self) -> bool {
+        !self.users_xml_mode()
+    }
+
+    fn open(
+        &self,
+        target: &Target,
+        admin_password: Secret,
+        _admin_sessions: &std::sync::Arc<super::postgres::AdminPool>,
+    ) -> Box<dyn Backend> {
+        Box::new(ClickHouse::new(target, self, admin_password))
+    }
+}
 
 /// A query that has not answered by then is treated as failed rather than hanging the run.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -509,16 +619,16 @@ fn write_atomically_blocking(path: &Path, contents: &str) -> std::io::Result<()>
 }
 
 impl ClickHouse {
-    pub fn new(target: &Target, admin_password: Secret) -> Self {
-        let scheme = if target.tls { "https" } else { "http" };
+    pub fn new(target: &Target, config: &ClickHouseConfig, admin_password: Secret) -> Self {
+        let scheme = if config.tls { "https" } else { "http" };
         ClickHouse {
             base_url: format!("{scheme}://{}/", target.address),
-            http: http_client(target.ca_file.as_deref()),
+            http: http_client(config.ca_file.as_deref()),
             admin_user: target.admin_user.clone(),
             admin_password,
             strategy: target.strategy,
             effective: OnceLock::new(),
-            mode: target.clickhouse.clone(),
+            mode: config.mode(),
             users: target.users.clone(),
             notes: Mutex::new(Vec::new()),
         }

@@ -7,7 +7,7 @@ pub mod scram;
 
 use async_trait::async_trait;
 
-use crate::config::{BackendKind, Strategy, Target};
+use crate::config::{At, Errors, Strategy, Target, Validate};
 use crate::secret::{Credential, Redacted, Secret};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +124,40 @@ pub struct Note {
     pub message: String,
 }
 
+/// A backend kind's settings (its keys of a `[[target]]` table), defined in the kind's own
+/// file and listed in [`crate::config::BackendConfig`].
+pub trait BackendSettings: Validate {
+    /// The strategies the kind can carry out.
+    fn strategies(&self) -> &'static [Strategy];
+
+    /// Checks the chosen strategy against the rest of the settings (`at` is the target's table).
+    fn check_strategy(&self, _strategy: Strategy, _at: &At, _errors: &mut Errors) {}
+
+    /// The login when the target names none; `None`: `user` is required.
+    fn default_user(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Where to connect when the target gives no `address`; `None`: `address` is required.
+    fn default_address(&self) -> Option<&str> {
+        None
+    }
+
+    /// Whether the target needs an `admin` login to change the password.
+    fn needs_admin(&self) -> bool {
+        true
+    }
+
+    /// Builds the backend, given the target's resolved admin password and where PostgreSQL
+    /// admin sessions are kept between uses.
+    fn open(
+        &self,
+        target: &Target,
+        admin_password: Secret,
+        admin_sessions: &std::sync::Arc<postgres::AdminPool>,
+    ) -> Box<dyn Backend>;
+}
+
 /// Builds the backend for a target, given its resolved admin password and where PostgreSQL
 /// admin sessions are kept between uses.
 pub fn for_target(
@@ -131,13 +165,8 @@ pub fn for_target(
     admin_password: Secret,
     admin_sessions: &std::sync::Arc<postgres::AdminPool>,
 ) -> Box<dyn Backend> {
-    match target.kind {
-        BackendKind::Postgres => Box::new(postgres::Postgres::new(
-            target,
-            admin_password,
-            admin_sessions.clone(),
-        )),
-        BackendKind::Redis => Box::new(redis::Redis::new(target, admin_password)),
-        BackendKind::ClickHouse => Box::new(clickhouse::ClickHouse::new(target, admin_password)),
-    }
+    target
+        .backend
+        .settings()
+        .open(target, admin_password, admin_sessions)
 }

@@ -10,9 +10,85 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::{scram, Backend, BackendError};
-use crate::config::{SslMode, Strategy, Target};
+use super::{scram, Backend, BackendError, BackendSettings};
+use crate::config::{At, Errors, Strategy, Target, Validate};
 use crate::secret::{Credential, Redacted, Secret};
+
+/// `kind = "postgres"`: a PostgreSQL server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct PostgresConfig {
+    /// The database the logins connect to.
+    #[serde(default)]
+    pub database: String,
+    #[serde(default, deserialize_with = "crate::config::text")]
+    pub sslmode: SslMode,
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Read only to be refused: PostgreSQL speaks TLS through `sslmode`.
+    #[serde(default, deserialize_with = "crate::config::present")]
+    tls: bool,
+}
+
+impl Validate for PostgresConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        if self.database.is_empty() {
+            errors.missing(at.of("database"), "is required for a postgres target");
+        }
+        if let Some(ca_file) = &mut self.ca_file {
+            at.resolve(ca_file);
+        }
+        if std::mem::take(&mut self.tls) {
+            errors.push(at.of("tls"), "is not used by postgres targets: use sslmode");
+        }
+    }
+}
+
+impl BackendSettings for PostgresConfig {
+    fn strategies(&self) -> &'static [Strategy] {
+        &[Strategy::Single, Strategy::Alternating]
+    }
+
+    fn open(
+        &self,
+        target: &Target,
+        admin_password: Secret,
+        admin_sessions: &Arc<AdminPool>,
+    ) -> Box<dyn Backend> {
+        Box::new(Postgres::new(
+            target,
+            self,
+            admin_password,
+            admin_sessions.clone(),
+        ))
+    }
+}
+
+/// PostgreSQL `sslmode`, as libpq spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl std::str::FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<SslMode, String> {
+        match text {
+            "disable" => Ok(SslMode::Disable),
+            "prefer" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            other => Err(format!(
+                "{other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+            )),
+        }
+    }
+}
 
 /// A login that has not answered by then is treated as failed rather than hanging the run.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -85,14 +161,19 @@ impl AdminPool {
 }
 
 impl Postgres {
-    pub fn new(target: &Target, admin_password: Secret, pool: Arc<AdminPool>) -> Self {
+    pub fn new(
+        target: &Target,
+        config: &PostgresConfig,
+        admin_password: Secret,
+        pool: Arc<AdminPool>,
+    ) -> Self {
         let mut key = Sha256::new();
         for part in [
             target.address.as_str(),
-            target.database.as_deref().unwrap_or("postgres"),
+            config.database.as_str(),
             target.admin_user.as_str(),
-            &format!("{:?}", target.sslmode),
-            &format!("{:?}", target.ca_file),
+            &format!("{:?}", config.sslmode),
+            &format!("{:?}", config.ca_file),
             admin_password.expose(),
         ] {
             key.update((part.len() as u64).to_be_bytes());
@@ -109,17 +190,17 @@ impl Postgres {
                 .trim_end_matches(']')
                 .to_string(),
             port: port.parse().expect("config validated the port"),
-            database: target.database.clone().unwrap_or_else(|| "postgres".into()),
+            database: config.database.clone(),
             admin_user: target.admin_user.clone(),
             admin_password,
-            sslmode: match target.sslmode {
+            sslmode: match config.sslmode {
                 SslMode::Disable => PgSslMode::Disable,
                 SslMode::Prefer => PgSslMode::Prefer,
                 SslMode::Require => PgSslMode::Require,
                 SslMode::VerifyCa => PgSslMode::VerifyCa,
                 SslMode::VerifyFull => PgSslMode::VerifyFull,
             },
-            ca_file: target.ca_file.clone(),
+            ca_file: config.ca_file.clone(),
             strategy: target.strategy,
             users: target.users.clone(),
             pool,

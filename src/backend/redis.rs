@@ -21,9 +21,96 @@ use ::redis::{
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{Backend, BackendError};
-use crate::config::{Strategy, Target};
+use super::{Backend, BackendError, BackendSettings};
+use crate::config::{is_host_port, At, Errors, Strategy, Target, Validate};
 use crate::secret::{Credential, Redacted, Secret};
+
+/// Redis clients that name no user authenticate as this one.
+const DEFAULT_USER: &str = "default";
+
+/// `kind = "redis"`: a Redis master, its replicas, or a Sentinel that names them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RedisConfig {
+    /// Replicas that get the same ACL change, and whose `masterauth` follows it.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// Names the master and its replicas instead of `address` and `replicas`, asked again at
+    /// each step so a failover is followed.
+    pub sentinel: Option<SentinelConfig>,
+    /// Connect with TLS (`rediss://`).
+    #[serde(default)]
+    pub tls: bool,
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// `sentinel = { address = "HOST:PORT", master_name = "mymaster" }`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SentinelConfig {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub master_name: String,
+}
+
+impl Validate for RedisConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        if let Some(sentinel) = &self.sentinel {
+            let path = at.of("sentinel");
+            let sentinel_at = At {
+                path: &path,
+                base: at.base,
+            };
+            errors.require(&sentinel.address, &sentinel_at, "address");
+            errors.require(&sentinel.master_name, &sentinel_at, "master_name");
+            if !sentinel.address.is_empty() && !is_host_port(&sentinel.address) {
+                errors.push(
+                    sentinel_at.of("address"),
+                    format!("{:?} is not HOST:PORT", sentinel.address),
+                );
+            }
+            if !self.replicas.is_empty() {
+                errors.push(
+                    at.of("replicas"),
+                    "is found through the sentinel: list replicas or give a sentinel, not both",
+                );
+            }
+        }
+        for (j, replica) in self.replicas.iter().enumerate() {
+            if !is_host_port(replica) {
+                errors.push(
+                    format!("{}[{j}]", at.of("replicas")),
+                    format!("{replica:?} is not HOST:PORT"),
+                );
+            }
+        }
+        if let Some(ca_file) = &mut self.ca_file {
+            at.resolve(ca_file);
+        }
+    }
+}
+
+impl BackendSettings for RedisConfig {
+    fn strategies(&self) -> &'static [Strategy] {
+        &[Strategy::Single, Strategy::Dual]
+    }
+
+    fn default_user(&self) -> Option<&'static str> {
+        Some(DEFAULT_USER)
+    }
+
+    fn default_address(&self) -> Option<&str> {
+        self.sentinel.as_ref().map(|s| s.address.as_str())
+    }
+
+    fn open(
+        &self,
+        target: &Target,
+        admin_password: Secret,
+        _admin_sessions: &std::sync::Arc<super::postgres::AdminPool>,
+    ) -> Box<dyn Backend> {
+        Box::new(Redis::new(target, self, admin_password))
+    }
+}
 
 /// A login or command that has not answered by then is treated as failed rather than hanging the run.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -221,18 +308,18 @@ fn split_host_port(address: &str) -> (String, u16) {
 }
 
 impl Redis {
-    pub fn new(target: &Target, admin_password: Secret) -> Self {
+    pub fn new(target: &Target, config: &RedisConfig, admin_password: Secret) -> Self {
         let (host, port) = split_host_port(&target.address);
         Redis {
             host,
             port,
-            replicas: target.replicas.iter().map(|r| split_host_port(r)).collect(),
-            sentinel: target.sentinel.as_ref().map(|s| {
+            replicas: config.replicas.iter().map(|r| split_host_port(r)).collect(),
+            sentinel: config.sentinel.as_ref().map(|s| {
                 let (host, port) = split_host_port(&s.address);
                 (host, port, s.master_name.clone())
             }),
-            tls: target.tls,
-            ca_file: target.ca_file.clone(),
+            tls: config.tls,
+            ca_file: config.ca_file.clone(),
             admin_user: target.admin_user.clone(),
             admin_password,
             strategy: target.strategy,

@@ -5,7 +5,57 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use std::time::Duration;
 
-use super::{Consumer, ConsumerError};
+use super::{Consumer, ConsumerError, ConsumerSettings};
+use crate::config::{At, Errors, Validate};
+
+/// `kind = "command"`: a program run with a cleared environment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct CommandConfig {
+    /// The program and its arguments.
+    pub command: Option<Vec<String>>,
+    /// Names passed through besides [`BASE_ENV`] (the rest is cleared).
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+impl Validate for CommandConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        match &self.command {
+            Some(argv) if argv.is_empty() => errors.push(
+                at.of("command"),
+                "must name a program: [\"program\", \"arg\", ...]",
+            ),
+            Some(_) => {}
+            None => errors.missing(at.of("command"), "is required for kind = \"command\""),
+        }
+        for (i, name) in self.env.iter().enumerate() {
+            let mut chars = name.chars();
+            let valid = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                errors.push(
+                    format!("{}[{i}]", at.of("env")),
+                    format!("{name:?} is not a variable name (letters, digits and _)"),
+                );
+            }
+        }
+    }
+}
+
+impl ConsumerSettings for CommandConfig {
+    fn uses_kubernetes(&self) -> bool {
+        false
+    }
+
+    fn open(&self, _kube: Option<&kube::Client>) -> Option<Box<dyn Consumer>> {
+        Some(Box::new(CommandConsumer::new(
+            self.command.clone().unwrap_or_default(),
+            self.env.clone(),
+        )))
+    }
+}
 
 /// Variables every command gets when set: enough to find programs and speak the locale.
 pub const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TZ"];

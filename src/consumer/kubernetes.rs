@@ -7,9 +7,49 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{Api, Patch, PatchParams};
 use tokio::time::Instant;
 
-use super::{Consumer, ConsumerError, POLL_INTERVAL};
-use crate::config::ConsumerKind;
+use super::{Consumer, ConsumerError, ConsumerSettings, POLL_INTERVAL};
+use crate::config::{At, Errors, Validate};
 use crate::kube_api::describe_kube_error;
+
+/// `kind = "deployment"` (`STATEFUL` false) or `"statefulset"`: a workload restarted the way
+/// `kubectl rollout restart` does.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct WorkloadConfig<const STATEFUL: bool> {
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub object: String,
+}
+
+pub type DeploymentConfig = WorkloadConfig<false>;
+pub type StatefulSetConfig = WorkloadConfig<true>;
+
+impl<const STATEFUL: bool> Validate for WorkloadConfig<STATEFUL> {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        errors.require(&self.namespace, at, "namespace");
+        errors.require(&self.object, at, "object");
+    }
+}
+
+impl<const STATEFUL: bool> ConsumerSettings for WorkloadConfig<STATEFUL> {
+    fn uses_kubernetes(&self) -> bool {
+        true
+    }
+
+    fn open(&self, kube: Option<&kube::Client>) -> Option<Box<dyn Consumer>> {
+        let client = kube?.clone();
+        let kind = if STATEFUL {
+            Kind::StatefulSet(Api::namespaced(client, &self.namespace))
+        } else {
+            Kind::Deployment(Api::namespaced(client, &self.namespace))
+        };
+        Some(Box::new(Workload {
+            kind,
+            namespace: self.namespace.clone(),
+            name: self.object.clone(),
+        }))
+    }
+}
 
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 
@@ -33,27 +73,6 @@ pub enum Progress {
 }
 
 impl Workload {
-    pub fn new(client: kube::Client, kind: &ConsumerKind) -> Self {
-        let (kind, namespace, name) = match kind {
-            ConsumerKind::Deployment { namespace, object } => (
-                Kind::Deployment(Api::namespaced(client, namespace)),
-                namespace,
-                object,
-            ),
-            ConsumerKind::StatefulSet { namespace, object } => (
-                Kind::StatefulSet(Api::namespaced(client, namespace)),
-                namespace,
-                object,
-            ),
-            ConsumerKind::Command { .. } => unreachable!("commands are not workloads"),
-        };
-        Workload {
-            kind,
-            namespace: namespace.clone(),
-            name: name.clone(),
-        }
-    }
-
     fn api_error(&self, error: kube::Error) -> ConsumerError {
         ConsumerError::Api {
             consumer: self.describe(),

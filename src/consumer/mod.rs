@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::config::{ConsumerConfig, ConsumerKind};
+use crate::config::{ConsumerConfig, Validate};
 
 /// How often rollout status and health URLs are polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -66,6 +66,16 @@ pub trait Consumer: Send + Sync {
     async fn restart(&self, timeout: Duration) -> Result<(), ConsumerError>;
 }
 
+/// A consumer kind's settings (the rest of its `[[consumer]]` table), defined in the kind's own
+/// file and listed in [`crate::config::ConsumerKind`].
+pub trait ConsumerSettings: Validate {
+    /// Whether it talks to the Kubernetes API.
+    fn uses_kubernetes(&self) -> bool;
+
+    /// Builds the consumer; `None` when it needs a Kubernetes client and there is none.
+    fn open(&self, kube: Option<&kube::Client>) -> Option<Box<dyn Consumer>>;
+}
+
 /// A configured consumer: the restart, then the optional health URL, all within `timeout`.
 pub struct ConsumerHandle {
     pub name: String,
@@ -79,18 +89,14 @@ impl ConsumerHandle {
         config: &ConsumerConfig,
         kube: Option<&kube::Client>,
     ) -> Result<Self, ConsumerError> {
-        let consumer: Box<dyn Consumer> = match &config.kind {
-            ConsumerKind::Command { argv, env } => {
-                Box::new(command::CommandConsumer::new(argv.clone(), env.clone()))
-            }
-            kind => {
-                let client = kube.ok_or_else(|| ConsumerError::Api {
-                    consumer: config.name.clone(),
-                    cause: "no Kubernetes client could be configured".into(),
-                })?;
-                Box::new(kubernetes::Workload::new(client.clone(), kind))
-            }
-        };
+        let consumer = config
+            .kind
+            .settings()
+            .open(kube)
+            .ok_or_else(|| ConsumerError::Api {
+                consumer: config.name.clone(),
+                cause: "no Kubernetes client could be configured".into(),
+            })?;
         Ok(ConsumerHandle {
             name: config.name.clone(),
             consumer,

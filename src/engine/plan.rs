@@ -52,7 +52,7 @@ impl Plan {
             .iter()
             .map(|t| PlannedTarget {
                 name: t.name.clone(),
-                kind: t.kind.as_str().into(),
+                kind: t.kind().into(),
                 address: t.address.clone(),
                 user: t.user.clone(),
                 strategy: t.strategy.as_str().into(),
@@ -69,22 +69,8 @@ impl Plan {
 }
 
 fn describe_store(store: &crate::config::StoreConfig) -> String {
-    use crate::config::{Format, StoreKind};
-    let place = match &store.kind {
-        StoreKind::Kubernetes { namespace, secret } => {
-            format!("kubernetes secret {namespace}/{secret}#{}", store.key)
-        }
-        StoreKind::File { path } => format!("file {}#{}", path.display(), store.key),
-        StoreKind::Aws(aws) => format!("aws secret {}#{}", aws.secret_id, store.key),
-        StoreKind::Vault(vault) => format!(
-            "vault {} {}/{}#{}",
-            vault.address, vault.mount, vault.path, store.key
-        ),
-        StoreKind::SealedSecret(sealed) => format!(
-            "sealedsecret {}/{}#{}",
-            sealed.namespace, sealed.name, store.key
-        ),
-    };
+    use crate::config::Format;
+    let place = store.describe();
     let format = match store.format {
         Format::Url => "url",
         Format::Password => "password",

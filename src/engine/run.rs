@@ -413,11 +413,12 @@ impl<'a> RunContext<'a> {
             let Some(runtime) = runtime else { continue };
             for (store, config) in state.stores.iter().zip(&runtime.config.stores) {
                 match &config.kind {
-                    StoreKind::Kubernetes { namespace, secret }
-                        if store.publish != Progress::NotStarted =>
-                    {
-                        add(events::Kind::Secret, namespace, secret, &state.name)
-                    }
+                    StoreKind::Kubernetes(secret) if store.publish != Progress::NotStarted => add(
+                        events::Kind::Secret,
+                        &secret.namespace,
+                        &secret.secret,
+                        &state.name,
+                    ),
                     _ => {}
                 }
             }
@@ -430,11 +431,9 @@ impl<'a> RunContext<'a> {
                 continue;
             };
             let (kind, namespace, object) = match &config.kind {
-                ConsumerKind::Deployment { namespace, object } => {
-                    (events::Kind::Deployment, namespace, object)
-                }
-                ConsumerKind::StatefulSet { namespace, object } => {
-                    (events::Kind::StatefulSet, namespace, object)
+                ConsumerKind::Deployment(w) => (events::Kind::Deployment, &w.namespace, &w.object),
+                ConsumerKind::StatefulSet(w) => {
+                    (events::Kind::StatefulSet, &w.namespace, &w.object)
                 }
                 _ => continue,
             };
@@ -1140,7 +1139,7 @@ impl<'a> RunContext<'a> {
                 self.deps.config.consumer(name).is_some_and(|c| {
                     matches!(
                         c.kind,
-                        ConsumerKind::Deployment { .. } | ConsumerKind::StatefulSet { .. }
+                        ConsumerKind::Deployment(_) | ConsumerKind::StatefulSet(_)
                     )
                 })
             })

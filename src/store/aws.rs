@@ -10,9 +10,57 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::sigv4::{self, Credentials};
-use super::{Store, StoreError};
-use crate::config::AwsStore;
+use super::{Store, StoreError, StoreSettings};
+use crate::config::{At, Errors, Validate};
 use crate::secret::Secret;
+
+/// `kind = "aws"`: AWS Secrets Manager; `property` names the JSON property, none the whole string.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct AwsConfig {
+    #[serde(default)]
+    pub secret_id: String,
+    #[serde(default)]
+    pub region: String,
+    /// Another Secrets Manager endpoint (a VPC endpoint, an emulator).
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub property: String,
+}
+
+impl Validate for AwsConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        errors.require(&self.secret_id, at, "secret_id");
+        errors.require(&self.region, at, "region");
+        if let Some(endpoint) = &mut self.endpoint {
+            let ok =
+                url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                errors.push(
+                    at.of("endpoint"),
+                    format!("{endpoint:?} is not an http(s) URL"),
+                );
+            }
+            *endpoint = endpoint.trim_end_matches('/').to_string();
+        }
+    }
+}
+
+impl StoreSettings for AwsConfig {
+    fn key(&self) -> &str {
+        &self.property
+    }
+
+    fn describe(&self) -> String {
+        match self.property.as_str() {
+            "" => format!("aws secret {}", self.secret_id),
+            property => format!("aws secret {}#{property}", self.secret_id),
+        }
+    }
+
+    fn open(&self, _kube: Option<&kube::Client>) -> Result<Box<dyn Store>, StoreError> {
+        Ok(Box::new(AwsSecret::new(self, &self.property)))
+    }
+}
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Attempts of a PutSecretValue whose answer was lost or a server error: safe to repeat, since
@@ -23,7 +71,7 @@ const PENDING: &str = "AWSPENDING";
 const PREVIOUS: &str = "AWSPREVIOUS";
 
 pub struct AwsSecret {
-    config: AwsStore,
+    config: AwsConfig,
     /// The JSON key inside SecretString; `None` means the whole string.
     property: Option<String>,
     http: reqwest::Client,
@@ -48,7 +96,7 @@ impl Versions {
 }
 
 impl AwsSecret {
-    pub fn new(config: &AwsStore, property: &str) -> Self {
+    pub fn new(config: &AwsConfig, property: &str) -> Self {
         AwsSecret {
             config: config.clone(),
             property: Some(property.to_string()).filter(|p| !p.is_empty()),
@@ -283,10 +331,7 @@ impl AwsSecret {
 #[async_trait]
 impl Store for AwsSecret {
     fn describe(&self) -> String {
-        match &self.property {
-            Some(property) => format!("aws secret {}#{property}", self.config.secret_id),
-            None => format!("aws secret {}", self.config.secret_id),
-        }
+        self.config.describe()
     }
 
     async fn read(&self) -> Result<Option<Secret>, StoreError> {

@@ -1,13 +1,104 @@
 //! A dotenv file on disk: only the key's value changes; lines, comments, mode and owner stay.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{dotenv, Store, StoreError};
+use super::{dotenv, Store, StoreError, StoreSettings, Writes};
+use crate::config::{At, Errors, Format, Validate};
 use crate::secret::Secret;
+
+/// `kind = "file"`: a key of a dotenv file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub key: String,
+}
+
+impl Validate for FileConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        if self.path.as_os_str().is_empty() {
+            errors.missing(at.of("path"), "is required");
+        }
+        at.resolve(&mut self.path);
+        errors.require(&self.key, at, "key");
+    }
+}
+
+impl StoreSettings for FileConfig {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn describe(&self) -> String {
+        describe(&self.path, &self.key)
+    }
+
+    fn open(&self, _kube: Option<&kube::Client>) -> Result<Box<dyn Store>, StoreError> {
+        Ok(Box::new(FileStore::new(self.path.clone(), &self.key)))
+    }
+
+    /// Every value the target can produce must be writable so that bash and python-dotenv read
+    /// it back unchanged (see [`dotenv`]); refused here otherwise.
+    fn check_writes(&self, writes: &Writes, at: &At, errors: &mut Errors) {
+        let alphabet: BTreeSet<char> = writes
+            .policy
+            .alphabet
+            .characters()
+            .into_iter()
+            .map(char::from)
+            .collect();
+        // Percent-encoding leaves only unreserved characters and `%`.
+        let encoded: BTreeSet<char> = ('a'..='z')
+            .chain('A'..='Z')
+            .chain('0'..='9')
+            .chain("-._~%".chars())
+            .collect();
+        let literal = |template: &str| -> BTreeSet<char> {
+            template
+                .replace("{user}", "")
+                .replace("{password}", "")
+                .chars()
+                .collect()
+        };
+        let (literal, generated) = match writes.format {
+            Format::Url => return,
+            Format::Password => (BTreeSet::new(), alphabet),
+            Format::Template(template) if template.contains("://") => (literal(template), encoded),
+            Format::Template(template) => {
+                let mut generated = alphabet;
+                if template.contains("{user}") {
+                    generated.extend(writes.logins.iter().flat_map(|l| l.chars()));
+                }
+                (literal(template), generated)
+            }
+        };
+        if let Some(why) = dotenv::unwritable(&literal) {
+            errors.push(
+                at.of("template"),
+                format!("cannot be written to a dotenv file so that bash and python-dotenv read it back unchanged: it holds {why}"),
+            );
+        } else if let Some(why) = dotenv::unwritable(&(&literal | &generated)) {
+            errors.push(
+                writes.alphabet_path,
+                format!(
+                    "{:?} can generate values the file store {} cannot write so that bash and python-dotenv read them back unchanged (they may hold {why}): use alphanumeric or urlsafe, or format = \"url\"",
+                    format!("{:?}", writes.policy.alphabet).to_lowercase(),
+                    at.path,
+                ),
+            );
+        }
+    }
+}
+
+fn describe(path: &Path, key: &str) -> String {
+    format!("file {}#{key}", path.display())
+}
 
 pub struct FileStore {
     path: PathBuf,
@@ -102,7 +193,7 @@ fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 #[async_trait]
 impl Store for FileStore {
     fn describe(&self) -> String {
-        format!("file {}#{}", self.path.display(), self.key)
+        describe(&self.path, &self.key)
     }
 
     async fn read(&self) -> Result<Option<Secret>, StoreError> {

@@ -5,9 +5,57 @@ use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoreSettings};
+use crate::config::{At, Errors, Validate};
 use crate::kube_api::{describe_kube_error, is_conflict, retry_on_conflict, Attempt};
 use crate::secret::Secret;
+
+/// `kind = "kubernetes"`: a key of a Secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SecretConfig {
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub secret: String,
+    #[serde(default)]
+    pub key: String,
+}
+
+impl Validate for SecretConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        errors.require(&self.namespace, at, "namespace");
+        errors.require(&self.secret, at, "secret");
+        errors.require(&self.key, at, "key");
+    }
+}
+
+impl StoreSettings for SecretConfig {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn describe(&self) -> String {
+        describe(&self.namespace, &self.secret, &self.key)
+    }
+
+    fn uses_kubernetes(&self) -> bool {
+        true
+    }
+
+    fn open(&self, kube: Option<&kube::Client>) -> Result<Box<dyn Store>, StoreError> {
+        let client = super::client(kube, self)?;
+        Ok(Box::new(SecretStore::new(
+            client.clone(),
+            &self.namespace,
+            &self.secret,
+            &self.key,
+        )))
+    }
+}
+
+fn describe(namespace: &str, name: &str, key: &str) -> String {
+    format!("kubernetes secret {namespace}/{name}#{key}")
+}
 
 pub struct SecretStore {
     api: Api<KubeSecret>,
@@ -59,10 +107,7 @@ impl SecretStore {
 #[async_trait]
 impl Store for SecretStore {
     fn describe(&self) -> String {
-        format!(
-            "kubernetes secret {}/{}#{}",
-            self.namespace, self.name, self.key
-        )
+        describe(&self.namespace, &self.name, &self.key)
     }
 
     async fn read(&self) -> Result<Option<Secret>, StoreError> {

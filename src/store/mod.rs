@@ -12,7 +12,8 @@ pub mod vault;
 
 use async_trait::async_trait;
 
-use crate::config::{StoreConfig, StoreKind};
+use crate::config::{At, Errors, Format, StoreConfig, Validate};
+use crate::password::PasswordPolicy;
 use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,44 +84,53 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// A store kind's settings (its `[[target.store]]` table), defined in the kind's own file and
+/// listed in [`crate::config::StoreKind`].
+pub trait StoreSettings: Validate {
+    /// The key (or property) the credential is stored under.
+    fn key(&self) -> &str;
+
+    /// Names the place in reports and plans, as [`Store::describe`] does.
+    fn describe(&self) -> String;
+
+    /// Whether the store talks to the Kubernetes API.
+    fn uses_kubernetes(&self) -> bool {
+        false
+    }
+
+    /// Builds the store; Kubernetes stores need a client.
+    fn open(&self, kube: Option<&kube::Client>) -> Result<Box<dyn Store>, StoreError>;
+
+    /// Checks, at config time, that the store can hold every value the target will write
+    /// (`at` is the store's table). Nothing to check for most stores.
+    fn check_writes(&self, _writes: &Writes, _at: &At, _errors: &mut Errors) {}
+}
+
+/// What a target writes to its stores, for [`StoreSettings::check_writes`].
+pub struct Writes<'a> {
+    pub policy: &'a PasswordPolicy,
+    /// The logins a value may name.
+    pub logins: &'a [&'a str],
+    pub format: &'a Format,
+    /// Where the alphabet is set: the target's `password.alphabet`, or the defaults'.
+    pub alphabet_path: &'a str,
+}
+
+/// The Kubernetes client a store needs, or the error saying there is none.
+fn client<'a>(
+    kube: Option<&'a kube::Client>,
+    settings: &dyn StoreSettings,
+) -> Result<&'a kube::Client, StoreError> {
+    kube.ok_or_else(|| StoreError::Unavailable {
+        store: settings.describe(),
+        cause: "no Kubernetes client could be configured".into(),
+    })
+}
+
 /// Builds the store for a config entry; Kubernetes stores need a client.
 pub fn for_config(
     config: &StoreConfig,
     kube: Option<&kube::Client>,
 ) -> Result<Box<dyn Store>, StoreError> {
-    match &config.kind {
-        StoreKind::File { path } => Ok(Box::new(file::FileStore::new(path.clone(), &config.key))),
-        StoreKind::Aws(aws) => Ok(Box::new(aws::AwsSecret::new(aws, &config.key))),
-        StoreKind::Vault(vault) => Ok(Box::new(vault::VaultKv::new(
-            vault,
-            &config.key,
-            kube.cloned(),
-        ))),
-        StoreKind::SealedSecret(sealed) => {
-            let client = kube.ok_or_else(|| StoreError::Unavailable {
-                store: format!(
-                    "sealedsecret {}/{}#{}",
-                    sealed.namespace, sealed.name, config.key
-                ),
-                cause: "no Kubernetes client could be configured".into(),
-            })?;
-            Ok(Box::new(sealedsecret::SealedStore::new(
-                client.clone(),
-                sealed,
-                &config.key,
-            )))
-        }
-        StoreKind::Kubernetes { namespace, secret } => {
-            let client = kube.ok_or_else(|| StoreError::Unavailable {
-                store: format!("kubernetes secret {namespace}/{secret}#{}", config.key),
-                cause: "no Kubernetes client could be configured".into(),
-            })?;
-            Ok(Box::new(kubernetes::SecretStore::new(
-                client.clone(),
-                namespace,
-                secret,
-                &config.key,
-            )))
-        }
-    }
+    config.kind.settings().open(kube)
 }

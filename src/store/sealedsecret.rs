@@ -7,6 +7,7 @@
 //! pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go), and one key that fails fails the
 //! whole object, so each write seals with that label.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -19,10 +20,102 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::kubernetes::SecretStore;
-use super::{Store, StoreError};
-use crate::config::{Certificate, SealedSecretStore};
+use super::{Store, StoreError, StoreSettings};
+use crate::config::{At, Errors, Validate};
 use crate::kube_api::{describe_kube_error, is_conflict, retry_on_conflict, Attempt};
 use crate::secret::Secret;
+
+/// The sealed-secrets controller unseals within seconds; one minute covers a busy one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `kind = "sealedsecret"`: a key of a SealedSecret, read back from the Secret the controller
+/// unseals it into.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SealedSecretConfig {
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub key: String,
+    /// The controller's public certificate (PEM), as `kubeseal --cert` takes it: a file, or
+    /// `certificate_url` (`http://sealed-secrets-controller.kube-system:8080/v1/cert.pem`).
+    pub certificate: Option<PathBuf>,
+    pub certificate_url: Option<String>,
+    /// SHA-256 of the certificate (DER, as `openssl x509 -noout -fingerprint -sha256` prints
+    /// it), lower-case hex once validated: a fetched certificate must match it.
+    pub certificate_sha256: Option<String>,
+    /// How long to wait for the controller to unseal a write into the Secret.
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "crate::config::duration"
+    )]
+    pub timeout: Duration,
+}
+
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+
+impl Validate for SealedSecretConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        errors.require(&self.namespace, at, "namespace");
+        errors.require(&self.name, at, "name");
+        errors.require(&self.key, at, "key");
+        match (&mut self.certificate, &self.certificate_url) {
+            (Some(file), None) => at.resolve(file),
+            (None, Some(url)) => {
+                let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+                if !ok {
+                    errors.push(
+                        at.of("certificate_url"),
+                        format!("{url:?} is not an http(s) URL like http://sealed-secrets-controller.kube-system:8080/v1/cert.pem"),
+                    );
+                }
+            }
+            (Some(_), Some(_)) => errors.push(
+                at.of("certificate"),
+                "give either certificate or certificate_url, not both",
+            ),
+            (None, None) if !errors.reported(&at.of("certificate_url")) => errors.missing(
+                at.of("certificate"),
+                "is required: the controller's certificate PEM file (kubeseal --fetch-cert), or certificate_url",
+            ),
+            (None, None) => {}
+        }
+        if let Some(pin) = &mut self.certificate_sha256 {
+            // openssl prints `AB:CD:...`; `sha256sum` prints plain hex.
+            let hex: String = pin.chars().filter(|c| *c != ':').collect();
+            if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                *pin = hex.to_ascii_lowercase();
+            } else {
+                errors.push(
+                    at.of("certificate_sha256"),
+                    "is not a SHA-256 fingerprint (64 hex digits, colons allowed: openssl x509 -noout -fingerprint -sha256 -in cert.pem)",
+                );
+            }
+        }
+    }
+}
+
+impl StoreSettings for SealedSecretConfig {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn describe(&self) -> String {
+        format!("sealedsecret {}/{}#{}", self.namespace, self.name, self.key)
+    }
+
+    fn uses_kubernetes(&self) -> bool {
+        true
+    }
+
+    fn open(&self, kube: Option<&kube::Client>) -> Result<Box<dyn Store>, StoreError> {
+        let client = super::client(kube, self)?;
+        Ok(Box::new(SealedStore::new(client.clone(), self, &self.key)))
+    }
+}
 
 const POLL: Duration = Duration::from_millis(250);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
@@ -30,7 +123,7 @@ const CLUSTER_WIDE: &str = "sealedsecrets.bitnami.com/cluster-wide";
 const NAMESPACE_WIDE: &str = "sealedsecrets.bitnami.com/namespace-wide";
 
 pub struct SealedStore {
-    config: SealedSecretStore,
+    config: SealedSecretConfig,
     key: String,
     api: Api<DynamicObject>,
     secret: SecretStore,
@@ -38,7 +131,7 @@ pub struct SealedStore {
 }
 
 impl SealedStore {
-    pub fn new(client: kube::Client, config: &SealedSecretStore, key: &str) -> Self {
+    pub fn new(client: kube::Client, config: &SealedSecretConfig, key: &str) -> Self {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
             "bitnami.com",
             "v1alpha1",
@@ -63,11 +156,12 @@ impl SealedStore {
     async fn public_key(&self) -> Result<&RsaPublicKey, StoreError> {
         self.public_key
             .get_or_try_init(|| async {
-                let pem = match &self.config.certificate {
-                    Certificate::File(path) => std::fs::read(path).map_err(|e| {
+                let pem = match (&self.config.certificate, &self.config.certificate_url) {
+                    (Some(path), _) => std::fs::read(path).map_err(|e| {
                         self.error(format!("cannot read certificate {}: {e}", path.display()))
                     })?,
-                    Certificate::Url(url) => self.fetch_certificate(url).await?,
+                    (None, Some(url)) => self.fetch_certificate(url).await?,
+                    (None, None) => return Err(self.error("no certificate configured")),
                 };
                 public_key_from_pem(
                     &pem,
@@ -174,10 +268,7 @@ impl SealedStore {
 #[async_trait]
 impl Store for SealedStore {
     fn describe(&self) -> String {
-        format!(
-            "sealedsecret {}/{}#{}",
-            self.config.namespace, self.config.name, self.key
-        )
+        self.config.describe()
     }
 
     /// What pods see: the unsealed Secret. Loads the certificate first, so that preflight (which

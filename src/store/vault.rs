@@ -7,16 +7,156 @@ use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 use tokio::sync::OnceCell;
 
-use super::{Store, StoreError};
-use crate::config::{VaultAuth, VaultStore};
+use std::path::PathBuf;
+
+use super::{Store, StoreError, StoreSettings};
+use crate::config::{At, Errors, Reference, Validate};
 use crate::kube_api::{retry_on_conflict, Attempt};
 use crate::resolve::resolve;
 use crate::secret::Secret;
 
+/// Where Kubernetes mounts the pod's service account token.
+pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// `kind = "vault"`: a property of a Vault/OpenBao KV v2 secret; the property plays the part of the key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct VaultConfig {
+    /// `https://vault.example:8200`
+    #[serde(default)]
+    pub address: String,
+    /// The KV v2 mount.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    #[serde(default)]
+    pub path: String,
+    /// Sent as `X-Vault-Namespace` (Vault Enterprise, OpenBao namespaces).
+    pub namespace: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub property: String,
+    /// A Vault token, or else `auth.kubernetes`: exactly one of them.
+    #[serde(default, deserialize_with = "crate::config::parsed")]
+    pub token: Option<Reference>,
+    /// Boxed: most stores have none, and configs hold thousands of stores.
+    pub auth: Option<Box<VaultAuthConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct VaultAuthConfig {
+    pub kubernetes: Option<KubernetesAuth>,
+}
+
+/// Kubernetes auth: the pod's service account token is exchanged for a Vault token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct KubernetesAuth {
+    #[serde(default)]
+    pub role: String,
+    #[serde(default = "default_auth_mount")]
+    pub mount: String,
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+
+fn default_auth_mount() -> String {
+    "kubernetes".into()
+}
+
+fn default_token_file() -> PathBuf {
+    SERVICE_ACCOUNT_TOKEN.into()
+}
+
+impl Validate for VaultConfig {
+    fn validate(&mut self, at: &At, errors: &mut Errors) {
+        let ok =
+            url::Url::parse(&self.address).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if self.address.is_empty() {
+            errors.missing(at.of("address"), "is required");
+        } else if !ok {
+            errors.push(
+                at.of("address"),
+                format!(
+                    "{:?} is not an http(s) URL like https://vault:8200",
+                    self.address
+                ),
+            );
+        }
+        self.address = self.address.trim_end_matches('/').to_string();
+        errors.require(&self.path, at, "path");
+        self.path = self.path.trim_matches('/').to_string();
+        if let Some(ca_file) = &mut self.ca_file {
+            at.resolve(ca_file);
+        }
+        errors.require(&self.property, at, "property");
+        if let Some(token) = &mut self.token {
+            token.resolve(at);
+        }
+        let kubernetes = match self.auth.as_deref_mut() {
+            Some(VaultAuthConfig {
+                kubernetes: Some(k),
+            }) => {
+                errors.require(
+                    &k.role,
+                    &At {
+                        path: &at.of("auth.kubernetes"),
+                        base: at.base,
+                    },
+                    "role",
+                );
+                at.resolve(&mut k.token_file);
+                true
+            }
+            Some(VaultAuthConfig { kubernetes: None }) => {
+                errors.missing(
+                    at.of("auth.kubernetes"),
+                    "is required: auth = { kubernetes = { role = \"...\" } }",
+                );
+                false
+            }
+            None => false,
+        };
+        if self.token.is_some() && kubernetes {
+            errors.push(
+                at.of("auth"),
+                "give either token or auth.kubernetes, not both",
+            );
+        } else if self.token.is_none() && self.auth.is_none() {
+            errors.missing(
+                at.of("token"),
+                "is required (or auth = { kubernetes = { role = \"...\" } })",
+            );
+        }
+    }
+}
+
+impl StoreSettings for VaultConfig {
+    fn key(&self) -> &str {
+        &self.property
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "vault {} {}/{}#{}",
+            self.address, self.mount, self.path, self.property
+        )
+    }
+
+    fn uses_kubernetes(&self) -> bool {
+        self.token.as_ref().is_some_and(Reference::uses_kubernetes)
+    }
+
+    fn open(&self, kube: Option<&kube::Client>) -> Result<Box<dyn Store>, StoreError> {
+        Ok(Box::new(VaultKv::new(self, &self.property, kube.cloned())))
+    }
+}
+
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct VaultKv {
-    config: VaultStore,
+    config: VaultConfig,
     property: String,
     kube: Option<kube::Client>,
     http: Result<reqwest::Client, HttpClientError>,
@@ -38,7 +178,7 @@ struct Versioned {
 }
 
 impl VaultKv {
-    pub fn new(config: &VaultStore, property: &str, kube: Option<kube::Client>) -> Self {
+    pub fn new(config: &VaultConfig, property: &str, kube: Option<kube::Client>) -> Self {
         VaultKv {
             http: http_client(config),
             config: config.clone(),
@@ -75,8 +215,8 @@ impl VaultKv {
 
     /// A token for one operation: the configured one, or a fresh Kubernetes login.
     async fn session(&self) -> Result<Session, StoreError> {
-        match &self.config.auth {
-            VaultAuth::Token(reference) => {
+        match (&self.config.token, self.config.auth.as_deref()) {
+            (Some(reference), _) => {
                 let token = self
                     .token
                     .get_or_try_init(|| async {
@@ -90,14 +230,21 @@ impl VaultKv {
                     revoke: false,
                 })
             }
-            VaultAuth::Kubernetes {
-                role,
-                mount,
-                token_file,
-            } => Ok(Session {
+            (
+                None,
+                Some(VaultAuthConfig {
+                    kubernetes:
+                        Some(KubernetesAuth {
+                            role,
+                            mount,
+                            token_file,
+                        }),
+                }),
+            ) => Ok(Session {
                 token: self.kubernetes_login(role, mount, token_file).await?,
                 revoke: true,
             }),
+            _ => Err(self.error("no token and no auth.kubernetes")),
         }
     }
 
@@ -272,7 +419,7 @@ enum HttpClientError {
     Build(#[source] reqwest::Error),
 }
 
-fn http_client(config: &VaultStore) -> Result<reqwest::Client, HttpClientError> {
+fn http_client(config: &VaultConfig) -> Result<reqwest::Client, HttpClientError> {
     let mut builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
     if let Some(ca) = &config.ca_file {
         let pem = std::fs::read(ca).map_err(|source| HttpClientError::ReadCa {
@@ -310,10 +457,7 @@ fn is_cas_mismatch(status: reqwest::StatusCode, value: &Value) -> bool {
 #[async_trait]
 impl Store for VaultKv {
     fn describe(&self) -> String {
-        format!(
-            "vault {} {}/{}#{}",
-            self.config.address, self.config.mount, self.config.path, self.property
-        )
+        self.config.describe()
     }
 
     async fn read(&self) -> Result<Option<Secret>, StoreError> {
