@@ -595,3 +595,33 @@ async fn users_d_file_is_created_0640_exclusively_and_keeps_mode_and_owner_when_
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+#[should_panic(expected = "clickhouse-server is not installed, and CI is set")]
+fn a_missing_server_fails_the_test_under_ci() {
+    support::skip_under(true, "clickhouse-server is not installed");
+}
+
+#[test]
+fn a_missing_server_skips_the_test_outside_ci() {
+    support::skip_under(false, "clickhouse-server is not installed");
+}
+
+/// The backend's chdb tests skip on exit code 3 from chdb_check.py; under CI the script must
+/// fail instead. `python3 -I -S` hides site-packages, where chdb is installed.
+#[test]
+fn chdb_check_fails_instead_of_skipping_under_ci() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/chdb_check.py");
+    let code = |ci: bool| {
+        let mut command = std::process::Command::new("python3");
+        command.args(["-I", "-S"]).arg(&script).arg("/nonexistent");
+        command.env_remove("CI").stdin(std::process::Stdio::null());
+        if ci {
+            command.env("CI", "1");
+        }
+        command.output().expect("python3 runs").status.code()
+    };
+    assert_eq!(code(false), Some(3), "skips outside CI");
+    assert_eq!(code(true), Some(1), "fails under CI");
+}

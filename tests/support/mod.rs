@@ -12,3 +12,17 @@ pub mod postgres;
 pub mod redis;
 pub mod rotator;
 pub mod sealed;
+
+/// Reports a test skipping because `what` is missing. Under CI (where scripts/test.sh
+/// installs everything) a skip would hide a missing install step, so the test fails instead.
+pub fn skip(what: &str) {
+    skip_under(std::env::var_os("CI").is_some(), what);
+}
+
+pub fn skip_under(ci: bool, what: &str) {
+    assert!(
+        !ci,
+        "{what}, and CI is set: scripts/test.sh should have installed it"
+    );
+    eprintln!("SKIPPED: {what}");
+}
