@@ -6,8 +6,11 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use support::config::quoted;
 use support::kube_fake::{Fault, Rollout, WorkloadKind};
-use support::rotator::{assert_no_secret, kubernetes_config, LlmtraceCluster, NS};
+use support::rotator::{
+    assert_no_secret, kubernetes_builder, kubernetes_config, LlmtraceCluster, NS,
+};
 
 fn quick() -> Rollout {
     Rollout::ReadyAfter(Duration::from_millis(300))
@@ -379,9 +382,14 @@ async fn partitioned_statefulset_is_refused_naming_the_partition() {
         .kube
         .add_statefulset(NS, "llmtrace-worker", 3, quick());
     cluster.kube.set_partition(NS, "llmtrace-worker", 2);
-    let config = kubernetes_config(&cluster.pg.address(), "20s", "")
-        .replace("consumers = [\"proxy\"]", "consumers = [\"proxy\", \"worker\"]")
-        + "\n[[consumer]]\nname = \"worker\"\nkind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"\n";
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .target_set("consumers", r#"["proxy", "worker"]"#)
+        .table("[[consumer]]")
+        .str("name", "worker")
+        .str("kind", "statefulset")
+        .str("namespace", "llmtrace")
+        .str("object", "llmtrace-worker")
+        .build();
     cluster.rotator.write_config(&config);
     let before = secrets(&cluster);
 
@@ -535,11 +543,10 @@ async fn a_statefulset_consumer_rolls_out_gets_its_event_and_needs_only_what_rba
     cluster
         .kube
         .add_statefulset(NS, "llmtrace-worker", 2, quick());
-    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
-        "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"",
-        "kind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"",
-    );
-    assert!(config.contains("llmtrace-worker"));
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .str("kind", "statefulset")
+        .str("object", "llmtrace-worker")
+        .build();
     cluster.rotator.write_config(&config);
 
     let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
@@ -599,10 +606,9 @@ async fn proxy_pods(cluster: &LlmtraceCluster, reconnect: bool) -> Option<sqlx::
 }
 
 fn with_confirm_timeout(cluster: &LlmtraceCluster, timeout: &str) {
-    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
-        "consumers = [\"proxy\"]",
-        &format!("consumers = [\"proxy\"]\nconfirm_timeout = \"{timeout}\""),
-    );
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .target_set("confirm_timeout", quoted(timeout))
+        .build();
     cluster.rotator.write_config(&config);
 }
 

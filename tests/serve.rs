@@ -5,8 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::config::quoted;
 use support::rotator::{
-    assert_no_secret, file_config_with, free_port, sample, ComposeHost, Server,
+    assert_no_secret, file_builder, file_config_with, free_port, sample, ComposeHost, Server,
 };
 
 const TARGET: [(&str, &str); 1] = [("target", "postgres")];
@@ -521,14 +522,13 @@ async fn readyz_hides_the_journal_error_and_logs_it() {
     let rotator = format!(
         "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\ncheck_interval = \"0s\""
     );
-    let config = file_config_with(&host.pg.address(), &["true".into()], &rotator, "").replace(
-        "journal = \"sqlite://journal.db\"",
-        &format!(
-            "journal = \"{}\"",
-            host.pg
-                .url("rotator_journal", &journal_password, "rotator_journal")
-        ),
-    );
+    let journal = host
+        .pg
+        .url("rotator_journal", &journal_password, "rotator_journal");
+    let config = file_builder(&host.pg.address(), &["true".into()])
+        .rotator_lines(&rotator)
+        .rotator("journal", quoted(&journal))
+        .build();
     host.rotator.write_config(&config);
     let server = host.rotator.serve(port).await;
     let (status, _) = server.get("/readyz").await;

@@ -3,6 +3,7 @@
 mod support;
 
 use serde_json::{json, Value};
+use support::config::ConfigBuilder;
 use support::moto::Moto;
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator};
@@ -17,37 +18,16 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, moto: &Moto, command: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "aws"
-  secret_id = "{SECRET}"
-  property = "postgres_url"
-  region = "us-east-1"
-  endpoint = "{endpoint}"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = ["sh", "-c", "{command}"]
-"#,
-        pg = pg.address(),
-        endpoint = moto.endpoint,
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .store("aws")
+        .str("secret_id", SECRET)
+        .str("property", "postgres_url")
+        .str("region", "us-east-1")
+        .str("endpoint", &moto.endpoint)
+        .command_consumer(&["sh", "-c", command])
+        .unset("timeout")
+        .build()
 }
 
 async fn setup(command: &str) -> Setup {

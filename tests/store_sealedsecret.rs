@@ -4,6 +4,7 @@
 mod support;
 
 use std::time::Duration;
+use support::config::ConfigBuilder;
 
 use base64::Engine as _;
 use serde_json::json;
@@ -23,40 +24,17 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, timeout: &str, certificate: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "sealedsecret"
-  namespace = "llmtrace"
-  name = "{NAME}"
-  key = "password"
-  format = "password"
-  {certificate}
-  timeout = "{timeout}"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "20s"
-"#,
-        pg = pg.address(),
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .store("sealedsecret")
+        .str("namespace", "llmtrace")
+        .str("name", NAME)
+        .str("key", "password")
+        .str("format", "password")
+        .lines(certificate)
+        .str("timeout", timeout)
+        .deployment_consumer("20s")
+        .build()
 }
 
 async fn setup(timeout: &str, unsealer_running: bool) -> Setup {

@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+use support::config::ConfigBuilder;
 
 use serde_json::{json, Value};
 use support::eso::EsoController;
@@ -25,42 +26,21 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, bao: &OpenBao, sync_timeout: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-sync = [{{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "LLMTRACE_POSTGRES_URL", format = "url" }}]
-sync_timeout = "{sync_timeout}"
-
-  [[target.store]]
-  kind = "vault"
-  address = "{bao}"
-  path = "llmtrace/proxy"
-  property = "LLMTRACE_POSTGRES_URL"
-  format = "url"
-  token = "env:VAULT_TOKEN"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "20s"
-"#,
-        pg = pg.address(),
-        bao = bao.address,
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .set(
+            "sync",
+            r#"[{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "LLMTRACE_POSTGRES_URL", format = "url" }]"#,
+        )
+        .str("sync_timeout", sync_timeout)
+        .store("vault")
+        .str("address", &bao.address)
+        .str("path", "llmtrace/proxy")
+        .str("property", "LLMTRACE_POSTGRES_URL")
+        .str("format", "url")
+        .str("token", "env:VAULT_TOKEN")
+        .deployment_consumer("20s")
+        .build()
 }
 
 async fn setup(sync_timeout: &str) -> Setup {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod clickhouse;
+pub mod config;
 pub mod eso;
 pub mod kube_fake;
 pub mod moto;

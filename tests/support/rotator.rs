@@ -10,6 +10,7 @@ use base64::Engine as _;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
+use super::config::ConfigBuilder;
 use super::kube_fake::{KubeFake, Rollout, WorkloadKind};
 use super::postgres::Postgres;
 
@@ -309,45 +310,22 @@ impl LlmtraceCluster {
 
 /// The config for [`LlmtraceCluster`]; `consumer_extra` adds lines to the consumer (e.g. health).
 pub fn kubernetes_config(pg_address: &str, timeout: &str, consumer_extra: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
+    kubernetes_builder(pg_address, timeout)
+        .lines(consumer_extra)
+        .build()
+}
 
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg_address}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "k8s:llmtrace/llmtrace-postgresql#postgres-password" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  secret = "llmtrace"
-  key = "LLMTRACE_POSTGRES_URL"
-  format = "url"
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  secret = "llmtrace-postgresql"
-  key = "password"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "{timeout}"
-{consumer_extra}
-"#
-    )
+/// [`kubernetes_config`] as a builder, for tests that change it.
+pub fn kubernetes_builder(pg_address: &str, timeout: &str) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .postgres(pg_address)
+        .set(
+            "admin",
+            "{ user = \"postgres\", password = \"k8s:llmtrace/llmtrace-postgresql#postgres-password\" }",
+        )
+        .kubernetes_store("llmtrace", "LLMTRACE_POSTGRES_URL", "url")
+        .kubernetes_store("llmtrace-postgresql", "password", "password")
+        .deployment_consumer(timeout)
 }
 
 /// The docker-compose shape: a dotenv file and a restart command, with a real PostgreSQL.
@@ -471,7 +449,7 @@ pub fn postgres_journal(config: &str) -> String {
 }
 
 pub fn file_config(pg_address: &str, command: &[String]) -> String {
-    file_config_with(pg_address, command, "", "")
+    file_builder(pg_address, command).build()
 }
 
 /// [`file_config`] with extra lines in `[rotator]` and in the target.
@@ -481,47 +459,21 @@ pub fn file_config_with(
     rotator_extra: &str,
     target_extra: &str,
 ) -> String {
-    let argv = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-{rotator_extra}
+    file_builder(pg_address, command)
+        .rotator_lines(rotator_extra)
+        .target_lines(target_extra)
+        .build()
+}
 
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg_address}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-{target_extra}
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_POSTGRES_URL"
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "PGPASSWORD"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = [{argv}]
-timeout = "20s"
-"#
-    )
+/// [`file_config`] as a builder: the URL and the bare password in `.env`, and `command`.
+pub fn file_builder(pg_address: &str, command: &[String]) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .postgres(pg_address)
+        .store("file")
+        .str("path", ".env")
+        .str("key", "LLMTRACE_POSTGRES_URL")
+        .file_store("PGPASSWORD", "password")
+        .command_consumer(command)
 }
 
 pub fn ensure_dir(path: &Path) {
