@@ -252,8 +252,9 @@ fi
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+# --workspace: the test harness (tests/support) is a crate of its own.
 log "cargo clippy"
-cargo clippy --all-targets --all-features -- -D warnings
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo test"
-cargo test --all-features "$@"
+cargo test --workspace --all-features "$@"

@@ -1,7 +1,5 @@
 //! Bad configuration: exit 2, every bad field named, nothing touched.
 
-mod support;
-
 use support::config::ConfigBuilder;
 use support::rotator::Rotator;
 

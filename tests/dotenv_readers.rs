@@ -7,8 +7,6 @@
 //! `resolve_variables` with src/dotenv/variables.py `_posix_variable`: `${...}` is expanded in
 //! every value, quoted or not) are exercised here through the real library, not re-implemented.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;

@@ -4,8 +4,6 @@
 //! After each, the credential every store holds logs in.
 #![cfg(feature = "failpoints")]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;

@@ -1,17 +1,14 @@
 //! Proves the fake Kubernetes API server behaves like the real one, through a
 //! real `kube::Client`.
 
-#[path = "support/kube_fake.rs"]
-mod kube_fake;
-
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube_fake::{Fault, KubeFake, Rollout, WorkloadKind, RESTARTED_AT};
 use serde_json::{json, Value};
+use support::kube_fake::{Fault, KubeFake, Rollout, WorkloadKind, RESTARTED_AT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NS: &str = "default";

@@ -6,8 +6,6 @@
 //! `require` encrypts without checking the certificate, `verify-full` checks the chain against
 //! `ca_file` and the host name against the certificate's subjectAltName.
 
-mod support;
-
 use support::config::{quoted, ConfigBuilder};
 use support::pki::Pki;
 use support::postgres::Postgres;

@@ -5,8 +5,6 @@
 //! `AlterRole`); every later admin session, the rollback's included, must use the password in
 //! force then, even when the admin reference was read before the change.
 
-mod support;
-
 use std::time::Duration;
 use support::config::{quoted, ConfigBuilder};
 

@@ -1,8 +1,6 @@
 //! PostgreSQL `strategy = "alternating"`: two logins used in turn, so no client ever holds a
 //! credential that stopped working. Real PostgreSQL, dotenv store, command consumer.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

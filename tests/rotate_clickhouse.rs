@@ -1,8 +1,6 @@
 //! `rotate` of a ClickHouse user defined in users.xml, against Debian's clickhouse-server
 //! (18.16, no SQL user management): the rotator owns a users.d file and waits for the reload.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,6 @@
 //! `rotate` with the credential in a dotenv file and a restart command (the docker compose
 //! shape), against a real PostgreSQL.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 
 use support::rotator::{assert_no_secret, ComposeHost, ENV_FILE_HEAD, ENV_FILE_TAIL};

@@ -1,8 +1,6 @@
 //! `rotate` against a real PostgreSQL, with the credential in Kubernetes Secrets (the
 //! LLMTrace Helm chart's shape) and the proxy Deployment as consumer.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
 //! `rotate` of a Redis ACL user against a real redis-server: a dotenv file holding the URL and
 //! the bare password (the Bitnami chart's `redis-password` shape), and a restart command.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,6 @@
 //! `serve`: the HTTP API, its auth and errors, scheduled runs, metrics and graceful shutdown,
 //! against a real PostgreSQL with a dotenv store and a command consumer.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use support::config::quoted;

@@ -1,7 +1,5 @@
 //! The `aws` store against the moto AWS emulator and a real PostgreSQL.
 
-mod support;
-
 use serde_json::{json, Value};
 use support::config::ConfigBuilder;
 use support::moto::Moto;

@@ -1,8 +1,6 @@
 //! The `sealedsecret` store against the API fake playing the sealed-secrets controller (with a
 //! key pair made by openssl) and a real PostgreSQL.
 
-mod support;
-
 use std::time::Duration;
 use support::config::ConfigBuilder;
 

@@ -1,7 +1,5 @@
 //! The `vault` store against a real OpenBao dev server and a real PostgreSQL.
 
-mod support;
-
 use serde_json::json;
 use support::config::ConfigBuilder;
 use support::openbao::OpenBao;

@@ -1,8 +1,6 @@
 //! `sync`: the credential lives in a real OpenBao, an ExternalSecret copies it into the Secret the
 //! proxy reads. The test plays the ESO controller against the API fake; PostgreSQL is real.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::config::ConfigBuilder;

@@ -212,3 +212,31 @@ impl ConfigBuilder {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_replaces_in_place_and_target_set_reaches_back_past_the_stores() {
+        let text = ConfigBuilder::new()
+            .postgres("127.0.0.1:5432")
+            .str("user", "other")
+            .file_store("URL", "url")
+            .target_set("confirm_timeout", quoted("5s"))
+            .command_consumer(&["sh", "-c", "echo \"hi\""])
+            .unset("timeout")
+            .build();
+        let config: toml::Table = toml::from_str(&text).unwrap();
+        let target = &config["target"][0];
+        assert_eq!(target["user"].as_str(), Some("other"));
+        assert_eq!(target["confirm_timeout"].as_str(), Some("5s"));
+        assert_eq!(target["store"][0]["key"].as_str(), Some("URL"));
+        assert_eq!(
+            config["consumer"][0]["command"][2].as_str(),
+            Some("echo \"hi\"")
+        );
+        assert!(config["consumer"][0].get("timeout").is_none());
+        assert!(!text.contains("user = \"llmtrace\""), "{text}");
+    }
+}

@@ -37,8 +37,6 @@
 //! `Instant`s whenever an object is read or written, so there are no background
 //! tasks and results depend only on elapsed time.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,22 +52,14 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
-#[path = "kube_fake/custom.rs"]
 mod custom;
-#[path = "kube_fake/events.rs"]
 mod events;
-#[path = "kube_fake/faults.rs"]
 mod faults;
-#[path = "kube_fake/http.rs"]
 mod http;
-#[path = "kube_fake/objects.rs"]
 mod objects;
-#[path = "kube_fake/patch.rs"]
 mod patch;
-#[path = "kube_fake/workloads.rs"]
 mod workloads;
 
-#[allow(unused_imports)]
 pub use custom::{label_for, unseal, unseal_with_label, EsoRelease, Unsealer};
 pub use faults::Fault;
 use faults::*;

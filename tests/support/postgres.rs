@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A throwaway PostgreSQL server for tests.
 //!
 //! `Postgres::start()` runs `initdb` into a fresh temp dir under /tmp and
@@ -114,11 +113,6 @@ impl Postgres {
     /// The cluster's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
-    }
-
-    /// Directory of the server's unix socket (`trust` auth there).
-    pub fn socket_dir(&self) -> &Path {
-        &self.socket_dir
     }
 
     /// `postgres://user:password@127.0.0.1:PORT/db`, user and password percent-encoded.

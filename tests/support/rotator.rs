@@ -16,8 +16,18 @@ use super::postgres::Postgres;
 
 pub const NS: &str = "llmtrace";
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_llmtrace-rotator")
+/// The rotator binary cargo built for the running test: in the directory above the test
+/// executable's `deps/`, where assert_cmd's `cargo_bin` looks too (`CARGO_BIN_EXE_*` is only
+/// set when the package's own tests are compiled, not this crate).
+pub fn bin() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("the test executable's path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(format!("llmtrace-rotator{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} is not built", bin.display());
+    bin
 }
 
 /// A random alphanumeric password, like an operator's initial one.
@@ -48,7 +58,7 @@ impl Output {
 }
 
 /// Every way a secret could be spelled in output: raw, percent-encoded, base64.
-pub fn spellings(secret: &str) -> Vec<String> {
+fn spellings(secret: &str) -> Vec<String> {
     let mut forms = vec![
         secret.to_string(),
         utf8_percent_encode(secret, NON_ALPHANUMERIC).to_string(),
@@ -474,10 +484,6 @@ pub fn file_builder(pg_address: &str, command: &[String]) -> ConfigBuilder {
         .str("key", "LLMTRACE_POSTGRES_URL")
         .file_store("PGPASSWORD", "password")
         .command_consumer(command)
-}
-
-pub fn ensure_dir(path: &Path) {
-    std::fs::create_dir_all(path).unwrap();
 }
 
 /// A running `serve` process: its address, the token it accepts, and everything it logged.

@@ -213,13 +213,8 @@ impl KubeFake {
         );
     }
 
-    /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData`.
-    pub fn add_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
-        self.add_scoped_sealed_secret(ns, name, &[], encrypted);
-    }
-
-    /// The same with annotations on the SealedSecret (and its template, as kubeseal writes
-    /// them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
+    /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData` and
+    /// annotations on it (and its template, as kubeseal writes them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
     pub fn add_scoped_sealed_secret(
         &self,
         ns: &str,

@@ -1,6 +1,5 @@
-//! Test support: real services started per test, the Kubernetes API fake, and a driver for
-//! the rotator binary.
-#![allow(dead_code)]
+//! The rotator's test harness: real services started per test, the Kubernetes API fake, and a
+//! driver for the rotator binary.
 
 pub mod clickhouse;
 pub mod config;
