@@ -7,7 +7,7 @@ use std::time::Duration;
 use support::config::quoted;
 use support::kube_fake::{Fault, Rollout, WorkloadKind};
 use support::rotator::{
-    assert_no_secret, kubernetes_builder, kubernetes_config, LlmtraceCluster, NS,
+    assert_no_secret, failed_steps, kubernetes_builder, kubernetes_config, LlmtraceCluster, NS,
 };
 
 fn quick() -> Rollout {
@@ -118,12 +118,7 @@ async fn stuck_rollout_rolls_back_secrets_and_password() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed[0]["step"], "restart");
     assert!(failed[0]["error"]
         .as_str()
@@ -172,12 +167,7 @@ async fn failed_verification_rolls_back() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed.len(), 1, "{report:#}");
     assert_eq!(failed[0]["step"], "verify");
     assert_eq!(secrets(&cluster), before);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::config::ConfigBuilder;
 
 use support::redis::{connect_url_parts, sha256_hex, user_line, Redis, Sentinel, Users};
-use support::rotator::{assert_no_secret, random_password, Rotator};
+use support::rotator::{assert_no_secret, random_password, steps, Rotator};
 
 struct Host {
     redis: Redis,
@@ -131,21 +131,6 @@ fn parse_env(text: &str) -> (String, String) {
         .unwrap()
         .into_owned();
     (url.username().to_string(), password)
-}
-
-fn steps(report: &serde_json::Value) -> Vec<String> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                s["step"].as_str().unwrap(),
-                s["status"].as_str().unwrap()
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use support::config::quoted;
 use support::rotator::{
-    assert_no_secret, file_builder, file_config_with, free_port, sample, ComposeHost, Server,
+    assert_no_secret, file_builder, file_config_with, free_port, sample, step, ComposeHost, Server,
 };
 
 const TARGET: [(&str, &str); 1] = [("target", "postgres")];
@@ -676,12 +676,7 @@ async fn a_session_left_on_the_old_credential_is_a_warning_and_a_gauge_until_it_
     let run = server.wait_for_run(body["id"].as_str().unwrap()).await;
 
     assert_eq!(run["outcome"], "succeeded", "{run}");
-    let confirm = run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "confirm")
-        .expect("a confirm step");
+    let confirm = step(&run, "confirm");
     assert_eq!(confirm["status"], "warning", "{confirm}");
     let warning = [("kind", "sessions_not_drained"), ("target", "postgres")];
     wait_for_sample(

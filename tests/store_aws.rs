@@ -126,14 +126,8 @@ async fn rotates_through_a_pending_version_that_becomes_current() {
         "no pending label left: {:?}",
         s.stages().await
     );
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     let secrets = [
         s.old_password.as_str(),
         &new,

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde_json::json;
 use support::kube_fake::{KubeFake, Rollout, Unsealer, WorkloadKind};
 use support::postgres::Postgres;
-use support::rotator::{assert_no_secret, random_password, Rotator, NS};
+use support::rotator::{assert_no_secret, failed_steps, random_password, Rotator, NS};
 use support::sealed;
 
 const NAME: &str = "llmtrace-postgresql";
@@ -161,14 +161,8 @@ async fn seals_the_new_password_and_waits_for_the_controller() {
     assert_eq!(secret["postgres-password"], s.pg.admin_password());
     let restarts = s.kube.restarts(WorkloadKind::Deployment, NS, "llmtrace");
     assert_eq!(restarts.len(), 1);
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     assert!(out.all().contains(" TRACE "), "ran at trace level");
     assert_no_secret(
         &out.all(),
@@ -188,12 +182,7 @@ async fn controller_that_never_unseals_times_out_and_rolls_back() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed[0]["step"], "publish", "{report:#}");
     assert!(failed[0]["error"]
         .as_str()

@@ -82,14 +82,8 @@ async fn rotates_a_property_and_keeps_the_others() {
             .unwrap()
             .replace(&s.old_password, &new)
     );
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     let secrets = [
         s.old_password.as_str(),
         &new,

@@ -208,6 +208,15 @@ impl Postgres {
         let _ = conn.close().await;
     }
 
+    /// `user` logs in to `db` with `new` and no longer with `old`.
+    pub async fn assert_only_login(&self, user: &str, db: &str, new: &str, old: &str) {
+        if let Err(e) = self.try_login(user, new, db).await {
+            panic!("the new password of {user} does not log in: {e}");
+        }
+        let old_refused = self.try_login(user, old, db).await.is_err();
+        assert!(old_refused, "the old password of {user} still logs in");
+    }
+
     /// A fresh SCRAM login over TCP: `Ok(())`, or the error's text.
     pub async fn try_login(&self, user: &str, password: &str, db: &str) -> Result<(), String> {
         let attempt = async {

@@ -30,6 +30,35 @@ pub fn bin() -> PathBuf {
     bin
 }
 
+/// A `--output json` report's steps as "step status", in order.
+pub fn steps(report: &serde_json::Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s["step"].as_str().unwrap(),
+                s["status"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// The report's failed steps.
+pub fn failed_steps(report: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let steps = report["steps"].as_array().expect("steps");
+    steps.iter().filter(|s| s["status"] == "failed").collect()
+}
+
+/// The report's step `name`.
+pub fn step<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let steps = report["steps"].as_array().expect("steps");
+    let found = steps.iter().find(|s| s["step"] == name);
+    found.unwrap_or_else(|| panic!("a {name} step in {report}"))
+}
+
 /// A random alphanumeric password, like an operator's initial one.
 pub fn random_password() -> String {
     uuid::Uuid::new_v4().simple().to_string()
