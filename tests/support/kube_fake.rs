@@ -43,10 +43,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State as AxumState;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -62,11 +58,9 @@ mod workloads;
 
 pub use custom::{label_for, unseal, unseal_with_label, EsoRelease, Unsealer};
 pub use faults::Fault;
-use faults::*;
-use http::*;
-use objects::*;
-use patch::*;
-use workloads::*;
+use http::handle;
+use objects::{b64_decode, b64_encode, meta_str, obj_field};
+use workloads::Workload;
 
 // ---------------------------------------------------------------------------
 // Public API

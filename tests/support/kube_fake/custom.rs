@@ -21,10 +21,12 @@ use base64::Engine as _;
 use rsa::{Oaep, RsaPrivateKey};
 use serde_json::{json, Map, Value};
 
-use super::{
-    b64_encode, key, merge_patch, meta_str, obj_field, ApiError, ApiResult, Incoming, KubeFake,
-    Method, Reply, State,
-};
+use axum::http::Method;
+
+use super::http::{ApiError, ApiResult, Incoming, Reply};
+use super::objects::{b64_encode, meta_str, obj_field, parse_json};
+use super::patch::merge_patch;
+use super::{key, KubeFake, State};
 
 pub(super) struct CustomKind {
     pub group: &'static str,
@@ -378,7 +380,7 @@ impl State {
             Method::PUT => return Err(ApiError::unsupported("update")),
             Method::PATCH => {
                 let media = req.content_type.as_deref().unwrap_or("");
-                let patch = super::parse_json(&req.body)?;
+                let patch = parse_json(&req.body)?;
                 let mut doc = existing.clone();
                 match media.split(';').next().unwrap_or("").trim() {
                     "application/merge-patch+json" => merge_patch(&mut doc, &patch),

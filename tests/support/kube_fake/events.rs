@@ -15,10 +15,11 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::{
-    check_body_namespace, meta_str, obj_field, parse_json, ApiError, ApiResult, FieldError,
-    Incoming, KubeFake, Method, Reply, Resource, State,
-};
+use axum::http::Method;
+
+use super::http::{ApiError, ApiResult, FieldError, Incoming, Reply};
+use super::objects::{check_body_namespace, meta_str, obj_field, parse_json, Resource};
+use super::{KubeFake, State};
 
 pub(super) static EVENTS: Resource = Resource {
     plural: "events",

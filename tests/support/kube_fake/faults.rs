@@ -1,7 +1,13 @@
 //! Fault injection: errors answered instead of (or after) handling matching requests, and
 //! stalls, each shaped like the `Status` the real server sends for that code.
 
-use super::*;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::http::ApiError;
+use super::objects::Resource;
+use super::RequestRecord;
 
 /// An error to return instead of handling matching requests. `None` matches anything.
 #[derive(Clone, Debug)]

@@ -1,7 +1,18 @@
 //! The HTTP side: routing paths to resources, the request log, and errors rendered as
 //! `metav1.Status` exactly like the real server.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State as AxumState;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::faults::{take_fault, take_stall};
+use super::objects::{go_value, Resource};
+use super::{custom, lock, RequestRecord, State, TOKEN_REVIEWS};
 
 impl State {
     pub(super) fn serve(&mut self, mut record: RequestRecord, req: Incoming) -> Response {

@@ -1,7 +1,15 @@
 //! Secrets, Deployments and StatefulSets as the real server stores them: decoding (unknown
 //! fields pruned), server-owned metadata, optimistic concurrency, no-op writes, validation.
 
-use super::*;
+use std::time::Instant;
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use super::http::{ApiError, ApiResult, FieldError, Incoming, Reply};
+use super::patch::{merge_patch, strategic_merge};
+use super::workloads::{apply_defaults, check_required_workload_fields, validate_workload};
+use super::{key, State, WorkloadKind};
 
 impl State {
     /// The object as a GET would return it now (workload status reconciled first).
@@ -48,31 +56,21 @@ impl State {
     ) -> ApiResult {
         let content_type = req.content_type.as_deref().unwrap_or("");
         let media = content_type.split(';').next().unwrap_or("").trim();
-        let existing = self.current(res, ns, name);
-        let patched = match media {
-            "application/merge-patch+json" => {
-                let patch = parse_json(&req.body)?;
-                let mut doc = existing
-                    .clone()
-                    .ok_or_else(|| ApiError::not_found(res, name))?;
-                merge_patch(&mut doc, &patch);
-                doc
-            }
-            "application/strategic-merge-patch+json" => {
-                let patch = parse_json(&req.body)?;
-                let mut doc = existing
-                    .clone()
-                    .ok_or_else(|| ApiError::not_found(res, name))?;
-                strategic_merge(&mut doc, &patch);
-                doc
-            }
+        let apply: fn(&mut Value, &Value) = match media {
+            "application/merge-patch+json" => merge_patch,
+            "application/strategic-merge-patch+json" => strategic_merge,
             "application/json-patch+json" => return Err(ApiError::unsupported("JSON patch")),
             "application/apply-patch+yaml" => {
                 return Err(ApiError::unsupported("server-side apply"))
             }
             other => return Err(ApiError::unsupported_media_type(other)),
         };
-        let existing = existing.expect("checked above");
+        let patch = parse_json(&req.body)?;
+        let existing = self
+            .current(res, ns, name)
+            .ok_or_else(|| ApiError::not_found(res, name))?;
+        let mut patched = existing.clone();
+        apply(&mut patched, &patch);
         check_name_unchanged(&patched, name)?;
         check_preconditions(res, name, &patched, &existing)?;
         self.update_existing(res, ns, name, &existing, patched)

@@ -1,6 +1,6 @@
 //! JSON merge patch (RFC 7386) and strategic merge patch.
 
-use super::*;
+use serde_json::{json, Value};
 
 /// RFC 7386 JSON merge patch: objects merge recursively, null deletes, anything
 /// else (arrays included) replaces.

@@ -1,7 +1,14 @@
 //! Deployments and StatefulSets: defaulting and validation, and the simulated controller
 //! (the rollout simulator) that reports rollout status.
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use super::http::{ApiError, FieldError};
+use super::objects::Resource;
+use super::objects::{meta_str, obj_field, obj_field_of};
+use super::{Clock, Rollout, State, WorkloadKind, RESTARTED_AT};
 
 impl State {
     pub(super) fn add_workload(
