@@ -4,10 +4,6 @@
 //!
 //! `ROTATOR_BIN` names the (release) binary to measure; `--quick` shortens the login windows.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
-
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

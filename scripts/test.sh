@@ -81,7 +81,7 @@ pg_bin_dir() {
 }
 
 # Packages apt may not have everywhere; a missing candidate is reported but is
-# not fatal: the tests that need them (ClickHouse) skip, saying so.
+# not fatal: the tests that need them (ClickHouse) skip, saying so (with CI set they fail).
 OPTIONAL_APT=(clickhouse-server)
 # Where ClickHouse isn't packaged, don't `apt-get update` on every run just to
 # find that out again: remember the miss for a day.
@@ -198,7 +198,8 @@ install_pip_packages() {
 
 # chdb-core embeds ClickHouse 26.9: the ClickHouse SQL-mode tests parse and run the backend's
 # statements with it. Its wheel (~180 MB) needs none of its declared dependencies for that,
-# hence --no-deps. Optional: where no wheel fits this machine, those tests skip, saying so.
+# hence --no-deps. Optional: where no wheel fits this machine, those tests skip, saying so (with CI
+# set they fail).
 install_chdb() {
     command -v python3 >/dev/null 2>&1 || return 0
     python3 -c 'import chdb' >/dev/null 2>&1 && return 0
@@ -251,8 +252,9 @@ fi
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+# --workspace: the test harness (tests/support) is a crate of its own.
 log "cargo clippy"
-cargo clippy --all-targets --all-features -- -D warnings
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo test"
-cargo test --all-features "$@"
+cargo test --workspace --all-features "$@"

@@ -1,41 +1,25 @@
 //! Bad configuration: exit 2, every bad field named, nothing touched.
 
-mod support;
-
+use support::config::ConfigBuilder;
 use support::rotator::Rotator;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_config_exits_2_naming_every_field_and_writes_nothing() {
     let rotator = Rotator::new(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "127.0.0.1:5432"
-database = "llmtrace"
-user = "llmtrace"
-admin = { user = "postgres", password = "literal:Sup3rSecretAdmin" }
-strategy = "sometimes"
-consumers = ["proxy"]
-confirm_timeout = "until drained"
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  key = "LLMTRACE_POSTGRES_URL"
-  format = "uri"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "soon"
-"#,
+        &ConfigBuilder::new()
+            .postgres("127.0.0.1:5432")
+            .set(
+                "admin",
+                "{ user = \"postgres\", password = \"literal:Sup3rSecretAdmin\" }",
+            )
+            .str("strategy", "sometimes")
+            .str("confirm_timeout", "until drained")
+            .store("kubernetes")
+            .str("namespace", "llmtrace")
+            .str("key", "LLMTRACE_POSTGRES_URL")
+            .str("format", "uri")
+            .deployment_consumer("soon")
+            .build(),
     );
     for args in [
         &["rotate"][..],
@@ -118,13 +102,11 @@ async fn a_journal_key_of_the_wrong_size_cannot_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_or_negative_durations_exit_2_naming_the_field() {
-    let config = support::rotator::file_config_with(
-        "127.0.0.1:1",
-        &["true".into()],
-        "check_interval = \"8785h\"\nshutdown_grace = \"99999999999999999999s\"",
-        "schedule = \"0 3 * * *\"\njitter = \"-5s\"\nwindow = \"5124095576030431h\"\nmax_age = \"8784h1ms\"",
-    )
-    .replace("timeout = \"20s\"", "timeout = \"307445734561825861m\"");
+    let config = support::rotator::file_builder("127.0.0.1:1", &["true".into()])
+        .rotator_lines("check_interval = \"8785h\"\nshutdown_grace = \"99999999999999999999s\"")
+        .target_lines("schedule = \"0 3 * * *\"\njitter = \"-5s\"\nwindow = \"5124095576030431h\"\nmax_age = \"8784h1ms\"")
+        .str("timeout", "307445734561825861m")
+        .build();
     let rotator = Rotator::new(&config);
     for args in [&["rotate"][..], &["check"], &["serve"]] {
         let out = rotator.run(args).await;

@@ -2,8 +2,6 @@
 //! in afterwards, and the journal says how the run ended.
 #![cfg(feature = "failpoints")]
 
-mod support;
-
 use std::time::Duration;
 
 use support::kube_fake::Rollout;

@@ -4,8 +4,6 @@
 //! the shipped config against the Kubernetes API fake), and the PrometheusRule carries the same
 //! groups as dashboards/prometheus-rules.yaml.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -650,6 +648,16 @@ fn dockerfile_builds_locked_and_runs_distroless_as_the_pods_user() {
         ]
     );
     assert!(dockerfile.contains("cargo build --release --locked"));
+    // Cargo loads every workspace member's manifest, even to build one binary.
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
+    for member in manifest["workspace"]["members"].as_array().unwrap() {
+        let member = member.as_str().unwrap();
+        assert!(
+            member == "." || dockerfile.contains(&format!("\nCOPY {member} ./{member}\n")),
+            "the Dockerfile copies workspace member {member}"
+        );
+    }
     assert!(dockerfile.contains("\nUSER 65532:65532\n"));
     assert!(dockerfile.contains("\nENTRYPOINT [\"/usr/local/bin/llmtrace-rotator\"]\n"));
     // The pods' runAsUser is the image's user.

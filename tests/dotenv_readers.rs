@@ -15,6 +15,7 @@ use llmtrace_rotator::config::{Config, ConfigError, Format};
 use llmtrace_rotator::password::{generate, Alphabet, PasswordPolicy};
 use llmtrace_rotator::secret::{Credential, Secret};
 use llmtrace_rotator::store::{dotenv, format};
+use support::config::{quoted, ConfigBuilder};
 
 const PER_COMBINATION: usize = 200;
 const ALPHABETS: [(&str, Alphabet); 3] = [
@@ -92,29 +93,15 @@ fn split_nul(bytes: &[u8], count: usize) -> Vec<String> {
 }
 
 fn config_for(alphabet: &str, format: &str, template: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "x"
-kind = "postgres"
-address = "127.0.0.1:5432"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-password = {{ alphabet = "{alphabet}" }}
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "K"
-  format = "{format}"
-  {template}
-"#
-    )
+    ConfigBuilder::new()
+        .postgres("127.0.0.1:5432")
+        .str("name", "x")
+        .unset("sslmode")
+        .unset("consumers")
+        .set("password", format!("{{ alphabet = {} }}", quoted(alphabet)))
+        .file_store("K", format)
+        .lines(template)
+        .build()
 }
 
 #[test]

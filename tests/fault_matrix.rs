@@ -4,15 +4,14 @@
 //! After each, the credential every store holds logs in.
 #![cfg(feature = "failpoints")]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
+use support::config::quoted;
 use support::kube_fake::{Fault, Rollout};
 use support::rotator::{
-    assert_no_secret, file_config_with, free_port, postgres_journal, ComposeHost, LlmtraceCluster,
-    Output,
+    assert_no_secret, file_config_with, free_port, kubernetes_builder, kubernetes_config,
+    postgres_journal, ComposeHost, LlmtraceCluster, Output,
 };
 
 const JOURNAL_DOWN_AT: &str = "LLMTRACE_ROTATOR_JOURNAL_DOWN_AT";
@@ -584,12 +583,9 @@ async fn sigterm_at_every_boundary_rolls_back_or_finishes() {
 }
 
 fn with_kubernetes_timeout(cluster: &LlmtraceCluster, timeout: &str) {
-    let config = std::fs::read_to_string(&cluster.rotator.config)
-        .unwrap()
-        .replace(
-            "[rotator]\n",
-            &format!("[rotator]\nkubernetes_timeout = \"{timeout}\"\n"),
-        );
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .rotator("kubernetes_timeout", quoted(timeout))
+        .build();
     cluster.rotator.write_config(&config);
 }
 
@@ -641,10 +637,9 @@ async fn a_stalled_secret_write_applied_late_cannot_undo_the_rollback() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_rollout_patch_fails_within_the_consumer_timeout() {
     let cluster = LlmtraceCluster::start(Rollout::ReadyAfter(Duration::from_millis(100))).await;
-    let config = std::fs::read_to_string(&cluster.rotator.config)
-        .unwrap()
-        .replace("timeout = \"20s\"", "timeout = \"2s\"");
-    cluster.rotator.write_config(&config);
+    cluster
+        .rotator
+        .write_config(&kubernetes_config(&cluster.pg.address(), "2s", ""));
     cluster.kube.stall(
         Fault::new(0).method("PATCH").resource("deployments"),
         Duration::from_secs(15),

@@ -2,8 +2,6 @@
 //! the Grafana alerts and dashboard say the same things, and a real Prometheus scraping a real
 //! `serve` fires RotatorRotationFailed when a rotation fails and RotatorDown when serve stops.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

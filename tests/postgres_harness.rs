@@ -1,12 +1,6 @@
 //! Checks of the throwaway-PostgreSQL test harness itself.
 
-#[allow(dead_code)]
-#[path = "support/pki.rs"]
-mod pki;
-#[path = "support/postgres.rs"]
-mod postgres;
-
-use postgres::Postgres;
+use support::postgres::Postgres;
 
 #[tokio::test]
 async fn two_servers_start_in_parallel_on_different_ports() {

@@ -6,8 +6,7 @@
 //! `require` encrypts without checking the certificate, `verify-full` checks the chain against
 //! `ca_file` and the host name against the certificate's subjectAltName.
 
-mod support;
-
+use support::config::{quoted, ConfigBuilder};
 use support::pki::Pki;
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator};
@@ -48,35 +47,17 @@ async fn start() -> Tls {
 }
 
 fn config(journal: &str, host: &str, port: u16, sslmode: &str, ca_file: Option<&str>) -> String {
-    let ca = ca_file.map_or(String::new(), |p| format!("ca_file = \"{p}\"\n"));
-    format!(
-        r#"
-[rotator]
-journal = "{journal}"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{host}:{port}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "{sslmode}"
-{ca}consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_POSTGRES_URL"
-  format = "url"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = ["true"]
-"#
-    )
+    let config = ConfigBuilder::new()
+        .rotator("journal", quoted(journal))
+        .postgres(&format!("{host}:{port}"))
+        .str("sslmode", sslmode);
+    match ca_file {
+        Some(path) => config.str("ca_file", path),
+        None => config,
+    }
+    .file_store("LLMTRACE_POSTGRES_URL", "url")
+    .command_consumer(&["true"])
+    .build()
 }
 
 impl Tls {

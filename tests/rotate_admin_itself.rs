@@ -5,46 +5,37 @@
 //! `AlterRole`); every later admin session, the rollback's included, must use the password in
 //! force then, even when the admin reference was read before the change.
 
-mod support;
-
 use std::time::Duration;
+use support::config::{quoted, ConfigBuilder};
 
 use support::kube_fake::Rollout;
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, LlmtraceCluster, Rotator, NS};
 
+/// The `postgres-admin` target: the admin `postgres` rotating itself.
+fn admin_target(address: &str, admin_password: &str) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .postgres(address)
+        .str("name", "postgres-admin")
+        .str("database", "postgres")
+        .str("user", "postgres")
+        .set(
+            "admin",
+            format!(
+                "{{ user = \"postgres\", password = {} }}",
+                quoted(admin_password)
+            ),
+        )
+}
+
 fn kubernetes_config(address: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres-admin"
-kind = "postgres"
-address = "{address}"
-database = "postgres"
-user = "postgres"
-admin = {{ user = "postgres", password = "k8s:llmtrace/llmtrace-postgresql#postgres-password" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  secret = "llmtrace-postgresql"
-  key = "postgres-password"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "3s"
-"#
+    admin_target(
+        address,
+        "k8s:llmtrace/llmtrace-postgresql#postgres-password",
     )
+    .kubernetes_store("llmtrace-postgresql", "postgres-password", "password")
+    .deployment_consumer("3s")
+    .build()
 }
 
 fn admin_in_secret(cluster: &LlmtraceCluster) -> String {
@@ -129,42 +120,13 @@ struct FileHost {
 impl FileHost {
     async fn start(command: &str) -> FileHost {
         let pg = Postgres::start().await;
-        let mut rotator = Rotator::new(&format!(
-            r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres-admin"
-kind = "postgres"
-address = "{address}"
-database = "postgres"
-user = "postgres"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "DATABASE_URL"
-  format = "url"
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "POSTGRES_PASSWORD"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = ["sh", "-c", {command:?}]
-timeout = "20s"
-"#,
-            address = pg.address()
-        ));
+        let mut rotator = Rotator::new(
+            &admin_target(&pg.address(), "env:PG_ADMIN_PASSWORD")
+                .file_store("DATABASE_URL", "url")
+                .file_store("POSTGRES_PASSWORD", "password")
+                .command_consumer(&["sh", "-c", command])
+                .build(),
+        );
         rotator
             .env
             .insert("PG_ADMIN_PASSWORD".into(), pg.admin_password().to_string());
@@ -254,36 +216,17 @@ async fn redis_default_user_as_its_own_admin_rotates_and_rolls_back_through_its_
         let kube = KubeFake::start().await;
         kube.put_secret(NS, "llmtrace-redis", &[("redis-password", &old)]);
         kube.add_deployment(NS, "llmtrace", 1, rollout);
-        let mut rotator = Rotator::new(&format!(
-            r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "redis"
-kind = "redis"
-address = "{address}"
-user = "default"
-admin = {{ user = "default", password = "k8s:llmtrace/llmtrace-redis#redis-password" }}
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  secret = "llmtrace-redis"
-  key = "redis-password"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "3s"
-"#,
-            address = redis.address()
-        ));
+        let mut rotator = Rotator::new(
+            &ConfigBuilder::new()
+                .redis(&redis.address(), "default")
+                .set(
+                    "admin",
+                    "{ user = \"default\", password = \"k8s:llmtrace/llmtrace-redis#redis-password\" }",
+                )
+                .kubernetes_store("llmtrace-redis", "redis-password", "password")
+                .deployment_consumer("3s")
+                .build(),
+        );
         let kubeconfig = kube.write_kubeconfig(rotator.dir.path());
         rotator
             .env

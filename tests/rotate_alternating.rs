@@ -1,11 +1,10 @@
 //! PostgreSQL `strategy = "alternating"`: two logins used in turn, so no client ever holds a
 //! credential that stopped working. Real PostgreSQL, dotenv store, command consumer.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::config::ConfigBuilder;
 
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator};
@@ -18,35 +17,17 @@ struct Pair {
 }
 
 fn config(pg: &Postgres, command: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-users = ["llmtrace_a", "llmtrace_b"]
-strategy = "alternating"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_POSTGRES_URL"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = ["sh", "-c", "{command}"]
-"#,
-        pg = pg.address()
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .unset("user")
+        .set("users", r#"["llmtrace_a", "llmtrace_b"]"#)
+        .str("strategy", "alternating")
+        .store("file")
+        .str("path", ".env")
+        .str("key", "LLMTRACE_POSTGRES_URL")
+        .command_consumer(&["sh", "-c", command])
+        .unset("timeout")
+        .build()
 }
 
 async fn pair(command: &str, grant_b: bool) -> Pair {

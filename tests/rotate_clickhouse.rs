@@ -1,12 +1,11 @@
 //! `rotate` of a ClickHouse user defined in users.xml, against Debian's clickhouse-server
 //! (18.16, no SQL user management): the rotator owns a users.d file and waits for the reload.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use support::config::{quoted, ConfigBuilder};
 
 use support::clickhouse::ClickHouse;
 use support::rotator::{assert_no_secret, random_password, Rotator};
@@ -18,47 +17,23 @@ struct Host {
     env_file: PathBuf,
 }
 
+/// The `clickhouse` target in users_xml mode, its file stores and consumer `proxy`.
+fn clickhouse(address: &str, users_xml: &str, strategy: &str) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .target("clickhouse", "clickhouse", address)
+        .str("mode", "users_xml")
+        .set("users_xml", format!("{{ path = {} }}", quoted(users_xml)))
+        .str("strategy", strategy)
+        .set("consumers", r#"["proxy"]"#)
+        .file_store("LLMTRACE_CLICKHOUSE_URL", "url")
+}
+
 fn config(user: &str, address: &str, users_xml: &str, strategy: &str, command: &[&str]) -> String {
-    let argv = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "clickhouse"
-kind = "clickhouse"
-address = "{address}"
-user = "{user}"
-mode = "users_xml"
-users_xml = {{ path = "{users_xml}" }}
-strategy = "{strategy}"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_CLICKHOUSE_URL"
-  format = "url"
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "CLICKHOUSE_ADMIN_PASSWORD"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = [{argv}]
-timeout = "20s"
-"#
-    )
+    clickhouse(address, users_xml, strategy)
+        .target_set("user", quoted(user))
+        .file_store("CLICKHOUSE_ADMIN_PASSWORD", "password")
+        .command_consumer(command)
+        .build()
 }
 
 impl Host {
@@ -295,42 +270,16 @@ async fn start_pair(
     let ch = ClickHouse::start_users(&[("app_a", &old_a, "default"), ("app_b", &old_b, profile_b)])
         .await?;
     let users_xml = ch.users_d().join("llmtrace-rotator.xml");
-    let argv = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rotator = Rotator::new(&format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "clickhouse"
-kind = "clickhouse"
-address = "{address}"
-strategy = "alternating"
-users = {users}
-mode = "users_xml"
-users_xml = {{ path = "{path}" }}
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_CLICKHOUSE_URL"
-  format = "url"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = [{argv}]
-timeout = "20s"
-"#,
-        address = ch.address(),
-        path = users_xml.display(),
-    ));
+    let rotator = Rotator::new(
+        &clickhouse(
+            &ch.address(),
+            &users_xml.display().to_string(),
+            "alternating",
+        )
+        .target_set("users", users)
+        .command_consumer(command)
+        .build(),
+    );
     let env_file = rotator.path(".env");
     std::fs::write(
         &env_file,
@@ -594,4 +543,34 @@ async fn users_d_file_is_created_0640_exclusively_and_keeps_mode_and_owner_when_
         .filter(|n| n.contains(".rotator-") && n != ".llmtrace-rotator.xml.rotator-tmp")
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+#[should_panic(expected = "clickhouse-server is not installed, and CI is set")]
+fn a_missing_server_fails_the_test_under_ci() {
+    support::skip_under(true, "clickhouse-server is not installed");
+}
+
+#[test]
+fn a_missing_server_skips_the_test_outside_ci() {
+    support::skip_under(false, "clickhouse-server is not installed");
+}
+
+/// The backend's chdb tests skip on exit code 3 from chdb_check.py; under CI the script must
+/// fail instead. `python3 -I -S` hides site-packages, where chdb is installed.
+#[test]
+fn chdb_check_fails_instead_of_skipping_under_ci() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/chdb_check.py");
+    let code = |ci: bool| {
+        let mut command = std::process::Command::new("python3");
+        command.args(["-I", "-S"]).arg(&script).arg("/nonexistent");
+        command.env_remove("CI").stdin(std::process::Stdio::null());
+        if ci {
+            command.env("CI", "1");
+        }
+        command.output().expect("python3 runs").status.code()
+    };
+    assert_eq!(code(false), Some(3), "skips outside CI");
+    assert_eq!(code(true), Some(1), "fails under CI");
 }

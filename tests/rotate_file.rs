@@ -1,11 +1,11 @@
 //! `rotate` with the credential in a dotenv file and a restart command (the docker compose
 //! shape), against a real PostgreSQL.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 
-use support::rotator::{assert_no_secret, ComposeHost, ENV_FILE_HEAD, ENV_FILE_TAIL};
+use support::rotator::{
+    assert_no_secret, failed_steps, step, steps, ComposeHost, ENV_FILE_HEAD, ENV_FILE_TAIL,
+};
 
 fn assert_clean(host: &ComposeHost, output: &str) {
     let (url_password, pgpassword) = host.stored_passwords();
@@ -84,18 +84,7 @@ async fn failing_restart_command_rolls_back_the_file_and_password() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let steps: Vec<String> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                s["step"].as_str().unwrap(),
-                s["status"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let steps = steps(&report);
     assert!(steps.contains(&"restart failed".to_string()), "{steps:?}");
     for undo in ["undo-publish ok", "undo-apply ok", "verify-old ok"] {
         assert!(steps.contains(&undo.to_string()), "{undo} in {steps:?}");
@@ -136,12 +125,7 @@ async fn failed_verification_rolls_back_the_file_and_password() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed.len(), 1, "{report:#}");
     assert_eq!(failed[0]["step"], "verify");
     assert_eq!(host.env_text(), before);
@@ -609,12 +593,7 @@ async fn a_session_left_on_the_old_password_ends_succeeded_with_its_address_repo
     assert_eq!(confirm["old_sessions"], 1);
     assert_eq!(confirm["old_clients"], serde_json::json!([client]));
     assert!(confirm["waited_ms"].as_u64().unwrap() >= 2000, "{confirm}");
-    let step = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "confirm")
-        .expect("a confirm step");
+    let step = step(&report, "confirm");
     assert_eq!(step["status"], "warning");
     assert!(step["error"].as_str().unwrap().contains(&client), "{step}");
     assert_clean(&host, &out.all());

@@ -1,13 +1,14 @@
 //! `rotate` against a real PostgreSQL, with the credential in Kubernetes Secrets (the
 //! LLMTrace Helm chart's shape) and the proxy Deployment as consumer.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use support::config::quoted;
 use support::kube_fake::{Fault, Rollout, WorkloadKind};
-use support::rotator::{assert_no_secret, kubernetes_config, LlmtraceCluster, NS};
+use support::rotator::{
+    assert_no_secret, failed_steps, kubernetes_builder, kubernetes_config, LlmtraceCluster, NS,
+};
 
 fn quick() -> Rollout {
     Rollout::ReadyAfter(Duration::from_millis(300))
@@ -117,12 +118,7 @@ async fn stuck_rollout_rolls_back_secrets_and_password() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed[0]["step"], "restart");
     assert!(failed[0]["error"]
         .as_str()
@@ -171,12 +167,7 @@ async fn failed_verification_rolls_back() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed.len(), 1, "{report:#}");
     assert_eq!(failed[0]["step"], "verify");
     assert_eq!(secrets(&cluster), before);
@@ -379,9 +370,14 @@ async fn partitioned_statefulset_is_refused_naming_the_partition() {
         .kube
         .add_statefulset(NS, "llmtrace-worker", 3, quick());
     cluster.kube.set_partition(NS, "llmtrace-worker", 2);
-    let config = kubernetes_config(&cluster.pg.address(), "20s", "")
-        .replace("consumers = [\"proxy\"]", "consumers = [\"proxy\", \"worker\"]")
-        + "\n[[consumer]]\nname = \"worker\"\nkind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"\n";
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .target_set("consumers", r#"["proxy", "worker"]"#)
+        .table("[[consumer]]")
+        .str("name", "worker")
+        .str("kind", "statefulset")
+        .str("namespace", "llmtrace")
+        .str("object", "llmtrace-worker")
+        .build();
     cluster.rotator.write_config(&config);
     let before = secrets(&cluster);
 
@@ -535,11 +531,10 @@ async fn a_statefulset_consumer_rolls_out_gets_its_event_and_needs_only_what_rba
     cluster
         .kube
         .add_statefulset(NS, "llmtrace-worker", 2, quick());
-    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
-        "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"",
-        "kind = \"statefulset\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace-worker\"",
-    );
-    assert!(config.contains("llmtrace-worker"));
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .str("kind", "statefulset")
+        .str("object", "llmtrace-worker")
+        .build();
     cluster.rotator.write_config(&config);
 
     let out = cluster.rotator.run(&["rotate", "--output", "json"]).await;
@@ -599,10 +594,9 @@ async fn proxy_pods(cluster: &LlmtraceCluster, reconnect: bool) -> Option<sqlx::
 }
 
 fn with_confirm_timeout(cluster: &LlmtraceCluster, timeout: &str) {
-    let config = kubernetes_config(&cluster.pg.address(), "20s", "").replace(
-        "consumers = [\"proxy\"]",
-        &format!("consumers = [\"proxy\"]\nconfirm_timeout = \"{timeout}\""),
-    );
+    let config = kubernetes_builder(&cluster.pg.address(), "20s")
+        .target_set("confirm_timeout", quoted(timeout))
+        .build();
     cluster.rotator.write_config(&config);
 }
 

@@ -1,15 +1,14 @@
 //! `rotate` of a Redis ACL user against a real redis-server: a dotenv file holding the URL and
 //! the bare password (the Bitnami chart's `redis-password` shape), and a restart command.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use support::config::ConfigBuilder;
 
 use support::redis::{connect_url_parts, sha256_hex, user_line, Redis, Sentinel, Users};
-use support::rotator::{assert_no_secret, random_password, Rotator};
+use support::rotator::{assert_no_secret, random_password, steps, Rotator};
 
 struct Host {
     redis: Redis,
@@ -20,46 +19,14 @@ struct Host {
 }
 
 fn config(address: &str, user: &str, strategy: &str, command: &[&str], extra: &str) -> String {
-    let argv = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "redis"
-kind = "redis"
-address = "{address}"
-user = "{user}"
-admin = {{ user = "admin", password = "env:REDIS_ADMIN_PASSWORD" }}
-strategy = "{strategy}"
-consumers = ["proxy"]
-{extra}
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_REDIS_URL"
-  format = "url"
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "REDIS_PASSWORD"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = [{argv}]
-timeout = "20s"
-"#
-    )
+    ConfigBuilder::new()
+        .redis(address, user)
+        .str("strategy", strategy)
+        .lines(extra)
+        .file_store("LLMTRACE_REDIS_URL", "url")
+        .file_store("REDIS_PASSWORD", "password")
+        .command_consumer(command)
+        .build()
 }
 
 impl Host {
@@ -164,21 +131,6 @@ fn parse_env(text: &str) -> (String, String) {
         .unwrap()
         .into_owned();
     (url.username().to_string(), password)
-}
-
-fn steps(report: &serde_json::Value) -> Vec<String> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                s["step"].as_str().unwrap(),
-                s["status"].as_str().unwrap()
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,12 +1,11 @@
 //! `serve`: the HTTP API, its auth and errors, scheduled runs, metrics and graceful shutdown,
 //! against a real PostgreSQL with a dotenv store and a command consumer.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use support::config::quoted;
 use support::rotator::{
-    assert_no_secret, file_config_with, free_port, sample, ComposeHost, Server,
+    assert_no_secret, file_builder, file_config_with, free_port, sample, step, ComposeHost, Server,
 };
 
 const TARGET: [(&str, &str); 1] = [("target", "postgres")];
@@ -521,14 +520,13 @@ async fn readyz_hides_the_journal_error_and_logs_it() {
     let rotator = format!(
         "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\ncheck_interval = \"0s\""
     );
-    let config = file_config_with(&host.pg.address(), &["true".into()], &rotator, "").replace(
-        "journal = \"sqlite://journal.db\"",
-        &format!(
-            "journal = \"{}\"",
-            host.pg
-                .url("rotator_journal", &journal_password, "rotator_journal")
-        ),
-    );
+    let journal = host
+        .pg
+        .url("rotator_journal", &journal_password, "rotator_journal");
+    let config = file_builder(&host.pg.address(), &["true".into()])
+        .rotator_lines(&rotator)
+        .rotator("journal", quoted(&journal))
+        .build();
     host.rotator.write_config(&config);
     let server = host.rotator.serve(port).await;
     let (status, _) = server.get("/readyz").await;
@@ -678,12 +676,7 @@ async fn a_session_left_on_the_old_credential_is_a_warning_and_a_gauge_until_it_
     let run = server.wait_for_run(body["id"].as_str().unwrap()).await;
 
     assert_eq!(run["outcome"], "succeeded", "{run}");
-    let confirm = run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "confirm")
-        .expect("a confirm step");
+    let confirm = step(&run, "confirm");
     assert_eq!(confirm["status"], "warning", "{confirm}");
     let warning = [("kind", "sessions_not_drained"), ("target", "postgres")];
     wait_for_sample(

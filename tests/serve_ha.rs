@@ -2,8 +2,6 @@
 //! replica counts a `busy` skip for a fire the other runs, both answer the API, and when one
 //! is killed the other keeps rotating and recovers what the dead one left.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use support::rotator::{

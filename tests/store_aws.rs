@@ -1,8 +1,7 @@
 //! The `aws` store against the moto AWS emulator and a real PostgreSQL.
 
-mod support;
-
 use serde_json::{json, Value};
+use support::config::ConfigBuilder;
 use support::moto::Moto;
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator};
@@ -17,37 +16,16 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, moto: &Moto, command: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "aws"
-  secret_id = "{SECRET}"
-  property = "postgres_url"
-  region = "us-east-1"
-  endpoint = "{endpoint}"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = ["sh", "-c", "{command}"]
-"#,
-        pg = pg.address(),
-        endpoint = moto.endpoint,
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .store("aws")
+        .str("secret_id", SECRET)
+        .str("property", "postgres_url")
+        .str("region", "us-east-1")
+        .str("endpoint", &moto.endpoint)
+        .command_consumer(&["sh", "-c", command])
+        .unset("timeout")
+        .build()
 }
 
 async fn setup(command: &str) -> Setup {
@@ -148,14 +126,8 @@ async fn rotates_through_a_pending_version_that_becomes_current() {
         "no pending label left: {:?}",
         s.stages().await
     );
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     let secrets = [
         s.old_password.as_str(),
         &new,

@@ -1,15 +1,14 @@
 //! The `sealedsecret` store against the API fake playing the sealed-secrets controller (with a
 //! key pair made by openssl) and a real PostgreSQL.
 
-mod support;
-
 use std::time::Duration;
+use support::config::ConfigBuilder;
 
 use base64::Engine as _;
 use serde_json::json;
 use support::kube_fake::{KubeFake, Rollout, Unsealer, WorkloadKind};
 use support::postgres::Postgres;
-use support::rotator::{assert_no_secret, random_password, Rotator, NS};
+use support::rotator::{assert_no_secret, failed_steps, random_password, Rotator, NS};
 use support::sealed;
 
 const NAME: &str = "llmtrace-postgresql";
@@ -23,40 +22,17 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, timeout: &str, certificate: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "sealedsecret"
-  namespace = "llmtrace"
-  name = "{NAME}"
-  key = "password"
-  format = "password"
-  {certificate}
-  timeout = "{timeout}"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "20s"
-"#,
-        pg = pg.address(),
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .store("sealedsecret")
+        .str("namespace", "llmtrace")
+        .str("name", NAME)
+        .str("key", "password")
+        .str("format", "password")
+        .lines(certificate)
+        .str("timeout", timeout)
+        .deployment_consumer("20s")
+        .build()
 }
 
 async fn setup(timeout: &str, unsealer_running: bool) -> Setup {
@@ -185,14 +161,8 @@ async fn seals_the_new_password_and_waits_for_the_controller() {
     assert_eq!(secret["postgres-password"], s.pg.admin_password());
     let restarts = s.kube.restarts(WorkloadKind::Deployment, NS, "llmtrace");
     assert_eq!(restarts.len(), 1);
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     assert!(out.all().contains(" TRACE "), "ran at trace level");
     assert_no_secret(
         &out.all(),
@@ -212,12 +182,7 @@ async fn controller_that_never_unseals_times_out_and_rolls_back() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let failed: Vec<_> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "failed")
-        .collect();
+    let failed = failed_steps(&report);
     assert_eq!(failed[0]["step"], "publish", "{report:#}");
     assert!(failed[0]["error"]
         .as_str()

@@ -1,8 +1,7 @@
 //! The `vault` store against a real OpenBao dev server and a real PostgreSQL.
 
-mod support;
-
 use serde_json::json;
+use support::config::ConfigBuilder;
 use support::openbao::OpenBao;
 use support::postgres::Postgres;
 use support::rotator::{assert_no_secret, random_password, Rotator};
@@ -15,38 +14,17 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, bao: &OpenBao, command: &str, auth: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "vault"
-  address = "{bao}"
-  path = "llmtrace/proxy"
-  property = "postgres_url"
-  format = "url"
-  {auth}
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = ["sh", "-c", "{command}"]
-"#,
-        pg = pg.address(),
-        bao = bao.address,
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .store("vault")
+        .str("address", &bao.address)
+        .str("path", "llmtrace/proxy")
+        .str("property", "postgres_url")
+        .str("format", "url")
+        .lines(auth)
+        .command_consumer(&["sh", "-c", command])
+        .unset("timeout")
+        .build()
 }
 
 async fn setup(command: &str) -> Setup {
@@ -104,14 +82,8 @@ async fn rotates_a_property_and_keeps_the_others() {
             .unwrap()
             .replace(&s.old_password, &new)
     );
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     let secrets = [
         s.old_password.as_str(),
         &new,
@@ -157,7 +129,7 @@ async fn a_concurrent_writer_is_not_overwritten() {
     let s = setup("").await;
     let url = format!("{}/v1/secret/data/llmtrace/proxy", s.bao.address);
     let command = format!(
-        "curl -sf -o /dev/null -H 'X-Vault-Token: {}' -d '{{\\\"data\\\":{{\\\"postgres_url\\\":\\\"postgres://llmtrace:someone-else@db/x\\\"}}}}' {url}",
+        "curl -sf -o /dev/null -H 'X-Vault-Token: {}' -d '{{\"data\":{{\"postgres_url\":\"postgres://llmtrace:someone-else@db/x\"}}}}' {url}",
         s.bao.root_token
     );
     s.rotator.write_config(&config(

@@ -1,17 +1,16 @@
 //! `sync`: the credential lives in a real OpenBao, an ExternalSecret copies it into the Secret the
 //! proxy reads. The test plays the ESO controller against the API fake; PostgreSQL is real.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
+use support::config::ConfigBuilder;
 
 use serde_json::{json, Value};
 use support::eso::EsoController;
 use support::kube_fake::{EsoRelease, KubeFake, Rollout, WorkloadKind};
 use support::openbao::OpenBao;
 use support::postgres::Postgres;
-use support::rotator::{assert_no_secret, random_password, Rotator, NS};
+use support::rotator::{assert_no_secret, random_password, steps, Rotator, NS};
 use tokio_util::sync::CancellationToken;
 
 const REDIS_URL: &str = "redis://:redis-secret-value@llmtrace-redis-master:6379/0";
@@ -25,42 +24,21 @@ struct Setup {
 }
 
 fn config(pg: &Postgres, bao: &OpenBao, sync_timeout: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-sync = [{{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "LLMTRACE_POSTGRES_URL", format = "url" }}]
-sync_timeout = "{sync_timeout}"
-
-  [[target.store]]
-  kind = "vault"
-  address = "{bao}"
-  path = "llmtrace/proxy"
-  property = "LLMTRACE_POSTGRES_URL"
-  format = "url"
-  token = "env:VAULT_TOKEN"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "20s"
-"#,
-        pg = pg.address(),
-        bao = bao.address,
-    )
+    ConfigBuilder::new()
+        .postgres(&pg.address())
+        .set(
+            "sync",
+            r#"[{ namespace = "llmtrace", external_secret = "llmtrace", secret = "llmtrace", key = "LLMTRACE_POSTGRES_URL", format = "url" }]"#,
+        )
+        .str("sync_timeout", sync_timeout)
+        .store("vault")
+        .str("address", &bao.address)
+        .str("path", "llmtrace/proxy")
+        .str("property", "LLMTRACE_POSTGRES_URL")
+        .str("format", "url")
+        .str("token", "env:VAULT_TOKEN")
+        .deployment_consumer("20s")
+        .build()
 }
 
 async fn setup(sync_timeout: &str) -> Setup {
@@ -163,21 +141,6 @@ fn password_in(url: &str) -> String {
         .into_owned()
 }
 
-fn step_order(report: &serde_json::Value) -> Vec<String> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                s["step"].as_str().unwrap(),
-                s["status"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn forces_a_sync_and_restarts_once_the_secret_holds_the_new_password() {
     let s = setup("20s").await;
@@ -186,7 +149,7 @@ async fn forces_a_sync_and_restarts_once_the_secret_holds_the_new_password() {
 
     assert_eq!(out.code, 0, "{}", out.all());
     let report = out.json();
-    let steps = step_order(&report);
+    let steps = steps(&report);
     let at = |name: &str| steps.iter().position(|s| s == name).unwrap();
     assert!(
         at("publish ok") < at("sync ok") && at("sync ok") < at("restart ok"),
@@ -211,14 +174,8 @@ async fn forces_a_sync_and_restarts_once_the_secret_holds_the_new_password() {
             .len(),
         1
     );
-    s.pg.try_login("llmtrace", &new, "llmtrace")
-        .await
-        .expect("new password logs in");
-    assert!(s
-        .pg
-        .try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .is_err());
+    s.pg.assert_only_login("llmtrace", "llmtrace", &new, &s.old_password)
+        .await;
     assert!(out.all().contains(" TRACE "), "ran at trace level");
     assert_no_secret(
         &out.all(),
@@ -246,7 +203,7 @@ async fn external_secret_that_never_syncs_times_out_and_rolls_back() {
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
     assert_eq!(report["outcome"], "rolled_back");
-    let steps = step_order(&report);
+    let steps = steps(&report);
     assert!(steps.contains(&"sync failed".to_string()), "{steps:?}");
     assert!(steps.contains(&"undo-sync ok".to_string()), "{steps:?}");
     let (after, new_version) = s.bao.get_kv("llmtrace/proxy").await;
@@ -416,7 +373,7 @@ async fn rollback_force_syncs_a_current_eso_through_v1() {
     let (out, stamps) = rotate(&s, false).await;
 
     assert_eq!(out.code, 1, "{}", out.all());
-    let steps = step_order(&out.json());
+    let steps = steps(&out.json());
     assert!(steps.contains(&"undo-sync ok".to_string()), "{steps:?}");
     assert_eq!(stamps.len(), 2);
     let requests = external_secret_requests(&s.kube);

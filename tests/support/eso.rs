@@ -118,7 +118,7 @@ impl EsoController<'_> {
 
 /// ESO's `GetResourceVersion`: the generation and a hash of labels and annotations, so a new
 /// force-sync value makes it differ from `status.syncedResourceVersion`.
-pub fn synced_version(es: &Value) -> String {
+fn synced_version(es: &Value) -> String {
     let meta = &es["metadata"];
     let hashed = json!({ "annotations": meta["annotations"], "labels": meta["labels"] });
     let hash = Sha256::digest(hashed.to_string().as_bytes());
@@ -127,7 +127,7 @@ pub fn synced_version(es: &Value) -> String {
 }
 
 /// ESO's `shouldRefresh`.
-pub fn should_refresh(es: &Value) -> bool {
+fn should_refresh(es: &Value) -> bool {
     let synced = es
         .pointer("/status/syncedResourceVersion")
         .and_then(Value::as_str)

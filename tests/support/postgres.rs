@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A throwaway PostgreSQL server for tests.
 //!
 //! `Postgres::start()` runs `initdb` into a fresh temp dir under /tmp and
@@ -116,11 +115,6 @@ impl Postgres {
         &self.data_dir
     }
 
-    /// Directory of the server's unix socket (`trust` auth there).
-    pub fn socket_dir(&self) -> &Path {
-        &self.socket_dir
-    }
-
     /// `postgres://user:password@127.0.0.1:PORT/db`, user and password percent-encoded.
     pub fn url(&self, user: &str, password: &str, db: &str) -> String {
         format!(
@@ -212,6 +206,15 @@ impl Postgres {
             }
         }
         let _ = conn.close().await;
+    }
+
+    /// `user` logs in to `db` with `new` and no longer with `old`.
+    pub async fn assert_only_login(&self, user: &str, db: &str, new: &str, old: &str) {
+        if let Err(e) = self.try_login(user, new, db).await {
+            panic!("the new password of {user} does not log in: {e}");
+        }
+        let old_refused = self.try_login(user, old, db).await.is_err();
+        assert!(old_refused, "the old password of {user} still logs in");
     }
 
     /// A fresh SCRAM login over TCP: `Ok(())`, or the error's text.

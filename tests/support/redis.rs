@@ -209,7 +209,7 @@ impl Redis {
             .unwrap_or_else(|e| panic!("{}: {e}", args[0]))
     }
 
-    pub async fn admin_text(&self, args: &[&str]) -> String {
+    async fn admin_text(&self, args: &[&str]) -> String {
         match self.admin(args).await {
             redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
             redis::Value::VerbatimString { text, .. } => text,

@@ -10,13 +10,53 @@ use base64::Engine as _;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
+use super::config::ConfigBuilder;
 use super::kube_fake::{KubeFake, Rollout, WorkloadKind};
 use super::postgres::Postgres;
 
 pub const NS: &str = "llmtrace";
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_llmtrace-rotator")
+/// The rotator binary cargo built for the running test: in the directory above the test
+/// executable's `deps/`, where assert_cmd's `cargo_bin` looks too (`CARGO_BIN_EXE_*` is only
+/// set when the package's own tests are compiled, not this crate).
+pub fn bin() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("the test executable's path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(format!("llmtrace-rotator{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} is not built", bin.display());
+    bin
+}
+
+/// A `--output json` report's steps as "step status", in order.
+pub fn steps(report: &serde_json::Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s["step"].as_str().unwrap(),
+                s["status"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// The report's failed steps.
+pub fn failed_steps(report: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let steps = report["steps"].as_array().expect("steps");
+    steps.iter().filter(|s| s["status"] == "failed").collect()
+}
+
+/// The report's step `name`.
+pub fn step<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let steps = report["steps"].as_array().expect("steps");
+    let found = steps.iter().find(|s| s["step"] == name);
+    found.unwrap_or_else(|| panic!("a {name} step in {report}"))
 }
 
 /// A random alphanumeric password, like an operator's initial one.
@@ -47,7 +87,7 @@ impl Output {
 }
 
 /// Every way a secret could be spelled in output: raw, percent-encoded, base64.
-pub fn spellings(secret: &str) -> Vec<String> {
+fn spellings(secret: &str) -> Vec<String> {
     let mut forms = vec![
         secret.to_string(),
         utf8_percent_encode(secret, NON_ALPHANUMERIC).to_string(),
@@ -311,45 +351,22 @@ impl LlmtraceCluster {
 
 /// The config for [`LlmtraceCluster`]; `consumer_extra` adds lines to the consumer (e.g. health).
 pub fn kubernetes_config(pg_address: &str, timeout: &str, consumer_extra: &str) -> String {
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
+    kubernetes_builder(pg_address, timeout)
+        .lines(consumer_extra)
+        .build()
+}
 
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg_address}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "k8s:llmtrace/llmtrace-postgresql#postgres-password" }}
-sslmode = "disable"
-consumers = ["proxy"]
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  secret = "llmtrace"
-  key = "LLMTRACE_POSTGRES_URL"
-  format = "url"
-
-  [[target.store]]
-  kind = "kubernetes"
-  namespace = "llmtrace"
-  secret = "llmtrace-postgresql"
-  key = "password"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "deployment"
-namespace = "llmtrace"
-object = "llmtrace"
-timeout = "{timeout}"
-{consumer_extra}
-"#
-    )
+/// [`kubernetes_config`] as a builder, for tests that change it.
+pub fn kubernetes_builder(pg_address: &str, timeout: &str) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .postgres(pg_address)
+        .set(
+            "admin",
+            "{ user = \"postgres\", password = \"k8s:llmtrace/llmtrace-postgresql#postgres-password\" }",
+        )
+        .kubernetes_store("llmtrace", "LLMTRACE_POSTGRES_URL", "url")
+        .kubernetes_store("llmtrace-postgresql", "password", "password")
+        .deployment_consumer(timeout)
 }
 
 /// The docker-compose shape: a dotenv file and a restart command, with a real PostgreSQL.
@@ -473,7 +490,7 @@ pub fn postgres_journal(config: &str) -> String {
 }
 
 pub fn file_config(pg_address: &str, command: &[String]) -> String {
-    file_config_with(pg_address, command, "", "")
+    file_builder(pg_address, command).build()
 }
 
 /// [`file_config`] with extra lines in `[rotator]` and in the target.
@@ -483,51 +500,21 @@ pub fn file_config_with(
     rotator_extra: &str,
     target_extra: &str,
 ) -> String {
-    let argv = command
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[rotator]
-journal = "sqlite://journal.db"
-journal_key = "env:ROTATOR_JOURNAL_KEY"
-{rotator_extra}
-
-[[target]]
-name = "postgres"
-kind = "postgres"
-address = "{pg_address}"
-database = "llmtrace"
-user = "llmtrace"
-admin = {{ user = "postgres", password = "env:PG_ADMIN_PASSWORD" }}
-sslmode = "disable"
-consumers = ["proxy"]
-{target_extra}
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "LLMTRACE_POSTGRES_URL"
-
-  [[target.store]]
-  kind = "file"
-  path = ".env"
-  key = "PGPASSWORD"
-  format = "password"
-
-[[consumer]]
-name = "proxy"
-kind = "command"
-command = [{argv}]
-timeout = "20s"
-"#
-    )
+    file_builder(pg_address, command)
+        .rotator_lines(rotator_extra)
+        .target_lines(target_extra)
+        .build()
 }
 
-pub fn ensure_dir(path: &Path) {
-    std::fs::create_dir_all(path).unwrap();
+/// [`file_config`] as a builder: the URL and the bare password in `.env`, and `command`.
+pub fn file_builder(pg_address: &str, command: &[String]) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .postgres(pg_address)
+        .store("file")
+        .str("path", ".env")
+        .str("key", "LLMTRACE_POSTGRES_URL")
+        .file_store("PGPASSWORD", "password")
+        .command_consumer(command)
 }
 
 /// A running `serve` process: its address, the token it accepts, and everything it logged.

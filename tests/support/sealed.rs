@@ -64,5 +64,4 @@ pub fn seal_with_label(key: &RsaPublicKey, label: &str, plaintext: &[u8]) -> Str
     base64::engine::general_purpose::STANDARD.encode(out)
 }
 
-#[allow(unused_imports)]
 pub use super::kube_fake::{label_for, unseal, unseal_with_label};

@@ -1,6 +1,6 @@
 //! Custom resources in the fake: ESO `ExternalSecret`s (external-secrets.io, at the versions the
 //! chosen ESO release serves, see [`EsoRelease`]) and Bitnami `SealedSecret`s
-//! (bitnami.com/v1alpha1), namespaced, with get / update / merge and JSON patch.
+//! (bitnami.com/v1alpha1), namespaced, with get and merge patch.
 //!
 //! Like the real server for a CRD with a status subresource: strategic merge patch is refused
 //! (415), writes never change `status`, a spec change bumps `generation`, every change bumps the
@@ -21,10 +21,12 @@ use base64::Engine as _;
 use rsa::{Oaep, RsaPrivateKey};
 use serde_json::{json, Map, Value};
 
-use super::{
-    b64_encode, json_patch, key, merge_patch, meta_str, obj_field, ApiError, ApiResult, Incoming,
-    KubeFake, Method, Reply, State,
-};
+use axum::http::Method;
+
+use super::http::{ApiError, ApiResult, Incoming, Reply};
+use super::objects::{b64_encode, meta_str, obj_field, parse_json};
+use super::patch::merge_patch;
+use super::{key, KubeFake, State};
 
 pub(super) struct CustomKind {
     pub group: &'static str,
@@ -213,13 +215,8 @@ impl KubeFake {
         );
     }
 
-    /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData`.
-    pub fn add_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
-        self.add_scoped_sealed_secret(ns, name, &[], encrypted);
-    }
-
-    /// The same with annotations on the SealedSecret (and its template, as kubeseal writes
-    /// them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
+    /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData` and
+    /// annotations on it (and its template, as kubeseal writes them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
     pub fn add_scoped_sealed_secret(
         &self,
         ns: &str,
@@ -380,15 +377,16 @@ impl State {
         existing["apiVersion"] = json!(kind.api_version(version));
         let mut new = match req.method {
             Method::GET => return Ok(Reply::ok(existing)),
-            Method::PUT => super::parse_json(&req.body)?,
+            Method::PUT => return Err(ApiError::unsupported("update")),
             Method::PATCH => {
                 let media = req.content_type.as_deref().unwrap_or("");
-                let patch = super::parse_json(&req.body)?;
+                let patch = parse_json(&req.body)?;
                 let mut doc = existing.clone();
                 match media.split(';').next().unwrap_or("").trim() {
                     "application/merge-patch+json" => merge_patch(&mut doc, &patch),
-                    "application/json-patch+json" => json_patch(&mut doc, &patch)
-                        .map_err(|e| ApiError::new(422, "Invalid", e, None))?,
+                    "application/json-patch+json" => {
+                        return Err(ApiError::unsupported("JSON patch"))
+                    }
                     // Custom resources have no strategic merge schema.
                     other => return Err(ApiError::unsupported_media_type(other)),
                 }
@@ -439,19 +437,17 @@ impl State {
                 .unwrap_or(1);
             obj_field(&mut new, "metadata").insert("generation".into(), json!(generation + 1));
         }
-        if !req.dry_run() {
-            let rv = self.next_rv();
-            obj_field(&mut new, "metadata").insert("resourceVersion".into(), json!(rv));
-            self.custom.objects.insert(id, new.clone());
-            if spec_changed && kind.plural == SEALED_SECRETS.plural {
-                let delay = match &self.custom.unsealer {
-                    Some(Unsealer::Running { delay, .. }) => *delay,
-                    _ => Duration::ZERO,
-                };
-                self.custom
-                    .pending
-                    .push((Instant::now() + delay, ns.into(), name.into()));
-            }
+        let rv = self.next_rv();
+        obj_field(&mut new, "metadata").insert("resourceVersion".into(), json!(rv));
+        self.custom.objects.insert(id, new.clone());
+        if spec_changed && kind.plural == SEALED_SECRETS.plural {
+            let delay = match &self.custom.unsealer {
+                Some(Unsealer::Running { delay, .. }) => *delay,
+                _ => Duration::ZERO,
+            };
+            self.custom
+                .pending
+                .push((Instant::now() + delay, ns.into(), name.into()));
         }
         Ok(Reply::ok(new))
     }

@@ -1,13 +1,13 @@
-//! `events.k8s.io/v1` Events in the fake: create, get, list and merge / strategic-merge patch in
-//! a namespace, validated as the real API server validates them.
+//! `events.k8s.io/v1` Events in the fake: created in a namespace (all the rotator does with
+//! them), validated as the real API server validates them; tests read them with
+//! [`KubeFake::events`].
 //!
 //! Upstream behaviour followed (kubernetes/kubernetes):
 //! - pkg/apis/core/validation/events.go: `ValidateEventCreate` for events.k8s.io/v1 requires
 //!   eventTime, a `Normal`/`Warning` type, reportingController (a qualified name),
 //!   reportingInstance, action and reason (each at most 128 characters), a note of at most
 //!   1024, no deprecated* fields, and a regarding namespace unless the Event lives in
-//!   `default`/`kube-system`; `ValidateEventUpdate` keeps reason, note, type, eventTime,
-//!   action, regarding, related, reportingController and reportingInstance immutable.
+//!   `default`/`kube-system`.
 //! - Events are stored as core/v1 Events, so field paths in errors use the core names
 //!   (`message`, `involvedObject.namespace`).
 
@@ -15,33 +15,19 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::{
-    check_body_namespace, merge_patch, meta_str, obj_field, parse_json, random_suffix,
-    strategic_merge, ApiError, ApiResult, FieldError, Incoming, KubeFake, Method, Reply, Resource,
-    State,
-};
+use axum::http::Method;
+
+use super::http::{ApiError, ApiResult, FieldError, Incoming, Reply};
+use super::objects::{check_body_namespace, meta_str, obj_field, parse_json, Resource};
+use super::{KubeFake, State};
 
 pub(super) static EVENTS: Resource = Resource {
     plural: "events",
-    singular: "event",
     kind: "Event",
     group: "events.k8s.io",
     api_version: "events.k8s.io/v1",
     workload: None,
 };
-
-/// Fields `ValidateEventUpdate` refuses to change, by their v1 names.
-const IMMUTABLE: [&str; 9] = [
-    "reason",
-    "note",
-    "type",
-    "eventTime",
-    "action",
-    "regarding",
-    "related",
-    "reportingController",
-    "reportingInstance",
-];
 
 #[derive(Default)]
 pub(super) struct Events {
@@ -211,51 +197,26 @@ impl State {
     ) -> ApiResult {
         match (&req.method, ns, name) {
             (&Method::POST, Some(ns), None) => self.create_event(ns, req),
-            (&Method::GET, Some(ns), Some(name)) => self
-                .events
-                .objects
-                .get(&(ns.to_string(), name.to_string()))
-                .cloned()
-                .map(Reply::ok)
-                .ok_or_else(|| ApiError::not_found(&EVENTS, name)),
-            (&Method::GET, ns, None) => {
-                let items: Vec<Value> = self
-                    .events
-                    .objects
-                    .iter()
-                    .filter(|((n, _), _)| ns.is_none_or(|ns| ns == n))
-                    .map(|(_, v)| v.clone())
-                    .collect();
-                Ok(Reply::ok(json!({
-                    "kind": "EventList",
-                    "apiVersion": EVENTS.api_version,
-                    "metadata": { "resourceVersion": self.last_rv.to_string() },
-                    "items": items,
-                })))
-            }
-            (&Method::PATCH, Some(ns), Some(name)) => self.patch_event(ns, name, req),
-            _ => Err(ApiError::method_not_allowed()),
+            _ => Err(ApiError::unsupported("anything but creating an Event")),
         }
     }
 
     fn create_event(&mut self, ns: &str, req: &Incoming) -> ApiResult {
         let mut obj = parse_json(&req.body)?;
         check_body_namespace(&mut obj, ns)?;
-        let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
-            ("", "") => {
-                return Err(ApiError::invalid(
-                    &EVENTS,
-                    "",
-                    vec![FieldError {
-                        field: "metadata.name".into(),
-                        reason: "FieldValueRequired",
-                        detail: "Required value: name or generateName is required".into(),
-                    }],
-                ))
-            }
-            ("", prefix) => format!("{prefix}{}", random_suffix()),
-            (name, _) => name.to_string(),
-        };
+        // The rotator names its Events (client-go's recorder does too): no generateName.
+        let name = meta_str(&obj, "name").to_string();
+        if name.is_empty() {
+            return Err(ApiError::invalid(
+                &EVENTS,
+                "",
+                vec![FieldError {
+                    field: "metadata.name".into(),
+                    reason: "FieldValueRequired",
+                    detail: "Required value: name or generateName is required".into(),
+                }],
+            ));
+        }
         let errors = validate_create(&obj, ns);
         if !errors.is_empty() {
             return Err(ApiError::invalid(&EVENTS, &name, errors));
@@ -271,65 +232,9 @@ impl State {
         meta.insert("creationTimestamp".into(), json!(created));
         obj["apiVersion"] = json!(EVENTS.api_version);
         obj["kind"] = json!(EVENTS.kind);
-        if !req.dry_run() {
-            let rv = self.next_rv();
-            obj_field(&mut obj, "metadata").insert("resourceVersion".into(), json!(rv));
-            self.events.objects.insert(id, obj.clone());
-        }
+        let rv = self.next_rv();
+        obj_field(&mut obj, "metadata").insert("resourceVersion".into(), json!(rv));
+        self.events.objects.insert(id, obj.clone());
         Ok(Reply::created(obj))
-    }
-
-    /// What client-go's event recorder does to count a repeat: a patch of `series`.
-    fn patch_event(&mut self, ns: &str, name: &str, req: &Incoming) -> ApiResult {
-        let id = (ns.to_string(), name.to_string());
-        let existing = self
-            .events
-            .objects
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(&EVENTS, name))?;
-        let patch = parse_json(&req.body)?;
-        let mut doc = existing.clone();
-        match req
-            .content_type
-            .as_deref()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-        {
-            "application/merge-patch+json" => merge_patch(&mut doc, &patch),
-            "application/strategic-merge-patch+json" => strategic_merge(&mut doc, &patch),
-            other => return Err(ApiError::unsupported_media_type(other)),
-        }
-        let mut errors: Vec<FieldError> = IMMUTABLE
-            .iter()
-            .filter(|field| doc.get(**field) != existing.get(**field))
-            .map(|field| {
-                FieldError::invalid(
-                    field,
-                    doc.get(*field).unwrap_or(&Value::Null),
-                    "field is immutable",
-                )
-            })
-            .collect();
-        if doc.get("series") != existing.get("series") {
-            errors.extend(validate_series(&doc));
-        }
-        if !errors.is_empty() {
-            return Err(ApiError::invalid(&EVENTS, name, errors));
-        }
-        for field in ["uid", "creationTimestamp", "namespace", "name"] {
-            if let Some(v) = existing.pointer(&format!("/metadata/{field}")) {
-                obj_field(&mut doc, "metadata").insert(field.into(), v.clone());
-            }
-        }
-        if !req.dry_run() && doc != existing {
-            let rv = self.next_rv();
-            obj_field(&mut doc, "metadata").insert("resourceVersion".into(), json!(rv));
-            self.events.objects.insert(id, doc.clone());
-        }
-        Ok(Reply::ok(doc))
     }
 }
