@@ -115,7 +115,7 @@ pub async fn dry_run<'a>(deps: &Deps, plan: &'a Plan) -> DryRun<'a> {
     let mut results = Vec::new();
     for planned in &plan.targets {
         let result = match deps.config.target(&planned.name) {
-            Some(target) => super::run::preflight(deps, target)
+            Some(target) => super::preflight::preflight(deps, target)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
