@@ -24,6 +24,17 @@ pub(super) fn clients(sessions: &[&Session]) -> Vec<String> {
     clients
 }
 
+/// [`preflight`] of the target the config names `name`.
+pub async fn preflight_named<'a>(deps: &'a Deps, name: &str) -> Result<Preflight<'a>, StepError> {
+    match deps.config.target(name) {
+        Some(target) => preflight(deps, target).await,
+        None => Err(StepError::new(
+            "config",
+            format!("target {name:?} is not in the config"),
+        )),
+    }
+}
+
 /// Reads every store, checks each can take the new credential, and proves the current one logs
 /// in. Changes nothing; `rotate --dry-run` runs it too.
 pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, StepError> {
