@@ -242,26 +242,12 @@ impl<'a> RunContext<'a> {
                 .push("the target lock was lost before the run ended: left to recovery".into());
             outcome = Outcome::Interrupted;
         }
-        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
-            if let Some(runtime) = runtime {
-                for note in runtime.backend.take_notes() {
-                    self.notes
-                        .push(format!("target {}: {}", state.name, note.message));
-                    self.warnings.push((state.name.clone(), note.kind));
-                }
-            }
-        }
+        self.take_backend_notes();
         if outcome == Outcome::RollbackFailed {
             self.describe_state().await;
         }
         if outcome != Outcome::Interrupted {
-            if let Err(error) = self.rec_journal_finish(outcome).await {
-                tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
-                self.notes.push(format!(
-                    "the outcome could not be written to the journal ({error}): the run stays due \
-                     for recovery, which confirms it before any new run on its targets"
-                ));
-            }
+            self.journal_outcome(outcome).await;
         }
         if let Some(lock) = self.lock.take() {
             lock.release().await;
@@ -271,6 +257,35 @@ impl<'a> RunContext<'a> {
             events::emit(client, &self.rec.id, outcome, &self.event_objects()).await;
         }
         tracing::info!(run = %self.rec.id, outcome = outcome.as_str(), "rotation finished");
+        self.report(outcome)
+    }
+
+    /// Moves each backend's warnings into the report's notes and the warning counter.
+    fn take_backend_notes(&mut self) {
+        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
+            if let Some(runtime) = runtime {
+                for note in runtime.backend.take_notes() {
+                    self.notes
+                        .push(format!("target {}: {}", state.name, note.message));
+                    self.warnings.push((state.name.clone(), note.kind));
+                }
+            }
+        }
+    }
+
+    /// Journals the outcome; a failure to is noted in the report, and leaves the run due for
+    /// recovery.
+    async fn journal_outcome(&mut self, outcome: Outcome) {
+        if let Err(error) = self.rec_journal_finish(outcome).await {
+            tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
+            self.notes.push(format!(
+                "the outcome could not be written to the journal ({error}): the run stays due \
+                 for recovery, which confirms it before any new run on its targets"
+            ));
+        }
+    }
+
+    fn report(&mut self, outcome: Outcome) -> RunReport {
         RunReport {
             run_id: self.rec.id.clone(),
             trigger: self.trigger.clone(),
@@ -463,7 +478,9 @@ impl<'a> RunContext<'a> {
             let steps = self.rec.begin_all(&subjects, "preflight", false).await;
             let found =
                 join_all(subjects.iter().map(|(_, name)| preflight_named(deps, name))).await;
-            let ended: Vec<_> = (group.iter().zip(found))
+            let ended: Vec<_> = group
+                .iter()
+                .zip(found)
                 .map(|(&i, found)| self.learn(i, found))
                 .collect();
             ok &= ended.iter().all(Result::is_ok);
@@ -749,14 +766,7 @@ impl<'a> RunContext<'a> {
     /// Writes the stores at `chunk` (target, store), each only once every start is durable.
     /// A stop mid-chunk closes the writes it did not reach as `skipped`.
     async fn publish_chunk(&mut self, chunk: &[(usize, usize)]) -> Result<(), Stop> {
-        let mut values = Vec::with_capacity(chunk.len());
-        for &(i, j) in chunk {
-            let written = self.render(i, j);
-            let store = &mut self.state_mut(i).stores[j];
-            store.written = written.as_ref().ok().cloned();
-            store.publish = Progress::Started;
-            values.push((store.original.clone(), written));
-        }
+        let values = self.prepare_writes(chunk);
         let subjects: Vec<(Part, String)> = chunk
             .iter()
             .map(|&(i, j)| (Part::Target(i), store_subject(&self.state(i).name, j)))
@@ -768,24 +778,7 @@ impl<'a> RunContext<'a> {
                 return Err(stop);
             }
         };
-        let mut results = Vec::with_capacity(chunk.len());
-        let mut stopped = Ok(());
-        for (&(i, j), (original, written)) in chunk.iter().zip(&values) {
-            if let Err(stop) = self.may_continue() {
-                stopped = Err(stop);
-                break;
-            }
-            let result = self.write_store(i, j, original.as_ref(), written).await;
-            if result.is_ok() {
-                self.state_mut(i).stores[j].publish = Progress::Done;
-            } else {
-                stopped = Err(Stop::Failed);
-            }
-            results.push(result);
-            if stopped.is_err() {
-                break;
-            }
-        }
+        let (results, stopped) = self.write_stores(chunk, &values).await;
         let ended: Vec<_> = ids.iter().copied().zip(&results).collect();
         self.rec.finish_all(&ended).await;
         if let Err(stop) = stopped {
@@ -798,6 +791,45 @@ impl<'a> RunContext<'a> {
             return Err(stop);
         }
         Ok(())
+    }
+
+    /// What each store of `chunk` holds and is to hold; each is marked started, its new value
+    /// kept in the state.
+    fn prepare_writes(&mut self, chunk: &[(usize, usize)]) -> Vec<StoreWrite> {
+        let mut values = Vec::with_capacity(chunk.len());
+        for &(i, j) in chunk {
+            let written = self.render(i, j);
+            let store = &mut self.state_mut(i).stores[j];
+            store.written = written.as_ref().ok().cloned();
+            store.publish = Progress::Started;
+            values.push((store.original.clone(), written));
+        }
+        values
+    }
+
+    /// Writes the stores of `chunk` in turn until one fails or the run may not go on; the
+    /// results of the writes made, and why it stopped short.
+    async fn write_stores(
+        &mut self,
+        chunk: &[(usize, usize)],
+        values: &[StoreWrite],
+    ) -> (Vec<Result<(), StepError>>, Result<(), Stop>) {
+        let mut results = Vec::with_capacity(chunk.len());
+        for (&(i, j), (original, written)) in chunk.iter().zip(values) {
+            if let Err(stop) = self.may_continue() {
+                return (results, Err(stop));
+            }
+            let result = self.write_store(i, j, original.as_ref(), written).await;
+            let failed = result.is_err();
+            if !failed {
+                self.state_mut(i).stores[j].publish = Progress::Done;
+            }
+            results.push(result);
+            if failed {
+                return (results, Err(Stop::Failed));
+            }
+        }
+        (results, Ok(()))
     }
 
     /// Marks the stores at `writes` as never written.
@@ -942,41 +974,9 @@ impl<'a> RunContext<'a> {
         let runtime = self.runtime(i)?;
         let mut proven: Vec<Credential> = Vec::new();
         for (j, store) in runtime.stores.iter().enumerate() {
-            let Some(value) = store.read().await.map_err(StepError::from)? else {
-                let was_absent = self
-                    .state(i)
-                    .stores
-                    .get(j)
-                    .is_some_and(|s| s.original.is_none());
-                if was_absent && matches!(expect, Expect::Not(_)) {
-                    continue;
-                }
-                return Err(StepError::new(
-                    "store_missing",
-                    format!("{}: the key is absent", store.describe()),
-                ));
+            let Some(credential) = self.held(i, j, expect).await? else {
+                continue;
             };
-            let credential = format::credential_from(
-                &value,
-                &runtime.config.stores[j].format,
-                &runtime.config.user,
-            )
-            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
-            let unexpected = match expect {
-                Expect::Exactly(wanted) if wanted != &credential => {
-                    Some("holds a different credential than this run wrote")
-                }
-                Expect::Not(unwanted) if unwanted == Some(&credential) => {
-                    Some("still holds the credential this run wrote")
-                }
-                _ => None,
-            };
-            if let Some(what) = unexpected {
-                return Err(StepError::new(
-                    "store_changed",
-                    format!("{}: {what}", store.describe()),
-                ));
-            }
             if proven.contains(&credential) {
                 continue;
             }
@@ -992,6 +992,54 @@ impl<'a> RunContext<'a> {
             proven.push(credential);
         }
         Ok(())
+    }
+
+    /// The credential store `j` of target `i` holds, if `expect` allows it; `None` when the
+    /// key is absent again after a rollback, as it was before the run.
+    async fn held(
+        &self,
+        i: usize,
+        j: usize,
+        expect: Expect<'_>,
+    ) -> Result<Option<Credential>, StepError> {
+        let runtime = self.runtime(i)?;
+        let store = &runtime.stores[j];
+        let Some(value) = store.read().await.map_err(StepError::from)? else {
+            let was_absent = self
+                .state(i)
+                .stores
+                .get(j)
+                .is_some_and(|s| s.original.is_none());
+            if was_absent && matches!(expect, Expect::Not(_)) {
+                return Ok(None);
+            }
+            return Err(StepError::new(
+                "store_missing",
+                format!("{}: the key is absent", store.describe()),
+            ));
+        };
+        let credential = format::credential_from(
+            &value,
+            &runtime.config.stores[j].format,
+            &runtime.config.user,
+        )
+        .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
+        let unexpected = match expect {
+            Expect::Exactly(wanted) if wanted != &credential => {
+                Some("holds a different credential than this run wrote")
+            }
+            Expect::Not(unwanted) if unwanted == Some(&credential) => {
+                Some("still holds the credential this run wrote")
+            }
+            _ => None,
+        };
+        match unexpected {
+            Some(what) => Err(StepError::new(
+                "store_changed",
+                format!("{}: {what}", store.describe()),
+            )),
+            None => Ok(Some(credential)),
+        }
     }
 
     async fn verify(&mut self) -> Result<(), Stop> {
@@ -1127,23 +1175,11 @@ impl<'a> RunContext<'a> {
         let new_since = restarted_at.unwrap_or(applied_at);
         let clock = Instant::now();
         loop {
-            let Some(on_old_login) = runtime
-                .backend
-                .sessions(&current.user)
-                .await
-                .map_err(StepError::from)?
+            let new_login = alternating.then_some(next.user.as_str());
+            let Some((on_old_login, on_new_login)) =
+                login_sessions(runtime.backend.as_ref(), &current.user, new_login).await?
             else {
                 return Ok(None);
-            };
-            let on_new_login = if alternating {
-                runtime
-                    .backend
-                    .sessions(&next.user)
-                    .await
-                    .map_err(StepError::from)?
-                    .unwrap_or_default()
-            } else {
-                on_old_login.clone()
             };
             let now = chrono::Utc::now().timestamp_millis();
             // The earliest each may have begun: when in doubt a session counts as old, not new.
@@ -1510,6 +1546,9 @@ impl<'a> RunContext<'a> {
     }
 }
 
+/// A store's value before the run, and the value it is to hold (or why there is none).
+type StoreWrite = (Option<Secret>, Result<Secret, StepError>);
+
 type StepFuture<'s> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StepError>> + Send + 's>>;
 
@@ -1542,6 +1581,27 @@ fn all_ok(results: &[(usize, Result<(), StepError>)]) -> Result<(), Stop> {
     } else {
         Err(Stop::Failed)
     }
+}
+
+/// The sessions of the old login and of the new one (the same list when the login does not
+/// change); `None` when the server keeps no session list.
+async fn login_sessions(
+    backend: &dyn crate::backend::Backend,
+    old_login: &str,
+    new_login: Option<&str>,
+) -> Result<Option<(Vec<Session>, Vec<Session>)>, StepError> {
+    let Some(on_old) = backend.sessions(old_login).await.map_err(StepError::from)? else {
+        return Ok(None);
+    };
+    let on_new = match new_login {
+        Some(login) => backend
+            .sessions(login)
+            .await
+            .map_err(StepError::from)?
+            .unwrap_or_default(),
+        None => on_old.clone(),
+    };
+    Ok(Some((on_old, on_new)))
 }
 
 /// What [`RunContext::verify_stores`] accepts in a store.

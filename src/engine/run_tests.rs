@@ -82,14 +82,16 @@ fn label(value: &str) -> &'static str {
     }
 }
 
-/// Both ends of every fake: the log and the faults; and a shutdown signal that `cancel_at`
-/// sends once that call has happened.
+/// Both ends of every fake: the log and the faults; a shutdown signal that `cancel_at` sends
+/// once that call has happened; and the store write (`foreign_at`) where someone else's value
+/// lands instead of the run's.
 #[derive(Clone, Default)]
 struct Shared {
     log: Log,
     faults: Faults,
     cancel: CancellationToken,
     cancel_at: Option<String>,
+    foreign_at: Option<String>,
 }
 
 impl Shared {
@@ -238,9 +240,8 @@ impl Store for FakeStore {
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
         let written = new.map_or("none", |v| label(v.expose()));
-        self.shared
-            .call(format!("{}.cas({written})", self.name))
-            .map_err(|()| self.error())?;
+        let call = format!("{}.cas({written})", self.name);
+        self.shared.call(call.clone()).map_err(|()| self.error())?;
         let mut value = self.value.lock().unwrap();
         if value.as_ref() != expected {
             return Err(StoreError::Conflict {
@@ -248,6 +249,10 @@ impl Store for FakeStore {
             });
         }
         *value = new.cloned();
+        if self.shared.foreign_at.as_ref() == Some(&call) {
+            // Another writer's value lands right after the run's.
+            *value = Some(url_of(&credential("app", OTHER)));
+        }
         Ok(())
     }
 
@@ -410,7 +415,6 @@ async fn rotate(
     faults: &[(&str, usize)],
     cancel_at: Option<&str>,
 ) -> (RunReport, Log) {
-    let engine = engine(strategy).await;
     let shared = Shared {
         cancel_at: cancel_at.map(str::to_string),
         ..Shared::default()
@@ -418,6 +422,12 @@ async fn rotate(
     for (call, nth) in faults {
         shared.faults.fail(call, *nth);
     }
+    rotate_shared(strategy, shared).await
+}
+
+/// [`rotate`] with the fakes sharing `shared`.
+async fn rotate_shared(strategy: Strategy, shared: Shared) -> (RunReport, Log) {
+    let engine = engine(strategy).await;
     let old = old_credential(strategy);
     let plan = Plan::new(&engine.deps.config, &[]).expect("plan");
     let mut run = start(&engine, &plan, "test")
@@ -558,6 +568,50 @@ async fn a_shutdown_during_the_restart_rolls_back_but_does_not_cut_the_undo_shor
             step_list(&report).contains(&"undo-restart proxy ok".to_string()),
             "{strategy:?}: {:?}",
             step_list(&report)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_store_someone_else_wrote_is_left_alone_by_the_rollback_and_reported() {
+    let shared = Shared {
+        foreign_at: Some("store1.cas(new)".into()),
+        ..Shared::default()
+    };
+    let (report, log) = rotate_shared(Strategy::Single, shared).await;
+    // verify fails on store1; its value nobody here can log in with fails verify-old too.
+    assert_eq!(report.outcome, Outcome::RollbackFailed);
+    assert_eq!(
+        log.changes(),
+        strings(&[
+            "backend.apply(new)",
+            "store0.cas(new)",
+            "store1.cas(new)",
+            "consumer.restart",
+            "store0.cas(old)",
+            "backend.undo_apply(new)",
+            "consumer.restart",
+        ])
+    );
+    let undo = report
+        .steps
+        .iter()
+        .find(|s| s.step == "undo-publish" && s.subject == "t/store[1]")
+        .expect("undo-publish of store[1]");
+    assert_eq!(undo.status, "ok");
+    assert_eq!(
+        undo.error.as_deref(),
+        Some("left: holds a value this run did not write")
+    );
+    for note in [
+        "target t: store[1] holds a value this run did not write; left as it is",
+        "target t: store1 holds a value this run did not write",
+        "target t: store0 holds the old value",
+    ] {
+        assert!(
+            report.state.iter().any(|n| n == note),
+            "{note:?} not in {:?}",
+            report.state
         );
     }
 }
