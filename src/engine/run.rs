@@ -550,7 +550,7 @@ impl<'a> RunContext<'a> {
     }
 
     /// The journaled state of target `i`.
-    pub fn state(&self, i: usize) -> &TargetState {
+    fn state(&self, i: usize) -> &TargetState {
         &self.rec.state.targets[i]
     }
 
