@@ -4,6 +4,7 @@
 //! - [`plan`]: which targets and consumers a run covers.
 //! - [`state`]: the recoverable run state kept (encrypted) in the journal.
 //! - [`recorder`]: journals each step boundary and times it.
+//! - [`preflight`]: the read-only checks before a run changes anything (and a dry run).
 //! - [`run`]: the forward steps and the rollback.
 //! - [`recover`]: finishing or undoing interrupted runs.
 //! - [`check`]: the drift check (does every stored credential log in?).
@@ -13,6 +14,7 @@
 pub mod check;
 pub mod events;
 pub mod plan;
+pub mod preflight;
 pub mod recorder;
 pub mod recover;
 pub mod report;

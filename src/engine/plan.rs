@@ -100,13 +100,10 @@ pub struct PreflightResult {
 pub async fn dry_run<'a>(deps: &Deps, plan: &'a Plan) -> DryRun<'a> {
     let mut results = Vec::new();
     for planned in &plan.targets {
-        let result = match deps.config.target(&planned.name) {
-            Some(target) => super::run::preflight(deps, target)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => Err(format!("target {:?} is not in the config", planned.name)),
-        };
+        let result = super::preflight::preflight_named(deps, &planned.name)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         results.push(PreflightResult {
             subject: planned.name.clone(),
             ok: result.is_ok(),

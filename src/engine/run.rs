@@ -8,9 +8,10 @@ use tracing::instrument;
 
 use super::events;
 use super::plan::Plan;
+use super::preflight::{clients, preflight_named, Preflight};
 use super::recorder::{Part, Recorder, StepId};
 use super::report::{Confirmation, Outcome, RunReport};
-use super::state::{Progress, RunState, SavedCredential, StoreState};
+use super::state::{Progress, RunState, SavedCredential, StoreState, TargetState};
 use super::{Deps, Engine, EngineError, StepError, TargetRuntime};
 use crate::backend::Session;
 use crate::config::{ConsumerKind, StoreKind, Strategy, Target};
@@ -20,119 +21,8 @@ use crate::password;
 use crate::secret::{Credential, Secret};
 use crate::store::format;
 
-/// What preflight learned about a target: its parts, the credential in use, every store's value.
-pub struct Preflight<'a> {
-    pub runtime: TargetRuntime<'a>,
-    pub current: Credential,
-    pub originals: Vec<Option<Secret>>,
-    /// Sessions of the rotated login now (`None`: the server keeps no list, or it is unreadable).
-    pub sessions: Option<usize>,
-}
-
 /// How often `confirm` reads the session list while it waits.
 const CONFIRM_POLL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Distinct client addresses of `sessions`, sorted: what a report may show of them.
-fn clients(sessions: &[&Session]) -> Vec<String> {
-    let mut clients: Vec<String> = sessions.iter().map(|s| s.client.clone()).collect();
-    clients.sort();
-    clients.dedup();
-    clients
-}
-
-/// Reads every store, checks each can take the new credential, and proves the current one logs
-/// in. Changes nothing; `rotate --dry-run` runs it too.
-pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<'a>, StepError> {
-    let runtime = deps.target_runtime(target).await?;
-    let mut originals = Vec::new();
-    for store in &runtime.stores {
-        store.preflight().await.map_err(StepError::from)?;
-        originals.push(store.read().await.map_err(StepError::from)?);
-    }
-    let source = &runtime.stores[0];
-    let first = originals[0].as_ref().ok_or_else(|| {
-        StepError::new(
-            "store_format",
-            format!(
-                "{}: the key is absent; the first store is where the current credential is read",
-                source.describe()
-            ),
-        )
-    })?;
-    let current = format::credential_from(first, &target.stores[0].format, &target.user)
-        .map_err(|m| StepError::new("store_format", format!("{}: {m}", source.describe())))?;
-    if !target.logins().contains(&current.user.as_str()) {
-        return Err(StepError::new(
-            "store_format",
-            format!(
-                "{}: the stored credential is for user {:?}, but the target rotates {:?}",
-                source.describe(),
-                current.user,
-                target.logins().join(" / ")
-            ),
-        ));
-    }
-    for ((store, config), original) in runtime.stores.iter().zip(&target.stores).zip(&originals) {
-        format::render(&config.format, original.as_ref(), &current)
-            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
-    }
-    for sync in &runtime.syncs {
-        sync.check_holds(&current).await.map_err(StepError::from)?;
-    }
-    // Both read-only and independent: the admin check and the proof that the stored credential
-    // logs in run side by side (two logins' latency would otherwise add up).
-    let (admin, login) = tokio::join!(
-        runtime.backend.check_admin(&current),
-        runtime.backend.login(&current)
-    );
-    admin.map_err(StepError::from)?;
-    login.map_err(|e| {
-        StepError::new(
-            "stored_credential_invalid",
-            format!(
-                "the stored credential does not log in, so it is not rotated (fix it first): {e}"
-            ),
-        )
-    })?;
-    if target.strategy == Strategy::Alternating {
-        // The idle login's password is about to change: whoever still uses it (a pod on the
-        // credential from two rotations ago) would be cut off.
-        let idle = runtime.backend.next_user(&current);
-        if let Some(open) = runtime
-            .backend
-            .sessions(&idle)
-            .await
-            .map_err(StepError::from)?
-        {
-            if !open.is_empty() {
-                let open: Vec<&Session> = open.iter().collect();
-                return Err(StepError::new(
-                    "sessions_open",
-                    format!(
-                        "login {idle:?} has {} open session(s) from {}: something still uses the \
-                         credential from two rotations ago, and a new password on {idle:?} would \
-                         cut it off; restart or reconfigure those clients, then rotate",
-                        open.len(),
-                        clients(&open).join(", ")
-                    ),
-                ));
-            }
-        }
-    }
-    let sessions = match runtime.backend.sessions(&current.user).await {
-        Ok(sessions) => sessions.map(|s| s.len()),
-        Err(error) => {
-            tracing::warn!(target = %target.name, cause = %error, "cannot read the session list");
-            None
-        }
-    };
-    Ok(Preflight {
-        runtime,
-        current,
-        originals,
-        sessions,
-    })
-}
 
 fn store_subject(target: &str, index: usize) -> String {
     format!("{target}/store[{index}]")
@@ -186,6 +76,15 @@ pub struct RunContext<'a> {
     /// Cancelled when the target lock is known to be lost.
     lock_lost: CancellationToken,
     cancel: CancellationToken,
+}
+
+/// One target as a step that acts on it sees it: its journaled state, its live parts and the
+/// credentials it rotates from and to.
+struct TargetRun<'r, 'a> {
+    state: &'r TargetState,
+    runtime: &'r TargetRuntime<'a>,
+    current: Credential,
+    next: Credential,
 }
 
 /// Rotates the planned targets: the whole transaction, from lock to report.
@@ -343,26 +242,12 @@ impl<'a> RunContext<'a> {
                 .push("the target lock was lost before the run ended: left to recovery".into());
             outcome = Outcome::Interrupted;
         }
-        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
-            if let Some(runtime) = runtime {
-                for note in runtime.backend.take_notes() {
-                    self.notes
-                        .push(format!("target {}: {}", state.name, note.message));
-                    self.warnings.push((state.name.clone(), note.kind));
-                }
-            }
-        }
+        self.take_backend_notes();
         if outcome == Outcome::RollbackFailed {
             self.describe_state().await;
         }
         if outcome != Outcome::Interrupted {
-            if let Err(error) = self.rec_journal_finish(outcome).await {
-                tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
-                self.notes.push(format!(
-                    "the outcome could not be written to the journal ({error}): the run stays due \
-                     for recovery, which confirms it before any new run on its targets"
-                ));
-            }
+            self.journal_outcome(outcome).await;
         }
         if let Some(lock) = self.lock.take() {
             lock.release().await;
@@ -372,6 +257,35 @@ impl<'a> RunContext<'a> {
             events::emit(client, &self.rec.id, outcome, &self.event_objects()).await;
         }
         tracing::info!(run = %self.rec.id, outcome = outcome.as_str(), "rotation finished");
+        self.report(outcome)
+    }
+
+    /// Moves each backend's warnings into the report's notes and the warning counter.
+    fn take_backend_notes(&mut self) {
+        for (state, runtime) in self.rec.state.targets.iter().zip(&self.targets) {
+            if let Some(runtime) = runtime {
+                for note in runtime.backend.take_notes() {
+                    self.notes
+                        .push(format!("target {}: {}", state.name, note.message));
+                    self.warnings.push((state.name.clone(), note.kind));
+                }
+            }
+        }
+    }
+
+    /// Journals the outcome; a failure to is noted in the report, and leaves the run due for
+    /// recovery.
+    async fn journal_outcome(&mut self, outcome: Outcome) {
+        if let Err(error) = self.rec_journal_finish(outcome).await {
+            tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
+            self.notes.push(format!(
+                "the outcome could not be written to the journal ({error}): the run stays due \
+                 for recovery, which confirms it before any new run on its targets"
+            ));
+        }
+    }
+
+    fn report(&mut self, outcome: Outcome) -> RunReport {
         RunReport {
             run_id: self.rec.id.clone(),
             trigger: self.trigger.clone(),
@@ -521,14 +435,22 @@ impl<'a> RunContext<'a> {
         Ok(ids)
     }
 
-    /// Runs a wait that a shutdown or a lost lock must cut short (consumer rollouts, syncs).
+    /// Runs a wait that a lost lock must cut short (consumer rollouts, syncs, confirm), and a
+    /// shutdown too unless the run is rolling back: a shutdown does not cut a rollback short.
     async fn interruptible<T>(
         &self,
         work: impl std::future::Future<Output = Result<T, StepError>>,
     ) -> Result<T, StepError> {
+        let shutdown = async {
+            if self.rec.state.rolling_back {
+                std::future::pending().await
+            } else {
+                self.cancel.cancelled().await
+            }
+        };
         tokio::select! {
             result = work => result,
-            _ = self.cancel.cancelled() => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
+            _ = shutdown => Err(StepError::new("cancelled", "stopped by a shutdown signal; rolling back")),
             _ = self.lock_lost.cancelled() => Err(StepError::new("lock_lost", "the target lock was lost; stopped")),
         }
     }
@@ -541,77 +463,76 @@ impl<'a> RunContext<'a> {
 
     #[instrument(skip_all, fields(run = %self.rec.id))]
     async fn preflight(&mut self) -> bool {
+        let targets = self.preflight_targets().await;
+        let consumers = self.preflight_consumers().await;
+        targets && consumers && self.rec.durable() && !self.lost_ownership()
+    }
+
+    /// Read-only: the targets of a chunk are checked concurrently.
+    async fn preflight_targets(&mut self) -> bool {
         let mut ok = true;
-        let count = self.rec.state.targets.len();
-        let chunk = self.deps.config.rotator.max_parallel;
         let deps = self.deps;
-        // Read-only: the targets of a chunk are checked concurrently.
-        for start in (0..count).step_by(chunk) {
-            let indexes: Vec<usize> = (start..(start + chunk).min(count)).collect();
-            let subjects: Vec<(Part, String)> = indexes
-                .iter()
-                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
-                .collect();
+        for group in self.chunks() {
+            let subjects = self.subjects(&group);
             let steps = self.rec.begin_all(&subjects, "preflight", false).await;
-            let found = join_all(subjects.iter().map(|(_, name)| async move {
-                match deps.config.target(name) {
-                    Some(target) => preflight(deps, target).await,
-                    None => Err(StepError::new(
-                        "config",
-                        format!("target {name:?} is not in the config"),
-                    )),
-                }
-            }))
-            .await;
-            let mut ended = Vec::with_capacity(indexes.len());
-            for (&i, result) in indexes.iter().zip(found) {
-                match result {
-                    Ok(found) => {
-                        let state = &mut self.rec.state.targets[i];
-                        state.current = Some(SavedCredential::from(&found.current));
-                        state.sessions_before = found.sessions;
-                        state.stores = found
-                            .originals
-                            .into_iter()
-                            .map(|original| StoreState {
-                                original,
-                                ..Default::default()
-                            })
-                            .collect();
-                        self.targets.push(Some(found.runtime));
-                        ended.push(Ok(()));
-                    }
-                    Err(message) => {
-                        self.targets.push(None);
-                        ended.push(Err(message));
-                        ok = false;
-                    }
-                }
-            }
+            let found =
+                join_all(subjects.iter().map(|(_, name)| preflight_named(deps, name))).await;
+            let ended: Vec<_> = group
+                .iter()
+                .zip(found)
+                .map(|(&i, found)| self.learn(i, found))
+                .collect();
+            ok &= ended.iter().all(Result::is_ok);
             let ended: Vec<_> = steps.into_iter().zip(&ended).collect();
             self.rec.finish_all(&ended).await;
         }
+        ok
+    }
+
+    /// Keeps what preflight found on target `i` (the next one): its state and its live parts.
+    fn learn(
+        &mut self,
+        i: usize,
+        found: Result<Preflight<'a>, StepError>,
+    ) -> Result<(), StepError> {
+        let found = match found {
+            Ok(found) => found,
+            Err(error) => {
+                self.targets.push(None);
+                return Err(error);
+            }
+        };
+        let state = self.state_mut(i);
+        state.current = Some(SavedCredential::from(&found.current));
+        state.sessions_before = found.sessions;
+        state.stores = found
+            .originals
+            .into_iter()
+            .map(|original| StoreState {
+                original,
+                ..Default::default()
+            })
+            .collect();
+        self.targets.push(Some(found.runtime));
+        Ok(())
+    }
+
+    async fn preflight_consumers(&mut self) -> bool {
+        let mut ok = true;
         for k in 0..self.rec.state.consumers.len() {
             let name = self.rec.state.consumers[k].name.clone();
-            let step = self
-                .rec
-                .begin(Part::Run, "preflight", &format!("consumer/{name}"))
-                .await;
-            let result = match self.deps.consumer(&name) {
-                Ok(handle) => {
-                    let checked = handle.preflight().await.map_err(StepError::from);
-                    self.consumers.push(Some(handle));
-                    checked
-                }
-                Err(error) => {
-                    self.consumers.push(None);
-                    Err(StepError::from(error))
-                }
+            let subject = format!("consumer/{name}");
+            let step = self.rec.begin(Part::Run, "preflight", &subject).await;
+            let handle = self.deps.consumer(&name).map_err(StepError::from);
+            let result = match &handle {
+                Ok(handle) => handle.preflight().await.map_err(StepError::from),
+                Err(error) => Err(error.clone()),
             };
+            self.consumers.push(handle.ok());
             ok &= result.is_ok();
             self.rec.finish(step, &result).await;
         }
-        ok && self.rec.durable() && !self.lost_ownership()
+        ok
     }
 
     /// Lets every store clean up what the interrupted write may have left (best effort).
@@ -627,26 +548,62 @@ impl<'a> RunContext<'a> {
         self.notes.extend(notes);
     }
 
+    /// The journaled state of target `i`.
+    fn state(&self, i: usize) -> &TargetState {
+        &self.rec.state.targets[i]
+    }
+
+    fn state_mut(&mut self, i: usize) -> &mut TargetState {
+        &mut self.rec.state.targets[i]
+    }
+
+    fn target_indexes(&self) -> std::ops::Range<usize> {
+        0..self.rec.state.targets.len()
+    }
+
+    /// Every target's index, `max_parallel` at a time.
+    fn chunks(&self) -> Vec<Vec<usize>> {
+        let all: Vec<usize> = self.target_indexes().collect();
+        let chunk = self.deps.config.rotator.max_parallel;
+        all.chunks(chunk).map(<[usize]>::to_vec).collect()
+    }
+
+    /// What a step on the targets at `indexes` journals: each one's name, on its own part.
+    fn subjects(&self, indexes: &[usize]) -> Vec<(Part, String)> {
+        indexes
+            .iter()
+            .map(|&i| (Part::Target(i), self.state(i).name.clone()))
+            .collect()
+    }
+
     pub fn runtime_at(&self, i: usize) -> Option<&TargetRuntime<'a>> {
         self.targets.get(i).and_then(Option::as_ref)
     }
 
     fn runtime(&self, i: usize) -> Result<&TargetRuntime<'a>, StepError> {
-        self.targets.get(i).and_then(Option::as_ref).ok_or_else(|| {
+        self.runtime_at(i).ok_or_else(|| {
             StepError::new(
                 "config",
                 format!(
                     "target {:?} cannot be acted on: it is not in the config any more",
-                    self.rec.state.targets[i].name
+                    self.state(i).name
                 ),
             )
         })
     }
 
-    fn credentials(&self, i: usize) -> Result<(Credential, Credential), StepError> {
-        let state = &self.rec.state.targets[i];
+    /// Target `i` as a step that acts on it sees it: its state, its live parts and both of
+    /// its credentials; an error when the config or the run state lacks one of them.
+    fn target_run(&self, i: usize) -> Result<TargetRun<'_, 'a>, StepError> {
+        let runtime = self.runtime(i)?;
+        let state = self.state(i);
         match (&state.current, &state.next) {
-            (Some(current), Some(next)) => Ok((current.into(), next.into())),
+            (Some(current), Some(next)) => Ok(TargetRun {
+                state,
+                runtime,
+                current: current.into(),
+                next: next.into(),
+            }),
             _ => Err(StepError::new(
                 "journal_state",
                 "the run state has no credentials for this target",
@@ -655,23 +612,10 @@ impl<'a> RunContext<'a> {
     }
 
     async fn generate(&mut self) -> Result<(), Stop> {
-        let count = self.rec.state.targets.len();
-        let chunk = self.deps.config.rotator.max_parallel;
-        for start in (0..count).step_by(chunk) {
-            let indexes: Vec<usize> = (start..(start + chunk).min(count)).collect();
-            let subjects: Vec<(Part, String)> = indexes
-                .iter()
-                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
-                .collect();
+        for group in self.chunks() {
+            let subjects = self.subjects(&group);
             let steps = self.rec.begin_all(&subjects, "generate", false).await;
-            let mut ended = Vec::with_capacity(indexes.len());
-            for &i in &indexes {
-                let next = self.next_credential(i);
-                if let Ok(next) = &next {
-                    self.rec.state.targets[i].next = Some(SavedCredential::from(next));
-                }
-                ended.push(next.map(|_| ()));
-            }
+            let ended: Vec<_> = group.iter().map(|&i| self.next_credential(i)).collect();
             let ended: Vec<_> = steps.into_iter().zip(&ended).collect();
             self.rec.finish_all(&ended).await;
             if ended.iter().any(|(_, result)| result.is_err()) {
@@ -681,18 +625,21 @@ impl<'a> RunContext<'a> {
         self.may_continue()
     }
 
-    /// A new credential for target `i` under its password policy.
-    fn next_credential(&self, i: usize) -> Result<Credential, StepError> {
+    /// Draws a new credential for target `i` under its password policy, into its state.
+    fn next_credential(&mut self, i: usize) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
-        let current: Credential = self.rec.state.targets[i]
+        let current: Credential = self
+            .state(i)
             .current
             .as_ref()
             .ok_or_else(|| StepError::new("journal_state", "the run state has no credential"))?
             .into();
-        Ok(Credential {
+        let next = Credential {
             user: runtime.backend.next_user(&current),
             password: password::generate(&runtime.config.password),
-        })
+        };
+        self.state_mut(i).next = Some(SavedCredential::from(&next));
+        Ok(())
     }
 
     /// Not interruptible: a password change abandoned mid-statement could still commit after
@@ -701,10 +648,10 @@ impl<'a> RunContext<'a> {
         let results = self
             .each_target("apply", Mark::Apply, true, |this, i| {
                 Box::pin(async move {
-                    let (runtime, (current, next)) = (this.runtime(i)?, this.credentials(i)?);
-                    runtime
-                        .backend
-                        .apply(&current, &next)
+                    let run = this.target_run(i)?;
+                    let backend = &run.runtime.backend;
+                    backend
+                        .apply(&run.current, &run.next)
                         .await
                         .map_err(StepError::from)
                 })
@@ -718,8 +665,9 @@ impl<'a> RunContext<'a> {
         let results = self
             .each_target("verify-backend", Mark::None, true, |this, i| {
                 Box::pin(async move {
-                    let (runtime, (_, next)) = (this.runtime(i)?, this.credentials(i)?);
-                    runtime.backend.login(&next).await.map_err(StepError::from)
+                    let run = this.target_run(i)?;
+                    let backend = &run.runtime.backend;
+                    backend.login(&run.next).await.map_err(StepError::from)
                 })
             })
             .await?;
@@ -738,7 +686,7 @@ impl<'a> RunContext<'a> {
         stop_on_failure: bool,
         act: for<'s> fn(&'s Self, usize) -> StepFuture<'s>,
     ) -> Result<Vec<(usize, Result<(), StepError>)>, Stop> {
-        let all: Vec<usize> = (0..self.rec.state.targets.len()).collect();
+        let all: Vec<usize> = self.target_indexes().collect();
         self.each_target_of(&all, step, mark, stop_on_failure, act)
             .await
     }
@@ -755,33 +703,14 @@ impl<'a> RunContext<'a> {
         let chunk = self.deps.config.rotator.max_parallel;
         let mut results = Vec::with_capacity(indexes.len());
         for group in indexes.chunks(chunk) {
-            let subjects: Vec<(Part, String)> = group
-                .iter()
-                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
-                .collect();
-            let ids = if mark == Mark::None {
-                self.rec.begin_all(&subjects, step, false).await
-            } else {
-                for &i in group {
-                    mark.set(&mut self.rec.state.targets[i], Progress::Started);
-                }
-                match self.begin_effects(&subjects, step).await {
-                    Ok(ids) => ids,
-                    Err(stop) => {
-                        for &i in group {
-                            mark.set(&mut self.rec.state.targets[i], Progress::NotStarted);
-                        }
-                        return Err(stop);
-                    }
-                }
-            };
+            let ids = self.begin_marked(group, step, mark).await?;
             let outcomes = {
                 let this = &*self;
                 join_all(group.iter().map(|&i| act(this, i))).await
             };
             for (&i, outcome) in group.iter().zip(&outcomes) {
                 if outcome.is_ok() {
-                    mark.set(&mut self.rec.state.targets[i], Progress::Done);
+                    mark.set(self.state_mut(i), Progress::Done);
                 }
             }
             let ended: Vec<_> = ids.iter().copied().zip(&outcomes).collect();
@@ -795,77 +724,127 @@ impl<'a> RunContext<'a> {
         Ok(results)
     }
 
+    /// Journals the start of `step` on the targets of `group`: durably, with `mark` moved to
+    /// `Started`, for a step with a side effect (write-ahead); `mark` goes back when it may not.
+    async fn begin_marked(
+        &mut self,
+        group: &[usize],
+        step: &str,
+        mark: Mark,
+    ) -> Result<Vec<StepId>, Stop> {
+        let subjects = self.subjects(group);
+        if mark == Mark::None {
+            return Ok(self.rec.begin_all(&subjects, step, false).await);
+        }
+        for &i in group {
+            mark.set(self.state_mut(i), Progress::Started);
+        }
+        let begun = self.begin_effects(&subjects, step).await;
+        if begun.is_err() {
+            for &i in group {
+                mark.set(self.state_mut(i), Progress::NotStarted);
+            }
+        }
+        begun
+    }
+
     /// Writes every store, one at a time (several targets may share one file), in chunks of
     /// `max_parallel` whose start records are journaled durably together (write-ahead).
     async fn publish(&mut self) -> Result<(), Stop> {
-        let writes: Vec<(usize, usize)> = (0..self.rec.state.targets.len())
-            .flat_map(|i| (0..self.rec.state.targets[i].stores.len()).map(move |j| (i, j)))
+        let writes: Vec<(usize, usize)> = self
+            .target_indexes()
+            .flat_map(|i| (0..self.state(i).stores.len()).map(move |j| (i, j)))
             .collect();
         for chunk in writes.chunks(self.deps.config.rotator.max_parallel) {
-            let mut values = Vec::with_capacity(chunk.len());
-            for &(i, j) in chunk {
-                let (runtime, (_, next)) = match (self.runtime(i), self.credentials(i)) {
-                    (Ok(runtime), Ok(creds)) => (runtime, creds),
-                    _ => return Err(Stop::Failed),
-                };
-                let original = self.rec.state.targets[i].stores[j].original.clone();
-                let written =
-                    format::render(&runtime.config.stores[j].format, original.as_ref(), &next);
-                let store_state = &mut self.rec.state.targets[i].stores[j];
-                store_state.written = written.as_ref().ok().cloned();
-                store_state.publish = Progress::Started;
-                values.push((original, written));
-            }
-            let subjects: Vec<(Part, String)> = chunk
-                .iter()
-                .map(|&(i, j)| {
-                    let name = &self.rec.state.targets[i].name;
-                    (Part::Target(i), store_subject(name, j))
-                })
-                .collect();
-            let ids = match self.begin_effects(&subjects, "publish").await {
-                Ok(ids) => ids,
-                Err(stop) => {
-                    for &(i, j) in chunk {
-                        self.rec.state.targets[i].stores[j].publish = Progress::NotStarted;
-                    }
-                    return Err(stop);
-                }
-            };
-            let mut results = Vec::with_capacity(chunk.len());
-            let mut stopped = Ok(());
-            for (&(i, j), (original, written)) in chunk.iter().zip(&values) {
-                if let Err(stop) = self.may_continue() {
-                    stopped = Err(stop);
-                    break;
-                }
-                let result = self.write_store(i, j, original.as_ref(), written).await;
-                if result.is_ok() {
-                    self.rec.state.targets[i].stores[j].publish = Progress::Done;
-                } else {
-                    stopped = Err(Stop::Failed);
-                }
-                results.push(result);
-                if stopped.is_err() {
-                    break;
-                }
-            }
-            let ended: Vec<_> = ids.iter().copied().zip(&results).collect();
-            self.rec.finish_all(&ended).await;
-            if let Err(stop) = stopped {
-                // Journaled but not acted on: nothing happened to these stores.
-                for &(i, j) in &chunk[results.len()..] {
-                    self.rec.state.targets[i].stores[j].publish = Progress::NotStarted;
-                }
-                let why = format!("not started: {}", stop.reason());
-                self.rec
-                    .end_all(&ids[results.len()..], "skipped", Some(why))
-                    .await;
-                return Err(stop);
-            }
+            self.publish_chunk(chunk).await?;
             self.may_continue()?;
         }
         Ok(())
+    }
+
+    /// Writes the stores at `chunk` (target, store), each only once every start is durable.
+    /// A stop mid-chunk closes the writes it did not reach as `skipped`.
+    async fn publish_chunk(&mut self, chunk: &[(usize, usize)]) -> Result<(), Stop> {
+        let values = self.prepare_writes(chunk);
+        let subjects: Vec<(Part, String)> = chunk
+            .iter()
+            .map(|&(i, j)| (Part::Target(i), store_subject(&self.state(i).name, j)))
+            .collect();
+        let ids = match self.begin_effects(&subjects, "publish").await {
+            Ok(ids) => ids,
+            Err(stop) => {
+                self.unpublished(chunk);
+                return Err(stop);
+            }
+        };
+        let (results, stopped) = self.write_stores(chunk, &values).await;
+        let ended: Vec<_> = ids.iter().copied().zip(&results).collect();
+        self.rec.finish_all(&ended).await;
+        if let Err(stop) = stopped {
+            // Journaled but not acted on: nothing happened to these stores.
+            self.unpublished(&chunk[results.len()..]);
+            let why = format!("not started: {}", stop.reason());
+            self.rec
+                .end_all(&ids[results.len()..], "skipped", Some(why))
+                .await;
+            return Err(stop);
+        }
+        Ok(())
+    }
+
+    /// What each store of `chunk` holds and is to hold; each is marked started, its new value
+    /// kept in the state.
+    fn prepare_writes(&mut self, chunk: &[(usize, usize)]) -> Vec<StoreWrite> {
+        let mut values = Vec::with_capacity(chunk.len());
+        for &(i, j) in chunk {
+            let written = self.render(i, j);
+            let store = &mut self.state_mut(i).stores[j];
+            store.written = written.as_ref().ok().cloned();
+            store.publish = Progress::Started;
+            values.push((store.original.clone(), written));
+        }
+        values
+    }
+
+    /// Writes the stores of `chunk` in turn until one fails or the run may not go on; the
+    /// results of the writes made, and why it stopped short.
+    async fn write_stores(
+        &mut self,
+        chunk: &[(usize, usize)],
+        values: &[StoreWrite],
+    ) -> (Vec<Result<(), StepError>>, Result<(), Stop>) {
+        let mut results = Vec::with_capacity(chunk.len());
+        for (&(i, j), (original, written)) in chunk.iter().zip(values) {
+            if let Err(stop) = self.may_continue() {
+                return (results, Err(stop));
+            }
+            let result = self.write_store(i, j, original.as_ref(), written).await;
+            let failed = result.is_err();
+            if !failed {
+                self.state_mut(i).stores[j].publish = Progress::Done;
+            }
+            results.push(result);
+            if failed {
+                return (results, Err(Stop::Failed));
+            }
+        }
+        (results, Ok(()))
+    }
+
+    /// Marks the stores at `writes` as never written.
+    fn unpublished(&mut self, writes: &[(usize, usize)]) {
+        for &(i, j) in writes {
+            self.state_mut(i).stores[j].publish = Progress::NotStarted;
+        }
+    }
+
+    /// The whole value store `j` of target `i` is to hold: its original with the new credential.
+    fn render(&self, i: usize, j: usize) -> Result<Secret, StepError> {
+        let run = self.target_run(i)?;
+        let store = &run.runtime.stores[j];
+        let original = run.state.stores[j].original.as_ref();
+        format::render(&run.runtime.config.stores[j].format, original, &run.next)
+            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))
     }
 
     /// Writes store `j` of target `i`: `written` where it holds `original`.
@@ -874,19 +853,13 @@ impl<'a> RunContext<'a> {
         i: usize,
         j: usize,
         original: Option<&Secret>,
-        written: &Result<Secret, format::FormatError>,
+        written: &Result<Secret, StepError>,
     ) -> Result<(), StepError> {
-        let runtime = self.runtime(i)?;
-        match written {
-            Ok(value) => runtime.stores[j]
-                .compare_and_swap(original, Some(value))
-                .await
-                .map_err(StepError::from),
-            Err(message) => Err(StepError::new(
-                "store_format",
-                format!("{}: {message}", runtime.stores[j].describe()),
-            )),
-        }
+        let value = written.as_ref().map_err(Clone::clone)?;
+        self.runtime(i)?.stores[j]
+            .compare_and_swap(original, Some(value))
+            .await
+            .map_err(StepError::from)
     }
 
     /// Restart, verify, retire: everything after the stores hold the new credential. Recovery
@@ -919,45 +892,48 @@ impl<'a> RunContext<'a> {
     /// Forces each ExternalSecret to copy the new credential into its Secret, and waits for it,
     /// so the restart that follows reads the new credential.
     async fn sync(&mut self) -> Result<(), Stop> {
-        for i in 0..self.rec.state.targets.len() {
+        for i in self.target_indexes() {
             let entries = self.runtime(i).map_err(|_| Stop::Failed)?.syncs.len();
-            if entries == 0 || self.rec.state.targets[i].sync == Progress::Done {
+            if entries == 0 || self.state(i).sync == Progress::Done {
                 continue;
             }
-            let name = self.rec.state.targets[i].name.clone();
-            self.rec.state.targets[i].sync = Progress::Started;
+            self.state_mut(i).sync = Progress::Started;
             for k in 0..entries {
-                let step = self
-                    .begin_effect(Part::Target(i), "sync", &sync_subject(&name, k))
-                    .await?;
-                let result = match (self.runtime(i), self.credentials(i)) {
-                    (Ok(runtime), Ok((_, next))) => {
-                        self.interruptible(async {
-                            runtime.syncs[k]
-                                .sync(&next, runtime.config.sync_timeout)
-                                .await
-                                .map_err(StepError::from)
-                        })
-                        .await
-                    }
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                };
+                let subject = sync_subject(&self.state(i).name, k);
+                let step = self.begin_effect(Part::Target(i), "sync", &subject).await?;
+                let result = self.interruptible(self.sync_entry(i, k, Held::New)).await;
                 self.rec.finish(step, &result).await;
                 result.map_err(|_| Stop::Failed)?;
                 self.may_continue()?;
             }
-            self.rec.state.targets[i].sync = Progress::Done;
+            self.state_mut(i).sync = Progress::Done;
         }
         Ok(())
     }
 
+    /// Has sync entry `k` of target `i` copy the credential `held` names, and waits for it.
+    async fn sync_entry(&self, i: usize, k: usize, held: Held) -> Result<(), StepError> {
+        let runtime = self.runtime(i)?;
+        let credential = match held {
+            Held::New => self.target_run(i)?.next,
+            Held::Old => match &self.state(i).current {
+                Some(current) => current.into(),
+                None => return Err(no_sync_entry()),
+            },
+        };
+        let sync = runtime.syncs.get(k).ok_or_else(no_sync_entry)?;
+        sync.sync(&credential, runtime.config.sync_timeout)
+            .await
+            .map_err(StepError::from)
+    }
+
     async fn restart(&mut self) -> Result<(), Stop> {
         for k in 0..self.rec.state.consumers.len() {
-            if self.rec.state.consumers[k].restart == Progress::Done {
+            let previous = self.rec.state.consumers[k].restart;
+            if previous == Progress::Done {
                 continue;
             }
             let name = self.rec.state.consumers[k].name.clone();
-            let previous = self.rec.state.consumers[k].restart;
             self.rec.state.consumers[k].restart = Progress::Started;
             let step = match self.begin_effect(Part::Run, "restart", &name).await {
                 Ok(step) => step,
@@ -966,18 +942,7 @@ impl<'a> RunContext<'a> {
                     return Err(stop);
                 }
             };
-            let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                Some(handle) => {
-                    self.interruptible(async {
-                        handle.restart_and_wait().await.map_err(StepError::from)
-                    })
-                    .await
-                }
-                None => Err(StepError::new(
-                    "config",
-                    format!("consumer {name:?} is not in the config any more"),
-                )),
-            };
+            let result = self.interruptible(self.restart_consumer(k)).await;
             if result.is_ok() {
                 self.rec.state.consumers[k].restart = Progress::Done;
             }
@@ -988,46 +953,29 @@ impl<'a> RunContext<'a> {
         Ok(())
     }
 
+    /// Rolls consumer `k` out and waits until it is ready.
+    async fn restart_consumer(&self, k: usize) -> Result<(), StepError> {
+        match self.consumers.get(k).and_then(Option::as_ref) {
+            Some(handle) => handle.restart_and_wait().await.map_err(StepError::from),
+            None => Err(StepError::new(
+                "config",
+                format!(
+                    "consumer {:?} is not in the config any more",
+                    self.rec.state.consumers[k].name
+                ),
+            )),
+        }
+    }
+
     /// Logs in with the credential each store holds (what a restarted pod sees), once per
     /// distinct credential, after checking it is the one `expect` allows.
     async fn verify_stores(&self, i: usize, expect: Expect<'_>) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
         let mut proven: Vec<Credential> = Vec::new();
         for (j, store) in runtime.stores.iter().enumerate() {
-            let Some(value) = store.read().await.map_err(StepError::from)? else {
-                let was_absent = self.rec.state.targets[i]
-                    .stores
-                    .get(j)
-                    .is_some_and(|s| s.original.is_none());
-                if was_absent && matches!(expect, Expect::Not(_)) {
-                    continue;
-                }
-                return Err(StepError::new(
-                    "store_missing",
-                    format!("{}: the key is absent", store.describe()),
-                ));
+            let Some(credential) = self.held(i, j, expect).await? else {
+                continue;
             };
-            let credential = format::credential_from(
-                &value,
-                &runtime.config.stores[j].format,
-                &runtime.config.user,
-            )
-            .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
-            let unexpected = match expect {
-                Expect::Exactly(wanted) if wanted != &credential => {
-                    Some("holds a different credential than this run wrote")
-                }
-                Expect::Not(unwanted) if unwanted == Some(&credential) => {
-                    Some("still holds the credential this run wrote")
-                }
-                _ => None,
-            };
-            if let Some(what) = unexpected {
-                return Err(StepError::new(
-                    "store_changed",
-                    format!("{}: {what}", store.describe()),
-                ));
-            }
             if proven.contains(&credential) {
                 continue;
             }
@@ -1045,12 +993,60 @@ impl<'a> RunContext<'a> {
         Ok(())
     }
 
+    /// The credential store `j` of target `i` holds, if `expect` allows it; `None` when the
+    /// key is absent again after a rollback, as it was before the run.
+    async fn held(
+        &self,
+        i: usize,
+        j: usize,
+        expect: Expect<'_>,
+    ) -> Result<Option<Credential>, StepError> {
+        let runtime = self.runtime(i)?;
+        let store = &runtime.stores[j];
+        let Some(value) = store.read().await.map_err(StepError::from)? else {
+            let was_absent = self
+                .state(i)
+                .stores
+                .get(j)
+                .is_some_and(|s| s.original.is_none());
+            if was_absent && matches!(expect, Expect::Not(_)) {
+                return Ok(None);
+            }
+            return Err(StepError::new(
+                "store_missing",
+                format!("{}: the key is absent", store.describe()),
+            ));
+        };
+        let credential = format::credential_from(
+            &value,
+            &runtime.config.stores[j].format,
+            &runtime.config.user,
+        )
+        .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
+        let unexpected = match expect {
+            Expect::Exactly(wanted) if wanted != &credential => {
+                Some("holds a different credential than this run wrote")
+            }
+            Expect::Not(unwanted) if unwanted == Some(&credential) => {
+                Some("still holds the credential this run wrote")
+            }
+            _ => None,
+        };
+        match unexpected {
+            Some(what) => Err(StepError::new(
+                "store_changed",
+                format!("{}: {what}", store.describe()),
+            )),
+            None => Ok(Some(credential)),
+        }
+    }
+
     async fn verify(&mut self) -> Result<(), Stop> {
         let results = self
             .each_target("verify", Mark::None, true, |this, i| {
                 Box::pin(async move {
-                    let (_, next) = this.credentials(i)?;
-                    this.verify_stores(i, Expect::Exactly(&next)).await
+                    let run = this.target_run(i)?;
+                    this.verify_stores(i, Expect::Exactly(&run.next)).await
                 })
             })
             .await?;
@@ -1062,11 +1058,10 @@ impl<'a> RunContext<'a> {
     /// new one; at most `confirm_timeout`. Not draining is a warning, not a failure: the new
     /// credential works, and a rollback would cut off whoever moved to it.
     async fn confirm(&mut self) -> Result<(), Stop> {
-        let count = self.rec.state.targets.len();
-        self.confirmations = vec![None; count];
-        let chunk = self.deps.config.rotator.max_parallel;
-        for start in (0..count).step_by(chunk) {
-            let confirming: Vec<usize> = (start..(start + chunk).min(count))
+        self.confirmations = vec![None; self.rec.state.targets.len()];
+        for group in self.chunks() {
+            let confirming: Vec<usize> = group
+                .into_iter()
                 .filter(|&i| {
                     self.runtime_at(i)
                         .is_some_and(|r| !r.config.confirm_timeout.is_zero())
@@ -1075,10 +1070,7 @@ impl<'a> RunContext<'a> {
             if confirming.is_empty() {
                 continue;
             }
-            let subjects: Vec<(Part, String)> = confirming
-                .iter()
-                .map(|&i| (Part::Target(i), self.rec.state.targets[i].name.clone()))
-                .collect();
+            let subjects = self.subjects(&confirming);
             let ids = self.rec.begin_all(&subjects, "confirm", false).await;
             let found = {
                 let this = &*self;
@@ -1089,44 +1081,55 @@ impl<'a> RunContext<'a> {
                 )
                 .await
             };
-            let mut ended = Vec::with_capacity(ids.len());
-            for ((i, id), result) in confirming.into_iter().zip(ids).zip(found) {
-                let name = self.rec.state.targets[i].name.clone();
-                match result {
-                    Ok(Some(found)) if found.drained => {
-                        ended.push((id, "ok", None));
-                        self.confirmations[i] = Some(found);
-                    }
-                    Ok(Some(found)) => {
-                        tracing::warn!(run = %self.rec.id, target = %name, old_sessions = found.old_sessions, new_sessions = found.new_sessions, "sessions not drained");
-                        self.warnings.push((name, "sessions_not_drained"));
-                        // Addresses, not only counts: they name what still needs a restart.
-                        let from = |clients: &[String]| match clients {
-                            [] => String::new(),
-                            list => format!(" from {}", list.join(", ")),
-                        };
-                        let detail = format!(
-                            "not drained: {} session(s) on the old credential{}, {} on the new one",
-                            found.old_sessions,
-                            from(&found.old_clients),
-                            found.new_sessions
-                        );
-                        ended.push((id, "warning", Some(detail)));
-                        self.confirmations[i] = Some(found);
-                    }
-                    Ok(None) => {
-                        let why = "the server keeps no session list".to_string();
-                        ended.push((id, "skipped", Some(why)));
-                    }
-                    Err(error) => {
-                        let why = format!("session list not read: {}", error.message);
-                        ended.push((id, "skipped", Some(why)));
-                    }
-                }
-            }
+            let ended = confirming
+                .into_iter()
+                .zip(ids)
+                .zip(found)
+                .map(|((i, id), result)| {
+                    let (status, detail) = self.confirmed(i, result);
+                    (id, status, detail)
+                })
+                .collect();
             self.rec.end_each(ended).await;
         }
         self.may_continue()
+    }
+
+    /// Keeps what `confirm` found on target `i`; the status and detail of its step.
+    fn confirmed(
+        &mut self,
+        i: usize,
+        result: Result<Option<Confirmation>, StepError>,
+    ) -> (&'static str, Option<String>) {
+        let found = match result {
+            Ok(Some(found)) => found,
+            Ok(None) => return ("skipped", Some("the server keeps no session list".into())),
+            Err(error) => {
+                let why = format!("session list not read: {}", error.message);
+                return ("skipped", Some(why));
+            }
+        };
+        let ended = if found.drained {
+            ("ok", None)
+        } else {
+            let name = self.state(i).name.clone();
+            tracing::warn!(run = %self.rec.id, target = %name, old_sessions = found.old_sessions, new_sessions = found.new_sessions, "sessions not drained");
+            self.warnings.push((name, "sessions_not_drained"));
+            // Addresses, not only counts: they name what still needs a restart.
+            let from = |clients: &[String]| match clients {
+                [] => String::new(),
+                list => format!(" from {}", list.join(", ")),
+            };
+            let detail = format!(
+                "not drained: {} session(s) on the old credential{}, {} on the new one",
+                found.old_sessions,
+                from(&found.old_clients),
+                found.new_sessions
+            );
+            ("warning", Some(detail))
+        };
+        self.confirmations[i] = Some(found);
+        ended
     }
 
     /// When the target's consumers that are Deployments/StatefulSets last began a rollout in
@@ -1156,8 +1159,12 @@ impl<'a> RunContext<'a> {
     /// Polls target `i`'s session list until it drains or `confirm_timeout` passes. `None`
     /// when the server keeps no session list.
     async fn await_drain(&self, i: usize) -> Result<Option<Confirmation>, StepError> {
-        let (runtime, (current, next)) = (self.runtime(i)?, self.credentials(i)?);
-        let state = &self.rec.state.targets[i];
+        let TargetRun {
+            state,
+            runtime,
+            current,
+            next,
+        } = self.target_run(i)?;
         let timeout = runtime.config.confirm_timeout;
         let applied_at = state.applied_at.unwrap_or(0);
         let restarted_at = self.restarted_at(runtime.config);
@@ -1167,23 +1174,11 @@ impl<'a> RunContext<'a> {
         let new_since = restarted_at.unwrap_or(applied_at);
         let clock = Instant::now();
         loop {
-            let Some(on_old_login) = runtime
-                .backend
-                .sessions(&current.user)
-                .await
-                .map_err(StepError::from)?
+            let new_login = alternating.then_some(next.user.as_str());
+            let Some((on_old_login, on_new_login)) =
+                login_sessions(runtime.backend.as_ref(), &current.user, new_login).await?
             else {
                 return Ok(None);
-            };
-            let on_new_login = if alternating {
-                runtime
-                    .backend
-                    .sessions(&next.user)
-                    .await
-                    .map_err(StepError::from)?
-                    .unwrap_or_default()
-            } else {
-                on_old_login.clone()
             };
             let now = chrono::Utc::now().timestamp_millis();
             // The earliest each may have begun: when in doubt a session counts as old, not new.
@@ -1223,46 +1218,35 @@ impl<'a> RunContext<'a> {
             .map(|c| c.drained)
     }
 
+    /// Whether target `i`'s strategy keeps the old password beside the new one until retire.
+    fn keeps_old(&self, i: usize) -> bool {
+        self.runtime_at(i)
+            .is_some_and(|r| r.backend.strategy().keeps_old_until_retire())
+    }
+
     /// A failed retire leaves the old credential usable beside the new one: reported, not undone.
     /// A dual target whose sessions did not drain keeps the old password: removing it would cut
     /// off whoever still uses it; a later run's retire removes it.
     async fn retire(&mut self) -> Result<(), Stop> {
         let mut retiring = Vec::new();
-        for i in 0..self.rec.state.targets.len() {
-            let keeps_old = self
-                .runtime_at(i)
-                .is_some_and(|r| r.backend.strategy().keeps_old_until_retire());
-            if !(keeps_old && self.drained(i) == Some(false)) {
+        for i in self.target_indexes() {
+            if self.keeps_old(i) && self.drained(i) == Some(false) {
+                self.keep_old(i).await;
+            } else {
                 retiring.push(i);
-                continue;
             }
-            let name = self.rec.state.targets[i].name.clone();
-            let step = self.rec.begin(Part::Target(i), "retire", &name).await;
-            let why = "sessions on the old credential remain: the old password is kept";
-            self.rec.end(step, "skipped", Some(why.into())).await;
-            if let Some(found) = self.confirmations[i].as_mut() {
-                found.retire_skipped = true;
-            }
-            self.notes.push(format!(
-                "target {name}: the old and the new password both log in until a later run retires the old one (sessions on it had not drained)"
-            ));
         }
         let results = self
             .each_target_of(&retiring, "retire", Mark::Retire, false, |this, i| {
                 Box::pin(async move {
-                    let (runtime, (current, next)) = (this.runtime(i)?, this.credentials(i)?);
-                    runtime
-                        .backend
-                        .retire(&current, &next)
-                        .await
-                        .map_err(StepError::from)?;
+                    let run = this.target_run(i)?;
+                    let backend = &run.runtime.backend;
+                    let retired = backend.retire(&run.current, &run.next).await;
+                    retired.map_err(StepError::from)?;
                     // Drained: nothing uses an older password either (one a run before kept).
                     if this.drained(i) == Some(true) {
-                        runtime
-                            .backend
-                            .retire_all_but(&next)
-                            .await
-                            .map_err(StepError::from)?;
+                        let retired = backend.retire_all_but(&run.next).await;
+                        retired.map_err(StepError::from)?;
                     }
                     Ok(())
                 })
@@ -1270,13 +1254,27 @@ impl<'a> RunContext<'a> {
             .await?;
         for (i, result) in results {
             if let Err(e) = result {
-                let name = &self.rec.state.targets[i].name;
+                let name = &self.state(i).name;
                 self.notes.push(format!(
                     "target {name}: the old credential still logs in, retire failed: {e}"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// Journals target `i`'s retire as skipped: sessions on the old password remain.
+    async fn keep_old(&mut self, i: usize) {
+        let name = self.state(i).name.clone();
+        let step = self.rec.begin(Part::Target(i), "retire", &name).await;
+        let why = "sessions on the old credential remain: the old password is kept";
+        self.rec.end(step, "skipped", Some(why.into())).await;
+        if let Some(found) = self.confirmations[i].as_mut() {
+            found.retire_skipped = true;
+        }
+        self.notes.push(format!(
+            "target {name}: the old and the new password both log in until a later run retires the old one (sessions on it had not drained)"
+        ));
     }
 
     /// Undoes every step that may have run, in the order DESIGN.md gives: stores, then (single
@@ -1323,51 +1321,48 @@ impl<'a> RunContext<'a> {
 
     async fn undo_publish(&mut self) -> bool {
         let mut ok = true;
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
-            for j in 0..self.rec.state.targets[i].stores.len() {
-                let store_state = self.rec.state.targets[i].stores[j].clone();
-                if !store_state.publish.touched() || !self.may_undo() {
+        for i in self.target_indexes() {
+            for j in 0..self.state(i).stores.len() {
+                if !self.state(i).stores[j].publish.touched() || !self.may_undo() {
                     continue;
                 }
+                let subject = store_subject(&self.state(i).name, j);
                 let Some(step) = self
-                    .begin_undo(Part::Target(i), "undo-publish", &store_subject(&name, j))
+                    .begin_undo(Part::Target(i), "undo-publish", &subject)
                     .await
                 else {
                     return false;
                 };
-                let result = match self.runtime(i) {
-                    Ok(runtime) => match runtime.stores.get(j) {
-                        Some(store) => restore_store(store.as_ref(), &store_state).await,
-                        None => Err(StepError::new(
-                            "config",
-                            format!("store[{j}] of target {name:?} is not in the config any more"),
-                        )),
-                    },
-                    Err(e) => Err(e),
-                };
-                match &result {
-                    Ok(Restored::Foreign) => {
+                let result = self.restore_store(i, j).await;
+                if let Ok(restored) = &result {
+                    if *restored == Restored::Foreign {
                         // verify-old decides whether what it holds now is usable.
+                        let name = &self.state(i).name;
                         self.notes.push(format!(
                             "target {name}: store[{j}] holds a value this run did not write; left as it is"
                         ));
-                        self.rec.state.targets[i].stores[j].publish = Progress::Undone;
                     }
-                    Ok(Restored::Original) => {
-                        self.rec.state.targets[i].stores[j].publish = Progress::Undone;
-                    }
-                    Err(_) => ok = false,
+                    self.state_mut(i).stores[j].publish = Progress::Undone;
                 }
-                let status = match &result {
-                    Ok(Restored::Foreign) => Ok("left: holds a value this run did not write"),
-                    Ok(Restored::Original) => Ok(""),
-                    Err(e) => Err(e.clone()),
-                };
+                ok &= result.is_ok();
+                let status = result.map(Restored::detail);
                 self.rec.finish_noted(step, &status).await;
             }
         }
         ok
+    }
+
+    /// Puts store `j` of target `i` back as it was before the run, unless someone else has
+    /// written it since.
+    async fn restore_store(&self, i: usize, j: usize) -> Result<Restored, StepError> {
+        let Some(store) = self.runtime(i)?.stores.get(j) else {
+            let name = &self.state(i).name;
+            return Err(StepError::new(
+                "config",
+                format!("store[{j}] of target {name:?} is not in the config any more"),
+            ));
+        };
+        restore_store(store.as_ref(), &self.state(i).stores[j]).await
     }
 
     /// Syncs the restored upstream value back into each ExternalSecret's Secret. Runs whenever
@@ -1375,47 +1370,36 @@ impl<'a> RunContext<'a> {
     /// own interval.
     async fn undo_sync(&mut self) -> bool {
         let mut ok = true;
-        for i in 0..self.rec.state.targets.len() {
-            let state = &self.rec.state.targets[i];
+        for i in self.target_indexes() {
+            let state = self.state(i);
             // `Undone` counts: undo_publish has just written the upstream back.
             let upstream_written = state
                 .stores
                 .iter()
                 .any(|s| s.publish != Progress::NotStarted);
-            if !(state.sync.touched() || upstream_written) || !self.may_undo() {
+            let sync_touched = state.sync.touched();
+            if !(sync_touched || upstream_written) || !self.may_undo() {
                 continue;
             }
             let entries = self.runtime_at(i).map_or(0, |r| r.syncs.len());
-            if entries == 0 && !state.sync.touched() {
+            if entries == 0 && !sync_touched {
                 continue;
             }
-            let name = state.name.clone();
             let mut synced = entries > 0;
             for k in 0..entries.max(1) {
+                let subject = sync_subject(&self.state(i).name, k);
                 let Some(step) = self
-                    .begin_undo(Part::Target(i), "undo-sync", &sync_subject(&name, k))
+                    .begin_undo(Part::Target(i), "undo-sync", &subject)
                     .await
                 else {
                     return false;
                 };
-                let old: Option<Credential> =
-                    self.rec.state.targets[i].current.as_ref().map(Into::into);
-                let result = match (self.runtime(i), old) {
-                    (Ok(runtime), Some(old)) if k < runtime.syncs.len() => runtime.syncs[k]
-                        .sync(&old, runtime.config.sync_timeout)
-                        .await
-                        .map_err(StepError::from),
-                    (Err(e), _) => Err(e),
-                    _ => Err(StepError::new(
-                        "journal_state",
-                        "the run state or config has no sync entry to restore",
-                    )),
-                };
+                let result = self.sync_entry(i, k, Held::Old).await;
                 synced &= result.is_ok();
                 self.rec.finish(step, &result).await;
             }
             if synced {
-                self.rec.state.targets[i].sync = Progress::Undone;
+                self.state_mut(i).sync = Progress::Undone;
             }
             ok &= synced;
         }
@@ -1427,49 +1411,42 @@ impl<'a> RunContext<'a> {
     /// again, dual ones after, so pods never lose their login.
     async fn undo_apply(&mut self, dual_password: bool) -> bool {
         let mut ok = true;
-        for i in 0..self.rec.state.targets.len() {
-            if !self.rec.state.targets[i].apply.touched() {
+        for i in self.target_indexes() {
+            let applied = self.state(i).apply.touched();
+            if !applied || self.keeps_old(i) != dual_password || !self.may_undo() {
                 continue;
             }
-            let keeps_old = self
-                .runtime_at(i)
-                .is_some_and(|r| r.backend.strategy().keeps_old_until_retire());
-            if keeps_old != dual_password || !self.may_undo() {
-                continue;
-            }
-            let name = self.rec.state.targets[i].name.clone();
+            let name = self.state(i).name.clone();
             let Some(step) = self.begin_undo(Part::Target(i), "undo-apply", &name).await else {
                 return false;
             };
-            let result = match (self.runtime(i), self.credentials(i)) {
-                (Ok(runtime), Ok((current, next))) => {
-                    match undo_needed(runtime, &current, &next).await {
-                        UndoNeeded::Yes => runtime
-                            .backend
-                            .undo_apply(&current, &next)
-                            .await
-                            .map(|()| "")
-                            .map_err(StepError::from),
-                        UndoNeeded::NotApplied => Ok(
-                            "nothing to undo: the new credential does not log in, the old one does",
-                        ),
-                        UndoNeeded::Superseded => {
-                            self.notes.push(format!(
-                                "target {name}: the backend accepts a credential this run did not write (a store holds it); left as it is"
-                            ));
-                            Ok("left: the backend holds a credential this run did not write")
-                        }
-                    }
-                }
-                (Err(e), _) | (_, Err(e)) => Err(e),
-            };
+            let result = self.undo_apply_on(i).await;
+            if let Ok(UndoNeeded::Superseded) = result {
+                self.notes.push(format!(
+                    "target {name}: the backend accepts a credential this run did not write (a store holds it); left as it is"
+                ));
+            }
             if result.is_ok() {
-                self.rec.state.targets[i].apply = Progress::Undone;
+                self.state_mut(i).apply = Progress::Undone;
             }
             ok &= result.is_ok();
-            self.rec.finish_noted(step, &result).await;
+            self.rec
+                .finish_noted(step, &result.map(UndoNeeded::detail))
+                .await;
         }
         ok
+    }
+
+    /// Takes target `i`'s new password back, unless [`undo_needed`] finds nothing to take back.
+    async fn undo_apply_on(&self, i: usize) -> Result<UndoNeeded, StepError> {
+        let run = self.target_run(i)?;
+        let needed = undo_needed(run.runtime, &run.current, &run.next).await;
+        if needed == UndoNeeded::Yes {
+            let backend = &run.runtime.backend;
+            let undone = backend.undo_apply(&run.current, &run.next).await;
+            undone.map_err(StepError::from)?;
+        }
+        Ok(needed)
     }
 
     /// Rolls out again every consumer that may have picked up the new credential. A rollout that
@@ -1484,17 +1461,8 @@ impl<'a> RunContext<'a> {
             let Some(step) = self.begin_undo(Part::Run, "undo-restart", &name).await else {
                 return;
             };
-            let result = match self.consumers.get(k).and_then(Option::as_ref) {
-                // A shutdown does not cut a rollback short; a lost lock does.
-                Some(handle) => tokio::select! {
-                    result = handle.restart_and_wait() => result.map_err(StepError::from),
-                    _ = self.lock_lost.cancelled() => Err(StepError::new("lock_lost", "the target lock was lost; stopped")),
-                },
-                None => Err(StepError::new(
-                    "config",
-                    format!("consumer {name:?} is not in the config any more"),
-                )),
-            };
+            // A shutdown does not cut a rollback short (`rolling_back` is set); a lost lock does.
+            let result = self.interruptible(self.restart_consumer(k)).await;
             match &result {
                 Ok(()) => self.rec.state.consumers[k].restart = Progress::Undone,
                 Err(e) => self.notes.push(format!(
@@ -1510,10 +1478,10 @@ impl<'a> RunContext<'a> {
     /// logs in; one still holding this run's new credential does not.
     async fn verify_old(&mut self) -> bool {
         let mut ok = true;
-        for i in 0..self.rec.state.targets.len() {
-            let name = self.rec.state.targets[i].name.clone();
+        for i in self.target_indexes() {
+            let name = self.state(i).name.clone();
             let step = self.rec.begin(Part::Target(i), "verify-old", &name).await;
-            let next: Option<Credential> = self.rec.state.targets[i].next.as_ref().map(Into::into);
+            let next: Option<Credential> = self.state(i).next.as_ref().map(Into::into);
             let result = self.verify_stores(i, Expect::Not(next.as_ref())).await;
             ok &= result.is_ok();
             self.rec.finish(step, &result).await;
@@ -1524,60 +1492,61 @@ impl<'a> RunContext<'a> {
     /// For a failed rollback: which credential each backend accepts and what each store holds.
     async fn describe_state(&mut self) {
         let mut notes = Vec::new();
-        for i in 0..self.rec.state.targets.len() {
-            let state = self.rec.state.targets[i].clone();
-            let Ok(runtime) = self.runtime(i) else {
-                notes.push(format!(
-                    "target {}: not in the config any more; its state is unknown",
-                    state.name
-                ));
-                continue;
-            };
-            let logs_in = |credential: Option<&SavedCredential>| {
-                let backend = &runtime.backend;
-                let credential: Option<Credential> = credential.map(Into::into);
-                async move {
-                    match credential {
-                        Some(c) => {
-                            if backend.login(&c).await.is_ok() {
-                                "logs in"
-                            } else {
-                                "does not log in"
-                            }
-                        }
-                        None => "was never generated",
-                    }
-                }
-            };
-            let old = logs_in(state.current.as_ref()).await;
-            let new = logs_in(state.next.as_ref()).await;
-            notes.push(format!(
-                "target {}: on {} the old credential {old}, the new one {new}",
-                state.name,
-                runtime.backend.describe()
-            ));
-            for (j, store) in runtime.stores.iter().enumerate() {
-                let holds = match (store.read().await, state.stores.get(j)) {
-                    (Err(e), _) => format!("cannot be read: {e}"),
-                    (Ok(value), Some(s)) if value == s.original => {
-                        "holds the old value".to_string()
-                    }
-                    (Ok(value), Some(s)) if value.is_some() && value == s.written => {
-                        "holds the NEW value".to_string()
-                    }
-                    (Ok(None), _) => "has no value".to_string(),
-                    (Ok(Some(_)), _) => "holds a value this run did not write".to_string(),
-                };
-                notes.push(format!(
-                    "target {}: {} {holds}",
-                    state.name,
-                    store.describe()
-                ));
-            }
+        for i in self.target_indexes() {
+            notes.extend(self.describe_target(i).await);
         }
         self.notes.extend(notes);
     }
+
+    /// [`RunContext::describe_state`] of target `i`.
+    async fn describe_target(&self, i: usize) -> Vec<String> {
+        let state = self.state(i);
+        let Some(runtime) = self.runtime_at(i) else {
+            return vec![format!(
+                "target {}: not in the config any more; its state is unknown",
+                state.name
+            )];
+        };
+        let logs_in = |credential: Option<&SavedCredential>| {
+            let backend = &runtime.backend;
+            let credential: Option<Credential> = credential.map(Into::into);
+            async move {
+                match credential {
+                    Some(c) if backend.login(&c).await.is_ok() => "logs in",
+                    Some(_) => "does not log in",
+                    None => "was never generated",
+                }
+            }
+        };
+        let old = logs_in(state.current.as_ref()).await;
+        let new = logs_in(state.next.as_ref()).await;
+        let mut notes = vec![format!(
+            "target {}: on {} the old credential {old}, the new one {new}",
+            state.name,
+            runtime.backend.describe()
+        )];
+        for (j, store) in runtime.stores.iter().enumerate() {
+            let holds = match (store.read().await, state.stores.get(j)) {
+                (Err(e), _) => format!("cannot be read: {e}"),
+                (Ok(value), Some(s)) if value == s.original => "holds the old value".to_string(),
+                (Ok(value), Some(s)) if value.is_some() && value == s.written => {
+                    "holds the NEW value".to_string()
+                }
+                (Ok(None), _) => "has no value".to_string(),
+                (Ok(Some(_)), _) => "holds a value this run did not write".to_string(),
+            };
+            notes.push(format!(
+                "target {}: {} {holds}",
+                state.name,
+                store.describe()
+            ));
+        }
+        notes
+    }
 }
+
+/// A store's value before the run, and the value it is to hold (or why there is none).
+type StoreWrite = (Option<Secret>, Result<Secret, StepError>);
 
 type StepFuture<'s> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StepError>> + Send + 's>>;
@@ -1613,6 +1582,27 @@ fn all_ok(results: &[(usize, Result<(), StepError>)]) -> Result<(), Stop> {
     }
 }
 
+/// The sessions of the old login and of the new one (the same list when the login does not
+/// change); `None` when the server keeps no session list.
+async fn login_sessions(
+    backend: &dyn crate::backend::Backend,
+    old_login: &str,
+    new_login: Option<&str>,
+) -> Result<Option<(Vec<Session>, Vec<Session>)>, StepError> {
+    let Some(on_old) = backend.sessions(old_login).await.map_err(StepError::from)? else {
+        return Ok(None);
+    };
+    let on_new = match new_login {
+        Some(login) => backend
+            .sessions(login)
+            .await
+            .map_err(StepError::from)?
+            .unwrap_or_default(),
+        None => on_old.clone(),
+    };
+    Ok(Some((on_old, on_new)))
+}
+
 /// What [`RunContext::verify_stores`] accepts in a store.
 #[derive(Clone, Copy)]
 enum Expect<'c> {
@@ -1623,11 +1613,36 @@ enum Expect<'c> {
     Not(Option<&'c Credential>),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Restored {
     /// The store holds its value from before the run again.
     Original,
     /// It holds a value this run did not write: left alone.
     Foreign,
+}
+
+impl Restored {
+    /// What the `undo-publish` record says beside `ok`.
+    fn detail(self) -> &'static str {
+        match self {
+            Restored::Original => "",
+            Restored::Foreign => "left: holds a value this run did not write",
+        }
+    }
+}
+
+/// Which of a target's credentials a sync copies: the new one forward, the old one back.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    New,
+    Old,
+}
+
+fn no_sync_entry() -> StepError {
+    StepError::new(
+        "journal_state",
+        "the run state or config has no sync entry to restore",
+    )
 }
 
 /// Puts a store's original value back, unless someone else has written it since.
@@ -1653,6 +1668,7 @@ async fn restore_store(
     Ok(Restored::Foreign)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UndoNeeded {
     /// The backend accepts this run's new credential: take it back.
     Yes,
@@ -1661,6 +1677,19 @@ enum UndoNeeded {
     /// Neither logs in, but a credential a store holds does: someone rotated since. Undoing
     /// would overwrite a password this run did not write.
     Superseded,
+}
+
+impl UndoNeeded {
+    /// What the `undo-apply` record says beside `ok`.
+    fn detail(self) -> &'static str {
+        match self {
+            UndoNeeded::Yes => "",
+            UndoNeeded::NotApplied => {
+                "nothing to undo: the new credential does not log in, the old one does"
+            }
+            UndoNeeded::Superseded => "left: the backend holds a credential this run did not write",
+        }
+    }
 }
 
 /// Decides whether `undo-apply` may touch the backend. When nothing logs in at all (the backend
@@ -1672,7 +1701,7 @@ async fn undo_needed(
 ) -> UndoNeeded {
     // A dual undo only removes this run's own password: always safe, and a login that failed
     // for a passing reason must not leave a valid password nobody knows.
-    if runtime.backend.strategy() == crate::config::Strategy::Dual {
+    if runtime.backend.strategy() == Strategy::Dual {
         return UndoNeeded::Yes;
     }
     if runtime.backend.login(next).await.is_ok() {

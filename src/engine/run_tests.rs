@@ -82,17 +82,25 @@ fn label(value: &str) -> &'static str {
     }
 }
 
-/// Both ends of every fake: the log and the faults.
+/// Both ends of every fake: the log and the faults; a shutdown signal that `cancel_at` sends
+/// once that call has happened; and the store write (`foreign_at`) where someone else's value
+/// lands instead of the run's.
 #[derive(Clone, Default)]
 struct Shared {
     log: Log,
     faults: Faults,
+    cancel: CancellationToken,
+    cancel_at: Option<String>,
+    foreign_at: Option<String>,
 }
 
 impl Shared {
     /// Logs `call` and fails it when a fault says so.
     fn call(&self, call: String) -> Result<(), ()> {
         let failed = self.faults.hit(&call);
+        if self.cancel_at.as_ref() == Some(&call) {
+            self.cancel.cancel();
+        }
         self.log
             .push(format!("{call}{}", if failed { " failed" } else { "" }));
         if failed {
@@ -232,9 +240,8 @@ impl Store for FakeStore {
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
         let written = new.map_or("none", |v| label(v.expose()));
-        self.shared
-            .call(format!("{}.cas({written})", self.name))
-            .map_err(|()| self.error())?;
+        let call = format!("{}.cas({written})", self.name);
+        self.shared.call(call.clone()).map_err(|()| self.error())?;
         let mut value = self.value.lock().unwrap();
         if value.as_ref() != expected {
             return Err(StoreError::Conflict {
@@ -242,6 +249,10 @@ impl Store for FakeStore {
             });
         }
         *value = new.cloned();
+        if self.shared.foreign_at.as_ref() == Some(&call) {
+            // Another writer's value lands right after the run's.
+            *value = Some(url_of(&credential("app", OTHER)));
+        }
         Ok(())
     }
 
@@ -263,12 +274,13 @@ impl Consumer for FakeConsumer {
     }
 
     async fn restart(&self, _timeout: Duration) -> Result<(), ConsumerError> {
-        self.shared
-            .call("consumer.restart".into())
-            .map_err(|()| ConsumerError::RolloutFailed {
-                consumer: "fake consumer".into(),
-                message: "stuck".into(),
-            })
+        let called = self.shared.call("consumer.restart".into());
+        // A rollout takes time: whatever should cut it short gets the chance to.
+        tokio::task::yield_now().await;
+        called.map_err(|()| ConsumerError::RolloutFailed {
+            consumer: "fake consumer".into(),
+            message: "stuck".into(),
+        })
     }
 }
 
@@ -392,14 +404,36 @@ fn stores(shared: &Shared, credential: &Credential) -> Vec<Box<dyn Store>> {
 
 /// Runs one rotation from generate on, with `faults` set, and returns the outcome and the log.
 async fn rotate_with(strategy: Strategy, faults: &[(&str, usize)]) -> (Outcome, Log) {
-    let engine = engine(strategy).await;
-    let shared = Shared::default();
+    let (report, log) = rotate(strategy, faults, None).await;
+    (report.outcome, log)
+}
+
+/// [`rotate_with`], with a shutdown signal once the call `cancel_at` has happened; returns the
+/// report. Whatever happened, every step the report lists has ended.
+async fn rotate(
+    strategy: Strategy,
+    faults: &[(&str, usize)],
+    cancel_at: Option<&str>,
+) -> (RunReport, Log) {
+    let shared = Shared {
+        cancel_at: cancel_at.map(str::to_string),
+        ..Shared::default()
+    };
     for (call, nth) in faults {
         shared.faults.fail(call, *nth);
     }
+    rotate_shared(strategy, shared).await
+}
+
+/// [`rotate`] with the fakes sharing `shared`.
+async fn rotate_shared(strategy: Strategy, shared: Shared) -> (RunReport, Log) {
+    let engine = engine(strategy).await;
     let old = old_credential(strategy);
     let plan = Plan::new(&engine.deps.config, &[]).expect("plan");
-    let mut run = start(&engine, &plan, "test").await.expect("run starts");
+    let mut run = start(&engine, &plan, "test")
+        .await
+        .expect("run starts")
+        .with_cancel(shared.cancel.clone());
     // What preflight leaves behind: the current credential, each store's value, the parts.
     let target = engine.deps.config.target("t").expect("target t");
     let state = &mut run.rec.state.targets[0];
@@ -427,7 +461,23 @@ async fn rotate_with(strategy: Strategy, faults: &[(&str, usize)]) -> (Outcome, 
     let outcome = run.after_preflight().await;
     let report = run.finish(outcome).await;
     assert_eq!(report.outcome, outcome);
-    (outcome, shared.log)
+    let open: Vec<String> = report
+        .steps
+        .iter()
+        .filter(|s| s.status == "started")
+        .map(|s| format!("{} {}", s.step, s.subject))
+        .collect();
+    assert!(open.is_empty(), "{strategy:?}: steps left open: {open:?}");
+    (report, shared.log)
+}
+
+/// Each step record of `report` as `step subject status`.
+fn step_list(report: &RunReport) -> Vec<String> {
+    report
+        .steps
+        .iter()
+        .map(|s| format!("{} {} {}", s.step, s.subject, s.status))
+        .collect()
 }
 
 const ALL: [Strategy; 3] = [Strategy::Single, Strategy::Dual, Strategy::Alternating];
@@ -451,6 +501,117 @@ async fn a_run_without_failure_applies_publishes_restarts_then_retires() {
                 "backend.retire(old)",
             ]),
             "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_run_journals_each_step_in_order_and_closes_it() {
+    let (report, _) = rotate(Strategy::Single, &[], None).await;
+    assert_eq!(
+        step_list(&report),
+        strings(&[
+            "generate t ok",
+            "apply t ok",
+            "verify-backend t ok",
+            "publish t/store[0] ok",
+            "publish t/store[1] ok",
+            "restart proxy ok",
+            "verify t ok",
+            "confirm t skipped",
+            "retire t ok",
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_shutdown_mid_publish_skips_the_next_write_and_rolls_back() {
+    for strategy in ALL {
+        let (report, log) = rotate(strategy, &[], Some("store0.cas(new)")).await;
+        assert_eq!(report.outcome, Outcome::RolledBack, "{strategy:?}");
+        // Both writes were journaled together; the second never happened.
+        assert_eq!(
+            step_list(&report)[3..6],
+            strings(&[
+                "publish t/store[0] ok",
+                "publish t/store[1] skipped",
+                "undo-publish t/store[0] ok",
+            ]),
+            "{strategy:?}"
+        );
+        assert_eq!(
+            log.changes(),
+            strings(&[
+                "backend.apply(new)",
+                "store0.cas(new)",
+                "store0.cas(old)",
+                "backend.undo_apply(new)",
+            ]),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_shutdown_during_the_restart_rolls_back_but_does_not_cut_the_undo_short() {
+    for strategy in ALL {
+        let (report, log) = rotate(strategy, &[], Some("consumer.restart")).await;
+        assert_eq!(report.outcome, Outcome::RolledBack, "{strategy:?}");
+        // The shutdown cuts the rollout's wait short and the run rolls back; the shutdown,
+        // still signalled, does not cut the undo rollout short.
+        assert_eq!(
+            log.changes(),
+            expected_after_restart(strategy, "consumer.restart"),
+            "{strategy:?}"
+        );
+        assert!(
+            step_list(&report).contains(&"undo-restart proxy ok".to_string()),
+            "{strategy:?}: {:?}",
+            step_list(&report)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_store_someone_else_wrote_is_left_alone_by_the_rollback_and_reported() {
+    let shared = Shared {
+        foreign_at: Some("store1.cas(new)".into()),
+        ..Shared::default()
+    };
+    let (report, log) = rotate_shared(Strategy::Single, shared).await;
+    // verify fails on store1; its value nobody here can log in with fails verify-old too.
+    assert_eq!(report.outcome, Outcome::RollbackFailed);
+    assert_eq!(
+        log.changes(),
+        strings(&[
+            "backend.apply(new)",
+            "store0.cas(new)",
+            "store1.cas(new)",
+            "consumer.restart",
+            "store0.cas(old)",
+            "backend.undo_apply(new)",
+            "consumer.restart",
+        ])
+    );
+    let undo = report
+        .steps
+        .iter()
+        .find(|s| s.step == "undo-publish" && s.subject == "t/store[1]")
+        .expect("undo-publish of store[1]");
+    assert_eq!(undo.status, "ok");
+    assert_eq!(
+        undo.error.as_deref(),
+        Some("left: holds a value this run did not write")
+    );
+    for note in [
+        "target t: store[1] holds a value this run did not write; left as it is",
+        "target t: store1 holds a value this run did not write",
+        "target t: store0 holds the old value",
+    ] {
+        assert!(
+            report.state.iter().any(|n| n == note),
+            "{note:?} not in {:?}",
+            report.state
         );
     }
 }
