@@ -44,6 +44,50 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
         store.preflight().await.map_err(StepError::from)?;
         originals.push(store.read().await.map_err(StepError::from)?);
     }
+    let current = current_credential(target, &runtime, &originals)?;
+    for sync in &runtime.syncs {
+        sync.check_holds(&current).await.map_err(StepError::from)?;
+    }
+    // Both read-only and independent: the admin check and the proof that the stored credential
+    // logs in run side by side (two logins' latency would otherwise add up).
+    let (admin, login) = tokio::join!(
+        runtime.backend.check_admin(&current),
+        runtime.backend.login(&current)
+    );
+    admin.map_err(StepError::from)?;
+    login.map_err(|e| {
+        StepError::new(
+            "stored_credential_invalid",
+            format!(
+                "the stored credential does not log in, so it is not rotated (fix it first): {e}"
+            ),
+        )
+    })?;
+    if target.strategy == Strategy::Alternating {
+        idle_login_unused(&runtime, &current).await?;
+    }
+    let sessions = match runtime.backend.sessions(&current.user).await {
+        Ok(sessions) => sessions.map(|s| s.len()),
+        Err(error) => {
+            tracing::warn!(target = %target.name, cause = %error, "cannot read the session list");
+            None
+        }
+    };
+    Ok(Preflight {
+        runtime,
+        current,
+        originals,
+        sessions,
+    })
+}
+
+/// The credential the first store holds, checked to be for one of the target's logins and to
+/// fit every store's format.
+fn current_credential(
+    target: &Target,
+    runtime: &TargetRuntime<'_>,
+    originals: &[Option<Secret>],
+) -> Result<Credential, StepError> {
     let source = &runtime.stores[0];
     let first = originals[0].as_ref().ok_or_else(|| {
         StepError::new(
@@ -67,64 +111,40 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
             ),
         ));
     }
-    for ((store, config), original) in runtime.stores.iter().zip(&target.stores).zip(&originals) {
+    for ((store, config), original) in runtime.stores.iter().zip(&target.stores).zip(originals) {
         format::render(&config.format, original.as_ref(), &current)
             .map_err(|m| StepError::new("store_format", format!("{}: {m}", store.describe())))?;
     }
-    for sync in &runtime.syncs {
-        sync.check_holds(&current).await.map_err(StepError::from)?;
-    }
-    // Both read-only and independent: the admin check and the proof that the stored credential
-    // logs in run side by side (two logins' latency would otherwise add up).
-    let (admin, login) = tokio::join!(
-        runtime.backend.check_admin(&current),
-        runtime.backend.login(&current)
-    );
-    admin.map_err(StepError::from)?;
-    login.map_err(|e| {
-        StepError::new(
-            "stored_credential_invalid",
-            format!(
-                "the stored credential does not log in, so it is not rotated (fix it first): {e}"
-            ),
-        )
-    })?;
-    if target.strategy == Strategy::Alternating {
-        // The idle login's password is about to change: whoever still uses it (a pod on the
-        // credential from two rotations ago) would be cut off.
-        let idle = runtime.backend.next_user(&current);
-        if let Some(open) = runtime
-            .backend
-            .sessions(&idle)
-            .await
-            .map_err(StepError::from)?
-        {
-            if !open.is_empty() {
-                let open: Vec<&Session> = open.iter().collect();
-                return Err(StepError::new(
-                    "sessions_open",
-                    format!(
-                        "login {idle:?} has {} open session(s) from {}: something still uses the \
-                         credential from two rotations ago, and a new password on {idle:?} would \
-                         cut it off; restart or reconfigure those clients, then rotate",
-                        open.len(),
-                        clients(&open).join(", ")
-                    ),
-                ));
-            }
-        }
-    }
-    let sessions = match runtime.backend.sessions(&current.user).await {
-        Ok(sessions) => sessions.map(|s| s.len()),
-        Err(error) => {
-            tracing::warn!(target = %target.name, cause = %error, "cannot read the session list");
-            None
-        }
+    Ok(current)
+}
+
+/// Alternating: the idle login's password is about to change, so whoever still uses it (a pod
+/// on the credential from two rotations ago) would be cut off: refuse while it has sessions.
+async fn idle_login_unused(
+    runtime: &TargetRuntime<'_>,
+    current: &Credential,
+) -> Result<(), StepError> {
+    let idle = runtime.backend.next_user(current);
+    let Some(open) = runtime
+        .backend
+        .sessions(&idle)
+        .await
+        .map_err(StepError::from)?
+    else {
+        return Ok(());
     };
-    Ok(Preflight {
-        runtime,
-        current,
-        originals,
-        sessions,
-    })
+    if open.is_empty() {
+        return Ok(());
+    }
+    let open: Vec<&Session> = open.iter().collect();
+    Err(StepError::new(
+        "sessions_open",
+        format!(
+            "login {idle:?} has {} open session(s) from {}: something still uses the \
+             credential from two rotations ago, and a new password on {idle:?} would \
+             cut it off; restart or reconfigure those clients, then rotate",
+            open.len(),
+            clients(&open).join(", ")
+        ),
+    ))
 }
