@@ -10,17 +10,23 @@ use support::rotator::{
 
 const TARGET: [(&str, &str); 1] = [("target", "postgres")];
 
-fn replica_config(host: &ComposeHost, port: u16) -> String {
+/// A replica's config: a fire every `every_seconds` (a leading seconds field), periodic
+/// recovery every `recover_seconds`.
+fn replica_config(
+    host: &ComposeHost,
+    port: u16,
+    every_seconds: u32,
+    recover_seconds: u32,
+) -> String {
     let log = host.restart_log.display().to_string();
     postgres_journal(&file_config_with(
         &host.pg.address(),
         &["sh".into(), "-c".into(), format!("echo restarted >> {log}")],
         &format!(
             "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\n\
-             check_interval = \"0s\"\nrecover_interval = \"2s\""
+             check_interval = \"0s\"\nrecover_interval = \"{recover_seconds}s\""
         ),
-        // Every 3 seconds (a leading seconds field).
-        "schedule = \"*/3 * * * * *\"\nwindow = \"1m\"",
+        &format!("schedule = \"*/{every_seconds} * * * * *\"\nwindow = \"5m\""),
     ))
 }
 
@@ -41,9 +47,10 @@ async fn two_replicas_run_each_fire_once_and_survive_losing_one() {
     let mut host = ComposeHost::start().await;
     host.use_postgres_journal().await;
     let (port_a, port_b) = (free_port(), free_port());
-    host.rotator.write_config(&replica_config(&host, port_a));
+    host.rotator
+        .write_config(&replica_config(&host, port_a, 3, 2));
     let config_b = host.rotator.path("replica-b.toml");
-    std::fs::write(&config_b, replica_config(&host, port_b)).unwrap();
+    std::fs::write(&config_b, replica_config(&host, port_b, 3, 2)).unwrap();
 
     let a = host.rotator.serve(port_a).await;
     let mut b = host.rotator.serve_with(&config_b, port_b).await;
@@ -167,19 +174,8 @@ async fn a_fire_claimed_by_a_replica_that_died_is_run_by_another() {
     let mut host = ComposeHost::start().await;
     host.use_postgres_journal().await;
     let (port_a, port_b) = (free_port(), free_port());
-    let log = host.restart_log.display().to_string();
-    let config = |port: u16| {
-        postgres_journal(&file_config_with(
-            &host.pg.address(),
-            &["sh".into(), "-c".into(), format!("echo restarted >> {log}")],
-            &format!(
-                "listen = \"127.0.0.1:{port}\"\napi_tokens = \"env:ROTATOR_API_TOKENS\"\n\
-                 check_interval = \"0s\"\nrecover_interval = \"1s\""
-            ),
-            // Every 20 seconds: the fire taken over runs long before the next one.
-            "schedule = \"*/20 * * * * *\"\nwindow = \"5m\"",
-        ))
-    };
+    // Every 20 seconds: the fire taken over runs long before the next one.
+    let config = |port: u16| replica_config(&host, port, 20, 1);
     host.rotator.write_config(&config(port_a));
     let config_b = host.rotator.path("replica-b.toml");
     std::fs::write(&config_b, config(port_b)).unwrap();
