@@ -535,8 +535,7 @@ fn single_rotation_ms(rows: &[Row]) -> f64 {
 }
 
 /// One SCRAM login + one ALTER ROLE with a client-computed verifier + one SCRAM login, in process.
-/// Returns its p50 in ms.
-async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) -> f64 {
+async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
     let mut admin = sqlx::postgres::PgConnection::connect_with(
         &pg.connect_options("postgres", pg.admin_password(), "postgres")
             .disable_statement_logging(),
@@ -570,7 +569,6 @@ async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) -> f64 {
         figure,
         note: "the least any verified PostgreSQL rotation costs on this machine".into(),
     });
-    p50_of(rows, "in-process floor").expect("the floor row")
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
@@ -853,34 +851,21 @@ async fn main() {
     }
     rotation_rows(&mut rows, &pg, &password, &redis, quick).await;
     openbao_rows(&mut rows, &pg, &redis).await;
-    let floor = floor_row(&mut rows, &pg).await;
+    floor_row(&mut rows, &pg).await;
     api_row(&mut rows, &pg, &password).await;
     footprint_rows(&mut rows, &pg, &password, quick).await;
     let single = single_rotation_ms(&rows);
     fleet_rows(&mut rows, &pg, &password, quick, single).await;
-    rows.push(Row {
-        what: "ratio: `rotate` (PostgreSQL single) / in-process floor".into(),
-        figure: format!("{:.1}", single / floor),
-        note: "target ≤ 2.5".into(),
-    });
-    if let Some(api) = p50_of(&rows, "through `POST /v1/rotations`") {
-        rows.push(Row {
-            what: "ratio: `POST /v1/rotations` / in-process floor".into(),
-            figure: format!("{:.1}", api / floor),
-            note: "target ≤ 1.5".into(),
-        });
-    }
     print_rows(rows, quick, started);
 }
 
 fn print_rows(rows: Vec<Row>, quick: bool, started: Instant) {
     let floor = p50_of(&rows, "in-process floor");
     let mut rows = rows;
-    if let (Some(floor), Some(single), true) = (
-        floor,
-        p50_of(&rows, "rotation latency, PostgreSQL single"),
-        std::env::var("ROTATOR_BENCH_ONLY").is_ok(),
-    ) {
+    // The overhead ratios, in every mode that measured both sides.
+    if let (Some(floor), Some(single)) =
+        (floor, p50_of(&rows, "rotation latency, PostgreSQL single"))
+    {
         rows.push(Row {
             what: "ratio: `rotate` (PostgreSQL single) / in-process floor".into(),
             figure: format!("{:.1}", single / floor),

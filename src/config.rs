@@ -1232,10 +1232,7 @@ fn parse_consumer(table: toml::Table, at: &At, errors: &mut Errors) -> Option<Co
         errors.push(at.of("timeout"), "must be more than zero");
     }
     if let Some(health) = &keys.health {
-        let ok = url::Url::parse(health).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-        if !ok {
-            errors.push(at.of("health"), format!("{health:?} is not an http(s) URL"));
-        }
+        errors.http_url(health, at, "health", "");
     }
     if !typed || keys.name.is_empty() || keys.timeout.is_zero() {
         return None;
@@ -1297,6 +1294,20 @@ timeout = "2m"
             }
             other => panic!("expected field errors, got {other:?}"),
         }
+    }
+
+    /// A URL that fails the http(s) check may still carry a credential: the error names the
+    /// field and the host, never the password.
+    #[test]
+    fn a_non_http_url_is_reported_without_its_userinfo() {
+        let text = VALID.replace(
+            "timeout = \"2m\"",
+            "timeout = \"2m\"\nhealth = \"redis://proxy:hunter2@llmtrace:6379\"",
+        );
+        let errors = errors_of(&text).join("\n");
+        assert!(errors.contains("consumer[0].health"), "{errors}");
+        assert!(errors.contains("redis://…@llmtrace:6379"), "{errors}");
+        assert!(!errors.contains("hunter2"), "{errors}");
     }
 
     #[test]

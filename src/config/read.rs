@@ -169,6 +169,28 @@ impl Errors {
             self.missing(at.of(key), "is required");
         }
     }
+
+    /// Reports `value` at `at.key` unless it is an http(s) URL; `like` is an example for the
+    /// message (may be empty). The value is quoted without any `user:password@` part: a
+    /// mistyped URL may still carry a credential.
+    pub fn http_url(&mut self, value: &str, at: &At, key: &str, like: &str) {
+        if url::Url::parse(value).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
+            return;
+        }
+        let shown = match value.split_once('@') {
+            Some((before, after)) => match before.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://…@{after}"),
+                None => format!("…@{after}"),
+            },
+            None => value.to_string(),
+        };
+        let like = if like.is_empty() {
+            String::new()
+        } else {
+            format!(" like {like}")
+        };
+        self.push(at.of(key), format!("{shown:?} is not an http(s) URL{like}"));
+    }
 }
 
 /// A kind's own settings: deserialized from its table, then checked as a whole.

@@ -413,6 +413,16 @@ impl<'a> RunContext<'a> {
         Ok(ids[0])
     }
 
+    /// Asks the lock's session whether it still holds the lock (not only what its watcher
+    /// last saw): a side effect must not follow a lost lock.
+    async fn check_lock(&self) {
+        if let Some(lock) = &self.lock {
+            if !lock.check().await {
+                self.lock_lost.cancel();
+            }
+        }
+    }
+
     /// [`RunContext::begin_effect`] for several subjects at once: one durable journal write
     /// for all of them.
     async fn begin_effects(
@@ -420,11 +430,7 @@ impl<'a> RunContext<'a> {
         subjects: &[(Part, String)],
         step: &str,
     ) -> Result<Vec<StepId>, Stop> {
-        if let Some(lock) = &self.lock {
-            if !lock.check().await {
-                self.lock_lost.cancel();
-            }
-        }
+        self.check_lock().await;
         self.may_continue()?;
         let ids = self.rec.begin_all(subjects, step, true).await;
         if let Err(stop) = self.may_continue() {
@@ -814,7 +820,11 @@ impl<'a> RunContext<'a> {
         values: &[StoreWrite],
     ) -> (Vec<Result<(), StepError>>, Result<(), Stop>) {
         let mut results = Vec::with_capacity(chunk.len());
-        for (&(i, j), (original, written)) in chunk.iter().zip(values) {
+        for (n, (&(i, j), (original, written))) in chunk.iter().zip(values).enumerate() {
+            // The chunk's start checked the lock; each later write checks it again.
+            if n > 0 {
+                self.check_lock().await;
+            }
             if let Err(stop) = self.may_continue() {
                 return (results, Err(stop));
             }

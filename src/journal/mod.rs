@@ -163,7 +163,7 @@ impl Journal {
         // An in-memory SQLite database exists once per connection: keep it to one.
         let in_memory = matches!(locker, Locker::Memory(_));
         let connections = if is_sqlite && in_memory { 1 } else { 4 };
-        let pool = connect_pool(&connect_url, connections, is_sqlite, "FULL", Connect::Now).await?;
+        let pool = connect_pool(&connect_url, connections, is_sqlite, false, Connect::Now).await?;
         if is_sqlite {
             // WAL (kept in the file): one fsync per commit instead of a rollback journal's
             // several, and readers (the API, history) do not wait for a run's checkpoints.
@@ -173,7 +173,7 @@ impl Journal {
                 .map_err(JournalError::Query)?;
         }
         let relaxed = if is_sqlite && !in_memory {
-            Some(connect_pool(&connect_url, 1, true, "NORMAL", Connect::Lazily).await?)
+            Some(connect_pool(&connect_url, 1, true, true, Connect::Lazily).await?)
         } else {
             None
         };
@@ -767,13 +767,14 @@ enum Connect {
     Lazily,
 }
 
-/// A pool of `connections`; SQLite ones get `synchronous` set as given (FULL: a commit is
-/// durable when it returns) and foreign keys on. A local file needs no test before each use.
+/// A pool of `connections`. SQLite ones get foreign keys on and keep SQLite's default
+/// `synchronous = FULL` (a commit is durable when it returns), except `relaxed` ones (NORMAL).
+/// A local file needs no test before each use.
 async fn connect_pool(
     url: &Secret,
     connections: u32,
     is_sqlite: bool,
-    synchronous: &'static str,
+    relaxed: bool,
     connect: Connect,
 ) -> Result<AnyPool, JournalError> {
     let options = AnyPoolOptions::new()
@@ -785,7 +786,9 @@ async fn connect_pool(
                     sqlx::query("PRAGMA foreign_keys = ON")
                         .execute(&mut *conn)
                         .await?;
-                    sqlx::query(&format!("PRAGMA synchronous = {synchronous}"))
+                }
+                if relaxed {
+                    sqlx::query("PRAGMA synchronous = NORMAL")
                         .execute(&mut *conn)
                         .await?;
                 }

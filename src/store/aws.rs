@@ -32,14 +32,7 @@ impl Validate for AwsConfig {
         errors.require(&self.secret_id, at, "secret_id");
         errors.require(&self.region, at, "region");
         if let Some(endpoint) = &mut self.endpoint {
-            let ok =
-                url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                errors.push(
-                    at.of("endpoint"),
-                    format!("{endpoint:?} is not an http(s) URL"),
-                );
-            }
+            errors.http_url(endpoint, at, "endpoint", "");
             *endpoint = endpoint.trim_end_matches('/').to_string();
         }
     }

@@ -64,15 +64,12 @@ impl Validate for SealedSecretConfig {
         errors.require(&self.key, at, "key");
         match (&mut self.certificate, &self.certificate_url) {
             (Some(file), None) => at.resolve(file),
-            (None, Some(url)) => {
-                let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-                if !ok {
-                    errors.push(
-                        at.of("certificate_url"),
-                        format!("{url:?} is not an http(s) URL like http://sealed-secrets-controller.kube-system:8080/v1/cert.pem"),
-                    );
-                }
-            }
+            (None, Some(url)) => errors.http_url(
+                url,
+                at,
+                "certificate_url",
+                "http://sealed-secrets-controller.kube-system:8080/v1/cert.pem",
+            ),
             (Some(_), Some(_)) => errors.push(
                 at.of("certificate"),
                 "give either certificate or certificate_url, not both",

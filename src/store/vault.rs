@@ -71,18 +71,10 @@ fn default_token_file() -> PathBuf {
 
 impl Validate for VaultConfig {
     fn validate(&mut self, at: &At, errors: &mut Errors) {
-        let ok =
-            url::Url::parse(&self.address).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
         if self.address.is_empty() {
             errors.missing(at.of("address"), "is required");
-        } else if !ok {
-            errors.push(
-                at.of("address"),
-                format!(
-                    "{:?} is not an http(s) URL like https://vault:8200",
-                    self.address
-                ),
-            );
+        } else {
+            errors.http_url(&self.address, at, "address", "https://vault:8200");
         }
         self.address = self.address.trim_end_matches('/').to_string();
         errors.require(&self.path, at, "path");
