@@ -89,6 +89,9 @@ pub struct RotatorSection {
     pub max_parallel: usize,
     /// How long a process that takes over a run from a PostgreSQL journal waits before acting.
     pub takeover_grace: Duration,
+    /// verify logs in with the stored credential again when verify-backend's login with that
+    /// same credential is at least this old (0: always).
+    pub verify_relogin_after: Duration,
 }
 
 /// `serve` listens on every interface, port 8080, as the Service and probes expect.
@@ -106,6 +109,9 @@ pub const DEFAULT_MAX_PARALLEL: usize = 8;
 /// The previous owner of a taken-over run may be in a password change it cannot abandon:
 /// 15 s to connect plus the 10 s statement timeout, with margin.
 pub const DEFAULT_TAKEOVER_GRACE: Duration = Duration::from_secs(30);
+/// verify always logs in again: a password changed behind the run's back while the consumer
+/// restarted is caught and rolled back. Fleets may trade that for one login fewer per target.
+pub const DEFAULT_VERIFY_RELOGIN_AFTER: Duration = Duration::ZERO;
 /// Long enough for a loaded API server, short enough that a stalled one fails the step.
 pub const DEFAULT_KUBERNETES_TIMEOUT: Duration = Duration::from_secs(30);
 /// Without a schedule to go by, a credential is overdue after 90 days (a common audit period).
@@ -627,6 +633,8 @@ struct RotatorKeys {
     kubernetes_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "optional_duration")]
     takeover_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    verify_relogin_after: Option<Duration>,
     max_parallel: Option<i64>,
     #[serde(default, deserialize_with = "parsed")]
     api_tokens: Option<Reference>,
@@ -710,6 +718,9 @@ fn parse_rotator(section: toml::Table, at: &At, errors: &mut Errors) -> Option<R
         kubernetes_timeout,
         max_parallel,
         takeover_grace: keys.takeover_grace.unwrap_or(DEFAULT_TAKEOVER_GRACE),
+        verify_relogin_after: keys
+            .verify_relogin_after
+            .unwrap_or(DEFAULT_VERIFY_RELOGIN_AFTER),
     })
 }
 

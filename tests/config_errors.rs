@@ -103,7 +103,7 @@ async fn a_journal_key_of_the_wrong_size_cannot_start() {
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_or_negative_durations_exit_2_naming_the_field() {
     let config = support::rotator::file_builder("127.0.0.1:1", &["true".into()])
-        .rotator_lines("check_interval = \"8785h\"\nshutdown_grace = \"99999999999999999999s\"")
+        .rotator_lines("check_interval = \"8785h\"\nshutdown_grace = \"99999999999999999999s\"\nverify_relogin_after = \"-1s\"")
         .target_lines("schedule = \"0 3 * * *\"\njitter = \"-5s\"\nwindow = \"5124095576030431h\"\nmax_age = \"8784h1ms\"")
         .str("timeout", "307445734561825861m")
         .build();
@@ -114,6 +114,7 @@ async fn huge_or_negative_durations_exit_2_naming_the_field() {
         for path in [
             "check_interval",
             "shutdown_grace",
+            "verify_relogin_after",
             "target[0].jitter",
             "target[0].window",
             "target[0].max_age",

@@ -639,3 +639,70 @@ async fn one_rotation_opens_one_admin_session_and_keeps_every_login_proof() {
     assert_eq!(logins("postgres"), 1, "{log}");
     assert_eq!(logins("llmtrace"), 3, "{log}");
 }
+
+/// Logins as the rotated user the server has authorized so far, from its own log.
+fn llmtrace_logins(host: &ComposeHost) -> usize {
+    host.pg
+        .log_contents()
+        .matches("connection authorized: user=llmtrace ")
+        .count()
+}
+
+/// Waits until the server log stops growing: each backend writes its own lines.
+async fn settled_logins(host: &ComposeHost) -> usize {
+    let mut seen = llmtrace_logins(host);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = llmtrace_logins(host);
+        if now == seen {
+            return now;
+        }
+        seen = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_logs_in_again_unless_configured_to_take_the_backend_login_as_proof() {
+    let host = ComposeHost::start().await;
+    host.pg.exec("ALTER SYSTEM SET log_connections = on").await;
+    host.pg.exec("SELECT pg_reload_conf()").await;
+    host.pg
+        .try_login("llmtrace", &host.old_password, "llmtrace")
+        .await
+        .unwrap();
+    while llmtrace_logins(&host) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Default: the current credential (preflight), the new one (verify-backend) and the one
+    // both stores hold (verify) each log in.
+    let before = settled_logins(&host).await;
+    let out = host.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(settled_logins(&host).await - before, 3, "{}", out.all());
+    host.assert_stores_log_in().await;
+    let mut outputs = out.all();
+
+    // Opted in: verify reads both stores back, finds exactly the credential verify-backend
+    // logged in with a moment ago, and takes that login as its proof.
+    let command = [
+        "sh".to_string(),
+        "-c".to_string(),
+        format!("echo restarted >> {}", host.restart_log.display()),
+    ];
+    host.rotator
+        .write_config(&support::rotator::file_config_with(
+            &host.pg.address(),
+            &command,
+            "verify_relogin_after = \"5s\"",
+            "",
+        ));
+    let before = settled_logins(&host).await;
+    let out = host.rotator.run(&["rotate"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(settled_logins(&host).await - before, 2, "{}", out.all());
+    host.assert_stores_log_in().await;
+    assert_eq!(host.restarts(), 2);
+    outputs.push_str(&out.all());
+    assert_clean(&host, &outputs);
+}

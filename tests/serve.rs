@@ -416,6 +416,49 @@ async fn a_schedule_rotates_and_racing_requests_get_409_or_a_counted_skip() {
 /// SIGTERM cancels the run in flight, which rolls back within the grace; a client that sent
 /// half a request head, or keeps an idle connection, does not hold the exit.
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_waits_for_the_outcome_in_one_request_instead_of_polling() {
+    let (host, port) = host_with(Some("sleep 1"), "check_interval = \"0s\"", "").await;
+    let server = host.rotator.serve(port).await;
+    let (status, body) = server.post("/v1/rotations", "{}").await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+
+    // The run's consumer takes a second: a short wait answers with the run still going.
+    let asked = Instant::now();
+    let (status, run) = server.get(&format!("/v1/rotations/{id}?wait=200ms")).await;
+    assert_eq!(status, 200, "{run}");
+    assert!(run["outcome"].is_null(), "{run:#}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // A long wait answers once, with the outcome, as soon as the run ends.
+    let (status, run) = server.get(&format!("/v1/rotations/{id}?wait=60s")).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["outcome"], "succeeded", "{run:#}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    for bad in ["soon", "301s", "-1s"] {
+        let (status, body) = server.get(&format!("/v1/rotations/{id}?wait={bad}")).await;
+        assert_eq!(status, 400, "wait={bad}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().starts_with("wait must be"),
+            "{body}"
+        );
+    }
+    let (status, _) = server.get("/v1/rotations/no-such-run?wait=5s").await;
+    assert_eq!(status, 404, "an unknown run is answered at once");
+    host.assert_stores_log_in().await;
+    assert_clean(&host, &server, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_rolls_back_the_run_in_flight_and_exits_whatever_clients_do() {
     use tokio::io::AsyncWriteExt;
     let (host, port) = host_with(

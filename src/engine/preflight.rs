@@ -2,7 +2,7 @@
 //! `rotate --dry-run` runs it alone.
 
 use super::{Deps, StepError, TargetRuntime};
-use crate::backend::Session;
+use crate::backend::{BackendError, Session};
 use crate::config::{Strategy, Target};
 use crate::secret::{Credential, Secret};
 use crate::store::format;
@@ -48,13 +48,15 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
     for sync in &runtime.syncs {
         sync.check_holds(&current).await.map_err(StepError::from)?;
     }
-    // Both read-only and independent: the admin check and the proof that the stored credential
-    // logs in run side by side (two logins' latency would otherwise add up).
-    let (admin, login) = tokio::join!(
-        runtime.backend.check_admin(&current),
-        runtime.backend.login(&current)
-    );
-    admin.map_err(StepError::from)?;
+    // Read-only and independent: the admin session's work (the rights check, then the session
+    // list) and the proof that the stored credential logs in run side by side, so a run waits
+    // for the longer of the two rather than their sum.
+    let admin_work = async {
+        runtime.backend.check_admin(&current).await?;
+        Ok::<_, BackendError>(runtime.backend.sessions(&current.user).await)
+    };
+    let (admin, login) = tokio::join!(admin_work, runtime.backend.login(&current));
+    let sessions = admin.map_err(StepError::from)?;
     login.map_err(|e| {
         StepError::new(
             "stored_credential_invalid",
@@ -66,7 +68,7 @@ pub async fn preflight<'a>(deps: &Deps, target: &'a Target) -> Result<Preflight<
     if target.strategy == Strategy::Alternating {
         idle_login_unused(&runtime, &current).await?;
     }
-    let sessions = match runtime.backend.sessions(&current.user).await {
+    let sessions = match sessions {
         Ok(sessions) => sessions.map(|s| s.len()),
         Err(error) => {
             tracing::warn!(target = %target.name, cause = %error, "cannot read the session list");

@@ -70,6 +70,8 @@ pub struct RunContext<'a> {
     warnings: Vec<(String, &'static str)>,
     /// What `confirm` found, aligned with `rec.state.targets` (`None`: not confirmed).
     confirmations: Vec<Option<Confirmation>>,
+    /// When verify-backend's login with each target's new credential succeeded, by index.
+    next_proven_at: std::sync::Mutex<std::collections::HashMap<usize, Instant>>,
     clock: Instant,
     /// Held until the run ends (recovery holds its own).
     lock: Option<TargetLock>,
@@ -137,6 +139,7 @@ pub async fn start<'e>(
         notes: Vec::new(),
         warnings: Vec::new(),
         confirmations: Vec::new(),
+        next_proven_at: Default::default(),
         clock: Instant::now(),
         lock_lost: lock.lost(),
         lock: Some(lock),
@@ -163,6 +166,7 @@ impl<'a> RunContext<'a> {
             notes,
             warnings: Vec::new(),
             confirmations: Vec::new(),
+            next_proven_at: Default::default(),
             clock: Instant::now(),
             lock_lost: lock.lost(),
             lock: Some(lock),
@@ -673,7 +677,12 @@ impl<'a> RunContext<'a> {
                 Box::pin(async move {
                     let run = this.target_run(i)?;
                     let backend = &run.runtime.backend;
-                    backend.login(&run.next).await.map_err(StepError::from)
+                    backend.login(&run.next).await.map_err(StepError::from)?;
+                    this.next_proven_at
+                        .lock()
+                        .expect("proof times")
+                        .insert(i, Instant::now());
+                    Ok(())
                 })
             })
             .await?;
@@ -978,10 +987,14 @@ impl<'a> RunContext<'a> {
     }
 
     /// Logs in with the credential each store holds (what a restarted pod sees), once per
-    /// distinct credential, after checking it is the one `expect` allows.
-    async fn verify_stores(&self, i: usize, expect: Expect<'_>) -> Result<(), StepError> {
+    /// distinct credential not in `proven`, after checking it is the one `expect` allows.
+    async fn verify_stores(
+        &self,
+        i: usize,
+        expect: Expect<'_>,
+        mut proven: Vec<Credential>,
+    ) -> Result<(), StepError> {
         let runtime = self.runtime(i)?;
-        let mut proven: Vec<Credential> = Vec::new();
         for (j, store) in runtime.stores.iter().enumerate() {
             let Some(credential) = self.held(i, j, expect).await? else {
                 continue;
@@ -1001,6 +1014,23 @@ impl<'a> RunContext<'a> {
             proven.push(credential);
         }
         Ok(())
+    }
+
+    /// `next` when verify-backend logged in with it less than `verify_relogin_after` ago: verify
+    /// then checks that every store holds exactly it and does not log in again, since that login
+    /// would repeat the same proof on the same server moments later.
+    fn freshly_proven(&self, i: usize, next: &Credential) -> Vec<Credential> {
+        let within = self.deps.config.rotator.verify_relogin_after;
+        let proven_at = self
+            .next_proven_at
+            .lock()
+            .expect("proof times")
+            .get(&i)
+            .copied();
+        match proven_at {
+            Some(at) if at.elapsed() < within => vec![next.clone()],
+            _ => Vec::new(),
+        }
     }
 
     /// The credential store `j` of target `i` holds, if `expect` allows it; `None` when the
@@ -1056,7 +1086,9 @@ impl<'a> RunContext<'a> {
             .each_target("verify", Mark::None, true, |this, i| {
                 Box::pin(async move {
                     let run = this.target_run(i)?;
-                    this.verify_stores(i, Expect::Exactly(&run.next)).await
+                    let proven = this.freshly_proven(i, &run.next);
+                    this.verify_stores(i, Expect::Exactly(&run.next), proven)
+                        .await
                 })
             })
             .await?;
@@ -1492,7 +1524,9 @@ impl<'a> RunContext<'a> {
             let name = self.state(i).name.clone();
             let step = self.rec.begin(Part::Target(i), "verify-old", &name).await;
             let next: Option<Credential> = self.state(i).next.as_ref().map(Into::into);
-            let result = self.verify_stores(i, Expect::Not(next.as_ref())).await;
+            let result = self
+                .verify_stores(i, Expect::Not(next.as_ref()), Vec::new())
+                .await;
             ok &= result.is_ok();
             self.rec.finish(step, &result).await;
         }

@@ -92,6 +92,10 @@ struct Shared {
     cancel: CancellationToken,
     cancel_at: Option<String>,
     foreign_at: Option<String>,
+    /// How long the consumer's restart takes.
+    restart_takes: Duration,
+    /// Extra lines of the config's `[rotator]` section.
+    rotator: &'static str,
 }
 
 impl Shared {
@@ -277,6 +281,7 @@ impl Consumer for FakeConsumer {
         let called = self.shared.call("consumer.restart".into());
         // A rollout takes time: whatever should cut it short gets the chance to.
         tokio::task::yield_now().await;
+        tokio::time::sleep(self.shared.restart_takes).await;
         called.map_err(|()| ConsumerError::RolloutFailed {
             consumer: "fake consumer".into(),
             message: "stuck".into(),
@@ -288,6 +293,11 @@ impl Consumer for FakeConsumer {
 /// are never built from it: the fakes stand in for them. It gives the strategy, formats and
 /// password policy.
 fn config(strategy: Strategy) -> Config {
+    config_with(strategy, "")
+}
+
+/// [`config`] with `rotator` added to its `[rotator]` section.
+fn config_with(strategy: Strategy, rotator: &str) -> Config {
     let backend = match strategy {
         Strategy::Single => {
             r#"kind = "redis"
@@ -314,6 +324,7 @@ strategy = "alternating""#
 [rotator]
 journal = "sqlite://unused.db"
 journal_key = "literal:{KEY}"
+{rotator}
 
 [[target]]
 name = "t"
@@ -345,8 +356,10 @@ command = ["true"]
 /// Base64 of 32 zero bytes: a valid journal key.
 const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
-async fn engine(strategy: Strategy) -> Engine {
-    let deps = Deps::new(config(strategy)).await.expect("no client needed");
+async fn engine(strategy: Strategy, rotator: &str) -> Engine {
+    let deps = Deps::new(config_with(strategy, rotator))
+        .await
+        .expect("no client needed");
     let journal = Journal::open(&Secret::new("sqlite::memory:"), &Secret::new(KEY))
         .await
         .expect("in-memory journal");
@@ -427,7 +440,7 @@ async fn rotate(
 
 /// [`rotate`] with the fakes sharing `shared`.
 async fn rotate_shared(strategy: Strategy, shared: Shared) -> (RunReport, Log) {
-    let engine = engine(strategy).await;
+    let engine = engine(strategy, shared.rotator).await;
     let old = old_credential(strategy);
     let plan = Plan::new(&engine.deps.config, &[]).expect("plan");
     let mut run = start(&engine, &plan, "test")
@@ -720,6 +733,66 @@ async fn failed_verify_after_restart_rolls_back_in_the_same_order() {
             log.changes(),
             expected_after_restart(strategy, "consumer.restart"),
             "{strategy:?}"
+        );
+    }
+}
+
+/// The logins with the new credential a run made (verify-backend's, then verify's if any).
+fn logins_with_new(log: &Log) -> usize {
+    log.all()
+        .iter()
+        .filter(|e| e.starts_with("backend.login(new)"))
+        .count()
+}
+
+#[tokio::test]
+async fn verify_logs_in_again_unless_allowed_to_take_a_fresh_backend_login_as_proof() {
+    // (extra [rotator] lines, how long the restart takes, logins with the new credential)
+    let cases = [
+        ("", Duration::ZERO, 2),
+        (r#"verify_relogin_after = "0s""#, Duration::ZERO, 2),
+        (r#"verify_relogin_after = "1s""#, Duration::ZERO, 1),
+        (
+            r#"verify_relogin_after = "20ms""#,
+            Duration::from_millis(60),
+            2,
+        ),
+    ];
+    for strategy in ALL {
+        for (rotator, restart_takes, logins) in cases {
+            let shared = Shared {
+                rotator,
+                restart_takes,
+                ..Shared::default()
+            };
+            let (report, log) = rotate_shared(strategy, shared).await;
+            assert_eq!(report.outcome, Outcome::Succeeded, "{strategy:?} {rotator}");
+            assert_eq!(logins_with_new(&log), logins, "{strategy:?} {rotator}");
+            // Without a login, verify still reads every store back.
+            let reads = log.all();
+            let after_restart = reads
+                .iter()
+                .position(|e| e == "consumer.restart")
+                .expect("a restart");
+            for store in ["store0.read", "store1.read"] {
+                assert!(
+                    reads[after_restart..].iter().any(|e| e == store),
+                    "{strategy:?} {rotator}: {store} not read after the restart: {reads:?}"
+                );
+            }
+        }
+        // A store holding anything but what verify-backend proved still fails verify.
+        let shared = Shared {
+            rotator: r#"verify_relogin_after = "1s""#,
+            foreign_at: Some("store1.cas(new)".into()),
+            ..Shared::default()
+        };
+        let (report, _) = rotate_shared(strategy, shared).await;
+        assert_ne!(report.outcome, Outcome::Succeeded, "{strategy:?}");
+        assert!(
+            step_list(&report).contains(&"verify t failed".to_string()),
+            "{strategy:?}: {:?}",
+            step_list(&report)
         );
     }
 }

@@ -20,6 +20,12 @@ use crate::journal::JournalError;
 /// Requests are a few target names: anything bigger is a mistake or an attack.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const DEFAULT_LIMIT: u32 = 20;
+/// The longest `GET /v1/rotations/{id}?wait=` holds a request: longer than most runs, shorter
+/// than the idle timeouts of common proxies and load balancers.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// How often a waiting request rereads a run this replica does not drive (another replica, a
+/// CronJob): runs it drives wake it at once.
+const FOREIGN_RUN_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 const MAX_LIMIT: u32 = 1000;
 
 /// An error answer: `{"error": "..."}` with a status code.
@@ -157,16 +163,50 @@ async fn start_rotation(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+struct RunQuery {
+    wait: Option<String>,
+}
+
+/// One run; with `?wait=30s`, answered once the run has an outcome or the wait is over
+/// (whichever comes first), so a client need not poll.
 async fn get_rotation(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
+    Query(query): Query<RunQuery>,
 ) -> Result<Response, ApiError> {
-    match daemon.engine.journal.run(&id).await? {
-        Some(run) => Ok(Json(run).into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no run {id:?}"),
-        )),
+    let wait = match query.wait.as_deref() {
+        None => std::time::Duration::ZERO,
+        Some(text) => crate::duration::parse(text)
+            .ok()
+            .filter(|wait| *wait <= MAX_WAIT)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "wait must be a duration like 30s, at most {}s",
+                        MAX_WAIT.as_secs()
+                    ),
+                )
+            })?,
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut ended = daemon.runs_ended.subscribe();
+    loop {
+        // Subscribed before reading: a run ending between the read and the wait still wakes it.
+        ended.mark_unchanged();
+        let Some(run) = daemon.engine.journal.run(&id).await? else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no run {id:?}"),
+            ));
+        };
+        let now = tokio::time::Instant::now();
+        if run.outcome.is_some() || now >= deadline {
+            return Ok(Json(run).into_response());
+        }
+        let nap = (deadline - now).min(FOREIGN_RUN_POLL);
+        let _ = tokio::time::timeout(nap, ended.changed()).await;
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Daemon {
     pub next_fires: Mutex<HashMap<String, DateTime<Utc>>>,
     /// Each target's last drift check result.
     pub valid: Mutex<HashMap<String, bool>>,
+    /// Counts the runs this replica finished: wakes API requests waiting for an outcome.
+    pub runs_ended: tokio::sync::watch::Sender<u64>,
 }
 
 impl Daemon {
@@ -99,8 +101,9 @@ impl Daemon {
                 .await;
             daemon.metrics.set_in_progress(&targets, false);
             daemon.observe(&report);
+            daemon.runs_ended.send_modify(|n| *n += 1);
             if report.outcome == crate::engine::report::Outcome::Succeeded {
-                // Its verify step just logged in with every store's credential.
+                // Its verify step just proved every store's credential.
                 daemon.record_valid(&targets);
             } else {
                 daemon.check(&targets).await;
@@ -208,6 +211,7 @@ async fn start_daemon(
         replica: replica_name(),
         next_fires: Mutex::new(HashMap::new()),
         valid: Mutex::new(HashMap::new()),
+        runs_ended: tokio::sync::watch::Sender::new(0),
     });
     for report in recover::recover_all(&engine, &daemon.cancel_runs).await? {
         tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered an interrupted run");

@@ -37,8 +37,11 @@ pub fn document() -> Value {
             "/v1/rotations/{id}": {
                 "get": {
                     "summary": "One run: its steps, outcome and durations",
-                    "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-                    "responses": {"200": {"description": "The run", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Run"}}}}, "401": err("Missing or unknown bearer token"), "404": err("No such run")}
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}},
+                        {"name": "wait", "in": "query", "required": false, "description": "Answer once the run has an outcome or after this long, whichever is first (a duration like 30s, at most 300s); without it, at once", "schema": {"type": "string"}}
+                    ],
+                    "responses": {"200": {"description": "The run", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Run"}}}}, "401": err("Missing or unknown bearer token"), "400": err("wait is not a duration of at most 300s"), "404": err("No such run")}
                 }
             },
             "/v1/targets": {
