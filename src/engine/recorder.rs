@@ -27,7 +27,17 @@ pub struct Recorder<'j> {
     /// Parts changed since the last durable checkpoint.
     run_dirty: bool,
     dirty_targets: BTreeSet<usize>,
+    /// Records of [`DEFERRED_STEPS`] not written yet: the next checkpoint writes them with its own.
+    deferred: Vec<StepId>,
 }
+
+/// Steps that change nothing outside the journal and whose records recovery does not read
+/// (it decides from the write-ahead records of the steps that act, and from what the backend
+/// and the stores hold). Their starts and ends ride with the next checkpoint instead of being
+/// a journal transaction each; the write-ahead record of the next step that acts carries them
+/// (generate's sealed password with it). A journal that fails meanwhile fails that record, so
+/// nothing acts on it.
+const DEFERRED_STEPS: [&str; 3] = ["generate", "verify-backend", "verify"];
 
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -68,6 +78,7 @@ impl<'j> Recorder<'j> {
             step_parts,
             run_dirty: false,
             dirty_targets: BTreeSet::new(),
+            deferred: Vec::new(),
             failures: Vec::new(),
         }
     }
@@ -101,6 +112,23 @@ impl<'j> Recorder<'j> {
             let step = &self.steps[index];
             failpoint::journal_down(&step.step, &step.subject, &step.status)
         });
+        let deferrable = !durable
+            && !indexes.is_empty()
+            && indexes
+                .iter()
+                .all(|&index| DEFERRED_STEPS.contains(&self.steps[index].step.as_str()));
+        if deferrable {
+            self.deferred.extend_from_slice(indexes);
+            self.boundaries(indexes).await;
+            return;
+        }
+        let own = indexes;
+        let mut with_deferred = std::mem::take(&mut self.deferred);
+        with_deferred.extend_from_slice(own);
+        // A deferred step's start and end are one record by now.
+        with_deferred.sort_unstable();
+        with_deferred.dedup();
+        let indexes = with_deferred.as_slice();
         let result = if down {
             Err(JournalError::Open(
                 "journal made unavailable by a failpoint".into(),
@@ -143,6 +171,18 @@ impl<'j> Recorder<'j> {
                 self.journal_failed = true;
             }
         }
+        self.boundaries(own).await;
+    }
+
+    /// Writes the deferred records, if any: before the run's outcome is recorded.
+    pub async fn flush(&mut self) {
+        if !self.deferred.is_empty() {
+            self.checkpoint(&[], false).await;
+        }
+    }
+
+    /// Test hooks at each crossed step boundary (failpoints builds only).
+    async fn boundaries(&self, indexes: &[StepId]) {
         for &index in indexes {
             let step = &self.steps[index];
             failpoint::boundary(&step.step, &step.subject, &step.status).await;
@@ -276,5 +316,64 @@ impl<'j> Recorder<'j> {
             subject: self.steps[index].subject.clone(),
             label: error.label,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    /// Each journaled step of run `r` as `step status`.
+    async fn journaled(journal: &Journal) -> Vec<String> {
+        let run = journal
+            .run("r")
+            .await
+            .expect("journal answers")
+            .expect("run r");
+        run.steps
+            .iter()
+            .map(|s| format!("{} {}", s.step, s.status))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn records_of_steps_that_act_on_nothing_ride_with_the_next_write() {
+        let key = Secret::new("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        let journal = Journal::open(&Secret::new("sqlite::memory:"), &key)
+            .await
+            .expect("in-memory journal");
+        let names = vec!["t".to_string()];
+        let state = RunState::new(&names, &[]);
+        journal
+            .begin_run(
+                "r",
+                "o",
+                "test",
+                &names,
+                &state.header_bytes(),
+                &state.all_target_parts(),
+            )
+            .await
+            .expect("run begins");
+        let mut rec = Recorder::new(&journal, "r".into(), "o".into(), state, Vec::new());
+
+        let generate = rec.begin(Part::Target(0), "generate", "t").await;
+        rec.end(generate, "ok", None).await;
+        assert!(journaled(&journal).await.is_empty(), "deferred");
+        // The write-ahead record of a step that acts carries them, in the same transaction.
+        let apply = rec.begin_effect(Part::Target(0), "apply", "t").await;
+        assert!(rec.durable());
+        assert_eq!(journaled(&journal).await, ["generate ok", "apply started"]);
+        rec.end(apply, "ok", None).await;
+        let verify = rec.begin(Part::Target(0), "verify-backend", "t").await;
+        rec.end(verify, "ok", None).await;
+        assert_eq!(journaled(&journal).await, ["generate ok", "apply ok"]);
+        // Before the outcome is written, whatever is still deferred is written.
+        rec.flush().await;
+        assert_eq!(
+            journaled(&journal).await,
+            ["generate ok", "apply ok", "verify-backend ok"]
+        );
     }
 }

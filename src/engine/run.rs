@@ -280,6 +280,8 @@ impl<'a> RunContext<'a> {
     /// Journals the outcome; a failure to is noted in the report, and leaves the run due for
     /// recovery.
     async fn journal_outcome(&mut self, outcome: Outcome) {
+        // The history shows every step, the ones whose records were deferred too.
+        self.rec.flush().await;
         if let Err(error) = self.rec_journal_finish(outcome).await {
             tracing::error!(run = %self.rec.id, cause = %error, "cannot record the outcome in the journal");
             self.notes.push(format!(

@@ -15,7 +15,7 @@ use super::*;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::consumer::{Consumer, ConsumerError};
-use crate::journal::Journal;
+use crate::journal::{Journal, StepRecord};
 use crate::store::{Store, StoreError};
 
 const OLD: &str = "oldpassword";
@@ -481,13 +481,29 @@ async fn rotate_shared(strategy: Strategy, shared: Shared) -> (RunReport, Log) {
         .map(|s| format!("{} {}", s.step, s.subject))
         .collect();
     assert!(open.is_empty(), "{strategy:?}: steps left open: {open:?}");
+    // Every record reached the journal, the deferred ones (generate, the verifications) too.
+    let journaled = engine
+        .journal
+        .run(&report.run_id)
+        .await
+        .expect("journal answers")
+        .expect("the run is journaled");
+    assert_eq!(journaled.outcome.as_deref(), Some(report.outcome.as_str()));
+    assert_eq!(
+        step_list_of(&journaled.steps),
+        step_list(&report),
+        "{strategy:?}: the journal's steps"
+    );
     (report, shared.log)
 }
 
 /// Each step record of `report` as `step subject status`.
 fn step_list(report: &RunReport) -> Vec<String> {
-    report
-        .steps
+    step_list_of(&report.steps)
+}
+
+fn step_list_of(steps: &[StepRecord]) -> Vec<String> {
+    steps
         .iter()
         .map(|s| format!("{} {} {}", s.step, s.subject, s.status))
         .collect()
