@@ -251,6 +251,7 @@ async fn relogin_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
 
 const RELOGIN_AFTER: &str = "verify_relogin_after = \"1s\"";
 
+/// `RUNS` rotations of login `user` through `rotate`, with `rotator` added to `[rotator]`.
 fn single_samples(pg: &Postgres, user: &str, password: &str, rotator: &str) -> Vec<f64> {
     let config = postgres_config(pg, &format!("user = \"{user}\""), "true").replace(
         "journal_key = \"env:ROTATOR_JOURNAL_KEY\"\n",
@@ -795,6 +796,19 @@ async fn api_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
     });
 }
 
+/// The JSON answer to `request`, sent with the benchmark's API token.
+async fn answer_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request
+        .bearer_auth("bench")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `RUNS` rotations through the API of a daemon with `rotator` added to `[rotator]`.
 async fn api_samples(pg: &Postgres, password: &str, rotator: &str) -> Vec<f64> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -815,28 +829,15 @@ async fn api_samples(pg: &Postgres, password: &str, rotator: &str) -> Vec<f64> {
     let mut samples = Vec::new();
     for _ in 0..RUNS {
         let started = Instant::now();
-        let answer: serde_json::Value = http
-            .post(format!("{base}/v1/rotations"))
-            .bearer_auth("bench")
-            .json(&serde_json::json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = answer_of(
+            http.post(format!("{base}/v1/rotations"))
+                .json(&serde_json::json!({})),
+        )
+        .await;
         let Some(id) = answer["id"].as_str().map(str::to_string) else {
             panic!("no run id in the answer: {answer}");
         };
-        let run: serde_json::Value = http
-            .get(format!("{base}/v1/rotations/{id}?wait=30s"))
-            .bearer_auth("bench")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let run = answer_of(http.get(format!("{base}/v1/rotations/{id}?wait=30s"))).await;
         assert_eq!(run["outcome"], "succeeded", "{run}");
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
     }
@@ -862,10 +863,9 @@ async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quic
     start_row(rows, pg, password).await;
 }
 
-/// Start to the first backend call: the preflight connection shows as a PostgreSQL log line.
 /// From spawning `rotate` to its first connection to the backend, which is a listener here
-/// that only accepts: what a run pays before preflight (process start, config, journal open
-/// and migrations, recovery check, lock, run record).
+/// that accepts and closes: what a run pays before preflight (process start, config, journal
+/// open and migrations, recovery check, lock, run record).
 async fn start_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
     let work = many_targets(pg, 1, password).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -413,8 +413,7 @@ async fn a_schedule_rotates_and_racing_requests_get_409_or_a_counted_skip() {
     assert_clean(&host, &server, &[&metrics]);
 }
 
-/// SIGTERM cancels the run in flight, which rolls back within the grace; a client that sent
-/// half a request head, or keeps an idle connection, does not hold the exit.
+/// `?wait=` holds the answer until the run has an outcome, or until the wait is over.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_waits_for_the_outcome_in_one_request_instead_of_polling() {
     let (host, port) = host_with(Some("sleep 1"), "check_interval = \"0s\"", "").await;
@@ -458,6 +457,8 @@ async fn a_client_waits_for_the_outcome_in_one_request_instead_of_polling() {
     assert_clean(&host, &server, &[]);
 }
 
+/// SIGTERM cancels the run in flight, which rolls back within the grace; a client that sent
+/// half a request head, or keeps an idle connection, does not hold the exit.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_rolls_back_the_run_in_flight_and_exits_whatever_clients_do() {
     use tokio::io::AsyncWriteExt;
