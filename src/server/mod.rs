@@ -128,6 +128,7 @@ impl Daemon {
                 for report in reports {
                     tracing::warn!(run = %report.run_id, outcome = report.outcome.as_str(), "recovered a run");
                     self.observe(&report);
+                    self.runs_ended.send_modify(|n| *n += 1);
                     self.check(&report.targets).await;
                 }
             }
