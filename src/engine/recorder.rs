@@ -1,4 +1,5 @@
-//! Journals every step boundary (state and step row in one transaction) and times each step.
+//! Journals every step boundary (state and step row in one transaction) and times each step;
+//! the boundaries of steps that act on nothing outside the journal go with the next write.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
