@@ -110,10 +110,16 @@ fn base64_key() -> String {
 }
 
 fn postgres_config(pg: &Postgres, extra: &str, command: &str) -> String {
+    postgres_config_with(pg, "", extra, command)
+}
+
+/// [`postgres_config`] with `rotator` added to its `[rotator]` section.
+fn postgres_config_with(pg: &Postgres, rotator: &str, extra: &str, command: &str) -> String {
     format!(
         r#"[rotator]
 journal = "sqlite://journal.db"
 journal_key = "env:ROTATOR_JOURNAL_KEY"
+{rotator}
 [[consumer]]
 name = "proxy"
 kind = "command"
@@ -253,10 +259,7 @@ const RELOGIN_AFTER: &str = "verify_relogin_after = \"1s\"";
 
 /// `RUNS` rotations of login `user` through `rotate`, with `rotator` added to `[rotator]`.
 fn single_samples(pg: &Postgres, user: &str, password: &str, rotator: &str) -> Vec<f64> {
-    let config = postgres_config(pg, &format!("user = \"{user}\""), "true").replace(
-        "journal_key = \"env:ROTATOR_JOURNAL_KEY\"\n",
-        &format!("journal_key = \"env:ROTATOR_JOURNAL_KEY\"\n{rotator}\n"),
-    );
+    let config = postgres_config_with(pg, rotator, &format!("user = \"{user}\""), "true");
     let single = Workdir::new(
         &config,
         &format!("URL={}\n", pg.url(user, password, "bench")),
