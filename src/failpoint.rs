@@ -1,8 +1,9 @@
 //! Test-only pause points at step boundaries (the `failpoints` feature): the process stops
 //! there so a test can kill it and exercise crash recovery at that exact boundary.
 
-/// Names the boundary `step:subject:status`; pauses forever when `LLMTRACE_ROTATOR_PAUSE_AT` names
-/// it, and sends this process SIGTERM when `LLMTRACE_ROTATOR_SIGTERM_AT` does. With
+/// Names the boundary `step:subject:status`; pauses when `LLMTRACE_ROTATOR_PAUSE_AT` names it
+/// (forever, or `LLMTRACE_ROTATOR_PAUSE_FOR` milliseconds), and sends this process SIGTERM
+/// when `LLMTRACE_ROTATOR_SIGTERM_AT` does. With
 /// `LLMTRACE_ROTATOR_TRACE_BOUNDARIES` set, prints each boundary as it is crossed (steps of a
 /// chunk start, and end, together: a report's step list does not show that order).
 #[cfg(feature = "failpoints")]
@@ -20,7 +21,11 @@ pub async fn boundary(step: &str, subject: &str, status: &str) {
     }
     if std::env::var("LLMTRACE_ROTATOR_PAUSE_AT").is_ok_and(|want| want == name) {
         eprintln!("failpoint reached: {name}");
-        std::future::pending::<()>().await;
+        // `LLMTRACE_ROTATOR_PAUSE_FOR` (milliseconds): go on afterwards, as a slow step would.
+        match std::env::var("LLMTRACE_ROTATOR_PAUSE_FOR").map(|ms| ms.parse::<u64>()) {
+            Ok(Ok(ms)) => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
+            _ => std::future::pending::<()>().await,
+        }
     }
 }
 

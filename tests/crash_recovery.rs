@@ -143,3 +143,166 @@ async fn rotate_recovers_an_interrupted_run_before_starting() {
     host.assert_stores_log_in().await;
     assert_ne!(host.stored_passwords().0, host.old_password);
 }
+
+/// Starts `rotate <target>` pausing at `boundary` (for `pause_ms`, or for good when `None`) and
+/// returns once it has reached it; its output keeps being read (and kept) in the background.
+async fn rotate_paused_at(
+    rotator: &support::rotator::Rotator,
+    target: &str,
+    boundary: &str,
+    pause_ms: Option<u64>,
+) -> (
+    tokio::process::Child,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let pause = pause_ms.map(|ms| ms.to_string());
+    let mut env = vec![("LLMTRACE_ROTATOR_PAUSE_AT", boundary)];
+    if let Some(ms) = &pause {
+        env.push(("LLMTRACE_ROTATOR_PAUSE_FOR", ms));
+    }
+    let mut child = rotator.spawn_with(&["rotate", "--target", target], &env);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (reached, reached_rx) = tokio::sync::oneshot::channel();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        let mut reached = Some(reached);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with("failpoint reached: ") {
+                if let Some(reached) = reached.take() {
+                    let _ = reached.send(());
+                }
+            }
+            kept.lock().unwrap().push_str(&line);
+            kept.lock().unwrap().push('\n');
+        }
+    });
+    let reached = tokio::time::timeout(Duration::from_secs(60), reached_rx).await;
+    let printed = || seen.lock().unwrap().clone();
+    match reached {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => panic!("rotate {target} ended before {boundary}:\n{}", printed()),
+        Err(_) => panic!("rotate {target} never reached {boundary}:\n{}", printed()),
+    }
+    (child, seen)
+}
+
+/// Recovery lists every run that needs it before recovering the first; a run that was live at
+/// the listing (its target locked) can go on, publish, and die while recovery is busy with an
+/// earlier run. Recovering it from the state listed back then would see nothing published and
+/// roll the password back under the stores that hold the new one: recovery reads each run's
+/// state only once it holds the run's lock and owns it.
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_acts_on_the_state_a_run_left_not_the_one_listed_before() {
+    let mut host = ComposeHost::start().await;
+    host.use_postgres_journal().await;
+    let other_password = support::rotator::random_password();
+    host.pg
+        .create_login("other", &other_password, "llmtrace")
+        .await;
+    let other_env = host.rotator.path("other.env");
+    std::fs::write(
+        &other_env,
+        format!(
+            "OTHER_URL={}\n",
+            host.pg.url("other", &other_password, "llmtrace")
+        ),
+    )
+    .unwrap();
+    // `other`'s consumer takes as long as the file `hold` exists: a rollout in progress.
+    let hold = host.rotator.path("hold");
+    let config = std::fs::read_to_string(&host.rotator.config)
+        .unwrap()
+        .replace("takeover_grace = \"3s\"", "takeover_grace = \"5s\"");
+    host.rotator.write_config(&format!(
+        "{config}\n[[target]]\nname = \"other\"\nkind = \"postgres\"\naddress = \"{}\"\n\
+         database = \"llmtrace\"\nuser = \"other\"\nsslmode = \"disable\"\n\
+         admin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\n\
+         consumers = [\"slow\"]\n  [[target.store]]\n  kind = \"file\"\n  path = \"other.env\"\n  \
+         key = \"OTHER_URL\"\n[[consumer]]\nname = \"slow\"\nkind = \"command\"\n\
+         command = [\"sh\", \"-c\", \"while [ -e {} ]; do sleep 0.05; done\"]\ntimeout = \"60s\"\n",
+        host.pg.address(),
+        hold.display()
+    ));
+
+    // Run A (target postgres) changed the password and dies below: recovery rolls it back.
+    // It is alive while B starts, so B's own start does not recover it first.
+    let (mut a, _) = rotate_paused_at(&host.rotator, "postgres", "apply:postgres:ok", None).await;
+    // Run B (target other) is live, paused before it publishes, when recovery lists the runs.
+    std::fs::write(&hold, "").unwrap();
+    let (mut b, b_output) =
+        rotate_paused_at(&host.rotator, "other", "apply:other:ok", Some(1500)).await;
+    a.start_kill().unwrap();
+    a.wait().await.unwrap();
+    let recover = host.rotator.spawn(&["recover", "--output", "json"]);
+    // B goes on, publishes, and dies while its consumer rolls out; recovery is still in A's
+    // takeover grace.
+    let published = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if !std::fs::read_to_string(&other_env)
+                .unwrap()
+                .contains(&other_password)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(published.is_ok(), "B never published");
+    b.start_kill().unwrap();
+    b.wait().await.unwrap();
+    std::fs::remove_file(&hold).unwrap();
+
+    let out = tokio::time::timeout(Duration::from_secs(90), recover.wait_with_output())
+        .await
+        .expect("recover finished")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let reports: serde_json::Value = serde_json::from_str(&stdout).expect("JSON reports");
+    let outcome_of = |target: &str| {
+        reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["targets"][0] == target)
+            .map(|r| r["outcome"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        outcome_of("postgres").as_deref(),
+        Some("rolled_back"),
+        "{reports:#}\n{}",
+        stderr
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains(" INFO "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        outcome_of("other").as_deref(),
+        Some("succeeded"),
+        "B published before it died: rolled forward, {reports:#}"
+    );
+
+    host.assert_stores_log_in().await;
+    let stored = std::fs::read_to_string(&other_env).unwrap();
+    let url = url::Url::parse(stored.trim().trim_start_matches("OTHER_URL=")).unwrap();
+    let password = percent_encoding::percent_decode_str(url.password().unwrap())
+        .decode_utf8()
+        .unwrap()
+        .into_owned();
+    assert_ne!(password, other_password);
+    host.pg
+        .try_login("other", &password, "llmtrace")
+        .await
+        .expect("the credential other.env holds logs in");
+    let printed = format!("{stdout}{stderr}{}", b_output.lock().unwrap());
+    assert_no_secret(
+        &printed,
+        &[&password, &other_password, host.pg.admin_password()],
+        "recover",
+    );
+}

@@ -20,9 +20,8 @@ pub async fn recover_all(
     cancel: &CancellationToken,
 ) -> Result<Vec<RunReport>, EngineError> {
     let mut reports = Vec::new();
-    for run in engine.journal.unfinished().await? {
-        let id = run.id.clone();
-        match recover_one(engine, run, cancel).await {
+    for (id, targets) in engine.journal.needing_recovery_runs().await? {
+        match recover_one(engine, &id, &targets, cancel).await {
             Ok(Some(report)) => reports.push(report),
             Ok(None) => {}
             Err(error) => {
@@ -35,28 +34,43 @@ pub async fn recover_all(
 
 async fn recover_one(
     engine: &Engine,
-    run: crate::journal::Unfinished,
+    id: &str,
+    targets: &[String],
     cancel: &CancellationToken,
 ) -> Result<Option<RunReport>, EngineError> {
-    let lock = match engine.journal.lock(&run.targets).await {
+    let lock = match engine.journal.lock(targets).await {
         Ok(lock) => lock,
         Err(JournalError::Busy(target)) => {
-            tracing::info!(run = %run.id, target, "run is still in progress elsewhere; not recovering it");
+            tracing::info!(run = %id, target, "run is still in progress elsewhere; not recovering it");
             return Ok(None);
         }
         Err(e) => return Err(e.into()),
     };
     // Re-read under the lock: the run may have finished between the listing and the lock.
-    let Some(summary) = engine.journal.run(&run.id).await? else {
-        return Ok(None);
-    };
-    if !engine.journal.needs_recovery(&run.id).await? {
+    if !engine.journal.needs_recovery(id).await? {
         return Ok(None);
     }
+    // Claimed first: from here on the run's previous owner can write nothing more.
+    let owner = super::run::new_owner();
+    engine.journal.claim(id, &owner).await?;
+    if engine.journal.is_postgres() {
+        // A PostgreSQL advisory lock can be lost while its holder still runs (its session
+        // ended); that holder stops at its next check, but a password change it has in flight
+        // cannot be cut short. Wait until such a step has certainly ended.
+        tokio::time::sleep(engine.deps.config.rotator.takeover_grace).await;
+    }
+    // The state as its last owner left it: the listing may predate that owner's last steps
+    // (it was live when the listing was read, and recovering earlier runs took a while).
+    let Some(run) = engine.journal.unfinished_run(id).await? else {
+        return Ok(None);
+    };
+    let Some(summary) = engine.journal.run(id).await? else {
+        return Ok(None);
+    };
     if run.state.as_slice() == b"{}" {
         // No state to act on: nothing can be redone, so it must not block its targets.
-        tracing::warn!(run = %run.id, "run needs recovery but holds no state; see its report");
-        engine.journal.settle_stateless(&run.id).await?;
+        tracing::warn!(run = %id, "run needs recovery but holds no state; see its report");
+        engine.journal.settle_stateless(id).await?;
         return Ok(None);
     }
     let state =
@@ -64,15 +78,7 @@ async fn recover_one(
             run: run.id.clone(),
             source,
         })?;
-    let owner = super::run::new_owner();
-    engine.journal.claim(&run.id, &owner).await?;
-    if engine.journal.is_postgres() {
-        // A PostgreSQL advisory lock can be lost while its holder still runs (its session
-        // ended); that holder stops at its next check, but a password change it has in flight
-        // cannot be cut short. Wait until such a step has certainly ended.
-        tokio::time::sleep(engine.deps.config.rotator.takeover_grace).await;
-    }
-    tracing::warn!(run = %run.id, previous = summary.outcome.as_deref().unwrap_or("unfinished"), "recovering a run");
+    tracing::warn!(run = %id, previous = summary.outcome.as_deref().unwrap_or("unfinished"), "recovering a run");
     Ok(Some(
         recover_run(engine, run.id, owner, state, summary.steps, lock, cancel).await,
     ))

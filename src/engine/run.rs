@@ -1461,6 +1461,11 @@ impl<'a> RunContext<'a> {
                 continue;
             }
             let name = self.state(i).name.clone();
+            if dual_password && self.still_holds_new(i) {
+                self.keep_new(i).await;
+                ok = false;
+                continue;
+            }
             let Some(step) = self.begin_undo(Part::Target(i), "undo-apply", &name).await else {
                 return false;
             };
@@ -1479,6 +1484,27 @@ impl<'a> RunContext<'a> {
                 .await;
         }
         ok
+    }
+
+    /// Whether a store or synced Secret of target `i` may still hold the new credential: its
+    /// write happened, or may have, and its undo failed.
+    fn still_holds_new(&self, i: usize) -> bool {
+        let state = self.state(i);
+        state.sync.touched() || state.stores.iter().any(|s| s.publish.touched())
+    }
+
+    /// Journals target `i`'s undo-apply as skipped: with two passwords the new one can stay
+    /// beside the old, so a store whose undo failed keeps logging in. Recovery takes it back
+    /// once every store is restored (the run ends `rollback_failed`, due for recovery).
+    async fn keep_new(&mut self, i: usize) {
+        let name = self.state(i).name.clone();
+        let step = self.rec.begin(Part::Target(i), "undo-apply", &name).await;
+        let why =
+            "a store still holds the new credential (its undo failed): the new password is kept";
+        self.rec.end(step, "skipped", Some(why.into())).await;
+        self.notes.push(format!(
+            "target {name}: the old and the new password both log in until recovery has restored every store"
+        ));
     }
 
     /// Takes target `i`'s new password back, unless [`undo_needed`] finds nothing to take back.

@@ -828,6 +828,50 @@ async fn a_failed_undo_is_reported_as_rollback_failed() {
     }
 }
 
+/// With two passwords a store that cannot be put back keeps a credential that logs in: the new
+/// password stays until recovery has restored every store. With one, the old password comes
+/// back (the consumers roll out on the restored stores) and the store left over is reported.
+#[tokio::test]
+async fn a_store_that_cannot_be_restored_keeps_the_new_password_where_two_can_coexist() {
+    for strategy in ALL {
+        let shared = Shared::default();
+        shared.faults.fail("consumer.restart", 1);
+        shared.faults.fail("store1.cas(old)", 1);
+        let (report, log) = rotate_shared(strategy, shared).await;
+        assert_eq!(report.outcome, Outcome::RollbackFailed, "{strategy:?}");
+        let undone = log
+            .changes()
+            .contains(&"backend.undo_apply(new)".to_string());
+        let undo_apply = report
+            .steps
+            .iter()
+            .find(|s| s.step == "undo-apply")
+            .expect("an undo-apply record");
+        if strategy == Strategy::Single {
+            assert!(undone, "single: the old password is back");
+            assert_eq!(undo_apply.status, "ok");
+        } else {
+            assert!(
+                !undone,
+                "{strategy:?}: the new password stays: {:?}",
+                log.changes()
+            );
+            assert_eq!(undo_apply.status, "skipped", "{strategy:?}");
+        }
+        // What the failed rollback leaves, as the report describes it.
+        let new_logs_in = if strategy == Strategy::Single {
+            "the new one does not log in"
+        } else {
+            "the new one logs in"
+        };
+        assert!(
+            report.state.iter().any(|n| n.contains(new_logs_in)),
+            "{strategy:?}: {:?}",
+            report.state
+        );
+    }
+}
+
 /// `undo_needed` on a target whose backend accepts `valid` and whose first store holds `held`.
 async fn decide(strategy: Strategy, valid: &[&Credential], held: &Credential) -> UndoNeeded {
     let config = config(strategy);

@@ -577,42 +577,65 @@ impl Journal {
         }
     }
 
-    /// Runs whose sealed state is still needed: unfinished, or whose rollback failed.
-    pub async fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
-        let rows = sqlx::query(
-            "SELECT id, state FROM rotator_runs WHERE needs_recovery = 1 ORDER BY started_at",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(JournalError::Query)?;
-        let mut runs = Vec::new();
+    /// Runs whose sealed state is still needed (unfinished, or whose rollback failed), each as
+    /// its id and targets, oldest first. Their states are read with [`Journal::unfinished_run`]
+    /// once a recovery holds the lock: a run live elsewhere keeps writing until then.
+    pub async fn needing_recovery_runs(&self) -> Result<Vec<(String, Vec<String>)>, JournalError> {
+        let rows =
+            sqlx::query("SELECT id FROM rotator_runs WHERE needs_recovery = 1 ORDER BY started_at")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(JournalError::Query)?;
+        let mut runs = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.try_get("id").map_err(JournalError::Query)?;
-            let sealed: Vec<u8> = row.try_get("state").map_err(JournalError::Query)?;
-            // One unreadable run (a key changed, a damaged row) must not stop the others from
-            // being recovered: it is reported, and its targets stay blocked.
-            let state = match self.cipher.open(&sealed, &id) {
-                Ok(state) => state,
-                Err(message) => {
-                    tracing::error!(run = %id, cause = %message, "a run that needs recovery cannot be read; its targets stay blocked");
-                    continue;
-                }
-            };
-            let parts = match self.run_parts(&id).await {
-                Ok(parts) => parts,
+            let targets = self.run_targets(&id).await?;
+            runs.push((id, targets));
+        }
+        Ok(runs)
+    }
+
+    /// Run `id`'s sealed state as it is now, if the run still needs recovery.
+    pub async fn unfinished_run(&self, id: &str) -> Result<Option<Unfinished>, JournalError> {
+        let row =
+            sqlx::query("SELECT state FROM rotator_runs WHERE id = $1 AND needs_recovery = 1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(JournalError::Query)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let sealed: Vec<u8> = row.try_get("state").map_err(JournalError::Query)?;
+        let state = self
+            .cipher
+            .open(&sealed, id)
+            .map_err(|e| JournalError::State {
+                run: id.to_string(),
+                source: e.into(),
+            })?;
+        Ok(Some(Unfinished {
+            id: id.to_string(),
+            targets: self.run_targets(id).await?,
+            state,
+            parts: self.run_parts(id).await?,
+        }))
+    }
+
+    /// Every run [`Journal::needing_recovery_runs`] lists, with its state as it is now; one
+    /// that cannot be read (a key changed, a damaged row) is reported and left out, its targets
+    /// still blocked.
+    pub async fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
+        let mut runs = Vec::new();
+        for (id, _) in self.needing_recovery_runs().await? {
+            match self.unfinished_run(&id).await {
+                Ok(Some(run)) => runs.push(run),
+                Ok(None) => {}
                 Err(JournalError::State { source, .. }) => {
                     tracing::error!(run = %id, cause = %source, "a run that needs recovery cannot be read; its targets stay blocked");
-                    continue;
                 }
                 Err(error) => return Err(error),
-            };
-            let targets = self.run_targets(&id).await?;
-            runs.push(Unfinished {
-                id,
-                targets,
-                state,
-                parts,
-            });
+            }
         }
         Ok(runs)
     }
