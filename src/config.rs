@@ -357,8 +357,9 @@ pub enum ReferenceError {
         "vault: references are not supported by this build yet; use env:, file:, k8s: or literal:"
     )]
     Vault,
-    #[error("unknown reference scheme {0:?}: use env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE")]
-    UnknownScheme(String),
+    /// The text before `:` is not repeated: it is often a password written without `literal:`.
+    #[error("unknown reference scheme (the text before the first ':'): use env:NAME, file:PATH, k8s:NAMESPACE/SECRET#KEY or literal:VALUE")]
+    UnknownScheme,
 }
 
 /// Config collects every field's problem as text, reported together.
@@ -412,7 +413,7 @@ impl Reference {
             }
             "literal" => Ok(Reference::Literal(Secret::new(rest))),
             "vault" => Err(ReferenceError::Vault),
-            _ => Err(ReferenceError::UnknownScheme(scheme.to_string())),
+            _ => Err(ReferenceError::UnknownScheme),
         }
     }
 
@@ -602,6 +603,27 @@ fn check_names(
                 join(path, "name"),
                 format!("duplicate target name {:?}", target.name),
             );
+        }
+    }
+    // Each target takes its own lock: two targets rotating one login could change its password
+    // at once, and each rollback would put back a password the other had replaced.
+    let mut rotated = std::collections::HashMap::new();
+    for (target, path) in targets.iter().zip(paths) {
+        for login in target.logins() {
+            let key = (target.kind(), target.address.as_str(), login);
+            match rotated.get(&key) {
+                Some(first) if *first != &target.name => errors.push(
+                    join(path, "user"),
+                    format!(
+                        "login {login:?} on {} {} is rotated by target {first:?} too; rotate each login in one target",
+                        target.kind(),
+                        target.address
+                    ),
+                ),
+                _ => {
+                    rotated.insert(key, &target.name);
+                }
+            }
         }
     }
     let mut seen = HashSet::new();
@@ -862,17 +884,23 @@ fn parse_target(
         Some(table) => parse_policy(table, defaults, &at.of("password"), errors),
         None => defaults.clone(),
     };
+    let logins: Vec<&str> = login
+        .user
+        .iter()
+        .chain(&login.users)
+        .map(String::as_str)
+        .collect();
+    let password_chars = password.alphabet.characters();
     let sync: Vec<SyncConfig> = sync_tables
         .into_iter()
         .filter_map(|(path, table)| {
-            parse_sync(
-                table,
-                &At {
-                    path: &path,
-                    base: at.base,
-                },
-                errors,
-            )
+            let sync_at = At {
+                path: &path,
+                base: at.base,
+            };
+            let sync = parse_sync(table, &sync_at, errors)?;
+            check_template(&sync.format, &logins, &password_chars, &sync_at, errors);
+            Some(sync)
         })
         .collect();
     if store_tables.is_empty() && !has_stores {
@@ -970,7 +998,7 @@ fn check_login(
     ) {
         (Some(address), _) => {
             if !is_host_port(&address) {
-                errors.push(at.of("address"), format!("{address:?} is not HOST:PORT"));
+                errors.push(at.of("address"), not_host_port(&address));
             }
             Some(address)
         }
@@ -1090,8 +1118,10 @@ fn check_stores(
         .chain(&login.users)
         .map(String::as_str)
         .collect();
+    let password_chars = policy.alphabet.characters();
     for (store, path) in stores.iter().zip(paths) {
         let at = At { path, base };
+        check_template(&store.format, &logins, &password_chars, &at, errors);
         // The consumer must learn which login to use: the stored value has to name the user.
         if login.strategy == Strategy::Alternating && !store.format.names_user() {
             errors.push(
@@ -1107,6 +1137,15 @@ fn check_stores(
                 alphabet_path,
             };
             store.kind.settings().check_writes(&writes, &at, errors);
+        }
+    }
+}
+
+/// Reports a template whose stored values could not be split back into user and password.
+fn check_template(format: &Format, logins: &[&str], chars: &[u8], at: &At, errors: &mut Errors) {
+    if let Format::Template(template) = format {
+        if let Some(why) = crate::store::format::template_ambiguity(template, logins, chars) {
+            errors.push(at.of("template"), why);
         }
     }
 }
@@ -1158,8 +1197,23 @@ fn parse_sync(table: toml::Table, at: &At, errors: &mut Errors) -> Option<SyncCo
 
 pub fn is_host_port(address: &str) -> bool {
     match address.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        Some((host, port)) => {
+            let host_ok = !host.is_empty()
+                && !host.contains(['/', '@', '?', '#'])
+                && !host.contains(char::is_whitespace);
+            host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
         None => false,
+    }
+}
+
+/// Why `address` is refused, quoted without a URL's `user:password@` part.
+pub fn not_host_port(address: &str) -> String {
+    let shown = read::without_userinfo(address);
+    if address.contains("://") {
+        format!("{shown:?} is a URL; give HOST:PORT (the rest has settings of its own)")
+    } else {
+        format!("{shown:?} is not HOST:PORT")
     }
 }
 
@@ -1380,6 +1434,60 @@ timeout = "2m"
                 "target[0].stratgy",
             ],
             "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn a_url_given_as_an_address_is_refused_without_repeating_its_password() {
+        for url in [
+            "postgres://app:s3cretpw@db:5432/llmtrace",
+            "postgres://app:s3cretpw@db:5432",
+        ] {
+            let errors = errors_of(&VALID.replace("127.0.0.1:5432", url));
+            assert_eq!(
+                errors,
+                ["target[0].address: \"postgres://…@db:5432\" is a URL; give HOST:PORT (the rest has settings of its own)"
+                    .replace("db:5432", url.rsplit_once('@').unwrap().1)],
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_http_url_with_a_user_or_password_is_refused_without_repeating_them() {
+        let consumer = "kind = \"deployment\"\nnamespace = \"llmtrace\"\nobject = \"llmtrace\"";
+        for (health, shown) in [
+            (
+                "http://ops:s3cretpw@proxy:8080/health",
+                "http://…@proxy:8080/health",
+            ),
+            ("htps://ops:s3c@retpw@proxy:8080/", "htps://…@proxy:8080/"),
+        ] {
+            let text = VALID.replace(
+                consumer,
+                &format!("kind = \"command\"\ncommand = [\"true\"]\nhealth = \"{health}\""),
+            );
+            let errors = errors_of(&text);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with(&format!("consumer[0].health: \"{shown}\"")),
+                "{errors:?}"
+            );
+            assert!(!errors[0].contains("s3c"), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn a_password_written_without_literal_is_not_repeated() {
+        let text = VALID.replace(
+            "k8s:llmtrace/llmtrace-postgresql#postgres-password",
+            "Xk9:f2Qa8",
+        );
+        let errors = errors_of(&text);
+        assert!(errors[0].starts_with("target[0].admin.password: unknown reference scheme"));
+        assert!(
+            !errors[0].contains("Xk9") && !errors[0].contains("f2Qa8"),
+            "{errors:?}"
         );
     }
 
@@ -1883,6 +1991,30 @@ sync_timeout = "30s"
             errors_of(&bad),
             ["target[0].sslmode: \"always\" is not one of disable, prefer, require, verify-ca, verify-full"]
         );
+    }
+
+    #[test]
+    fn a_login_two_targets_rotate_is_refused() {
+        let second = |address: &str, user: &str| {
+            format!(
+                "{VALID}\n[[target]]\nname = \"copy\"\nkind = \"postgres\"\naddress = \"{address}\"\n\
+                 database = \"other\"\nuser = \"{user}\"\n\
+                 admin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\n\
+                 [[target.store]]\nkind = \"file\"\npath = \"other.env\"\nkey = \"URL\"\n"
+            )
+        };
+        assert_eq!(
+            errors_of(&second("127.0.0.1:5432", "llmtrace")),
+            ["target[1].user: login \"llmtrace\" on postgres 127.0.0.1:5432 is rotated by target \"postgres\" too; rotate each login in one target"]
+        );
+        // Another server, or another login on the same one, is another credential.
+        for (address, user) in [("127.0.0.2:5432", "llmtrace"), ("127.0.0.1:5432", "other")] {
+            let text = second(address, user);
+            assert!(
+                Config::parse(&text, Path::new("/etc/rotator")).is_ok(),
+                "{address} {user}"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, BackendSettings};
-use crate::config::{is_host_port, At, Errors, Strategy, Target, Validate};
+use crate::config::{is_host_port, not_host_port, At, Errors, Strategy, Target, Validate};
 use crate::secret::{Credential, Redacted, Secret};
 
 /// Redis clients that name no user authenticate as this one.
@@ -63,10 +63,7 @@ impl Validate for RedisConfig {
             errors.require(&sentinel.address, &sentinel_at, "address");
             errors.require(&sentinel.master_name, &sentinel_at, "master_name");
             if !sentinel.address.is_empty() && !is_host_port(&sentinel.address) {
-                errors.push(
-                    sentinel_at.of("address"),
-                    format!("{:?} is not HOST:PORT", sentinel.address),
-                );
+                errors.push(sentinel_at.of("address"), not_host_port(&sentinel.address));
             }
             if !self.replicas.is_empty() {
                 errors.push(
@@ -79,7 +76,7 @@ impl Validate for RedisConfig {
             if !is_host_port(replica) {
                 errors.push(
                     format!("{}[{j}]", at.of("replicas")),
-                    format!("{replica:?} is not HOST:PORT"),
+                    not_host_port(replica),
                 );
             }
         }

@@ -170,26 +170,44 @@ impl Errors {
         }
     }
 
-    /// Reports `value` at `at.key` unless it is an http(s) URL; `like` is an example for the
-    /// message (may be empty). The value is quoted without any `user:password@` part: a
-    /// mistyped URL may still carry a credential.
+    /// Reports `value` at `at.key` unless it is an http(s) URL without a `user:password@` part
+    /// (credentials have settings of their own); `like` is an example for the message (may be
+    /// empty). The value is quoted without anything up to its last `@`: a mistyped URL may
+    /// still carry a credential.
     pub fn http_url(&mut self, value: &str, at: &At, key: &str, like: &str) {
-        if url::Url::parse(value).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
-            return;
+        let shown = without_userinfo(value);
+        match url::Url::parse(value) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    self.push(
+                        at.of(key),
+                        format!("{shown:?} carries a user or password: give it without them"),
+                    );
+                }
+            }
+            _ => {
+                let like = if like.is_empty() {
+                    String::new()
+                } else {
+                    format!(" like {like}")
+                };
+                self.push(at.of(key), format!("{shown:?} is not an http(s) URL{like}"));
+            }
         }
-        let shown = match value.split_once('@') {
-            Some((before, after)) => match before.split_once("://") {
-                Some((scheme, _)) => format!("{scheme}://…@{after}"),
-                None => format!("…@{after}"),
-            },
-            None => value.to_string(),
-        };
-        let like = if like.is_empty() {
-            String::new()
-        } else {
-            format!(" like {like}")
-        };
-        self.push(at.of(key), format!("{shown:?} is not an http(s) URL{like}"));
+    }
+}
+
+/// `value` with everything before its last `@` (a URL's `user:password`) shown as `…`, the
+/// scheme kept.
+pub fn without_userinfo(value: &str) -> String {
+    let Some(at) = value.rfind('@') else {
+        return value.to_string();
+    };
+    match value.split_once("://") {
+        Some((scheme, rest)) if rest.len() > value.len() - at => {
+            format!("{scheme}://…{}", &value[at..])
+        }
+        _ => format!("…{}", &value[at..]),
     }
 }
 

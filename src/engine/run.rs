@@ -1771,10 +1771,15 @@ async fn undo_needed(
     current: &Credential,
     next: &Credential,
 ) -> UndoNeeded {
-    // A dual undo only removes this run's own password: always safe, and a login that failed
-    // for a passing reason must not leave a valid password nobody knows.
+    // A dual undo takes the run's new password away whether or not a login with it just worked
+    // (one that failed for a passing reason must not leave a valid password nobody knows). It
+    // can take more: ClickHouse has no statement removing one password, so its undo sets the old
+    // one alone. A store holding someone else's working credential is therefore left alone too.
     if runtime.backend.strategy() == Strategy::Dual {
-        return UndoNeeded::Yes;
+        return match store_holds_another_that_logs_in(runtime, current, next).await {
+            true => UndoNeeded::Superseded,
+            false => UndoNeeded::Yes,
+        };
     }
     if runtime.backend.login(next).await.is_ok() {
         return UndoNeeded::Yes;
@@ -1782,6 +1787,19 @@ async fn undo_needed(
     if runtime.backend.login(current).await.is_ok() {
         return UndoNeeded::NotApplied;
     }
+    if store_holds_another_that_logs_in(runtime, current, next).await {
+        return UndoNeeded::Superseded;
+    }
+    UndoNeeded::Yes
+}
+
+/// Whether a store holds a credential other than the run's two that logs in: someone rotated
+/// since (by hand after a failed rollback, say).
+async fn store_holds_another_that_logs_in(
+    runtime: &TargetRuntime<'_>,
+    current: &Credential,
+    next: &Credential,
+) -> bool {
     for (store, config) in runtime.stores.iter().zip(&runtime.config.stores) {
         let Ok(Some(value)) = store.read().await else {
             continue;
@@ -1790,10 +1808,10 @@ async fn undo_needed(
             continue;
         };
         if &held != current && &held != next && runtime.backend.login(&held).await.is_ok() {
-            return UndoNeeded::Superseded;
+            return true;
         }
     }
-    UndoNeeded::Yes
+    false
 }
 
 #[cfg(test)]

@@ -958,8 +958,7 @@ async fn when_nothing_logs_in_the_undo_is_attempted() {
 }
 
 #[tokio::test]
-async fn a_dual_undo_always_removes_the_new_password() {
-    // Removing the run's own extra password is always safe, whatever logs in.
+async fn a_dual_undo_removes_the_new_password_whatever_logs_in() {
     let old = old_credential(Strategy::Dual);
     for valid in [vec![], vec![&old]] {
         assert!(matches!(
@@ -967,4 +966,15 @@ async fn a_dual_undo_always_removes_the_new_password() {
             UndoNeeded::Yes
         ));
     }
+}
+
+/// ClickHouse's dual undo sets the old password alone (no statement removes just one), which
+/// would cut off a credential someone put in the stores since: that one is left alone.
+#[tokio::test]
+async fn a_dual_undo_leaves_a_credential_someone_stored_since_that_logs_in() {
+    let theirs = credential(&old_credential(Strategy::Dual).user, OTHER);
+    assert!(matches!(
+        decide(Strategy::Dual, &[&theirs], &theirs).await,
+        UndoNeeded::Superseded
+    ));
 }

@@ -361,7 +361,7 @@ mod tests {
             ("d", "\"batch\""),
         ] {
             text.push_str(&format!(
-                "[[target]]\nname = \"{name}\"\nkind = \"postgres\"\naddress = \"h:5432\"\ndatabase = \"d\"\nuser = \"u\"\n\
+                "[[target]]\nname = \"{name}\"\nkind = \"postgres\"\naddress = \"h:5432\"\ndatabase = \"d\"\nuser = \"u{name}\"\n\
                  admin = {{ user = \"p\", password = \"literal:x\" }}\nconsumers = [{consumers}]\n\
                  [[target.store]]\nkind = \"file\"\npath = \".env\"\nkey = \"K{name}\"\n"
             ));

@@ -178,6 +178,56 @@ fn match_template(
     })
 }
 
+/// Why values written with `template` could not be split back into user and password, if they
+/// could not. Reading ends a placeholder at the first occurrence of the text after it, so that
+/// text must never occur inside what fills the placeholder: a `{user}` (one of `logins`) or a
+/// `{password}` drawn from `password_chars` (percent-encoded where the template is a URL).
+pub fn template_ambiguity(
+    template: &str,
+    logins: &[&str],
+    password_chars: &[u8],
+) -> Option<String> {
+    let is_url = template.contains("://");
+    let inserted = |s: &str| if is_url { encode(s) } else { s.to_string() };
+    let pieces = split_placeholders(template);
+    for pair in pieces.windows(2) {
+        match pair {
+            [Piece::Placeholder(a), Piece::Placeholder(b)] => {
+                return Some(format!(
+                    "{{{a}}} and {{{b}}} need text between them, or a stored value cannot be split back"
+                ))
+            }
+            [Piece::Placeholder("user"), Piece::Literal(next)] => {
+                // Reading takes the first match of `next`: it must be the one after the login.
+                let misread = |login: &&&str| {
+                    let user = inserted(login);
+                    format!("{user}{next}").find(next) != Some(user.len())
+                };
+                if let Some(login) = logins.iter().find(misread) {
+                    return Some(format!(
+                        "the text {next:?} after {{user}} is found inside login {login:?} (or across its end), so a stored value cannot be split back"
+                    ));
+                }
+            }
+            [Piece::Placeholder(_), Piece::Literal(next)] => {
+                // A password may hold any run of the characters it is drawn from (after
+                // encoding): the text after it needs one that never appears in it.
+                let mut can_hold: Vec<char> = Vec::new();
+                for &c in password_chars {
+                    can_hold.extend(inserted(&char::from(c).to_string()).chars());
+                }
+                if next.chars().all(|c| can_hold.contains(&c)) {
+                    return Some(format!(
+                        "the text {next:?} after {{password}} can occur inside a generated password, so a stored value cannot be split back: follow {{password}} with a character the password alphabet lacks, or put it last"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 enum Piece<'a> {
     Literal(&'a str),
     Placeholder(&'a str),
@@ -211,6 +261,55 @@ fn split_placeholders(template: &str) -> Vec<Piece<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_whose_values_cannot_be_split_back_is_named() {
+        let alphanumeric: Vec<u8> = (b'0'..=b'9')
+            .chain(b'a'..=b'z')
+            .chain(b'A'..=b'Z')
+            .collect();
+        let printable: Vec<u8> = (b'!'..=b'~').collect();
+        let fine = [
+            ("{user}:{password}", &printable),
+            ("PGPASSWORD={password}", &printable),
+            ("postgres://{user}:{password}@db:5432/app", &printable),
+            ("{password}:{user}", &alphanumeric),
+        ];
+        for (template, chars) in fine {
+            assert_eq!(
+                template_ambiguity(template, &["app"], chars),
+                None,
+                "{template}"
+            );
+        }
+        let ambiguous = [
+            ("{user}{password}", &alphanumeric, "need text between them"),
+            ("{password}:{user}", &printable, "after {password}"),
+            ("{password}-x@{user}", &alphanumeric, ""),
+            (
+                "{user}_y{password}",
+                &alphanumeric,
+                "inside login \"app_y_y\"",
+            ),
+            ("{user}y_y{password}", &alphanumeric, "across its end"),
+        ];
+        for (template, chars, why) in ambiguous {
+            let found = template_ambiguity(template, &["app_y_y"], chars);
+            match template {
+                // `@` never occurs in an alphanumeric password: this one splits back.
+                "{password}-x@{user}" => assert_eq!(found, None),
+                _ => assert!(
+                    found.as_deref().is_some_and(|f| f.contains(why)),
+                    "{template}: {found:?}"
+                ),
+            }
+        }
+        // Why it matters: with `{password}:{user}` and a password holding ':', the user read
+        // back is a piece of the password.
+        let written = fill_template("{password}:{user}", &cred("app", "ab:cd"));
+        let read = match_template("{password}:{user}", &written, "app").unwrap();
+        assert_eq!(read.user, "cd:app");
+    }
 
     fn cred(user: &str, password: &str) -> Credential {
         Credential {
