@@ -105,6 +105,24 @@ impl From<String> for Redacted {
     }
 }
 
+/// A failed HTTP request as text: reqwest's own words without the URL (it may carry a token or
+/// `user:password`), then each underlying cause (connection refused, a TLS failure), which
+/// names no URL: without them every failure reads "error sending request".
+pub fn http_error_text(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(next) = cause {
+        let said = next.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = next.source();
+    }
+    text
+}
+
 /// A login: the user name is not secret, the password is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credential {
@@ -115,6 +133,24 @@ pub struct Credential {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_http_error_says_why_without_its_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Nothing listens there any more.
+        let url = format!("http://ops:s3cretpw@127.0.0.1:{port}/v1/secret?token=t0ken");
+        let error = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        let text = http_error_text(error);
+        assert!(text.to_lowercase().contains("connect"), "{text}");
+        assert!(text.contains("refused"), "{text}");
+        for secret in ["s3cretpw", "t0ken", "/v1/secret"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
 
     #[test]
     fn debug_and_display_hide_the_value() {

@@ -137,6 +137,17 @@ async fn api_requires_a_token_and_answers_every_error_as_json() {
         let (status, body) = server.get(&format!("/v1/rotations?limit={bad}")).await;
         assert_eq!(status, 400, "limit={bad}: {body}");
     }
+    // A misspelt or repeated parameter is named, in the API's JSON shape, not ignored.
+    for (query, named) in [
+        ("/v1/rotations?limt=5", "limt"),
+        ("/v1/rotations?limit=5&limit=6", "limit"),
+        ("/v1/rotations/no-such-run?wiat=5s", "wiat"),
+    ] {
+        let (status, body) = server.get(query).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(&format!("`{named}`")), "{query}: {body}");
+    }
     let (status, _) = server.get("/nope").await;
     assert_eq!(status, 404);
     for open in ["/healthz", "/readyz", "/metrics"] {

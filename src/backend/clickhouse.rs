@@ -656,7 +656,7 @@ impl ClickHouse {
             .body(sql.expose().to_string());
         let response = request.send().await.map_err(|e| QueryError {
             code: None,
-            message: Redacted::new(e.without_url(), &[password]),
+            message: Redacted::new(crate::secret::http_error_text(e), &[password]),
         })?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
@@ -939,10 +939,10 @@ impl Backend for ClickHouse {
             .get(format!("{}?query=SELECT%201", self.base_url))
             .header("X-ClickHouse-User", &credential.user)
             .header("X-ClickHouse-Key", credential.password.expose());
-        let response = request
-            .send()
-            .await
-            .map_err(|e| fail(Redacted::new(e.without_url(), &[&credential.password])))?;
+        let response = request.send().await.map_err(|e| {
+            let text = crate::secret::http_error_text(e);
+            fail(Redacted::new(text, &[&credential.password]))
+        })?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         if status.is_success() && body.trim() == "1" {

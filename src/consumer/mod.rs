@@ -168,7 +168,7 @@ async fn wait_healthy(
         let last = match client.get(url).send().await {
             Ok(response) if response.status().is_success() => return Ok(()),
             Ok(response) => format!("HTTP {}", response.status().as_u16()),
-            Err(e) => e.without_url().to_string(),
+            Err(e) => crate::secret::http_error_text(e),
         };
         if Instant::now() + POLL_INTERVAL > deadline {
             return Err(ConsumerError::Unhealthy {

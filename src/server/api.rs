@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -163,7 +164,16 @@ async fn start_rotation(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
+/// The query string as `T`, or a 400 in the API's JSON shape naming what is wrong with it (an
+/// unknown or repeated parameter): a misspelt `?limt=5` must not silently mean the default.
+fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))
+}
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RunQuery {
     wait: Option<String>,
 }
@@ -173,8 +183,9 @@ struct RunQuery {
 async fn get_rotation(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
-    Query(query): Query<RunQuery>,
+    query: Result<Query<RunQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let query = query_of(query)?;
     let wait = match query.wait.as_deref() {
         None => std::time::Duration::ZERO,
         Some(text) => crate::duration::parse(text)
@@ -211,14 +222,16 @@ async fn get_rotation(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     limit: Option<String>,
 }
 
 async fn list_rotations(
     State(daemon): State<Arc<Daemon>>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let query = query_of(query)?;
     let limit = match query.limit.as_deref() {
         None => DEFAULT_LIMIT,
         Some(text) => text

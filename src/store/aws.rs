@@ -166,10 +166,8 @@ impl AwsSecret {
             request = request.header(name, value);
         }
         let response = request.send().await.map_err(|e| {
-            let error = self.error(format!(
-                "Secrets Manager could not be reached: {}",
-                e.without_url()
-            ));
+            let why = crate::secret::http_error_text(e);
+            let error = self.error(format!("Secrets Manager could not be reached: {why}"));
             (error, true)
         })?;
         let status = response.status();

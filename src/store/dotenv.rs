@@ -32,7 +32,25 @@ pub fn find(text: &str, key: &str) -> Option<Entry> {
     found
 }
 
-fn parse_line(line: &str, key: &str) -> Option<Entry> {
+/// The 1-based number of a line that assigns `key` a quoted value without its closing quote (a
+/// value running over several lines, say): [`find`] passes such a line over, so the file must
+/// not be read or rewritten as if the key were absent.
+pub fn unclosed_quote(text: &str, key: &str) -> Option<usize> {
+    text.split_inclusive('\n')
+        .enumerate()
+        .find_map(|(n, line)| {
+            let (_, value_text) = assigned(line, key)?;
+            let closed = match value_text.chars().next() {
+                Some('\'') => value_text[1..].contains('\''),
+                Some('"') => read_double_quoted(value_text).is_some(),
+                _ => true,
+            };
+            (!closed).then_some(n + 1)
+        })
+}
+
+/// Where the value `line` assigns to `key` starts, and the line's text from there.
+fn assigned<'a>(line: &'a str, key: &str) -> Option<(usize, &'a str)> {
     let body = line.trim_end_matches(['\n', '\r']);
     let trimmed = body.trim_start();
     if trimmed.starts_with('#') {
@@ -49,7 +67,11 @@ fn parse_line(line: &str, key: &str) -> Option<Entry> {
     let eq = body.len() - after_export.len() + name.len() + 1;
     let rest = &body[eq..];
     let start = eq + (rest.len() - rest.trim_start().len());
-    let value_text = &body[start..];
+    Some((start, &body[start..]))
+}
+
+fn parse_line(line: &str, key: &str) -> Option<Entry> {
+    let (start, value_text) = assigned(line, key)?;
     let (len, value, quote) = match value_text.chars().next() {
         Some('\'') => {
             let end = value_text[1..].find('\'')? + 2;

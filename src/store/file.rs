@@ -131,12 +131,29 @@ impl FileStore {
         }
     }
 
+    /// The file's text, refused when a line assigns the key a value whose quote is not closed:
+    /// the key would read as absent, and a write would add a second assignment.
+    fn read_entries(&self) -> Result<zeroize::Zeroizing<String>, StoreError> {
+        let text = zeroize::Zeroizing::new(self.read_text()?);
+        match dotenv::unclosed_quote(&text, &self.key) {
+            None => Ok(text),
+            Some(line) => Err(StoreError::Format {
+                store: self.describe(),
+                message: format!(
+                    "line {line} gives {} a quoted value that does not end on that line; \
+                     this store holds one line per key: put the value on one line",
+                    self.key
+                ),
+            }),
+        }
+    }
+
     fn swap_blocking(
         &self,
         expected: Option<&Secret>,
         new: Option<&Secret>,
     ) -> Result<(), StoreError> {
-        let text = zeroize::Zeroizing::new(self.read_text()?);
+        let text = self.read_entries()?;
         let current = dotenv::find(&text, &self.key).map(|e| Secret::new(e.value));
         if current.as_ref() != expected {
             return Err(StoreError::Conflict {
@@ -197,7 +214,7 @@ impl Store for FileStore {
     }
 
     async fn read(&self) -> Result<Option<Secret>, StoreError> {
-        let text = zeroize::Zeroizing::new(self.read_text()?);
+        let text = self.read_entries()?;
         Ok(dotenv::find(&text, &self.key).map(|e| Secret::new(e.value)))
     }
 
@@ -213,6 +230,33 @@ impl Store for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_value_whose_quote_does_not_close_is_refused_not_read_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        let text = "A=1\nPGPASSWORD=\"s3cret-start\nrest\"\n";
+        std::fs::write(&path, text).unwrap();
+        let store = FileStore::new(path.clone(), "PGPASSWORD");
+        for error in [
+            store.read().await.unwrap_err(),
+            store
+                .compare_and_swap(None, Some(&Secret::new("new")))
+                .await
+                .unwrap_err(),
+        ] {
+            let message = error.to_string();
+            assert!(
+                message.contains("line 2 gives PGPASSWORD a quoted value"),
+                "{message}"
+            );
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "unchanged");
+        // Another key of the same file reads as before.
+        let other = FileStore::new(path, "A");
+        assert_eq!(other.read().await.unwrap().unwrap().expose(), "1");
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn swaps_only_when_expected_and_keeps_mode() {

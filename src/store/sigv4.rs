@@ -96,7 +96,7 @@ pub enum CredentialsError {
     },
     /// The error without its URL (the form body is not in it either).
     #[error("STS could not be reached: {0}")]
-    Unreachable(#[source] reqwest::Error),
+    Unreachable(String),
     #[error("STS AssumeRoleWithWebIdentity for {role} failed: {status} {code}")]
     Refused {
         role: String,
@@ -149,7 +149,7 @@ pub async fn credentials(
         .body(body)
         .send()
         .await
-        .map_err(|e| CredentialsError::Unreachable(e.without_url()))?;
+        .map_err(|e| CredentialsError::Unreachable(crate::secret::http_error_text(e)))?;
     let status = response.status();
     let xml = response.text().await.unwrap_or_default();
     if !status.is_success() {

@@ -293,10 +293,10 @@ impl VaultKv {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<(reqwest::StatusCode, Value), StoreError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.error(format!("Vault could not be reached: {}", e.without_url())))?;
+        let response = request.send().await.map_err(|e| {
+            let why = crate::secret::http_error_text(e);
+            self.error(format!("Vault could not be reached: {why}"))
+        })?;
         let status = response.status();
         let value = response.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, value))
