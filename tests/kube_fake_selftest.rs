@@ -899,3 +899,78 @@ async fn events_are_validated_on_create() {
 
     assert_eq!(fake.events("llmtrace").len(), 1);
 }
+
+/// The unsealer writes only a Secret the SealedSecret controls, or one annotated to be managed
+/// or patched, as sealed-secrets' `unseal` does (pkg/controller/controller.go: `IsControlledBy`,
+/// `isAnnotatedToBeManaged`, `isAnnotatedToBePatched`, then the update that replaces data and
+/// owner references, or with `patch` merges the data); otherwise `Synced` is False with its
+/// message. An absent Secret is made, controlled by the SealedSecret
+/// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: `NewControllerRef`).
+#[tokio::test]
+async fn the_unsealer_writes_only_a_secret_it_manages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = support::sealed::keypair(dir.path());
+    let public = key.to_public_key();
+    let fake = KubeFake::start().await;
+    fake.set_unsealer(support::kube_fake::Unsealer::Running {
+        private_key: Box::new(key),
+        delay: Duration::ZERO,
+    });
+    let sealed = |value: &str| support::sealed::seal(&public, NS, "db", value.as_bytes());
+    let synced = |fake: &KubeFake| {
+        let status = &fake.sealed_secret(NS, "db").unwrap()["status"]["conditions"][0];
+        (status["status"].clone(), status["message"].clone())
+    };
+
+    // Absent: made, and controlled by the SealedSecret.
+    fake.add_scoped_sealed_secret(NS, "db", &[], &[("password", &sealed("one"))]);
+    assert_eq!(synced(&fake).0, "True");
+    let secret = fake.secret_json(NS, "db").unwrap();
+    let owner = &secret["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "SealedSecret");
+    assert_eq!(owner["controller"], true);
+    assert_eq!(
+        owner["uid"],
+        fake.sealed_secret(NS, "db").unwrap()["metadata"]["uid"]
+    );
+
+    // Made by hand: left alone, and the SealedSecret says why.
+    fake.delete_secret(NS, "db");
+    fake.put_secret(NS, "db", &[("password", "by hand"), ("other", "kept")]);
+    fake.apply_sealed_secret(NS, "db", &[("password", &sealed("two"))]);
+    assert_eq!(
+        synced(&fake),
+        (
+            json!("False"),
+            json!(
+                "failed update: Resource \"db\" already exists and is not managed by SealedSecret"
+            )
+        )
+    );
+    assert_eq!(fake.secret(NS, "db").unwrap()["password"], "by hand");
+
+    // Annotated `patch`: the unsealed keys merge into its data; no owner is set.
+    fake.annotate_secret(NS, "db", "sealedsecrets.bitnami.com/patch", "true");
+    fake.apply_sealed_secret(NS, "db", &[("password", &sealed("three"))]);
+    assert_eq!(synced(&fake).0, "True");
+    let data = fake.secret(NS, "db").unwrap();
+    assert_eq!(
+        (data["password"].as_str(), data["other"].as_str()),
+        ("three", "kept")
+    );
+    assert!(fake.secret_json(NS, "db").unwrap()["metadata"]["ownerReferences"].is_null());
+
+    // Annotated `managed`: the data is replaced, and the SealedSecret takes it over.
+    fake.annotate_secret(NS, "db", "sealedsecrets.bitnami.com/patch", "false");
+    fake.annotate_secret(NS, "db", "sealedsecrets.bitnami.com/managed", "true");
+    fake.apply_sealed_secret(NS, "db", &[("password", &sealed("four"))]);
+    assert_eq!(synced(&fake).0, "True");
+    let data = fake.secret(NS, "db").unwrap();
+    assert_eq!(data.get("password").map(String::as_str), Some("four"));
+    assert_eq!(data.get("other"), None, "replaced, not merged");
+    let secret = fake.secret_json(NS, "db").unwrap();
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["kind"],
+        "SealedSecret"
+    );
+}

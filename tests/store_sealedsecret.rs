@@ -77,7 +77,7 @@ async fn setup_scoped(
             ),
         ],
     );
-    kube.put_secret(
+    kube.put_unsealed_secret(
         NS,
         NAME,
         &[
@@ -528,4 +528,60 @@ async fn check_reports_a_sealed_secret_its_controller_has_not_or_cannot_unseal()
     let out = s.rotator.run(&["check"]).await;
     assert_eq!(out.code, 0, "{}", out.all());
     assert_no_secret(&out.all(), &[s.old_password.as_str()], "check output");
+}
+
+/// The controller unseals only into a Secret it controls, or one annotated for it to manage or
+/// patch (sealed-secrets pkg/controller/controller.go, `unseal`: "Resource ... already exists and
+/// is not managed by SealedSecret"). A Secret made by hand before the SealedSecret is refused at
+/// preflight, before the password changes, with what to do; once annotated `managed`, the
+/// rotation goes through and the controller adopts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_the_controller_does_not_manage_is_refused_before_anything_changes() {
+    let s = setup("20s", true).await;
+    // The same Secret, made by hand: no controller reference.
+    s.kube.delete_secret(NS, NAME);
+    s.kube.put_secret(
+        NS,
+        NAME,
+        &[
+            ("password", &s.old_password),
+            ("postgres-password", s.pg.admin_password()),
+        ],
+    );
+    let secret = s.kube.secret_json(NS, NAME).unwrap();
+    assert!(secret["metadata"]["ownerReferences"].is_null());
+    let sealed_before = encrypted(&s.kube, "password");
+
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert_eq!(out.json()["outcome"], "refused", "{}", out.stdout);
+    assert!(
+        out.stdout.contains("not managed by the SealedSecret")
+            && out.stdout.contains("sealedsecrets.bitnami.com/managed"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        encrypted(&s.kube, "password"),
+        sealed_before,
+        "not resealed"
+    );
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("the password did not change");
+
+    s.kube
+        .annotate_secret(NS, NAME, "sealedsecrets.bitnami.com/managed", "true");
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.all());
+    let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+    assert_ne!(new, s.old_password);
+    s.pg.try_login("llmtrace", &new, "llmtrace").await.unwrap();
+    let owners = &s.kube.secret_json(NS, NAME).unwrap()["metadata"]["ownerReferences"];
+    assert_eq!(owners[0]["kind"], "SealedSecret", "adopted: {owners}");
+    assert_no_secret(
+        &out.all(),
+        &[&s.old_password, &new, s.pg.admin_password()],
+        "rotate",
+    );
 }

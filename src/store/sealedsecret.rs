@@ -123,6 +123,8 @@ pub struct SealedStore {
     config: SealedSecretConfig,
     key: String,
     api: Api<DynamicObject>,
+    /// The Secret the controller unseals into, whole (its owners and annotations).
+    secrets: Api<k8s_openapi::api::core::v1::Secret>,
     secret: SecretStore,
     public_key: OnceCell<RsaPublicKey>,
 }
@@ -136,6 +138,7 @@ impl SealedStore {
         ));
         SealedStore {
             api: Api::namespaced_with(client.clone(), &config.namespace, &resource),
+            secrets: Api::namespaced(client.clone(), &config.namespace),
             secret: SecretStore::new(client, &config.namespace, &config.name, key),
             config: config.clone(),
             key: key.to_string(),
@@ -273,6 +276,52 @@ impl Store for SealedStore {
     async fn read(&self) -> Result<Option<Secret>, StoreError> {
         self.public_key().await?;
         self.secret.read().await
+    }
+
+    /// The controller unseals only into a Secret it controls, or one annotated for it to manage
+    /// or patch (pkg/controller/controller.go, `unseal`); any other Secret of that name keeps
+    /// its value, so a rotation would wait out `timeout` and roll back. Refused here instead.
+    async fn preflight(&self) -> Result<(), StoreError> {
+        let error = |e: kube::Error| self.error(describe_kube_error(&e));
+        let Some(secret) = self
+            .secrets
+            .get_opt(&self.config.name)
+            .await
+            .map_err(error)?
+        else {
+            return Ok(());
+        };
+        let Some(sealed) = self.api.get_opt(&self.config.name).await.map_err(error)? else {
+            // Reported as missing where the run reads it.
+            return Ok(());
+        };
+        let controlled =
+            secret.metadata.owner_references.iter().flatten().any(|r| {
+                r.controller == Some(true) && Some(&r.uid) == sealed.metadata.uid.as_ref()
+            });
+        let annotated = |name: &str| {
+            let annotations = secret.metadata.annotations.as_ref();
+            annotations
+                .and_then(|a| a.get(name))
+                .is_some_and(|v| v == "true")
+        };
+        if controlled
+            || annotated("sealedsecrets.bitnami.com/managed")
+            || annotated("sealedsecrets.bitnami.com/patch")
+        {
+            return Ok(());
+        }
+        let (ns, name) = (&self.config.namespace, &self.config.name);
+        Err(StoreError::Format {
+            store: self.describe(),
+            message: format!(
+                "the Secret {ns}/{name} is not managed by the SealedSecret (no controller \
+                 reference to it, no sealedsecrets.bitnami.com/managed or patch annotation \
+                 \"true\"), so the controller will not unseal a new value into it; annotate it \
+                 (kubectl -n {ns} annotate secret {name} sealedsecrets.bitnami.com/managed=true) \
+                 or delete it for the controller to make it again"
+            ),
+        })
     }
 
     async fn compare_and_swap(

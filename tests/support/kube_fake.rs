@@ -170,6 +170,11 @@ impl KubeFake {
         self.lock().put_secret(ns, name, data);
     }
 
+    /// Deletes Secret `ns/name` (as `kubectl delete secret` would; nothing if absent).
+    pub fn delete_secret(&self, ns: &str, name: &str) {
+        self.lock().secrets.remove(&key(ns, name));
+    }
+
     /// The Secret's `data`, decoded (lossily) as UTF-8.
     pub fn secret(&self, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
         let mut st = self.lock();

@@ -290,6 +290,69 @@ impl KubeFake {
     pub fn set_unsealer(&self, unsealer: Unsealer) {
         self.lock().custom.unsealer = Some(unsealer);
     }
+
+    /// The Secret the controller unsealed from SealedSecret `ns/name` (which must exist):
+    /// `data`, and the controller reference `Unseal` gives it
+    /// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: `NewControllerRef`).
+    pub fn put_unsealed_secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        self.put_secret(ns, name, data);
+        let mut st = self.lock();
+        let sealed = st
+            .custom
+            .objects
+            .get(&(SEALED_SECRETS.plural, ns.into(), name.into()))
+            .cloned()
+            .expect("the SealedSecret exists");
+        let secret = st.secrets.get_mut(&key(ns, name)).expect("just put");
+        obj_field(secret, "metadata").insert("ownerReferences".into(), controller_ref(&sealed));
+    }
+
+    /// Sets annotation `name` to `value` on Secret `ns/secret` (as `kubectl annotate` would).
+    pub fn annotate_secret(&self, ns: &str, secret: &str, name: &str, value: &str) {
+        let mut st = self.lock();
+        let rv = st.next_rv();
+        let object = st
+            .secrets
+            .get_mut(&key(ns, secret))
+            .expect("the Secret exists");
+        let metadata = obj_field(object, "metadata");
+        metadata.insert("resourceVersion".into(), json!(rv));
+        let annotations = metadata
+            .entry("annotations")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("annotations are an object");
+        annotations.insert(name.into(), json!(value));
+    }
+}
+
+/// The owner reference `metav1.NewControllerRef` makes for a SealedSecret.
+fn controller_ref(sealed_secret: &Value) -> Value {
+    json!([{
+        "apiVersion": "bitnami.com/v1alpha1",
+        "kind": "SealedSecret",
+        "name": sealed_secret["metadata"]["name"],
+        "uid": sealed_secret["metadata"]["uid"],
+        "controller": true,
+        "blockOwnerDeletion": true,
+    }])
+}
+
+/// Whether the controller may write Secret `secret` for SealedSecret `sealed_secret`: it
+/// controls it, or the Secret is annotated to be managed or patched (pkg/controller/controller.go
+/// `unseal`: `IsControlledBy`, `isAnnotatedToBeManaged`, `isAnnotatedToBePatched`).
+fn may_unseal_into(secret: &Value, sealed_secret: &Value) -> bool {
+    let uid = &sealed_secret["metadata"]["uid"];
+    let controlled = secret["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["controller"] == json!(true) && &r["uid"] == uid);
+    controlled || annotated(secret, "managed") || annotated(secret, "patch")
+}
+
+fn annotated(secret: &Value, name: &str) -> bool {
+    secret["metadata"]["annotations"][format!("sealedsecrets.bitnami.com/{name}")] == json!("true")
 }
 
 impl State {
@@ -452,6 +515,47 @@ impl State {
         Ok(Reply::ok(new))
     }
 
+    /// The controller's write of an unsealed Secret (pkg/controller/controller.go `unseal`): a
+    /// Secret annotated `patch` gets the unsealed keys merged into its data, any other the
+    /// unsealed data in place of its own; the controller reference is set unless only patching.
+    /// Nothing is written when nothing would change.
+    fn write_unsealed(
+        &mut self,
+        ns: &str,
+        name: &str,
+        unsealed: Map<String, Value>,
+        existing: Option<&Value>,
+        sealed_secret: &Value,
+    ) {
+        let patch = existing.is_some_and(|s| annotated(s, "patch"));
+        let mut data = match existing.and_then(|s| s["data"].as_object()) {
+            Some(current) if patch => current.clone(),
+            _ => Map::new(),
+        };
+        data.extend(unsealed);
+        let owners = match existing {
+            Some(s) if patch && !annotated(s, "managed") => {
+                s["metadata"]["ownerReferences"].clone()
+            }
+            _ => controller_ref(sealed_secret),
+        };
+        let unchanged = existing.is_some_and(|s| {
+            s.get("data") == Some(&Value::Object(data.clone()))
+                && s["metadata"]["ownerReferences"] == owners
+        });
+        if unchanged {
+            return;
+        }
+        self.put_secret(ns, name, data);
+        let secret = self.secrets.get_mut(&key(ns, name)).expect("just put");
+        let metadata = obj_field(secret, "metadata");
+        if owners.is_null() {
+            metadata.remove("ownerReferences");
+        } else {
+            metadata.insert("ownerReferences".into(), owners);
+        }
+    }
+
     /// The sealed-secrets controller: unseals every SealedSecret whose change is due into the
     /// Secret of the same name, and reports it in `status`.
     pub(super) fn run_unsealer(&mut self) {
@@ -489,18 +593,17 @@ impl State {
                     Err(e) => failure = Some(format!("no key could decrypt secret ({k}): {e}")),
                 }
             }
+            let existing = self.secrets.get(&key(&ns, &name)).cloned();
+            if failure.is_none() && existing.as_ref().is_some_and(|s| !may_unseal_into(s, &obj)) {
+                failure = Some(format!(
+                    "failed update: Resource \"{name}\" already exists and is not managed by SealedSecret"
+                ));
+            }
             let generation = obj.pointer("/metadata/generation").cloned();
             let now = self.now_string();
             let condition = match &failure {
                 None => {
-                    let unchanged = self
-                        .secrets
-                        .get(&key(&ns, &name))
-                        .and_then(|s| s.get("data"))
-                        == Some(&Value::Object(data.clone()));
-                    if !unchanged {
-                        self.put_secret(&ns, &name, data);
-                    }
+                    self.write_unsealed(&ns, &name, data, existing.as_ref(), &obj);
                     json!({ "type": "Synced", "status": "True", "lastUpdateTime": now })
                 }
                 Some(message) => {
