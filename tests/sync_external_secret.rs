@@ -76,6 +76,7 @@ async fn setup_with(sync_timeout: &str, release: EsoRelease, spec: Value) -> Set
         namespace: NS,
         name: "llmtrace",
         syncing: true,
+        failing: false,
         delay: Duration::ZERO,
     }
     .mark_synced(&BTreeMap::from([
@@ -122,6 +123,7 @@ async fn run_with_eso(
         namespace: NS,
         name: "llmtrace",
         syncing,
+        failing: false,
         delay: Duration::from_millis(300),
     };
     let stop = CancellationToken::new();
@@ -226,6 +228,59 @@ async fn external_secret_that_never_syncs_times_out_and_rolls_back() {
             &s.bao.root_token,
         ],
         "rotator output at trace level",
+    );
+}
+
+/// ESO that cannot read the provider marks the ExternalSecret failed (`markAsFailed`:
+/// Ready=False, SecretSyncedError, "could not get secret data from provider") and leaves the
+/// Secret as it was: the rotation times out, rolls back, and says what ESO said.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_eso_fails_is_rolled_back_with_esos_reason() {
+    let s = setup("2s").await;
+    let eso = EsoController {
+        kube: &s.kube,
+        bao: &s.bao,
+        namespace: NS,
+        name: "llmtrace",
+        syncing: true,
+        failing: true,
+        delay: Duration::from_millis(100),
+    };
+    let stop = CancellationToken::new();
+    let rotation = async {
+        let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+        stop.cancel();
+        out
+    };
+    let (out, _) = tokio::join!(rotation, eso.run(stop.clone()));
+
+    assert_eq!(out.code, 1, "{}", out.all());
+    let report = out.json();
+    assert_eq!(report["outcome"], "rolled_back", "{report:#}");
+    let sync = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "sync")
+        .expect("a sync step");
+    let error = sync["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(
+            "ESO reports Ready=False, SecretSyncedError: could not get secret data from provider"
+        ),
+        "{sync:#}"
+    );
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("old password logs in");
+    assert_no_secret(
+        &out.all(),
+        &[
+            s.old_password.as_str(),
+            s.pg.admin_password(),
+            &s.bao.root_token,
+        ],
+        "rotator output",
     );
 }
 
@@ -377,9 +432,11 @@ async fn rollback_force_syncs_a_current_eso_through_v1() {
     assert!(steps.contains(&"undo-sync ok".to_string()), "{steps:?}");
     assert_eq!(stamps.len(), 2);
     let requests = external_secret_requests(&s.kube);
+    // Preflight reads it, the sync patches it and on its timeout reads what ESO reports, the
+    // undo-sync patches it again.
     assert_eq!(
         requests,
-        [("get", "v1"), ("patch", "v1"), ("patch", "v1")]
+        [("get", "v1"), ("patch", "v1"), ("get", "v1"), ("patch", "v1")]
             .map(|(v, g)| (v.to_string(), g.to_string()))
     );
 }
@@ -448,6 +505,7 @@ async fn on_change_policy_rotates_and_created_once_would_never_sync() {
         namespace: NS,
         name: "llmtrace",
         syncing: true,
+        failing: false,
         delay: Duration::ZERO,
     };
     let stop = CancellationToken::new();

@@ -139,14 +139,39 @@ impl ExternalSecretSync {
             }
             if Instant::now() >= deadline {
                 return Err(self.error(format!(
-                    "the Secret did not get the expected credential within {}s of forcing a sync; check the ExternalSecret's status (kubectl describe externalsecret -n {} {})",
+                    "the Secret did not get the expected credential within {}s of forcing a sync{}; check the ExternalSecret (kubectl describe externalsecret -n {} {}: its events carry the provider's error)",
                     timeout.as_secs(),
+                    self.failure().await.map(|f| format!(" ({f})")).unwrap_or_default(),
                     self.config.namespace,
                     self.config.external_secret
                 )));
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// What ESO reports when its last reconcile failed: `markAsFailed` sets the Ready condition
+    /// False with a reason and one of its fixed messages (externalsecret_controller.go), the
+    /// provider's own error going to an event. `None` when it does not say so, or cannot be read.
+    async fn failure(&self) -> Option<String> {
+        let es = self
+            .api()
+            .await
+            .ok()?
+            .get(&self.config.external_secret)
+            .await
+            .ok()?;
+        let ready = es.data["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")?;
+        (ready["status"] == "False").then(|| {
+            format!(
+                "ESO reports Ready=False, {}: {}",
+                ready["reason"].as_str().unwrap_or("no reason"),
+                ready["message"].as_str().unwrap_or("no message")
+            )
+        })
     }
 
     /// Preflight: ESO must honour a force-sync, and the Secret must already hold the current

@@ -23,8 +23,11 @@ pub struct EsoController<'a> {
     pub bao: &'a OpenBao,
     pub namespace: &'a str,
     pub name: &'a str,
-    /// `false`: the controller is down (bad provider credentials, crashed): nothing syncs.
+    /// `false`: the controller is down (crashed, scaled to zero): nothing syncs.
     pub syncing: bool,
+    /// `true`: each reconcile fails to read the provider (a revoked token, say), and ESO marks
+    /// the ExternalSecret failed instead of writing the Secret.
+    pub failing: bool,
     /// Provider round trip plus reconcile queueing.
     pub delay: Duration,
 }
@@ -58,7 +61,16 @@ impl EsoController<'_> {
                 .unwrap_or(self.name);
             let secret_exists = self.kube.secret(self.namespace, target).is_some();
             // Reconcile skips when `!shouldRefresh(es) && isSecretValid(secret)`.
-            if self.syncing && (should_refresh(&es) || !secret_exists) {
+            if self.syncing && self.failing && (should_refresh(&es) || !secret_exists) {
+                // externalsecret_controller.go: `markAsFailed(msgErrorGetSecretData, ...)`.
+                tokio::time::sleep(self.delay).await;
+                self.kube.fail_external_sync(
+                    self.namespace,
+                    self.name,
+                    "SecretSyncedError",
+                    "could not get secret data from provider",
+                );
+            } else if self.syncing && (should_refresh(&es) || !secret_exists) {
                 let version = synced_version(&es);
                 tokio::time::sleep(self.delay).await;
                 let data = self.fetch().await;

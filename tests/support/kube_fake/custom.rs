@@ -215,6 +215,42 @@ impl KubeFake {
         );
     }
 
+    /// What ESO's `markAsFailed` leaves when a reconcile fails (external-secrets
+    /// pkg/controllers/externalsecret/externalsecret_controller.go; `SetExternalSecretCondition`
+    /// in util.go): the Ready condition False with `reason` and `message`, its transition time
+    /// kept when it was False already; `refreshTime` and `syncedResourceVersion` untouched, and
+    /// the target Secret not written.
+    pub fn fail_external_sync(&self, ns: &str, name: &str, reason: &str, message: &str) {
+        let mut st = self.lock();
+        let es = st
+            .custom
+            .objects
+            .get(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
+            .cloned()
+            .unwrap_or_else(|| panic!("no ExternalSecret {ns}/{name}"));
+        let mut status = es["status"].clone();
+        if !status.is_object() {
+            status = json!({});
+        }
+        let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+        let previous = conditions.iter().find(|c| c["type"] == "Ready");
+        let transition = match previous {
+            Some(c) if c["status"] == "False" => c["lastTransitionTime"].clone(),
+            _ => json!(st.now_string()),
+        };
+        let mut kept: Vec<Value> = conditions
+            .iter()
+            .filter(|c| c["type"] != "Ready")
+            .cloned()
+            .collect();
+        kept.push(
+            json!({ "type": "Ready", "status": "False", "reason": reason,
+                          "message": message, "lastTransitionTime": transition }),
+        );
+        status["conditions"] = Value::Array(kept);
+        st.set_custom_status(&EXTERNAL_SECRETS, ns, name, status);
+    }
+
     /// Creates a SealedSecret with the given (already sealed) `spec.encryptedData` and
     /// annotations on it (and its template, as kubeseal writes them), e.g. `sealedsecrets.bitnami.com/namespace-wide: "true"`.
     pub fn add_scoped_sealed_secret(
