@@ -436,8 +436,13 @@ async fn rollback_force_syncs_a_current_eso_through_v1() {
     // undo-sync patches it again.
     assert_eq!(
         requests,
-        [("get", "v1"), ("patch", "v1"), ("get", "v1"), ("patch", "v1")]
-            .map(|(v, g)| (v.to_string(), g.to_string()))
+        [
+            ("get", "v1"),
+            ("patch", "v1"),
+            ("get", "v1"),
+            ("patch", "v1")
+        ]
+        .map(|(v, g)| (v.to_string(), g.to_string()))
     );
 }
 

@@ -92,6 +92,8 @@ impl std::str::FromStr for SslMode {
 
 /// A login that has not answered by then is treated as failed rather than hanging the run.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a kept admin session has to answer before a new login replaces it.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every statement on our sessions ends within this (`statement_timeout`), and waits at most
 /// `LOCK_TIMEOUT` for a lock another session holds (an open transaction that altered the same
 /// role, say), so a step ends, and SIGTERM is answered, within a known time.
@@ -249,8 +251,9 @@ impl Postgres {
     /// statement.
     async fn admin_also(&self, also: &[&Credential]) -> Result<AdminSession<'_>, BackendError> {
         while let Some(mut conn) = self.pool.take(&self.pool_key) {
-            // The server may have restarted or ended it since: then try the next, or log in.
-            if conn.ping().await.is_ok() {
+            // The server may have restarted or ended it since (or the network dropped it without
+            // a word: hence the bound): then try the next, or log in.
+            if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, conn.ping()).await {
                 return Ok(self.session(conn));
             }
         }
