@@ -974,3 +974,33 @@ async fn the_unsealer_writes_only_a_secret_it_manages() {
         "SealedSecret"
     );
 }
+
+/// A resource a real API server serves but the fake does not model is refused loudly (405), so
+/// `get_opt` cannot read it as absent; a kind that no API server serves here (a CRD that is not
+/// installed) is the 404 a real server gives, which `get_opt` reads as absent.
+#[tokio::test]
+async fn a_resource_the_fake_does_not_model_is_refused_not_absent() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let fake = KubeFake::start().await;
+    let client = fake.client().await;
+    let lease = Api::<Lease>::namespaced(client.clone(), NS)
+        .get_opt("leader")
+        .await;
+    let (code, _, message) = api_error(lease.unwrap_err());
+    assert_eq!(code, 405, "{message}");
+    assert!(message.contains("leases"), "{message}");
+    let config_map = Api::<ConfigMap>::namespaced(client, NS).get_opt("x").await;
+    assert_eq!(api_error(config_map.unwrap_err()).0, 405);
+
+    let (status, body) = raw(
+        &fake,
+        "GET",
+        "/apis/example.com/v1/namespaces/default/widgets/w",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["reason"], "NotFound");
+}

@@ -89,6 +89,11 @@ impl State {
         let (res, namespace, name, subresource) = match &req.route {
             Route::Groups if req.method == Method::GET => return Ok(Reply::ok(self.api_groups())),
             Route::Groups => return Err(ApiError::method_not_allowed()),
+            Route::Unknown {
+                built_in: true,
+                resource,
+                ..
+            } => return Err(ApiError::unsupported(&format!("{resource} (not modelled)"))),
             Route::Unknown { .. } => return Err(ApiError::no_route()),
             Route::Events { namespace, name } => {
                 return self.events_request(namespace.as_deref(), name.as_deref(), req)
@@ -281,8 +286,36 @@ pub(super) enum Route {
         resource: String,
         namespace: Option<String>,
         name: Option<String>,
+        /// In a group every real API server serves (the core group, `apps`, `coordination.k8s.io`
+        /// ...): a real server would answer for it, the fake does not model it.
+        built_in: bool,
     },
 }
+
+/// API groups every real API server serves beside the core group. A resource in them that the
+/// fake does not model gets 405, not the 404 of a CRD that is not installed: kube's `get_opt`
+/// reads a 404 as "absent", which would make a request the fake cannot answer look like one
+/// that found nothing.
+const BUILT_IN_GROUPS: &[&str] = &[
+    "",
+    "apps",
+    "batch",
+    "autoscaling",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "networking.k8s.io",
+    "node.k8s.io",
+    "policy",
+    "rbac.authorization.k8s.io",
+    "scheduling.k8s.io",
+    "storage.k8s.io",
+    "certificates.k8s.io",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "flowcontrol.apiserver.k8s.io",
+];
 
 impl Route {
     pub(super) fn parse(path: &str) -> Route {
@@ -316,11 +349,12 @@ impl Route {
                     rest,
                 )
             }
-            ["apis", _, _, rest @ ..] => Route::resource("(unknown group)", rest),
+            ["apis", group, _, rest @ ..] => Route::resource(group, rest),
             _ => Route::Unknown {
                 resource: String::new(),
                 namespace: None,
                 name: None,
+                built_in: false,
             },
         }
     }
@@ -335,6 +369,7 @@ impl Route {
                     resource: rest.first().unwrap_or(&"").to_string(),
                     namespace: None,
                     name: None,
+                    built_in: false,
                 }
             }
         };
@@ -355,6 +390,7 @@ impl Route {
                 resource: plural.to_string(),
                 namespace,
                 name,
+                built_in: BUILT_IN_GROUPS.contains(&group),
             },
         }
     }
@@ -375,6 +411,7 @@ impl Route {
                 resource: kind.plural.to_string(),
                 namespace: None,
                 name: None,
+                built_in: false,
             },
         }
     }
