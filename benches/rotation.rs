@@ -569,12 +569,7 @@ fn single_rotation_ms(rows: &[Row]) -> f64 {
 
 /// One SCRAM login + one ALTER ROLE with a client-computed verifier + one SCRAM login, in process.
 async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
-    let mut admin = sqlx::postgres::PgConnection::connect_with(
-        &pg.connect_options("postgres", pg.admin_password(), "postgres")
-            .disable_statement_logging(),
-    )
-    .await
-    .unwrap();
+    let mut admin = admin_session(pg).await;
     let mut password = random_password();
     pg.create_login("floor", &password, "bench").await;
     let mut samples = Vec::new();

@@ -884,12 +884,7 @@ fn parse_target(
         Some(table) => parse_policy(table, defaults, &at.of("password"), errors),
         None => defaults.clone(),
     };
-    let logins: Vec<&str> = login
-        .user
-        .iter()
-        .chain(&login.users)
-        .map(String::as_str)
-        .collect();
+    let logins = login.names();
     let password_chars = password.alphabet.characters();
     let sync: Vec<SyncConfig> = sync_tables
         .into_iter()
@@ -983,6 +978,17 @@ struct Login {
     users: Vec<String>,
     admin: Option<(String, Option<Reference>)>,
     strategy: Strategy,
+}
+
+impl Login {
+    /// Every login the target rotates, as read so far: `user`, and an alternating pair.
+    fn names(&self) -> Vec<&str> {
+        self.user
+            .iter()
+            .chain(&self.users)
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 fn check_login(
@@ -1112,12 +1118,7 @@ fn check_stores(
     base: &Path,
     errors: &mut Errors,
 ) {
-    let logins: Vec<&str> = login
-        .user
-        .iter()
-        .chain(&login.users)
-        .map(String::as_str)
-        .collect();
+    let logins = login.names();
     let password_chars = policy.alphabet.characters();
     for (store, path) in stores.iter().zip(paths) {
         let at = At { path, base };

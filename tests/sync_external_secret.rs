@@ -70,16 +70,7 @@ async fn setup_with(sync_timeout: &str, release: EsoRelease, spec: Value) -> Set
     }
     kube.add_external_secret(NS, "llmtrace", es);
     // What ESO wrote at its first reconcile.
-    EsoController {
-        kube: &kube,
-        bao: &bao,
-        namespace: NS,
-        name: "llmtrace",
-        syncing: true,
-        failing: false,
-        delay: Duration::ZERO,
-    }
-    .mark_synced(&BTreeMap::from([
+    EsoController::new(&kube, &bao, NS, "llmtrace").mark_synced(&BTreeMap::from([
         ("LLMTRACE_POSTGRES_URL".to_string(), url.clone()),
         ("LLMTRACE_REDIS_URL".to_string(), REDIS_URL.to_string()),
     ]));
@@ -118,14 +109,19 @@ async fn run_with_eso(
     syncing: bool,
 ) -> (support::rotator::Output, Vec<String>) {
     let eso = EsoController {
-        kube: &s.kube,
-        bao: &s.bao,
-        namespace: NS,
-        name: "llmtrace",
         syncing,
-        failing: false,
         delay: Duration::from_millis(300),
+        ..EsoController::new(&s.kube, &s.bao, NS, "llmtrace")
     };
+    run_beside(s, args, eso).await
+}
+
+/// Runs the rotator with `args` while `eso` reconciles; the output and the force-sync values.
+async fn run_beside(
+    s: &Setup,
+    args: &[&str],
+    eso: EsoController<'_>,
+) -> (support::rotator::Output, Vec<String>) {
     let stop = CancellationToken::new();
     let rotation = async {
         let out = s.rotator.run(args).await;
@@ -217,18 +213,7 @@ async fn external_secret_that_never_syncs_times_out_and_rolls_back() {
         .kube
         .restarts(WorkloadKind::Deployment, NS, "llmtrace")
         .is_empty());
-    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
-        .await
-        .expect("old password logs in");
-    assert_no_secret(
-        &out.all(),
-        &[
-            s.old_password.as_str(),
-            s.pg.admin_password(),
-            &s.bao.root_token,
-        ],
-        "rotator output at trace level",
-    );
+    assert_old_password_in_force(&s, &out).await;
 }
 
 /// ESO that cannot read the provider marks the ExternalSecret failed (`markAsFailed`:
@@ -238,21 +223,11 @@ async fn external_secret_that_never_syncs_times_out_and_rolls_back() {
 async fn a_sync_eso_fails_is_rolled_back_with_esos_reason() {
     let s = setup("2s").await;
     let eso = EsoController {
-        kube: &s.kube,
-        bao: &s.bao,
-        namespace: NS,
-        name: "llmtrace",
-        syncing: true,
         failing: true,
         delay: Duration::from_millis(100),
+        ..EsoController::new(&s.kube, &s.bao, NS, "llmtrace")
     };
-    let stop = CancellationToken::new();
-    let rotation = async {
-        let out = s.rotator.run(&["rotate", "--output", "json"]).await;
-        stop.cancel();
-        out
-    };
-    let (out, _) = tokio::join!(rotation, eso.run(stop.clone()));
+    let (out, _) = run_beside(&s, &["rotate", "--output", "json"], eso).await;
 
     assert_eq!(out.code, 1, "{}", out.all());
     let report = out.json();
@@ -270,6 +245,11 @@ async fn a_sync_eso_fails_is_rolled_back_with_esos_reason() {
         ),
         "{sync:#}"
     );
+    assert_old_password_in_force(&s, &out).await;
+}
+
+/// After a rollback: the old password logs in, and the output names no secret.
+async fn assert_old_password_in_force(s: &Setup, out: &support::rotator::Output) {
     s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
         .await
         .expect("old password logs in");
@@ -280,7 +260,7 @@ async fn a_sync_eso_fails_is_rolled_back_with_esos_reason() {
             s.pg.admin_password(),
             &s.bao.root_token,
         ],
-        "rotator output",
+        "rotator output at trace level",
     );
 }
 
@@ -504,15 +484,7 @@ async fn on_change_policy_rotates_and_created_once_would_never_sync() {
             json!({ "LLMTRACE_POSTGRES_URL": "postgres://other", "LLMTRACE_REDIS_URL": REDIS_URL }),
         )
         .await;
-    let eso = EsoController {
-        kube: &s.kube,
-        bao: &s.bao,
-        namespace: NS,
-        name: "llmtrace",
-        syncing: true,
-        failing: false,
-        delay: Duration::ZERO,
-    };
+    let eso = EsoController::new(&s.kube, &s.bao, NS, "llmtrace");
     let stop = CancellationToken::new();
     let forcing = async {
         tokio::time::sleep(Duration::from_millis(200)).await;

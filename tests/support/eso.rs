@@ -32,7 +32,20 @@ pub struct EsoController<'a> {
     pub delay: Duration,
 }
 
-impl EsoController<'_> {
+impl<'a> EsoController<'a> {
+    /// A controller that syncs ExternalSecret `namespace/name` at once, and never fails.
+    pub fn new(kube: &'a KubeFake, bao: &'a OpenBao, namespace: &'a str, name: &'a str) -> Self {
+        EsoController {
+            kube,
+            bao,
+            namespace,
+            name,
+            syncing: true,
+            failing: false,
+            delay: Duration::ZERO,
+        }
+    }
+
     /// Reconciles until `stop`; returns every force-sync value it saw change to.
     pub async fn run(&self, stop: CancellationToken) -> Vec<String> {
         let mut last = self.stamp();

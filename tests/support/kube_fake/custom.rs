@@ -178,12 +178,7 @@ impl KubeFake {
         synced: &str,
     ) {
         let mut st = self.lock();
-        let es = st
-            .custom
-            .objects
-            .get(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
-            .cloned()
-            .unwrap_or_else(|| panic!("no ExternalSecret {ns}/{name}"));
+        let es = st.external_secret_object(ns, name);
         let target = es
             .pointer("/spec/target/name")
             .and_then(Value::as_str)
@@ -222,13 +217,7 @@ impl KubeFake {
     /// the target Secret not written.
     pub fn fail_external_sync(&self, ns: &str, name: &str, reason: &str, message: &str) {
         let mut st = self.lock();
-        let es = st
-            .custom
-            .objects
-            .get(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
-            .cloned()
-            .unwrap_or_else(|| panic!("no ExternalSecret {ns}/{name}"));
-        let mut status = es["status"].clone();
+        let mut status = st.external_secret_object(ns, name)["status"].clone();
         if !status.is_object() {
             status = json!({});
         }
@@ -392,6 +381,15 @@ fn annotated(secret: &Value, name: &str) -> bool {
 }
 
 impl State {
+    /// ExternalSecret `ns/name` as stored; a test that names one that does not exist is wrong.
+    fn external_secret_object(&self, ns: &str, name: &str) -> Value {
+        self.custom
+            .objects
+            .get(&(EXTERNAL_SECRETS.plural, ns.into(), name.into()))
+            .cloned()
+            .unwrap_or_else(|| panic!("no ExternalSecret {ns}/{name}"))
+    }
+
     fn insert_custom(&mut self, kind: &CustomKind, ns: &str, name: &str, mut obj: Value) {
         let rv = self.next_rv();
         let now = self.now_string();
