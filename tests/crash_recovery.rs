@@ -306,3 +306,43 @@ async fn recovery_acts_on_the_state_a_run_left_not_the_one_listed_before() {
         "recover",
     );
 }
+
+/// A run that died after verifying the new credential everywhere (here in confirm's wait for
+/// the old sessions to end) is finished by recovery, not judged again: a login refused for a
+/// moment when recovery looks (a connection limit, a failover) must not roll a finished
+/// rotation back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_had_verified_is_finished_not_rolled_back() {
+    let host = ComposeHost::start().await;
+    let (_, all) = host.rotator.rotate_listing_boundaries().await;
+    let confirm = all
+        .iter()
+        .find(|b| b.starts_with("confirm:") && b.ends_with(":started"))
+        .expect("a confirm boundary")
+        .clone();
+    let before = host.stored_passwords().0;
+    host.rotator.crash_at(&confirm).await;
+    let new = host.stored_passwords().0;
+    assert_ne!(new, before, "the stores hold the new credential");
+
+    host.pg.exec("ALTER ROLE llmtrace CONNECTION LIMIT 0").await;
+    let out = host.rotator.run(&["recover", "--output", "json"]).await;
+    host.pg
+        .exec("ALTER ROLE llmtrace CONNECTION LIMIT -1")
+        .await;
+
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(recovered_outcome(&out), "succeeded", "{}", out.stdout);
+    assert!(
+        out.stdout.contains("finish: the run had verified"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(host.stored_passwords().0, new, "left on the new credential");
+    host.assert_stores_log_in().await;
+    assert_no_secret(
+        &out.all(),
+        &[&before, &new, host.pg.admin_password()],
+        "recover",
+    );
+}

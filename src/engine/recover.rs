@@ -126,21 +126,27 @@ async fn recover_run(
         .with_cancel(cancel.child_token());
 
     let step = run.rec.begin(Part::Run, "recover", "decide").await;
-    let roll_forward = !run.rec.state.rolling_back && new_credential_is_everywhere(&run).await;
-    let decision = if roll_forward {
+    let verified = run.rec.state.verified && !run.rec.state.rolling_back;
+    let roll_forward =
+        verified || !run.rec.state.rolling_back && new_credential_is_everywhere(&run).await;
+    let decision = if verified {
+        "finish: the run had verified the new credential everywhere before it stopped"
+    } else if roll_forward {
         "roll forward: every store holds the new credential and it logs in"
     } else {
         "roll back"
     };
     run.rec.end(step, "ok", Some(decision.to_string())).await;
 
-    let outcome = if roll_forward {
-        match run.complete().await {
-            Ok(()) => Outcome::Succeeded,
-            Err(stop) => run.after_stop(stop).await,
-        }
-    } else {
-        run.rollback().await
+    let finished = match (verified, roll_forward) {
+        (true, _) => Some(run.after_verify().await),
+        (false, true) => Some(run.complete().await),
+        (false, false) => None,
+    };
+    let outcome = match finished {
+        Some(Ok(())) => Outcome::Succeeded,
+        Some(Err(stop)) => run.after_stop(stop).await,
+        None => run.rollback().await,
     };
     if outcome != Outcome::Interrupted {
         // Another process may drive the run now: tidying is its job.

@@ -890,8 +890,17 @@ impl<'a> RunContext<'a> {
         self.restart().await?;
         self.verify().await?;
         // Done is done: every store holds the new credential, the consumers run on it and it
-        // logs in. A stop from here on (SIGTERM, a journal outage) does not roll that back; a
-        // confirm or retire that could not run leaves the old password valid beside the new one.
+        // logs in. Recorded with confirm's start (durably: a crash during confirm's wait is
+        // then finished by recovery, not judged again by a login that may fail for a moment).
+        self.rec.state.verified = true;
+        self.rec.touch(Part::Run);
+        self.after_verify().await
+    }
+
+    /// Confirm and retire, once verified. A stop from here on (SIGTERM, a journal outage) does
+    /// not roll the run back; a confirm or retire that could not run leaves the old password
+    /// valid beside the new one.
+    pub async fn after_verify(&mut self) -> Result<(), Stop> {
         let after = async {
             self.confirm().await?;
             self.retire().await
@@ -1115,7 +1124,8 @@ impl<'a> RunContext<'a> {
                 continue;
             }
             let subjects = self.subjects(&confirming);
-            let ids = self.rec.begin_all(&subjects, "confirm", false).await;
+            // Durable: it carries the verified mark (see `complete`).
+            let ids = self.rec.begin_all(&subjects, "confirm", true).await;
             let found = {
                 let this = &*self;
                 join_all(

@@ -94,6 +94,10 @@ pub struct RunState {
     pub targets: Vec<TargetState>,
     pub consumers: Vec<ConsumerState>,
     pub rolling_back: bool,
+    /// Every store held the new credential, the consumers ran on it and it logged in: from here
+    /// on the run is finished, never rolled back (recovery too).
+    #[serde(default)]
+    pub verified: bool,
 }
 
 impl RunState {
@@ -121,6 +125,7 @@ impl RunState {
                 })
                 .collect(),
             rolling_back: false,
+            verified: false,
         }
     }
 
@@ -129,6 +134,7 @@ impl RunState {
         let header = Header {
             consumers: self.consumers.clone(),
             rolling_back: self.rolling_back,
+            verified: self.verified,
             order: self.targets.iter().map(|t| t.name.clone()).collect(),
         };
         Zeroizing::new(serde_json::to_vec(&header).expect("run header serializes"))
@@ -169,6 +175,7 @@ impl RunState {
             targets,
             consumers: header.consumers,
             rolling_back: header.rolling_back,
+            verified: header.verified,
         })
     }
 }
@@ -177,6 +184,9 @@ impl RunState {
 struct Header {
     consumers: Vec<ConsumerState>,
     rolling_back: bool,
+    /// Absent in headers written before it existed: not verified, as before.
+    #[serde(default)]
+    verified: bool,
     order: Vec<String>,
 }
 
