@@ -1004,3 +1004,39 @@ async fn a_resource_the_fake_does_not_model_is_refused_not_absent() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["reason"], "NotFound");
 }
+
+/// `spec.template.data` is rendered over `encryptedData` (sealedsecret_expansion.go `Unseal`:
+/// `{{ .key }}` reads an unsealed value), and an immutable Secret is not changed: `Synced` says
+/// so in controller.go's `formatImmutableError` words.
+#[tokio::test]
+async fn the_unsealer_renders_the_template_and_leaves_an_immutable_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = support::sealed::keypair(dir.path());
+    let public = key.to_public_key();
+    let fake = KubeFake::start().await;
+    fake.set_unsealer(support::kube_fake::Unsealer::Running {
+        private_key: Box::new(key),
+        delay: Duration::ZERO,
+    });
+    let sealed = |value: &str| support::sealed::seal(&public, NS, "db", value.as_bytes());
+    fake.add_scoped_sealed_secret(NS, "db", &[], &[("password", &sealed("one"))]);
+    fake.edit_sealed_secret(NS, "db", |obj| {
+        obj["spec"]["template"]["data"] = json!({ "url": "postgres://app:{{ .password }}@db/app" });
+        obj["spec"]["template"]["immutable"] = json!(true);
+    });
+    let data = fake.secret(NS, "db").unwrap();
+    assert_eq!(data["url"], "postgres://app:one@db/app");
+    assert_eq!(fake.secret_json(NS, "db").unwrap()["immutable"], true);
+
+    fake.apply_sealed_secret(NS, "db", &[("password", &sealed("two"))]);
+    let condition = &fake.sealed_secret(NS, "db").unwrap()["status"]["conditions"][0];
+    assert_eq!(condition["status"], "False");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("the target Secret is immutable"),
+        "{condition}"
+    );
+    assert_eq!(fake.secret(NS, "db").unwrap()["password"], "one");
+}

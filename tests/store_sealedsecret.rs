@@ -585,3 +585,44 @@ async fn a_secret_the_controller_does_not_manage_is_refused_before_anything_chan
         "rotate",
     );
 }
+
+/// The controller renders `spec.template.data` over `encryptedData`, and cannot change an
+/// immutable Secret (sealed-secrets sealedsecret_expansion.go `Unseal`; controller.go
+/// `formatImmutableError`): a new sealed value would never show. Both are refused at
+/// preflight, before the password changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_that_sets_the_key_or_an_immutable_secret_is_refused() {
+    let s = setup("20s", true).await;
+    let refused = |out: &support::rotator::Output, why: &str| {
+        assert_ne!(out.code, 0, "{}", out.all());
+        assert_eq!(out.json()["outcome"], "refused", "{}", out.stdout);
+        assert!(out.stdout.contains(why), "{why}: {}", out.stdout);
+    };
+
+    s.kube.edit_sealed_secret(NS, NAME, |obj| {
+        obj["spec"]["template"]["data"] = json!({ "password": "set-by-the-template" });
+    });
+    // The controller shows what it renders: the template's value, not the sealed one.
+    assert_eq!(
+        s.kube.secret(NS, NAME).unwrap()["password"],
+        "set-by-the-template"
+    );
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    refused(&out, "spec.template.data sets password");
+
+    s.kube.edit_sealed_secret(NS, NAME, |obj| {
+        obj["spec"]["template"]
+            .as_object_mut()
+            .unwrap()
+            .remove("data");
+        obj["spec"]["template"]["immutable"] = json!(true);
+    });
+    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
+    refused(&out, "the Secret is immutable");
+
+    // Nothing changed: the sealed value and the password are the ones from before.
+    assert_eq!(unsealed(&s, "password"), s.old_password);
+    s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
+        .await
+        .expect("the password did not change");
+}

@@ -295,6 +295,12 @@ impl Store for SealedStore {
             // Reported as missing where the run reads it.
             return Ok(());
         };
+        if let Some(why) = unwritable_by_controller(&sealed, &secret, &self.key) {
+            return Err(StoreError::Format {
+                store: self.describe(),
+                message: why,
+            });
+        }
         let controlled =
             secret.metadata.owner_references.iter().flatten().any(|r| {
                 r.controller == Some(true) && Some(&r.uid) == sealed.metadata.uid.as_ref()
@@ -398,6 +404,33 @@ impl Store for SealedStore {
         self.seal_and_write(value).await?;
         self.wait_for(value).await
     }
+}
+
+/// Why the controller could never put a new `key` into `secret` from `sealed`, if it could
+/// not: `Unseal` renders `spec.template.data` after `encryptedData`, so a template entry of the
+/// same key wins (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go), and an immutable
+/// Secret refuses every update (pkg/controller/controller.go: `formatImmutableError`).
+fn unwritable_by_controller(
+    sealed: &DynamicObject,
+    secret: &k8s_openapi::api::core::v1::Secret,
+    key: &str,
+) -> Option<String> {
+    let template = &sealed.data["spec"]["template"];
+    if !template["data"][key].is_null() {
+        return Some(format!(
+            "the SealedSecret's spec.template.data sets {key}, which the controller renders over \
+             encryptedData.{key}: a new sealed value would never reach the Secret; remove it from \
+             the template"
+        ));
+    }
+    if secret.immutable == Some(true) || template["immutable"] == json!(true) {
+        return Some(
+            "the Secret is immutable (or the SealedSecret's template makes it so): the controller \
+             cannot change its data, only a delete and re-create can; drop `immutable` first"
+                .to_string(),
+        );
+    }
+    None
 }
 
 /// The controller's `labelFor`: cluster-wide → empty, namespace-wide → the namespace,

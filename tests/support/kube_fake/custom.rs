@@ -281,6 +281,16 @@ impl KubeFake {
     /// Replaces `spec.encryptedData` as `kubectl apply` of another manifest would (a GitOps
     /// sync): the spec changes, so the generation moves and the controller unseals it.
     pub fn apply_sealed_secret(&self, ns: &str, name: &str, encrypted: &[(&str, &str)]) {
+        self.edit_sealed_secret(ns, name, |obj| {
+            for (k, v) in encrypted {
+                obj["spec"]["encryptedData"][*k] = json!(v);
+            }
+        });
+    }
+
+    /// Changes SealedSecret `ns/name` with `edit` as a `kubectl apply` would: the generation
+    /// moves and the controller unseals it.
+    pub fn edit_sealed_secret(&self, ns: &str, name: &str, edit: impl FnOnce(&mut Value)) {
         let mut st = self.lock();
         let rv = st.next_rv();
         let obj = st
@@ -288,9 +298,7 @@ impl KubeFake {
             .objects
             .get_mut(&(SEALED_SECRETS.plural, ns.into(), name.into()))
             .unwrap_or_else(|| panic!("no SealedSecret {ns}/{name}"));
-        for (k, v) in encrypted {
-            obj["spec"]["encryptedData"][*k] = json!(v);
-        }
+        edit(obj);
         let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
         obj["metadata"]["generation"] = json!(generation);
         obj["metadata"]["resourceVersion"] = json!(rv);
@@ -349,6 +357,16 @@ impl KubeFake {
             .expect("annotations are an object");
         annotations.insert(name.into(), json!(value));
     }
+}
+
+/// A `spec.template.data` value as `Unseal` renders it with the unsealed values, for the one
+/// form of Go template a test writes here: `{{ .key }}` (anything else is kept literally).
+fn render_template(template: &str, values: &BTreeMap<String, String>) -> String {
+    let mut out = template.to_string();
+    for (k, v) in values {
+        out = out.replace(&format!("{{{{ .{k} }}}}"), v);
+    }
+    out
 }
 
 /// The owner reference `metav1.NewControllerRef` makes for a SealedSecret.
@@ -582,6 +600,9 @@ impl State {
         }
         self.put_secret(ns, name, data);
         let secret = self.secrets.get_mut(&key(ns, name)).expect("just put");
+        if sealed_secret["spec"]["template"]["immutable"] == json!(true) {
+            secret["immutable"] = json!(true);
+        }
         let metadata = obj_field(secret, "metadata");
         if owners.is_null() {
             metadata.remove("ownerReferences");
@@ -617,20 +638,45 @@ impl State {
                 .cloned()
                 .unwrap_or_default();
             let mut data = Map::new();
+            let mut plain_values = BTreeMap::new();
             let mut failure = None;
             let label = label_for(&obj);
             for (k, v) in &encrypted {
                 match unseal_with_label(&private_key, &label, v.as_str().unwrap_or("")) {
                     Ok(plain) => {
                         data.insert(k.clone(), json!(b64_encode(&plain)));
+                        plain_values
+                            .insert(k.clone(), String::from_utf8_lossy(&plain).into_owned());
                     }
                     Err(e) => failure = Some(format!("no key could decrypt secret ({k}): {e}")),
                 }
+            }
+            // `Unseal` renders `spec.template.data` after `encryptedData`: its keys win.
+            for (k, template) in obj["spec"]["template"]["data"]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                let rendered = render_template(template.as_str().unwrap_or(""), &plain_values);
+                data.insert(k.clone(), json!(b64_encode(rendered.as_bytes())));
             }
             let existing = self.secrets.get(&key(&ns, &name)).cloned();
             if failure.is_none() && existing.as_ref().is_some_and(|s| !may_unseal_into(s, &obj)) {
                 failure = Some(format!(
                     "failed update: Resource \"{name}\" already exists and is not managed by SealedSecret"
+                ));
+            }
+            let immutable = existing
+                .as_ref()
+                .is_some_and(|s| s["immutable"] == json!(true));
+            let changes =
+                existing.as_ref().map(|s| &s["data"]) != Some(&Value::Object(data.clone()));
+            if failure.is_none() && immutable && changes {
+                // controller.go `formatImmutableError`, after the API server refused the update.
+                failure = Some(format!(
+                    "Error updating {ns}/{name}: the target Secret is immutable. Once a Secret is \
+                     marked as immutable, it is not possible to revert this change nor to mutate \
+                     the contents of the data field. You can only delete and recreate the Secret."
                 ));
             }
             let generation = obj.pointer("/metadata/generation").cloned();
