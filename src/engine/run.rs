@@ -1290,8 +1290,13 @@ impl<'a> RunContext<'a> {
                 retiring.push(i);
             }
         }
+        // With one password there is nothing to retire: no write-ahead record to wait for.
+        let mark = match retiring.iter().any(|&i| self.keeps_old(i)) {
+            true => Mark::Retire,
+            false => Mark::None,
+        };
         let results = self
-            .each_target_of(&retiring, "retire", Mark::Retire, false, |this, i| {
+            .each_target_of(&retiring, "retire", mark, false, |this, i| {
                 Box::pin(async move {
                     let run = this.target_run(i)?;
                     let backend = &run.runtime.backend;
