@@ -236,25 +236,6 @@ async fn single_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
     });
 }
 
-/// The rows of the opt-in that lets verify take verify-backend's login as its proof.
-async fn relogin_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
-    let rotator = RELOGIN_AFTER;
-    // A login of its own: the single row above rotated `app` away from `password`.
-    pg.create_login("app_relogin", password, "bench").await;
-    let mut samples = single_samples(pg, "app_relogin", password, rotator);
-    rows.push(Row {
-        what: format!("`rotate` with `{rotator}`, PostgreSQL single"),
-        figure: latency(&mut samples),
-        note: "verify reads every store back and takes verify-backend's login as proof".into(),
-    });
-    let mut samples = api_samples(pg, password, rotator).await;
-    rows.push(Row {
-        what: format!("API rotation with `{rotator}`, PostgreSQL single"),
-        figure: latency(&mut samples),
-        note: "as the API row, with one login fewer".into(),
-    });
-}
-
 const RELOGIN_AFTER: &str = "verify_relogin_after = \"1s\"";
 
 /// `RUNS` rotations of login `user` through `rotate`, with `rotator` added to `[rotator]`.
@@ -567,38 +548,6 @@ fn single_rotation_ms(rows: &[Row]) -> f64 {
     p50_of(rows, "rotation latency, PostgreSQL single").expect("the single rotation row")
 }
 
-/// One SCRAM login + one ALTER ROLE with a client-computed verifier + one SCRAM login, in process.
-async fn floor_row(rows: &mut Vec<Row>, pg: &Postgres) {
-    let mut admin = admin_session(pg).await;
-    let mut password = random_password();
-    pg.create_login("floor", &password, "bench").await;
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
-        let next = random_password();
-        let started = Instant::now();
-        assert!(pg_login(pg, "floor", &password).await);
-        let verifier = llmtrace_rotator::backend::scram::verifier(
-            &llmtrace_rotator::secret::Secret::new(next.as_str()),
-        );
-        sqlx::query(&format!(
-            "ALTER ROLE floor PASSWORD '{}'",
-            verifier.expose()
-        ))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-        assert!(pg_login(pg, "floor", &next).await);
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-        password = next;
-    }
-    let figure = latency(&mut samples);
-    rows.push(Row {
-        what: "in-process floor: SCRAM login + ALTER ROLE + SCRAM login".into(),
-        figure,
-        note: "the least any verified PostgreSQL rotation costs on this machine".into(),
-    });
-}
-
 /// A login that ends at once, as the rotator's proofs do (no statement on the new backend).
 async fn login_only(pg: &Postgres, user: &str, password: &str) {
     let conn = sqlx::postgres::PgConnection::connect_with(
@@ -620,31 +569,208 @@ async fn admin_session(pg: &Postgres) -> sqlx::postgres::PgConnection {
     .unwrap()
 }
 
-/// One rotation's proofs as DESIGN.md asks for them, in process, with no journal, store,
-/// consumer or process start: a fresh admin login beside the current credential's login, the
-/// ALTER ROLE, then the new credential's login before publishing and again at verify.
-async fn proofs_row(rows: &mut Vec<Row>, pg: &Postgres) {
-    let mut password = random_password();
-    pg.create_login("proofs", &password, "bench").await;
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
+/// A login the in-process rows rotate, with the admin session that changes it.
+struct InProcess<'a> {
+    pg: &'a Postgres,
+    admin: sqlx::postgres::PgConnection,
+    user: &'static str,
+    password: String,
+}
+
+impl<'a> InProcess<'a> {
+    async fn new(pg: &'a Postgres, user: &'static str) -> InProcess<'a> {
+        let password = random_password();
+        pg.create_login(user, &password, "bench").await;
+        InProcess {
+            pg,
+            admin: admin_session(pg).await,
+            user,
+            password,
+        }
+    }
+
+    /// The floor: a SCRAM login, `ALTER ROLE` with a verifier computed here, a SCRAM login with
+    /// the new password, on a kept admin session. Milliseconds.
+    async fn floor(&mut self) -> f64 {
         let next = random_password();
         let started = Instant::now();
-        let (mut admin, ()) = tokio::join!(admin_session(pg), login_only(pg, "proofs", &password));
-        alter_password(&mut admin, "proofs", &next).await;
-        login_only(pg, "proofs", &next).await;
-        login_only(pg, "proofs", &next).await;
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-        admin.close().await.unwrap();
-        password = next;
+        assert!(pg_login(self.pg, self.user, &self.password).await);
+        alter_password(&mut self.admin, self.user, &next).await;
+        assert!(pg_login(self.pg, self.user, &next).await);
+        self.password = next;
+        started.elapsed().as_secs_f64() * 1000.0
     }
-    rows.push(Row {
-        what: "in-process proofs: fresh admin login ∥ current login, ALTER ROLE, 2 new logins"
-            .into(),
-        figure: latency(&mut samples),
-        note: "what one rotation's proofs cost before any journal, store, restart or process"
-            .into(),
-    });
+
+    /// One rotation's proofs as DESIGN.md asks for them, and nothing else (no journal, store,
+    /// consumer or process start): a fresh admin login beside the current credential's login,
+    /// the `ALTER ROLE`, then the new credential's login before publishing and again at verify.
+    async fn proofs(&mut self) -> f64 {
+        let (pg, user) = (self.pg, self.user);
+        let next = random_password();
+        let started = Instant::now();
+        let (mut admin, ()) = tokio::join!(admin_session(pg), login_only(pg, user, &self.password));
+        alter_password(&mut admin, user, &next).await;
+        login_only(pg, user, &next).await;
+        login_only(pg, user, &next).await;
+        let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+        admin.close().await.unwrap();
+        self.password = next;
+        elapsed
+    }
+}
+
+/// A running `serve` rotating its own login, and a client of its API.
+struct ApiDaemon {
+    _work: Workdir,
+    child: std::process::Child,
+    http: reqwest::Client,
+    base: String,
+}
+
+impl ApiDaemon {
+    async fn start(pg: &Postgres, user: &str, password: &str, rotator: &str) -> ApiDaemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        pg.create_login(user, password, "bench").await;
+        let rotator = format!(
+            "listen = \"127.0.0.1:{port}\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n{rotator}"
+        );
+        let work = Workdir::new(
+            &postgres_config_with(pg, &rotator, &format!("user = \"{user}\""), "true"),
+            &format!("URL={}\n", pg.url(user, password, "bench")),
+            &[("PG_ADMIN_PASSWORD", pg.admin_password())],
+        );
+        let child = work.command(&["serve"]).spawn().unwrap();
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ApiDaemon {
+            _work: work,
+            child,
+            http,
+            base,
+        }
+    }
+
+    /// `POST /v1/rotations`, then one `GET` that waits for the outcome. Milliseconds.
+    async fn rotate(&self) -> f64 {
+        let (http, base) = (&self.http, &self.base);
+        let started = Instant::now();
+        let answer = answer_of(http.post(format!("{base}/v1/rotations")).json(&json!({}))).await;
+        let Some(id) = answer["id"].as_str().map(str::to_string) else {
+            panic!("no run id in the answer: {answer}");
+        };
+        let run = answer_of(http.get(format!("{base}/v1/rotations/{id}?wait=30s"))).await;
+        assert_eq!(run["outcome"], "succeeded", "{run}");
+        started.elapsed().as_secs_f64() * 1000.0
+    }
+}
+
+impl Drop for ApiDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The overhead rows, sampled in turn within each of `RUNS` rounds (floor, proofs, `rotate`,
+/// the API, and both with `verify_relogin_after`): the VM's pace drifts by up to 1.5× between
+/// rows measured a minute apart, so each ratio is the median of its per-round ratios.
+async fn overhead_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
+    let mut floor = InProcess::new(pg, "floor").await;
+    let mut proofs = InProcess::new(pg, "proofs").await;
+    let cli_workdir = |user: &str, rotator: &str| {
+        Workdir::new(
+            &postgres_config_with(pg, rotator, &format!("user = \"{user}\""), "true"),
+            &format!("URL={}\n", pg.url(user, password, "bench")),
+            &[("PG_ADMIN_PASSWORD", pg.admin_password())],
+        )
+    };
+    for user in ["over_cli", "over_cli_relogin"] {
+        pg.create_login(user, password, "bench").await;
+    }
+    let cli = cli_workdir("over_cli", "");
+    let cli_relogin = cli_workdir("over_cli_relogin", RELOGIN_AFTER);
+    let api = ApiDaemon::start(pg, "over_api", password, "").await;
+    let api_relogin = ApiDaemon::start(pg, "over_api_relogin", password, RELOGIN_AFTER).await;
+    let mut samples: [Vec<f64>; 6] = Default::default();
+    for _ in 0..RUNS {
+        samples[0].push(floor.floor().await);
+        samples[1].push(proofs.proofs().await);
+        samples[2].push(tokio::task::block_in_place(|| cli.rotate()));
+        samples[3].push(api.rotate().await);
+        samples[4].push(tokio::task::block_in_place(|| cli_relogin.rotate()));
+        samples[5].push(api_relogin.rotate().await);
+    }
+    let named = [
+        (
+            "in-process floor: SCRAM login + ALTER ROLE + SCRAM login".to_string(),
+            "the least any verified PostgreSQL rotation costs on this machine",
+        ),
+        (
+            "in-process proofs: fresh admin login ∥ current login, ALTER ROLE, 2 new logins".into(),
+            "what one rotation's proofs cost before any journal, store, restart or process",
+        ),
+        (
+            "`rotate`, PostgreSQL single (file store, `sh -c true` consumer)".into(),
+            "closed loop, process start included",
+        ),
+        (
+            "rotation latency through `POST /v1/rotations` on a running daemon (PostgreSQL single)".into(),
+            "POST, then `GET /v1/rotations/{id}?wait=30s` answered at the outcome; no process start",
+        ),
+        (
+            format!("`rotate` with `{RELOGIN_AFTER}`, PostgreSQL single"),
+            "verify reads every store back and takes verify-backend's login as proof",
+        ),
+        (
+            format!("API rotation with `{RELOGIN_AFTER}`, PostgreSQL single"),
+            "as the API row, with one login fewer",
+        ),
+    ];
+    for ((what, note), samples) in named.iter().zip(&samples) {
+        rows.push(Row {
+            what: what.clone(),
+            figure: latency(&mut samples.clone()),
+            note: format!("{note}; sampled in turn with the rows beside it"),
+        });
+    }
+    let ratios = [
+        (
+            1,
+            "in-process proofs",
+            "the least any ratio below can be with every proof DESIGN.md asks for".to_string(),
+        ),
+        (2, "`rotate`", "target ≤ 2.5".into()),
+        (3, "`POST /v1/rotations`", "target ≤ 1.5".into()),
+        (
+            4,
+            "`rotate` with `verify_relogin_after`",
+            "target ≤ 2.5 (opt-in, not the default)".into(),
+        ),
+        (
+            5,
+            "API with `verify_relogin_after`",
+            "target ≤ 1.5 (opt-in, not the default)".into(),
+        ),
+    ];
+    for (k, what, note) in ratios {
+        let mut per_round: Vec<f64> = samples[k]
+            .iter()
+            .zip(&samples[0])
+            .map(|(x, f)| x / f)
+            .collect();
+        rows.push(Row {
+            what: format!("ratio: {what} / in-process floor, median of per-round ratios"),
+            figure: format!("{:.1}", percentile(&mut per_round, 0.5)),
+            note,
+        });
+    }
 }
 
 /// `ALTER ROLE user PASSWORD` with a verifier computed here, as the rotator sends it.
@@ -889,20 +1015,6 @@ async fn fleet_rows(
     });
 }
 
-/// POST /v1/rotations on a running daemon, then one GET that waits for the run's outcome.
-async fn api_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
-    let mut samples = api_samples(pg, password, "").await;
-    rows.push(Row {
-        what:
-            "rotation latency through `POST /v1/rotations` on a running daemon (PostgreSQL single)"
-                .into(),
-        figure: latency(&mut samples),
-        note:
-            "POST, then `GET /v1/rotations/{id}?wait=30s` answered at the outcome; no process start"
-                .into(),
-    });
-}
-
 /// The JSON answer to `request`, sent with the benchmark's API token.
 async fn answer_of(request: reqwest::RequestBuilder) -> serde_json::Value {
     request
@@ -913,44 +1025,6 @@ async fn answer_of(request: reqwest::RequestBuilder) -> serde_json::Value {
         .json()
         .await
         .unwrap()
-}
-
-/// `RUNS` rotations through the API of a daemon with `rotator` added to `[rotator]`.
-async fn api_samples(pg: &Postgres, password: &str, rotator: &str) -> Vec<f64> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let work = many_targets_with(pg, 1, password, rotator, Stores::OneFile).await;
-    let config = std::fs::read_to_string(work.dir.path().join("rotator.toml"))
-        .unwrap()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    std::fs::write(work.dir.path().join("rotator.toml"), config).unwrap();
-    let mut child = work.command(&["serve"]).spawn().unwrap();
-    let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
-        let started = Instant::now();
-        let answer = answer_of(
-            http.post(format!("{base}/v1/rotations"))
-                .json(&serde_json::json!({})),
-        )
-        .await;
-        let Some(id) = answer["id"].as_str().map(str::to_string) else {
-            panic!("no run id in the answer: {answer}");
-        };
-        let run = answer_of(http.get(format!("{base}/v1/rotations/{id}?wait=30s"))).await;
-        assert_eq!(run["outcome"], "succeeded", "{run}");
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    samples
 }
 
 async fn footprint_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quick: bool) {
@@ -1016,15 +1090,11 @@ async fn main() {
     let (pg, password) = postgres().await;
     let redis = Redis::start(Users::AclFile, &[("app", &password)], "").await;
     let mut rows = Vec::new();
-    // `ROTATOR_BENCH_ONLY=overhead` (floor, single rotation, API, start) or `fleet` (single
+    // `ROTATOR_BENCH_ONLY=overhead` (floor, proofs, `rotate`, API, start) or `fleet` (single
     // rotation, 1,000 targets): a subset for iterating; the full table is the default.
     match std::env::var("ROTATOR_BENCH_ONLY").as_deref() {
         Ok("overhead") => {
-            single_row(&mut rows, &pg, &password).await;
-            floor_row(&mut rows, &pg).await;
-            proofs_row(&mut rows, &pg).await;
-            api_row(&mut rows, &pg, &password).await;
-            relogin_rows(&mut rows, &pg, &password).await;
+            overhead_rows(&mut rows, &pg, &password).await;
             start_row(&mut rows, &pg, &password).await;
             return print_rows(rows, quick, started);
         }
@@ -1038,10 +1108,7 @@ async fn main() {
     }
     rotation_rows(&mut rows, &pg, &password, &redis, quick).await;
     openbao_rows(&mut rows, &pg, &redis).await;
-    floor_row(&mut rows, &pg).await;
-    proofs_row(&mut rows, &pg).await;
-    api_row(&mut rows, &pg, &password).await;
-    relogin_rows(&mut rows, &pg, &password).await;
+    overhead_rows(&mut rows, &pg, &password).await;
     footprint_rows(&mut rows, &pg, &password, quick).await;
     let single = single_rotation_ms(&rows);
     fleet_rows(&mut rows, &pg, &password, quick, single).await;
@@ -1049,41 +1116,6 @@ async fn main() {
 }
 
 fn print_rows(rows: Vec<Row>, quick: bool, started: Instant) {
-    let floor = p50_of(&rows, "in-process floor");
-    let mut rows = rows;
-    // The overhead ratios, in every mode that measured both sides.
-    if let (Some(floor), Some(single)) =
-        (floor, p50_of(&rows, "rotation latency, PostgreSQL single"))
-    {
-        rows.push(Row {
-            what: "ratio: `rotate` (PostgreSQL single) / in-process floor".into(),
-            figure: format!("{:.1}", single / floor),
-            note: "target ≤ 2.5".into(),
-        });
-        if let Some(api) = p50_of(&rows, "through `POST /v1/rotations`") {
-            rows.push(Row {
-                what: "ratio: `POST /v1/rotations` / in-process floor".into(),
-                figure: format!("{:.1}", api / floor),
-                note: "target ≤ 1.5".into(),
-            });
-        }
-        if let Some(proofs) = p50_of(&rows, "in-process proofs:") {
-            rows.push(Row {
-                what: "ratio: in-process proofs / in-process floor".into(),
-                figure: format!("{:.1}", proofs / floor),
-                note: "the least any ratio above can be with every proof DESIGN.md asks for".into(),
-            });
-        }
-        for (what, target) in [("`rotate` with", "2.5"), ("API rotation with", "1.5")] {
-            if let Some(p50) = p50_of(&rows, what) {
-                rows.push(Row {
-                    what: format!("ratio: {what} `{RELOGIN_AFTER}` / in-process floor"),
-                    figure: format!("{:.1}", p50 / floor),
-                    note: format!("target ≤ {target} (opt-in, not the default)"),
-                });
-            }
-        }
-    }
     println!("| measurement | result | what bounds it |");
     println!("|---|---|---|");
     for row in rows {
