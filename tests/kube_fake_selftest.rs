@@ -900,14 +900,8 @@ async fn events_are_validated_on_create() {
     assert_eq!(fake.events("llmtrace").len(), 1);
 }
 
-/// The unsealer writes only a Secret the SealedSecret controls, or one annotated to be managed
-/// or patched, as sealed-secrets' `unseal` does (pkg/controller/controller.go: `IsControlledBy`,
-/// `isAnnotatedToBeManaged`, `isAnnotatedToBePatched`, then the update that replaces data and
-/// owner references, or with `patch` merges the data); otherwise `Synced` is False with its
-/// message. An absent Secret is made, controlled by the SealedSecret
-/// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: `NewControllerRef`).
-#[tokio::test]
-async fn the_unsealer_writes_only_a_secret_it_manages() {
+/// A fake whose sealed-secrets controller runs without delay, and its public key.
+async fn unsealing_fake() -> (KubeFake, rsa::RsaPublicKey) {
     let dir = tempfile::tempdir().unwrap();
     let (_, key) = support::sealed::keypair(dir.path());
     let public = key.to_public_key();
@@ -916,6 +910,18 @@ async fn the_unsealer_writes_only_a_secret_it_manages() {
         private_key: Box::new(key),
         delay: Duration::ZERO,
     });
+    (fake, public)
+}
+
+/// The unsealer writes only a Secret the SealedSecret controls, or one annotated to be managed
+/// or patched, as sealed-secrets' `unseal` does (pkg/controller/controller.go: `IsControlledBy`,
+/// `isAnnotatedToBeManaged`, `isAnnotatedToBePatched`, then the update that replaces data and
+/// owner references, or with `patch` merges the data); otherwise `Synced` is False with its
+/// message. An absent Secret is made, controlled by the SealedSecret
+/// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: `NewControllerRef`).
+#[tokio::test]
+async fn the_unsealer_writes_only_a_secret_it_manages() {
+    let (fake, public) = unsealing_fake().await;
     let sealed = |value: &str| support::sealed::seal(&public, NS, "db", value.as_bytes());
     let synced = |fake: &KubeFake| {
         let status = &fake.sealed_secret(NS, "db").unwrap()["status"]["conditions"][0];
@@ -1010,14 +1016,7 @@ async fn a_resource_the_fake_does_not_model_is_refused_not_absent() {
 /// so in controller.go's `formatImmutableError` words.
 #[tokio::test]
 async fn the_unsealer_renders_the_template_and_leaves_an_immutable_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, key) = support::sealed::keypair(dir.path());
-    let public = key.to_public_key();
-    let fake = KubeFake::start().await;
-    fake.set_unsealer(support::kube_fake::Unsealer::Running {
-        private_key: Box::new(key),
-        delay: Duration::ZERO,
-    });
+    let (fake, public) = unsealing_fake().await;
     let sealed = |value: &str| support::sealed::seal(&public, NS, "db", value.as_bytes());
     fake.add_scoped_sealed_secret(NS, "db", &[], &[("password", &sealed("one"))]);
     fake.edit_sealed_secret(NS, "db", |obj| {
