@@ -340,6 +340,30 @@ async fn json_patch_is_not_served_and_an_unknown_media_type_is_refused() {
         (code, body["reason"].as_str()),
         (415, Some("UnsupportedMediaType"))
     );
+    // apiserver's words (negotiation/errors.go), with strategic merge for a built-in kind.
+    assert_eq!(
+        body["message"],
+        "the body of the request was in an unknown format - accepted media types include: \
+         application/json-patch+json, application/merge-patch+json, \
+         application/strategic-merge-patch+json, application/apply-patch+yaml"
+    );
+    // A custom resource takes no strategic merge patch (handlers/patch.go).
+    fake.add_scoped_sealed_secret(NS, "db", &[], &[]);
+    let custom = "/apis/bitnami.com/v1alpha1/namespaces/default/sealedsecrets/db";
+    let (code, body) = raw(
+        &fake,
+        "PATCH",
+        custom,
+        "application/strategic-merge-patch+json",
+        "{}",
+    )
+    .await;
+    assert_eq!(code, 415, "{body}");
+    assert_eq!(
+        body["message"],
+        "the body of the request was in an unknown format - accepted media types include: \
+         application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -503,7 +503,7 @@ impl State {
                         return Err(ApiError::unsupported("JSON patch"))
                     }
                     // Custom resources have no strategic merge schema.
-                    other => return Err(ApiError::unsupported_media_type(other)),
+                    _ => return Err(ApiError::unsupported_media_type(true)),
                 }
                 doc
             }

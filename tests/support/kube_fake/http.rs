@@ -591,14 +591,22 @@ impl ApiError {
         )
     }
 
-    pub(super) fn unsupported_media_type(content_type: &str) -> ApiError {
+    /// A PATCH whose media type the resource does not take, in apiserver's words
+    /// (k8s.io/apiserver pkg/endpoints/handlers/negotiation/errors.go,
+    /// `errUnsupportedMediaType`); custom resources take no strategic merge patch
+    /// (pkg/endpoints/handlers/patch.go leaves it out for them).
+    pub(super) fn unsupported_media_type(custom_resource: bool) -> ApiError {
+        let accepted = if custom_resource {
+            "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+        } else {
+            "application/json-patch+json, application/merge-patch+json, \
+             application/strategic-merge-patch+json, application/apply-patch+yaml"
+        };
         ApiError::new(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format ({content_type}) - accepted media types include: \
-                 application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, \
-                 application/strategic-merge-patch+json"
+                "the body of the request was in an unknown format - accepted media types include: {accepted}"
             ),
             None,
         )

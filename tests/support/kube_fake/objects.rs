@@ -63,7 +63,7 @@ impl State {
             "application/apply-patch+yaml" => {
                 return Err(ApiError::unsupported("server-side apply"))
             }
-            other => return Err(ApiError::unsupported_media_type(other)),
+            _ => return Err(ApiError::unsupported_media_type(false)),
         };
         let patch = parse_json(&req.body)?;
         let existing = self
