@@ -347,7 +347,7 @@ async fn json_patch_is_not_served_and_an_unknown_media_type_is_refused() {
          application/json-patch+json, application/merge-patch+json, \
          application/strategic-merge-patch+json, application/apply-patch+yaml"
     );
-    // A custom resource takes no strategic merge patch (handlers/patch.go).
+    // A custom resource takes no strategic merge patch (apiextensions-apiserver customresource_handler.go).
     fake.add_scoped_sealed_secret(NS, "db", &[], &[]);
     let custom = "/apis/bitnami.com/v1alpha1/namespaces/default/sealedsecrets/db";
     let (code, body) = raw(
@@ -942,7 +942,7 @@ async fn unsealing_fake() -> (KubeFake, rsa::RsaPublicKey) {
 /// `isAnnotatedToBeManaged`, `isAnnotatedToBePatched`, then the update that replaces data and
 /// owner references, or with `patch` merges the data); otherwise `Synced` is False with its
 /// message. An absent Secret is made, controlled by the SealedSecret
-/// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: `NewControllerRef`).
+/// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: the owner reference `Unseal` sets).
 #[tokio::test]
 async fn the_unsealer_writes_only_a_secret_it_manages() {
     let (fake, public) = unsealing_fake().await;
@@ -1033,11 +1033,33 @@ async fn a_resource_the_fake_does_not_model_is_refused_not_absent() {
     .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["reason"], "NotFound");
+    // A version no real server serves any more is the 404 it gives.
+    let (status, _) = raw(
+        &fake,
+        "GET",
+        "/apis/apps/v1beta1/namespaces/default/deployments/d",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    // A core resource the fake does not model (a Namespace) is refused, not absent.
+    let (status, _) = raw(
+        &fake,
+        "GET",
+        "/api/v1/namespaces/default",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 405);
 }
 
-/// `spec.template.data` is rendered over `encryptedData` (sealedsecret_expansion.go `Unseal`:
-/// `{{ .key }}` reads an unsealed value), and an immutable Secret is not changed: `Synced` says
-/// so in controller.go's `formatImmutableError` words.
+/// `spec.template.data` is rendered over `encryptedData`, and a Secret `Unseal` makes takes
+/// `immutable` from the template (sealedsecret_expansion.go: `{{ .key }}` reads an unsealed
+/// value). The controller's later update of it is refused by the API server, whose error
+/// `Synced` reports (controller.go `unseal` returns it); a mutable Secret is not made immutable
+/// by a template changed later (the update copies data, labels, annotations, owners and type).
 #[tokio::test]
 async fn the_unsealer_renders_the_template_and_leaves_an_immutable_secret() {
     let (fake, public) = unsealing_fake().await;
@@ -1054,12 +1076,21 @@ async fn the_unsealer_renders_the_template_and_leaves_an_immutable_secret() {
     fake.apply_sealed_secret(NS, "db", &[("password", &sealed("two"))]);
     let condition = &fake.sealed_secret(NS, "db").unwrap()["status"]["conditions"][0];
     assert_eq!(condition["status"], "False");
-    assert!(
-        condition["message"]
-            .as_str()
-            .unwrap()
-            .contains("the target Secret is immutable"),
-        "{condition}"
+    assert_eq!(
+        condition["message"],
+        "Secret \"db\" is invalid: data: Forbidden: field is immutable when `immutable` is set"
     );
     assert_eq!(fake.secret(NS, "db").unwrap()["password"], "one");
+
+    // Made mutable first, then given an immutable template: the update leaves it mutable.
+    fake.add_scoped_sealed_secret(NS, "other", &[], &[]);
+    let other = |value: &str| support::sealed::seal(&public, NS, "other", value.as_bytes());
+    fake.apply_sealed_secret(NS, "other", &[("password", &other("one"))]);
+    assert_eq!(fake.secret(NS, "other").unwrap()["password"], "one");
+    fake.edit_sealed_secret(NS, "other", |obj| {
+        obj["spec"]["template"]["immutable"] = json!(true);
+        obj["spec"]["encryptedData"]["password"] = json!(other("two"));
+    });
+    assert_eq!(fake.secret(NS, "other").unwrap()["password"], "two");
+    assert!(fake.secret_json(NS, "other").unwrap()["immutable"].is_null());
 }

@@ -552,14 +552,14 @@ async fn a_secret_the_controller_does_not_manage_is_refused_before_anything_chan
     assert!(secret["metadata"]["ownerReferences"].is_null());
     let sealed_before = encrypted(&s.kube, "password");
 
-    let out = s.rotator.run(&["rotate", "--output", "json"]).await;
-    assert_ne!(out.code, 0, "{}", out.all());
-    assert_eq!(out.json()["outcome"], "refused", "{}", out.stdout);
+    let refused = s.rotator.run(&["rotate", "--output", "json"]).await;
+    assert_ne!(refused.code, 0, "{}", refused.all());
+    assert_eq!(refused.json()["outcome"], "refused", "{}", refused.stdout);
     assert!(
-        out.stdout.contains("not managed by the SealedSecret")
-            && out.stdout.contains("sealedsecrets.bitnami.com/managed"),
+        refused.stdout.contains("not managed by the SealedSecret")
+            && refused.stdout.contains("sealedsecrets.bitnami.com/managed"),
         "{}",
-        out.stdout
+        refused.stdout
     );
     assert_eq!(
         encrypted(&s.kube, "password"),
@@ -575,21 +575,21 @@ async fn a_secret_the_controller_does_not_manage_is_refused_before_anything_chan
     let out = s.rotator.run(&["rotate", "--output", "json"]).await;
     assert_eq!(out.code, 0, "{}", out.all());
     let new = s.kube.secret(NS, NAME).unwrap()["password"].clone();
-    assert_ne!(new, s.old_password);
+    assert!(new != s.old_password, "rotated");
     s.pg.try_login("llmtrace", &new, "llmtrace").await.unwrap();
     let owners = &s.kube.secret_json(NS, NAME).unwrap()["metadata"]["ownerReferences"];
     assert_eq!(owners[0]["kind"], "SealedSecret", "adopted: {owners}");
     assert_no_secret(
-        &out.all(),
+        &format!("{}{}", refused.all(), out.all()),
         &[&s.old_password, &new, s.pg.admin_password()],
-        "rotate",
+        "both runs",
     );
 }
 
-/// The controller renders `spec.template.data` over `encryptedData`, and cannot change an
-/// immutable Secret (sealed-secrets sealedsecret_expansion.go `Unseal`; controller.go
-/// `formatImmutableError`): a new sealed value would never show. Both are refused at
-/// preflight, before the password changes.
+/// The controller renders `spec.template.data` over `encryptedData` (sealed-secrets
+/// sealedsecret_expansion.go `Unseal`), and the API server refuses any change to an immutable
+/// Secret's data (controller.go `isImmutableError`): a new sealed value would never show. Both
+/// are refused at preflight, before the password changes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_template_that_sets_the_key_or_an_immutable_secret_is_refused() {
     let s = setup("20s", true).await;
@@ -597,11 +597,19 @@ async fn a_template_that_sets_the_key_or_an_immutable_secret_is_refused() {
         assert_ne!(out.code, 0, "{}", out.all());
         assert_eq!(out.json()["outcome"], "refused", "{}", out.stdout);
         assert!(out.stdout.contains(why), "{why}: {}", out.stdout);
+        assert_no_secret(
+            &out.all(),
+            &[&s.old_password, s.pg.admin_password()],
+            "refused rotate",
+        );
     };
+    // The controller unseals a change once its delay (300 ms) is over.
+    let unsealed_after_delay = || tokio::time::sleep(Duration::from_millis(400));
 
     s.kube.edit_sealed_secret(NS, NAME, |obj| {
         obj["spec"]["template"]["data"] = json!({ "password": "set-by-the-template" });
     });
+    unsealed_after_delay().await;
     // The controller shows what it renders: the template's value, not the sealed one.
     assert_eq!(
         s.kube.secret(NS, NAME).unwrap()["password"],
@@ -615,13 +623,18 @@ async fn a_template_that_sets_the_key_or_an_immutable_secret_is_refused() {
             .as_object_mut()
             .unwrap()
             .remove("data");
-        obj["spec"]["template"]["immutable"] = json!(true);
     });
+    // The template no longer overrides it; then the Secret is made immutable.
+    unsealed_after_delay().await;
+    let unsealed_now = s.kube.secret(NS, NAME).unwrap()["password"].clone();
+    assert!(unsealed_now == s.old_password, "the sealed value is back");
+    s.kube
+        .edit_secret(NS, NAME, |secret| secret["immutable"] = json!(true));
     let out = s.rotator.run(&["rotate", "--output", "json"]).await;
     refused(&out, "the Secret is immutable");
 
     // Nothing changed: the sealed value and the password are the ones from before.
-    assert_eq!(unsealed(&s, "password"), s.old_password);
+    assert!(unsealed(&s, "password") == s.old_password, "not resealed");
     s.pg.try_login("llmtrace", &s.old_password, "llmtrace")
         .await
         .expect("the password did not change");

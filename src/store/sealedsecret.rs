@@ -283,38 +283,23 @@ impl Store for SealedStore {
     /// its value, so a rotation would wait out `timeout` and roll back. Refused here instead.
     async fn preflight(&self) -> Result<(), StoreError> {
         let error = |e: kube::Error| self.error(describe_kube_error(&e));
-        let Some(secret) = self
-            .secrets
-            .get_opt(&self.config.name)
-            .await
-            .map_err(error)?
-        else {
-            return Ok(());
-        };
         let Some(sealed) = self.api.get_opt(&self.config.name).await.map_err(error)? else {
             // Reported as missing where the run reads it.
             return Ok(());
         };
-        if let Some(why) = unwritable_by_controller(&sealed, &secret, &self.key) {
+        let secret = self
+            .secrets
+            .get_opt(&self.config.name)
+            .await
+            .map_err(error)?;
+        if let Some(why) = unwritable_by_controller(&sealed, secret.as_ref(), &self.key) {
             return Err(StoreError::Format {
                 store: self.describe(),
                 message: why,
             });
         }
-        let controlled =
-            secret.metadata.owner_references.iter().flatten().any(|r| {
-                r.controller == Some(true) && Some(&r.uid) == sealed.metadata.uid.as_ref()
-            });
-        let annotated = |name: &str| {
-            let annotations = secret.metadata.annotations.as_ref();
-            annotations
-                .and_then(|a| a.get(name))
-                .is_some_and(|v| v == "true")
-        };
-        if controlled
-            || annotated("sealedsecrets.bitnami.com/managed")
-            || annotated("sealedsecrets.bitnami.com/patch")
-        {
+        // An absent Secret is made by the controller, controlled by the SealedSecret.
+        if secret.is_none_or(|secret| managed_by(&secret, &sealed)) {
             return Ok(());
         }
         let (ns, name) = (&self.config.namespace, &self.config.name);
@@ -408,29 +393,50 @@ impl Store for SealedStore {
 
 /// Why the controller could never put a new `key` into `secret` from `sealed`, if it could
 /// not: `Unseal` renders `spec.template.data` after `encryptedData`, so a template entry of the
-/// same key wins (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go), and an immutable
-/// Secret refuses every update (pkg/controller/controller.go: `formatImmutableError`).
+/// same key wins (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go), and the API
+/// server refuses any change to an immutable Secret's data (the controller's update then fails:
+/// pkg/controller/controller.go, `isImmutableError`).
 fn unwritable_by_controller(
     sealed: &DynamicObject,
-    secret: &k8s_openapi::api::core::v1::Secret,
+    secret: Option<&k8s_openapi::api::core::v1::Secret>,
     key: &str,
 ) -> Option<String> {
-    let template = &sealed.data["spec"]["template"];
-    if !template["data"][key].is_null() {
+    if !sealed.data["spec"]["template"]["data"][key].is_null() {
         return Some(format!(
             "the SealedSecret's spec.template.data sets {key}, which the controller renders over \
              encryptedData.{key}: a new sealed value would never reach the Secret; remove it from \
              the template"
         ));
     }
-    if secret.immutable == Some(true) || template["immutable"] == json!(true) {
+    if secret.is_some_and(|s| s.immutable == Some(true)) {
         return Some(
-            "the Secret is immutable (or the SealedSecret's template makes it so): the controller \
-             cannot change its data, only a delete and re-create can; drop `immutable` first"
+            "the Secret is immutable: its data can never change, so the controller cannot put a \
+             new value in it; delete it for the controller to make it again (without `immutable` \
+             in the SealedSecret's template)"
                 .to_string(),
         );
     }
     None
+}
+
+/// Whether the controller writes `secret` for `sealed`: it controls it, or the Secret is
+/// annotated for it to manage or patch (pkg/controller/controller.go, `unseal`).
+fn managed_by(secret: &k8s_openapi::api::core::v1::Secret, sealed: &DynamicObject) -> bool {
+    let controlled = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && Some(&r.uid) == sealed.metadata.uid.as_ref());
+    let annotated = |name: &str| {
+        let annotations = secret.metadata.annotations.as_ref();
+        annotations
+            .and_then(|a| a.get(name))
+            .is_some_and(|v| v == "true")
+    };
+    controlled
+        || annotated("sealedsecrets.bitnami.com/managed")
+        || annotated("sealedsecrets.bitnami.com/patch")
 }
 
 /// The controller's `labelFor`: cluster-wide → empty, namespace-wide → the namespace,

@@ -74,18 +74,20 @@ impl<'a> EsoController<'a> {
                 .unwrap_or(self.name);
             let secret_exists = self.kube.secret(self.namespace, target).is_some();
             // Reconcile skips when `!shouldRefresh(es) && isSecretValid(secret)`.
-            if self.syncing && self.failing && (should_refresh(&es) || !secret_exists) {
+            if !(self.syncing && (should_refresh(&es) || !secret_exists)) {
+                continue;
+            }
+            tokio::time::sleep(self.delay).await;
+            if self.failing {
                 // externalsecret_controller.go: `markAsFailed(msgErrorGetSecretData, ...)`.
-                tokio::time::sleep(self.delay).await;
                 self.kube.fail_external_sync(
                     self.namespace,
                     self.name,
                     "SecretSyncedError",
                     "could not get secret data from provider",
                 );
-            } else if self.syncing && (should_refresh(&es) || !secret_exists) {
+            } else {
                 let version = synced_version(&es);
-                tokio::time::sleep(self.delay).await;
                 let data = self.fetch().await;
                 self.kube
                     .complete_external_sync(self.namespace, self.name, &data, &version);

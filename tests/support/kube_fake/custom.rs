@@ -24,7 +24,9 @@ use serde_json::{json, Map, Value};
 use axum::http::Method;
 
 use super::http::{ApiError, ApiResult, Incoming, Reply};
-use super::objects::{b64_encode, meta_str, obj_field, parse_json};
+use super::objects::{
+    b64_encode, meta_str, obj_field, obj_field_of, parse_json, validate_secret, SECRETS,
+};
 use super::patch::merge_patch;
 use super::{key, KubeFake, State};
 
@@ -223,6 +225,13 @@ impl KubeFake {
         }
         let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
         let previous = conditions.iter().find(|c| c["type"] == "Ready");
+        // The same condition again: nothing to update (no new resourceVersion either).
+        let same = previous.is_some_and(|c| {
+            c["status"] == "False" && c["reason"] == reason && c["message"] == message
+        });
+        if same {
+            return;
+        }
         let transition = match previous {
             Some(c) if c["status"] == "False" => c["lastTransitionTime"].clone(),
             _ => json!(st.now_string()),
@@ -326,7 +335,7 @@ impl KubeFake {
 
     /// The Secret the controller unsealed from SealedSecret `ns/name` (which must exist):
     /// `data`, and the controller reference `Unseal` gives it
-    /// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go: `NewControllerRef`).
+    /// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go).
     pub fn put_unsealed_secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
         self.put_secret(ns, name, data);
         let mut st = self.lock();
@@ -342,20 +351,23 @@ impl KubeFake {
 
     /// Sets annotation `name` to `value` on Secret `ns/secret` (as `kubectl annotate` would).
     pub fn annotate_secret(&self, ns: &str, secret: &str, name: &str, value: &str) {
+        self.edit_secret(ns, secret, |object| {
+            let annotations = obj_field_of(obj_field(object, "metadata"), "annotations");
+            annotations.insert(name.into(), json!(value));
+        });
+    }
+
+    /// Changes Secret `ns/name` with `edit`, as a write from elsewhere would (a new
+    /// resourceVersion, no validation: set up what a test needs).
+    pub fn edit_secret(&self, ns: &str, name: &str, edit: impl FnOnce(&mut Value)) {
         let mut st = self.lock();
         let rv = st.next_rv();
         let object = st
             .secrets
-            .get_mut(&key(ns, secret))
+            .get_mut(&key(ns, name))
             .expect("the Secret exists");
-        let metadata = obj_field(object, "metadata");
-        metadata.insert("resourceVersion".into(), json!(rv));
-        let annotations = metadata
-            .entry("annotations")
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .expect("annotations are an object");
-        annotations.insert(name.into(), json!(value));
+        edit(object);
+        obj_field(object, "metadata").insert("resourceVersion".into(), json!(rv));
     }
 }
 
@@ -369,7 +381,8 @@ fn render_template(template: &str, values: &BTreeMap<String, String>) -> String 
     out
 }
 
-/// The owner reference `metav1.NewControllerRef` makes for a SealedSecret.
+/// The owner reference `Unseal` gives the Secret it makes
+/// (pkg/apis/sealedsecrets/v1alpha1/sealedsecret_expansion.go).
 fn controller_ref(sealed_secret: &Value) -> Value {
     json!([{
         "apiVersion": "bitnami.com/v1alpha1",
@@ -377,7 +390,6 @@ fn controller_ref(sealed_secret: &Value) -> Value {
         "name": sealed_secret["metadata"]["name"],
         "uid": sealed_secret["metadata"]["uid"],
         "controller": true,
-        "blockOwnerDeletion": true,
     }])
 }
 
@@ -568,9 +580,11 @@ impl State {
     }
 
     /// The controller's write of an unsealed Secret (pkg/controller/controller.go `unseal`): a
-    /// Secret annotated `patch` gets the unsealed keys merged into its data, any other the
-    /// unsealed data in place of its own; the controller reference is set unless only patching.
-    /// Nothing is written when nothing would change.
+    /// new Secret as `Unseal` makes it (`immutable` from the template), or the existing one
+    /// updated: with `patch` the unsealed keys merged into its data, otherwise its data
+    /// replaced; the controller reference set unless only patching (the update copies neither
+    /// `immutable` nor anything else). The API server validates it as any write: an error is
+    /// what `Synced` reports. Nothing is written when nothing would change.
     fn write_unsealed(
         &mut self,
         ns: &str,
@@ -578,7 +592,7 @@ impl State {
         unsealed: Map<String, Value>,
         existing: Option<&Value>,
         sealed_secret: &Value,
-    ) {
+    ) -> Result<(), String> {
         let patch = existing.is_some_and(|s| annotated(s, "patch"));
         let mut data = match existing.and_then(|s| s["data"].as_object()) {
             Some(current) if patch => current.clone(),
@@ -596,11 +610,20 @@ impl State {
                 && s["metadata"]["ownerReferences"] == owners
         });
         if unchanged {
-            return;
+            return Ok(());
+        }
+        let mut candidate = existing.cloned().unwrap_or_else(|| {
+            let immutable = &sealed_secret["spec"]["template"]["immutable"];
+            json!({ "type": "Opaque", "immutable": immutable })
+        });
+        candidate["data"] = Value::Object(data.clone());
+        let errors = validate_secret(&candidate, existing);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(&SECRETS, name, errors).message);
         }
         self.put_secret(ns, name, data);
         let secret = self.secrets.get_mut(&key(ns, name)).expect("just put");
-        if sealed_secret["spec"]["template"]["immutable"] == json!(true) {
+        if existing.is_none() && candidate["immutable"] == json!(true) {
             secret["immutable"] = json!(true);
         }
         let metadata = obj_field(secret, "metadata");
@@ -609,6 +632,7 @@ impl State {
         } else {
             metadata.insert("ownerReferences".into(), owners);
         }
+        Ok(())
     }
 
     /// The sealed-secrets controller: unseals every SealedSecret whose change is due into the
@@ -666,26 +690,15 @@ impl State {
                     "failed update: Resource \"{name}\" already exists and is not managed by SealedSecret"
                 ));
             }
-            let immutable = existing
-                .as_ref()
-                .is_some_and(|s| s["immutable"] == json!(true));
-            let changes =
-                existing.as_ref().map(|s| &s["data"]) != Some(&Value::Object(data.clone()));
-            if failure.is_none() && immutable && changes {
-                // controller.go `formatImmutableError`, after the API server refused the update.
-                failure = Some(format!(
-                    "Error updating {ns}/{name}: the target Secret is immutable. Once a Secret is \
-                     marked as immutable, it is not possible to revert this change nor to mutate \
-                     the contents of the data field. You can only delete and recreate the Secret."
-                ));
-            }
             let generation = obj.pointer("/metadata/generation").cloned();
             let now = self.now_string();
+            if failure.is_none() {
+                failure = self
+                    .write_unsealed(&ns, &name, data, existing.as_ref(), &obj)
+                    .err();
+            }
             let condition = match &failure {
-                None => {
-                    self.write_unsealed(&ns, &name, data, existing.as_ref(), &obj);
-                    json!({ "type": "Synced", "status": "True", "lastUpdateTime": now })
-                }
+                None => json!({ "type": "Synced", "status": "True", "lastUpdateTime": now }),
                 Some(message) => {
                     json!({ "type": "Synced", "status": "False", "reason": "ErrUnsealFailed", "message": message, "lastUpdateTime": now })
                 }

@@ -292,29 +292,30 @@ pub(super) enum Route {
     },
 }
 
-/// API groups every real API server serves beside the core group. A resource in them that the
-/// fake does not model gets 405, not the 404 of a CRD that is not installed: kube's `get_opt`
-/// reads a 404 as "absent", which would make a request the fake cannot answer look like one
-/// that found nothing.
-const BUILT_IN_GROUPS: &[&str] = &[
-    "",
-    "apps",
-    "batch",
-    "autoscaling",
-    "coordination.k8s.io",
-    "discovery.k8s.io",
-    "networking.k8s.io",
-    "node.k8s.io",
-    "policy",
-    "rbac.authorization.k8s.io",
-    "scheduling.k8s.io",
-    "storage.k8s.io",
-    "certificates.k8s.io",
-    "admissionregistration.k8s.io",
-    "apiextensions.k8s.io",
-    "authentication.k8s.io",
-    "authorization.k8s.io",
-    "flowcontrol.apiserver.k8s.io",
+/// The API group versions every real API server serves, beside the core group. A resource in
+/// them that the fake does not model gets 405, not the 404 of a CRD that is not installed or
+/// of a version no longer served: kube's `get_opt` reads a 404 as "absent", which would make a
+/// request the fake cannot answer look like one that found nothing.
+const BUILT_IN_GROUP_VERSIONS: &[(&str, &str)] = &[
+    ("apps", "v1"),
+    ("batch", "v1"),
+    ("autoscaling", "v1"),
+    ("autoscaling", "v2"),
+    ("coordination.k8s.io", "v1"),
+    ("discovery.k8s.io", "v1"),
+    ("events.k8s.io", "v1"),
+    ("networking.k8s.io", "v1"),
+    ("node.k8s.io", "v1"),
+    ("policy", "v1"),
+    ("rbac.authorization.k8s.io", "v1"),
+    ("scheduling.k8s.io", "v1"),
+    ("storage.k8s.io", "v1"),
+    ("certificates.k8s.io", "v1"),
+    ("admissionregistration.k8s.io", "v1"),
+    ("apiextensions.k8s.io", "v1"),
+    ("authentication.k8s.io", "v1"),
+    ("authorization.k8s.io", "v1"),
+    ("flowcontrol.apiserver.k8s.io", "v1"),
 ];
 
 impl Route {
@@ -349,7 +350,11 @@ impl Route {
                     rest,
                 )
             }
-            ["apis", group, _, rest @ ..] => Route::resource(group, rest),
+            ["apis", group, version, rest @ ..]
+                if BUILT_IN_GROUP_VERSIONS.contains(&(*group, *version)) =>
+            {
+                Route::resource(group, rest)
+            }
             _ => Route::Unknown {
                 resource: String::new(),
                 namespace: None,
@@ -359,7 +364,8 @@ impl Route {
         }
     }
 
-    /// Parses `namespaces/{ns}/{plural}[/{name}[/{sub}]]` or `{plural}` (all namespaces).
+    /// Parses `namespaces/{ns}/{plural}[/{name}[/{sub}]]` or `{plural}` (all namespaces) of a
+    /// group version every API server serves: what the fake does not model is `built_in`.
     pub(super) fn resource(group: &str, rest: &[&str]) -> Route {
         let (namespace, plural, tail) = match rest {
             ["namespaces", ns, plural, tail @ ..] => (Some(ns.to_string()), *plural, tail),
@@ -369,7 +375,7 @@ impl Route {
                     resource: rest.first().unwrap_or(&"").to_string(),
                     namespace: None,
                     name: None,
-                    built_in: false,
+                    built_in: true,
                 }
             }
         };
@@ -390,7 +396,7 @@ impl Route {
                 resource: plural.to_string(),
                 namespace,
                 name,
-                built_in: BUILT_IN_GROUPS.contains(&group),
+                built_in: true,
             },
         }
     }
@@ -594,7 +600,7 @@ impl ApiError {
     /// A PATCH whose media type the resource does not take, in apiserver's words
     /// (k8s.io/apiserver pkg/endpoints/handlers/negotiation/errors.go,
     /// `errUnsupportedMediaType`); custom resources take no strategic merge patch
-    /// (pkg/endpoints/handlers/patch.go leaves it out for them).
+    /// (apiextensions-apiserver's pkg/apiserver/customresource_handler.go leaves it out for them).
     pub(super) fn unsupported_media_type(custom_resource: bool) -> ApiError {
         let accepted = if custom_resource {
             "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
