@@ -511,6 +511,31 @@ async fn openbao_rows(rows: &mut Vec<Row>, pg: &Arc<Postgres>, redis: &Redis) {
     });
 }
 
+/// Logins `{prefix}0`.. `{prefix}{n-1}` with `password`, made anew, in statements of 2,000.
+async fn create_logins(pg: &Postgres, prefix: &str, n: usize, password: &str) {
+    let statements: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "DROP ROLE IF EXISTS {prefix}{i}; CREATE ROLE {prefix}{i} LOGIN PASSWORD '{password}';"
+            )
+        })
+        .collect();
+    for chunk in statements.chunks(2000) {
+        pg.exec(&format!("SET log_statement = 'none';{}", chunk.concat()))
+            .await;
+    }
+}
+
+/// A work directory rotating login `user` (whose password is `password`) of database `bench`
+/// into `.env`, with `rotator` added to `[rotator]` and `sh -c true` as the consumer.
+fn single_workdir(pg: &Postgres, user: &str, password: &str, rotator: &str) -> Workdir {
+    Workdir::new(
+        &postgres_config_with(pg, rotator, &format!("user = \"{user}\""), "true"),
+        &format!("URL={}\n", pg.url(user, password, "bench")),
+        &[("PG_ADMIN_PASSWORD", pg.admin_password())],
+    )
+}
+
 /// A login that ends at once, as the rotator's proofs do (no statement on the new backend).
 async fn login_only(pg: &Postgres, user: &str, password: &str) {
     let conn = sqlx::postgres::PgConnection::connect_with(
@@ -601,15 +626,14 @@ impl ApiDaemon {
         let rotator = format!(
             "listen = \"127.0.0.1:{port}\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n{rotator}"
         );
-        let work = Workdir::new(
-            &postgres_config_with(pg, &rotator, &format!("user = \"{user}\""), "true"),
-            &format!("URL={}\n", pg.url(user, password, "bench")),
-            &[("PG_ADMIN_PASSWORD", pg.admin_password())],
-        );
-        let child = work.command(&["serve"]).spawn().unwrap();
+        let work = single_workdir(pg, user, password, &rotator);
+        let mut child = work.command(&["serve"]).spawn().unwrap();
         let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
         while http.get(format!("{base}/healthz")).send().await.is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("serve exited ({status}) in {}", work.dir.path().display());
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         ApiDaemon {
@@ -647,18 +671,11 @@ impl Drop for ApiDaemon {
 async fn overhead_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
     let mut floor = InProcess::new(pg, "floor").await;
     let mut proofs = InProcess::new(pg, "proofs").await;
-    let cli_workdir = |user: &str, rotator: &str| {
-        Workdir::new(
-            &postgres_config_with(pg, rotator, &format!("user = \"{user}\""), "true"),
-            &format!("URL={}\n", pg.url(user, password, "bench")),
-            &[("PG_ADMIN_PASSWORD", pg.admin_password())],
-        )
-    };
     for user in ["over_cli", "over_cli_relogin"] {
         pg.create_login(user, password, "bench").await;
     }
-    let cli = cli_workdir("over_cli", "");
-    let cli_relogin = cli_workdir("over_cli_relogin", RELOGIN_AFTER);
+    let cli = single_workdir(pg, "over_cli", password, "");
+    let cli_relogin = single_workdir(pg, "over_cli_relogin", password, RELOGIN_AFTER);
     let api = ApiDaemon::start(pg, "over_api", password, "").await;
     let api_relogin = ApiDaemon::start(pg, "over_api_relogin", password, RELOGIN_AFTER).await;
     let mut samples: [Vec<f64>; 6] = Default::default();
@@ -750,15 +767,7 @@ async fn alter_password(admin: &mut sqlx::postgres::PgConnection, user: &str, pa
 async fn fleet_proofs_seconds(pg: &Postgres, n: usize, parallel: usize) -> f64 {
     use futures_util::StreamExt;
     let password = random_password();
-    let mut sql = String::from("SET log_statement = 'none';");
-    for i in 0..n {
-        sql.push_str(&format!(
-            "DROP ROLE IF EXISTS proofs{i}; CREATE ROLE proofs{i} LOGIN PASSWORD '{password}';"
-        ));
-    }
-    for chunk in sql.split_inclusive("';").collect::<Vec<_>>().chunks(2000) {
-        pg.exec(&chunk.concat()).await;
-    }
+    create_logins(pg, "proofs", n, &password).await;
     let admins = tokio::sync::Mutex::new(Vec::new());
     for _ in 0..parallel {
         admins.lock().await.push(admin_session(pg).await);
@@ -818,11 +827,8 @@ async fn many_targets_with(
     let mut config = format!("[rotator]\njournal = \"sqlite://journal.db\"\njournal_key = \"env:ROTATOR_JOURNAL_KEY\"\nlisten = \"127.0.0.1:0\"\napi_tokens = \"literal:bench\"\ncheck_interval = \"0s\"\n{rotator}\n[[consumer]]\nname = \"proxy\"\nkind = \"command\"\ncommand = [\"true\"]\n");
     let mut dotenv = String::new();
     let mut own_files = Vec::new();
-    let mut sql = String::from("SET log_statement = 'none';");
+    create_logins(pg, "many", n, password).await;
     for i in 0..n {
-        sql.push_str(&format!(
-            "DROP ROLE IF EXISTS many{i}; CREATE ROLE many{i} LOGIN PASSWORD '{password}';"
-        ));
         let url = pg.url(&format!("many{i}"), password, "bench");
         let (path, key) = match stores {
             Stores::OneFile => {
@@ -839,9 +845,6 @@ async fn many_targets_with(
             "[[target]]\nname = \"t{i}\"\nkind = \"postgres\"\naddress = \"{}\"\ndatabase = \"bench\"\nuser = \"many{i}\"\nadmin = {{ user = \"postgres\", password = \"env:PG_ADMIN_PASSWORD\" }}\nsslmode = \"disable\"\nschedule = \"0 3 * * SUN\"\nconsumers = [\"proxy\"]\n  [[target.store]]\n  kind = \"file\"\n  path = \"{path}\"\n  key = \"{key}\"\n",
             pg.address()
         ));
-    }
-    for chunk in sql.split_inclusive("';").collect::<Vec<_>>().chunks(2000) {
-        pg.exec(&chunk.concat()).await;
     }
     let work = Workdir::new(
         &config,
@@ -904,11 +907,7 @@ async fn fleet_rows(rows: &mut Vec<Row>, pg: &Postgres, password: &str, quick: b
     // The ratios' denominator, measured around the runs they divide (10 rotations before each
     // and after the last): the VM's pace drifts between rows a minute apart.
     pg.create_login("fleet_single", password, "bench").await;
-    let single = Workdir::new(
-        &postgres_config(pg, "user = \"fleet_single\"", "true"),
-        &format!("URL={}\n", pg.url("fleet_single", password, "bench")),
-        &[("PG_ADMIN_PASSWORD", pg.admin_password())],
-    );
+    let single = single_workdir(pg, "fleet_single", password, "");
     let mut around = Vec::new();
     let sample_single = |around: &mut Vec<f64>| {
         around.extend((0..10).map(|_| tokio::task::block_in_place(|| single.rotate())));
@@ -1055,7 +1054,9 @@ async fn start_row(rows: &mut Vec<Row>, pg: &Postgres, password: &str) {
         while connections.try_recv().is_ok() {}
         let started = Instant::now();
         let mut child = work.command(&["rotate"]).spawn().unwrap();
-        let first = connections.recv().unwrap();
+        let first = connections
+            .recv_timeout(Duration::from_secs(60))
+            .expect("rotate connected to the listener");
         samples.push((first - started).as_secs_f64() * 1000.0);
         let _ = child.wait();
     }

@@ -611,18 +611,16 @@ fn check_names(
     for (target, path) in targets.iter().zip(paths) {
         for login in target.logins() {
             let key = (target.kind(), target.address.as_str(), login);
-            match rotated.get(&key) {
-                Some(first) if *first != &target.name => errors.push(
+            let earlier = rotated.insert(key, &target.name);
+            if let Some(first) = earlier.filter(|first| *first != &target.name) {
+                errors.push(
                     join(path, "user"),
                     format!(
                         "login {login:?} on {} {} is rotated by target {first:?} too; rotate each login in one target",
                         target.kind(),
                         target.address
                     ),
-                ),
-                _ => {
-                    rotated.insert(key, &target.name);
-                }
+                );
             }
         }
     }
@@ -884,8 +882,6 @@ fn parse_target(
         Some(table) => parse_policy(table, defaults, &at.of("password"), errors),
         None => defaults.clone(),
     };
-    let logins = login.names();
-    let password_chars = password.alphabet.characters();
     let sync: Vec<SyncConfig> = sync_tables
         .into_iter()
         .filter_map(|(path, table)| {
@@ -894,7 +890,7 @@ fn parse_target(
                 base: at.base,
             };
             let sync = parse_sync(table, &sync_at, errors)?;
-            check_template(&sync.format, &logins, &password_chars, &sync_at, errors);
+            check_template(&sync.format, &login, &password, &sync_at, errors);
             Some(sync)
         })
         .collect();
@@ -1119,10 +1115,9 @@ fn check_stores(
     errors: &mut Errors,
 ) {
     let logins = login.names();
-    let password_chars = policy.alphabet.characters();
     for (store, path) in stores.iter().zip(paths) {
         let at = At { path, base };
-        check_template(&store.format, &logins, &password_chars, &at, errors);
+        check_template(&store.format, login, policy, &at, errors);
         // The consumer must learn which login to use: the stored value has to name the user.
         if login.strategy == Strategy::Alternating && !store.format.names_user() {
             errors.push(
@@ -1143,9 +1138,17 @@ fn check_stores(
 }
 
 /// Reports a template whose stored values could not be split back into user and password.
-fn check_template(format: &Format, logins: &[&str], chars: &[u8], at: &At, errors: &mut Errors) {
+fn check_template(
+    format: &Format,
+    login: &Login,
+    policy: &PasswordPolicy,
+    at: &At,
+    errors: &mut Errors,
+) {
     if let Format::Template(template) = format {
-        if let Some(why) = crate::store::format::template_ambiguity(template, logins, chars) {
+        let chars = policy.alphabet.characters();
+        let ambiguity = crate::store::format::template_ambiguity(template, &login.names(), &chars);
+        if let Some(why) = ambiguity {
             errors.push(at.of("template"), why);
         }
     }

@@ -144,50 +144,6 @@ async fn rotate_recovers_an_interrupted_run_before_starting() {
     assert_ne!(host.stored_passwords().0, host.old_password);
 }
 
-/// Starts `rotate <target>` pausing at `boundary` (for `pause_ms`, or for good when `None`) and
-/// returns once it has reached it; its output keeps being read (and kept) in the background.
-async fn rotate_paused_at(
-    rotator: &support::rotator::Rotator,
-    target: &str,
-    boundary: &str,
-    pause_ms: Option<u64>,
-) -> (
-    tokio::process::Child,
-    std::sync::Arc<std::sync::Mutex<String>>,
-) {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let pause = pause_ms.map(|ms| ms.to_string());
-    let mut env = vec![("LLMTRACE_ROTATOR_PAUSE_AT", boundary)];
-    if let Some(ms) = &pause {
-        env.push(("LLMTRACE_ROTATOR_PAUSE_FOR", ms));
-    }
-    let mut child = rotator.spawn_with(&["rotate", "--target", target], &env);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let (reached, reached_rx) = tokio::sync::oneshot::channel();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let kept = seen.clone();
-    tokio::spawn(async move {
-        let mut reached = Some(reached);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with("failpoint reached: ") {
-                if let Some(reached) = reached.take() {
-                    let _ = reached.send(());
-                }
-            }
-            kept.lock().unwrap().push_str(&line);
-            kept.lock().unwrap().push('\n');
-        }
-    });
-    let reached = tokio::time::timeout(Duration::from_secs(60), reached_rx).await;
-    let printed = || seen.lock().unwrap().clone();
-    match reached {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => panic!("rotate {target} ended before {boundary}:\n{}", printed()),
-        Err(_) => panic!("rotate {target} never reached {boundary}:\n{}", printed()),
-    }
-    (child, seen)
-}
-
 /// Recovery lists every run that needs it before recovering the first; a run that was live at
 /// the listing (its target locked) can go on, publish, and die while recovery is busy with an
 /// earlier run. Recovering it from the state listed back then would see nothing published and
@@ -212,9 +168,10 @@ async fn recovery_acts_on_the_state_a_run_left_not_the_one_listed_before() {
     .unwrap();
     // `other`'s consumer takes as long as the file `hold` exists: a rollout in progress.
     let hold = host.rotator.path("hold");
-    let config = std::fs::read_to_string(&host.rotator.config)
-        .unwrap()
-        .replace("takeover_grace = \"3s\"", "takeover_grace = \"5s\"");
+    // Longer than B's pause below: B publishes while recovery waits out A's takeover grace.
+    let config = std::fs::read_to_string(&host.rotator.config).unwrap();
+    assert!(config.contains("takeover_grace = \"3s\""), "{config}");
+    let config = config.replace("takeover_grace = \"3s\"", "takeover_grace = \"5s\"");
     host.rotator.write_config(&format!(
         "{config}\n[[target]]\nname = \"other\"\nkind = \"postgres\"\naddress = \"{}\"\n\
          database = \"llmtrace\"\nuser = \"other\"\nsslmode = \"disable\"\n\
@@ -228,11 +185,24 @@ async fn recovery_acts_on_the_state_a_run_left_not_the_one_listed_before() {
 
     // Run A (target postgres) changed the password and dies below: recovery rolls it back.
     // It is alive while B starts, so B's own start does not recover it first.
-    let (mut a, _) = rotate_paused_at(&host.rotator, "postgres", "apply:postgres:ok", None).await;
+    let (mut a, a_output) = host
+        .rotator
+        .pause_at(
+            &["rotate", "--target", "postgres"],
+            "apply:postgres:ok",
+            None,
+        )
+        .await;
     // Run B (target other) is live, paused before it publishes, when recovery lists the runs.
     std::fs::write(&hold, "").unwrap();
-    let (mut b, b_output) =
-        rotate_paused_at(&host.rotator, "other", "apply:other:ok", Some(1500)).await;
+    let (mut b, b_output) = host
+        .rotator
+        .pause_at(
+            &["rotate", "--target", "other"],
+            "apply:other:ok",
+            Some(2500),
+        )
+        .await;
     a.start_kill().unwrap();
     a.wait().await.unwrap();
     let recover = host.rotator.spawn(&["recover", "--output", "json"]);
@@ -294,16 +264,28 @@ async fn recovery_acts_on_the_state_a_run_left_not_the_one_listed_before() {
         .decode_utf8()
         .unwrap()
         .into_owned();
-    assert_ne!(password, other_password);
+    assert!(
+        password != other_password,
+        "other.env holds B's new credential"
+    );
     host.pg
         .try_login("other", &password, "llmtrace")
         .await
         .expect("the credential other.env holds logs in");
-    let printed = format!("{stdout}{stderr}{}", b_output.lock().unwrap());
+    let printed = format!(
+        "{stdout}{stderr}{}{}",
+        a_output.lock().unwrap(),
+        b_output.lock().unwrap()
+    );
     assert_no_secret(
         &printed,
-        &[&password, &other_password, host.pg.admin_password()],
-        "recover",
+        &[
+            &password,
+            &other_password,
+            &host.old_password,
+            host.pg.admin_password(),
+        ],
+        "recover and the two runs",
     );
 }
 
@@ -323,7 +305,7 @@ async fn a_run_that_had_verified_is_finished_not_rolled_back() {
     let before = host.stored_passwords().0;
     host.rotator.crash_at(&confirm).await;
     let new = host.stored_passwords().0;
-    assert_ne!(new, before, "the stores hold the new credential");
+    assert!(new != before, "the stores hold the new credential");
 
     host.pg.exec("ALTER ROLE llmtrace CONNECTION LIMIT 0").await;
     let out = host.rotator.run(&["recover", "--output", "json"]).await;
@@ -338,7 +320,10 @@ async fn a_run_that_had_verified_is_finished_not_rolled_back() {
         "{}",
         out.stdout
     );
-    assert_eq!(host.stored_passwords().0, new, "left on the new credential");
+    assert!(
+        host.stored_passwords().0 == new,
+        "left on the new credential"
+    );
     host.assert_stores_log_in().await;
     assert_no_secret(
         &out.all(),

@@ -622,9 +622,7 @@ async fn a_session_left_on_the_old_password_ends_succeeded_with_its_address_repo
 #[tokio::test(flavor = "multi_thread")]
 async fn one_rotation_opens_one_admin_session_and_keeps_every_login_proof() {
     let host = ComposeHost::start().await;
-    host.pg.exec("ALTER SYSTEM SET log_connections = on").await;
-    host.pg.exec("SELECT pg_reload_conf()").await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    host.pg.log_connections().await;
     let before = host.pg.log_contents().len();
 
     let out = host.rotator.run(&["rotate"]).await;
@@ -664,15 +662,7 @@ async fn settled_logins(host: &ComposeHost) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_logs_in_again_unless_configured_to_take_the_backend_login_as_proof() {
     let host = ComposeHost::start().await;
-    host.pg.exec("ALTER SYSTEM SET log_connections = on").await;
-    host.pg.exec("SELECT pg_reload_conf()").await;
-    host.pg
-        .try_login("llmtrace", &host.old_password, "llmtrace")
-        .await
-        .unwrap();
-    while llmtrace_logins(&host) == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    host.pg.log_connections().await;
 
     // Default: the current credential (preflight), the new one (verify-backend) and the one
     // both stores hold (verify) each log in.
@@ -682,6 +672,7 @@ async fn verify_logs_in_again_unless_configured_to_take_the_backend_login_as_pro
     assert_eq!(settled_logins(&host).await - before, 3, "{}", out.all());
     host.assert_stores_log_in().await;
     let mut outputs = out.all();
+    let first_rotation = host.stored_passwords().0;
 
     // Opted in: verify reads both stores back, finds exactly the credential verify-backend
     // logged in with a moment ago, and takes that login as its proof.
@@ -705,4 +696,9 @@ async fn verify_logs_in_again_unless_configured_to_take_the_backend_login_as_pro
     assert_eq!(host.restarts(), 2);
     outputs.push_str(&out.all());
     assert_clean(&host, &outputs);
+    assert_no_secret(
+        &outputs,
+        &[&first_rotation],
+        "the first rotation's password",
+    );
 }

@@ -462,8 +462,14 @@ async fn a_client_waits_for_the_outcome_in_one_request_instead_of_polling() {
             "{body}"
         );
     }
+    let asked = Instant::now();
     let (status, _) = server.get("/v1/rotations/no-such-run?wait=5s").await;
-    assert_eq!(status, 404, "an unknown run is answered at once");
+    assert_eq!(status, 404);
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "an unknown run is answered at once, not after the wait: {:?}",
+        asked.elapsed()
+    );
     host.assert_stores_log_in().await;
     assert_clean(&host, &server, &[]);
 }

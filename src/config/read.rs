@@ -198,17 +198,16 @@ impl Errors {
 }
 
 /// `value` with everything before its last `@` (a URL's `user:password`) shown as `…`, the
-/// scheme kept.
+/// scheme kept when it comes before.
 pub fn without_userinfo(value: &str) -> String {
     let Some(at) = value.rfind('@') else {
         return value.to_string();
     };
-    match value.split_once("://") {
-        Some((scheme, rest)) if rest.len() > value.len() - at => {
-            format!("{scheme}://…{}", &value[at..])
-        }
-        _ => format!("…{}", &value[at..]),
-    }
+    let kept = match value.find("://") {
+        Some(scheme_end) if scheme_end < at => &value[..scheme_end + 3],
+        _ => "",
+    };
+    format!("{kept}…{}", &value[at..])
 }
 
 /// A kind's own settings: deserialized from its table, then checked as a whole.

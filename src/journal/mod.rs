@@ -622,24 +622,6 @@ impl Journal {
         }))
     }
 
-    /// Every run [`Journal::needing_recovery_runs`] lists, with its state as it is now; one
-    /// that cannot be read (a key changed, a damaged row) is reported and left out, its targets
-    /// still blocked.
-    pub async fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
-        let mut runs = Vec::new();
-        for (id, _) in self.needing_recovery_runs().await? {
-            match self.unfinished_run(&id).await {
-                Ok(Some(run)) => runs.push(run),
-                Ok(None) => {}
-                Err(JournalError::State { source, .. }) => {
-                    tracing::error!(run = %id, cause = %source, "a run that needs recovery cannot be read; its targets stay blocked");
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(runs)
-    }
-
     async fn run_parts(&self, id: &str) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, JournalError> {
         let rows = sqlx::query("SELECT part, state FROM rotator_run_parts WHERE run_id = $1")
             .bind(id)
@@ -888,10 +870,10 @@ mod tests {
         assert!(matches!(write, Err(JournalError::Fenced(_))), "{write:?}");
         let finish = journal.finish_run("r1", "first", "rolled_back", true).await;
         assert!(matches!(finish, Err(JournalError::Fenced(_))), "{finish:?}");
-        let open = journal.unfinished().await.unwrap();
-        assert_eq!(open.len(), 1, "still due for recovery");
+        let open = journal.unfinished_run("r1").await.unwrap();
+        let open = open.expect("still due for recovery");
         assert_eq!(
-            open[0].parts[0].1.as_slice(),
+            open.parts[0].1.as_slice(),
             b"sealed",
             "state kept, not overwritten"
         );
@@ -900,7 +882,7 @@ mod tests {
             .finish_run("r1", "second", "rolled_back", true)
             .await
             .unwrap();
-        assert!(journal.unfinished().await.unwrap().is_empty());
+        assert!(journal.needing_recovery_runs().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -915,9 +897,12 @@ mod tests {
             .finish_run("r1", "me", "rollback_failed", false)
             .await
             .unwrap();
-        let open = journal.unfinished().await.unwrap();
-        assert_eq!(open.len(), 1);
-        assert_eq!(open[0].parts[0].1.as_slice(), b"sealed");
+        assert_eq!(
+            journal.needing_recovery_runs().await.unwrap(),
+            [("r1".to_string(), vec!["t".to_string()])]
+        );
+        let open = journal.unfinished_run("r1").await.unwrap().expect("due");
+        assert_eq!(open.parts[0].1.as_slice(), b"sealed");
         assert_eq!(
             journal.needing_recovery(&["t".into()]).await.unwrap(),
             Some(("r1".to_string(), "t".to_string())),

@@ -16,12 +16,21 @@ pub enum Quote {
     Double,
 }
 
+/// What one line says of a key.
+enum Line {
+    /// A comment, another key, no assignment.
+    Other,
+    Assigns(Entry),
+    /// A quoted value whose closing quote is not on the line.
+    Unclosed,
+}
+
 /// The last assignment of `key` wins, as in shells and docker compose.
 pub fn find(text: &str, key: &str) -> Option<Entry> {
     let mut found = None;
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
-        if let Some(entry) = parse_line(line, key) {
+        if let Line::Assigns(entry) = parse_line(line, key) {
             found = Some(Entry {
                 span: entry.span.start + offset..entry.span.end + offset,
                 ..entry
@@ -37,57 +46,46 @@ pub fn find(text: &str, key: &str) -> Option<Entry> {
 /// not be read or rewritten as if the key were absent.
 pub fn unclosed_quote(text: &str, key: &str) -> Option<usize> {
     text.split_inclusive('\n')
-        .enumerate()
-        .find_map(|(n, line)| {
-            let (_, value_text) = assigned(line, key)?;
-            let closed = match value_text.chars().next() {
-                Some('\'') => value_text[1..].contains('\''),
-                Some('"') => read_double_quoted(value_text).is_some(),
-                _ => true,
-            };
-            (!closed).then_some(n + 1)
-        })
+        .position(|line| matches!(parse_line(line, key), Line::Unclosed))
+        .map(|n| n + 1)
 }
 
-/// Where the value `line` assigns to `key` starts, and the line's text from there.
-fn assigned<'a>(line: &'a str, key: &str) -> Option<(usize, &'a str)> {
+fn parse_line(line: &str, key: &str) -> Line {
     let body = line.trim_end_matches(['\n', '\r']);
     let trimmed = body.trim_start();
     if trimmed.starts_with('#') {
-        return None;
+        return Line::Other;
     }
     let after_export = trimmed
         .strip_prefix("export")
         .filter(|r| r.starts_with([' ', '\t']))
         .map_or(trimmed, |r| r.trim_start());
-    let (name, _) = after_export.split_once('=')?;
+    let Some((name, _)) = after_export.split_once('=') else {
+        return Line::Other;
+    };
     if name.trim() != key {
-        return None;
+        return Line::Other;
     }
     let eq = body.len() - after_export.len() + name.len() + 1;
     let rest = &body[eq..];
     let start = eq + (rest.len() - rest.trim_start().len());
-    Some((start, &body[start..]))
-}
-
-fn parse_line(line: &str, key: &str) -> Option<Entry> {
-    let (start, value_text) = assigned(line, key)?;
+    let value_text = &body[start..];
     let (len, value, quote) = match value_text.chars().next() {
-        Some('\'') => {
-            let end = value_text[1..].find('\'')? + 2;
-            (end, value_text[1..end - 1].to_string(), Quote::Single)
-        }
-        Some('"') => {
-            let (len, value) = read_double_quoted(value_text)?;
-            (len, value, Quote::Double)
-        }
+        Some('\'') => match value_text[1..].find('\'') {
+            Some(end) => (end + 2, value_text[1..end + 1].to_string(), Quote::Single),
+            None => return Line::Unclosed,
+        },
+        Some('"') => match read_double_quoted(value_text) {
+            Some((len, value)) => (len, value, Quote::Double),
+            None => return Line::Unclosed,
+        },
         _ => {
             let end = value_text.find(" #").unwrap_or(value_text.len());
             let value = value_text[..end].trim_end();
             (value.len(), value.to_string(), Quote::None)
         }
     };
-    Some(Entry {
+    Line::Assigns(Entry {
         span: start..start + len,
         value,
         quote,

@@ -189,6 +189,11 @@ pub fn template_ambiguity(
 ) -> Option<String> {
     let is_url = template.contains("://");
     let inserted = |s: &str| if is_url { encode(s) } else { s.to_string() };
+    // What a generated password may hold once inserted (percent-encoded in a URL).
+    let can_hold: String = password_chars
+        .iter()
+        .map(|&c| inserted(&char::from(c).to_string()))
+        .collect();
     let pieces = split_placeholders(template);
     for pair in pieces.windows(2) {
         match pair {
@@ -209,18 +214,14 @@ pub fn template_ambiguity(
                     ));
                 }
             }
-            [Piece::Placeholder(_), Piece::Literal(next)] => {
-                // A password may hold any run of the characters it is drawn from (after
-                // encoding): the text after it needs one that never appears in it.
-                let mut can_hold: Vec<char> = Vec::new();
-                for &c in password_chars {
-                    can_hold.extend(inserted(&char::from(c).to_string()).chars());
-                }
-                if next.chars().all(|c| can_hold.contains(&c)) {
-                    return Some(format!(
-                        "the text {next:?} after {{password}} can occur inside a generated password, so a stored value cannot be split back: follow {{password}} with a character the password alphabet lacks, or put it last"
-                    ));
-                }
+            // A password may hold any run of those characters: the text after it needs one
+            // that never appears in it.
+            [Piece::Placeholder(_), Piece::Literal(next)]
+                if next.chars().all(|c| can_hold.contains(c)) =>
+            {
+                return Some(format!(
+                    "the text {next:?} after {{password}} can occur inside a generated password, so a stored value cannot be split back: follow {{password}} with a character the password alphabet lacks, or put it last"
+                ));
             }
             _ => {}
         }

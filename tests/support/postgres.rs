@@ -249,6 +249,25 @@ impl Postgres {
         row.flatten()
     }
 
+    /// Turns `log_connections` on and returns once the server logs logins (a reload takes
+    /// effect a moment later).
+    pub async fn log_connections(&self) {
+        self.exec("ALTER SYSTEM SET log_connections = on").await;
+        self.exec("SELECT pg_reload_conf()").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .log_contents()
+            .contains("connection authorized: user=postgres ")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "log_connections never took effect"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = self.admin_conn().await.close().await;
+        }
+    }
+
     /// The server log so far.
     pub fn log_contents(&self) -> String {
         match std::fs::read(&self.log_file) {

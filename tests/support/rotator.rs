@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -211,27 +212,55 @@ impl Rotator {
         }
     }
 
+    /// Starts `llmtrace-rotator <args>` pausing at `boundary` (for `pause_ms`, or for good when
+    /// `None`) and returns once it is there. Its stderr keeps being read, into the returned
+    /// buffer, so the process never blocks on a full pipe.
+    pub async fn pause_at(
+        &self,
+        args: &[&str],
+        boundary: &str,
+        pause_ms: Option<u64>,
+    ) -> (tokio::process::Child, Arc<Mutex<String>>) {
+        let pause = pause_ms.map(|ms| ms.to_string());
+        let mut env = vec![("LLMTRACE_ROTATOR_PAUSE_AT", boundary)];
+        if let Some(ms) = &pause {
+            env.push(("LLMTRACE_ROTATOR_PAUSE_FOR", ms));
+        }
+        let mut child = self.spawn_with(args, &env);
+        let seen = Arc::new(Mutex::new(String::new()));
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let kept = seen.clone();
+        tokio::spawn(async move {
+            let mut reached = Some(reached);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("failpoint reached: ") {
+                    if let Some(reached) = reached.take() {
+                        let _ = reached.send(());
+                    }
+                }
+                let mut kept = kept.lock().unwrap();
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+        });
+        let reached = tokio::time::timeout(Duration::from_secs(60), reached_rx).await;
+        let printed = || seen.lock().unwrap().clone();
+        match reached {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("{args:?} ended before {boundary}:\n{}", printed()),
+            Err(_) => panic!("{args:?} never reached {boundary}:\n{}", printed()),
+        }
+        (child, seen)
+    }
+
     /// Starts `rotate`, waits until it pauses at `boundary`, and kills it (SIGKILL). Returns
     /// what it printed.
     pub async fn crash_at(&self, boundary: &str) -> String {
-        let mut command = self.command(&["rotate"]);
-        command.env("LLMTRACE_ROTATOR_PAUSE_AT", boundary);
-        let mut child = command.spawn().expect("rotator started");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let reached = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = stderr.next_line().await.unwrap() {
-                seen.push_str(&line);
-                seen.push('\n');
-                if line.starts_with("failpoint reached: ") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
+        let (mut child, seen) = self.pause_at(&["rotate"], boundary, None).await;
         child.start_kill().unwrap();
         let status = child.wait().await.unwrap();
+        assert!(!status.success());
         let mut stdout = String::new();
         child
             .stdout
@@ -240,12 +269,7 @@ impl Rotator {
             .read_to_string(&mut stdout)
             .await
             .unwrap();
-        assert_eq!(
-            reached,
-            Ok(true),
-            "rotate never reached {boundary}; it printed:\n{stdout}\n{seen}"
-        );
-        assert!(!status.success());
+        let seen = seen.lock().unwrap().clone();
         format!("{stdout}\n{seen}")
     }
 }
